@@ -1,0 +1,153 @@
+"""The run configuration: one dataclass whose defaults are the tutorial's recipe.
+
+Every option of run.py is a field here; transformers' HfArgumentParser turns the fields into
+command-line options (`--lora-dropout` and `--lora_dropout` both work; a boolean that defaults to
+true also gets `--no-NAME`). A preset (`--preset tiny`) or a YAML file (`--config FILE.yaml`)
+replaces the defaults; options given on the command line win over both.
+
+The resolved configuration is printed at start and saved as `run_config.json` next to every
+checkpoint and adapter, so a result can always be traced back to the settings that made it.
+"""
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from yoda_raw.errors import YodaError
+
+TUTORIAL_MODEL = "microsoft/Phi-3-mini-4k-instruct"
+TUTORIAL_DATASET = "dvgodoy/yoda_sentences"
+TINY = "tiny"  # --model tiny / --tokenizer tiny: built in-process by yoda_raw/tiny.py
+TINY_DATASET = str(Path(__file__).parent / "tiny_yoda.jsonl")
+
+
+@dataclass
+class Config:
+    # --- what to train ---------------------------------------------------------------------------
+    preset: Literal["tutorial", "tiny"] = field(
+        default="tutorial",
+        metadata={"help": "tutorial: Phi-3-mini on dvgodoy/yoda_sentences (needs a GPU). "
+                          "tiny: a tiny random Phi-3 and ~50 pairs shipped with yoda_raw; runs on a CPU."},
+    )
+    model: str = field(default=TUTORIAL_MODEL, metadata={"help": "Hub id or local folder of a causal LM."})
+    tokenizer: str | None = field(default=None, metadata={"help": "Hub id or local folder; default: --model."})
+    init: Literal["pretrained", "random"] = field(
+        default="pretrained",
+        metadata={"help": "random: build the model from its config with random weights (profiling, no download)."},
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with a model repo. Off unless asked."})
+
+    # --- data -----------------------------------------------------------------------------------
+    dataset: str = field(
+        default=TUTORIAL_DATASET,
+        metadata={"help": "Hub id, a .jsonl/.json/.csv/.parquet file, or a save_to_disk folder."},
+    )
+    prompt_field: str = field(default="sentence", metadata={"help": "Column that becomes the user turn."})
+    response_field: str = field(default="translation_extra", metadata={"help": "Column that becomes the assistant turn."})
+    skip_invalid: bool = field(default=False, metadata={"help": "Drop invalid rows (and say how many) instead of stopping."})
+    eval_fraction: float = field(default=0.05, metadata={"help": "Share of conversations held out for evaluation (0: train on all)."})
+    train_on: Literal["assistant", "all"] = field(
+        default="assistant",
+        metadata={"help": "assistant: loss on assistant tokens only. all: every token, as the tutorial trained."},
+    )
+    packing: Literal["wrapped", "none"] = field(
+        default="wrapped",
+        metadata={"help": "wrapped: join all conversations and cut rows of max_length tokens (SFTTrainer's). "
+                          "none: one conversation per row."},
+    )
+    max_length: int = field(default=64, metadata={"help": "Tokens per row."})
+    shuffle: bool = field(default=True, metadata={"help": "Shuffle conversations before packing and rows every epoch (seeded)."})
+
+    # --- model and adapter ----------------------------------------------------------------------
+    quant: Literal["nf4", "none"] = field(default="nf4", metadata={"help": "nf4: 4-bit NF4 base with double quantization. none: unquantized base."})
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = field(
+        default="auto",
+        metadata={"help": "auto: bf16 on GPUs with native bf16 (compute capability >= 8.0), else fp32."},
+    )
+    quant_compute_dtype: Literal["auto", "float32"] = field(
+        default="auto",
+        metadata={"help": "dtype of the 4-bit matmuls. auto follows --precision; float32 is the tutorial's."},
+    )
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in backward (less memory, ~30% more compute)."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_targets: list[str] = field(
+        default_factory=lambda: ["o_proj", "qkv_proj", "gate_up_proj", "down_proj"],
+        metadata={"help": "Module names that get LoRA adapters."},
+    )
+
+    # --- optimisation ---------------------------------------------------------------------------
+    optim: Literal["paged_adamw_8bit", "adamw_8bit", "adamw"] = field(
+        default="paged_adamw_8bit", metadata={"help": "bitsandbytes paged 8-bit AdamW, 8-bit AdamW, or torch AdamW."},
+    )
+    batch_size: int = field(default=16, metadata={"help": "Rows per micro-batch (per process)."})
+    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    auto_batch_size: bool = field(default=True, metadata={"help": "On out-of-memory, retry with batch_size * 0.9 (accelerate)."})
+    epochs: int = field(default=10, metadata={"help": "Passes over the training rows."})
+    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1: run all epochs)."})
+    lr: float = field(default=3e-4, metadata={"help": "Peak learning rate."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (the Trainer's default, 0)."})
+    warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps of linear warm-up before the linear decay to 0."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this (0: no clipping)."})
+    seed: int = field(default=42, metadata={"help": "Seeds data order, held-out split, random init and adapter init."})
+
+    # --- logging and outputs --------------------------------------------------------------------
+    logging_steps: int = field(default=10, metadata={"help": "Optimizer steps between log lines (each is a host sync)."})
+    save_steps: int = field(default=0, metadata={"help": "Optimizer steps between resumable checkpoints (0: none)."})
+    save_total_limit: int = field(default=0, metadata={"help": "Keep only the newest N checkpoints (0: keep all)."})
+    resume: str | None = field(default=None, metadata={"help": "Checkpoint folder to continue from."})
+    output_dir: str = field(default="out", metadata={"help": "Where the adapter, logs and checkpoints go."})
+    overwrite: bool = field(default=False, metadata={"help": "Allow writing over an adapter already in output_dir."})
+    report_to: Literal["none", "tensorboard"] = field(default="none", metadata={"help": "Also log through Accelerate's tracker."})
+    push_to_hub: str | None = field(default=None, metadata={"help": "Hub repo id to upload the adapter to (token from HF_TOKEN or huggingface-cli login)."})
+    samples: bool = field(default=True, metadata={"help": "Translate a few held-out sentences at the end."})
+    debug: bool = field(default=False, metadata={"help": "Show full tracebacks."})
+
+    def __post_init__(self):
+        checks = [
+            (self.max_length >= 2, f"--max-length must be at least 2, got {self.max_length}"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.grad_accum >= 1, f"--grad-accum must be at least 1, got {self.grad_accum}"),
+            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (self.max_steps == -1 or self.max_steps >= 1, f"--max-steps must be -1 or at least 1, got {self.max_steps}"),
+            (0.0 <= self.eval_fraction < 1.0, f"--eval-fraction must be in [0, 1), got {self.eval_fraction}"),
+            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.lora_r >= 1, f"--lora-r must be at least 1, got {self.lora_r}"),
+            (0.0 <= self.lora_dropout < 1.0, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}"),
+            (self.logging_steps >= 1, f"--logging-steps must be at least 1, got {self.logging_steps}"),
+            (self.save_steps >= 0, f"--save-steps must be 0 or more, got {self.save_steps}"),
+            (self.warmup_steps >= 0, f"--warmup-steps must be 0 or more, got {self.warmup_steps}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise YodaError(message)
+
+    @property
+    def tokenizer_source(self) -> str:
+        return self.tokenizer or self.model
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+# What `--preset tiny` changes. It runs anywhere in a minute or two: a tiny Phi-3-architecture
+# model and tokenizer built in-process (yoda_raw/tiny.py) and ~50 pairs shipped with the package.
+# The learning rate is higher and there is no dropout so that its loss falls clearly in few steps.
+PRESETS: dict[str, dict] = {
+    "tutorial": {},
+    "tiny": {
+        "model": TINY,
+        "dataset": TINY_DATASET,
+        "init": "random",
+        "epochs": 30,
+        "batch_size": 8,
+        "lr": 3e-3,
+        "lora_dropout": 0.0,
+        "logging_steps": 5,
+        "eval_fraction": 0.1,
+        "output_dir": "out-tiny",
+    },
+}
