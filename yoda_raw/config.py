@@ -70,6 +70,10 @@ class Config:
         default="auto",
         metadata={"help": "dtype of the 4-bit matmuls. auto follows --precision; float32 is the tutorial's."},
     )
+    fp32_frozen: bool = field(
+        default=False,
+        metadata={"help": "Upcast frozen norms, embeddings and LM head to fp32, as prepare_model_for_kbit_training does."},
+    )
     gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in backward (less memory, ~30% more compute)."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})

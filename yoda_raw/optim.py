@@ -1,0 +1,54 @@
+"""The optimizer (bitsandbytes' paged 8-bit AdamW) and the learning-rate schedule (linear decay).
+
+8-bit AdamW keeps Adam's two moments in 8 bits with a per-block scale instead of 32 bits: 2 bytes
+of state per parameter instead of 8. bitsandbytes does that only for tensors of 4096+ elements
+(`min_8bit_size`); smaller ones keep 32-bit state. "Paged" puts the state in CUDA unified memory,
+which the driver can move to CPU RAM under memory pressure instead of failing with out-of-memory;
+bitsandbytes pages only tensors of 100,000+ elements (on Phi-3-mini only the 32
+`gate_up_proj.lora_B`). Paged memory is invisible to torch.cuda.max_memory_allocated; NVML sees it.
+
+Hyper-parameters are the Hugging Face Trainer's defaults, which the tutorial used: betas
+(0.9, 0.999), eps 1e-8 and weight decay 0. Careful: bitsandbytes' own AdamW classes default to
+weight decay 0.01, so it is always passed explicitly here.
+"""
+
+import sys
+
+import torch
+
+from yoda_raw.errors import YodaError
+
+
+def build_optimizer(params, name: str, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    hyper = dict(lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, **hyper)
+    if name not in ("paged_adamw_8bit", "adamw_8bit"):
+        raise YodaError(f"--optim must be paged_adamw_8bit, adamw_8bit or adamw, got {name!r}")
+    import bitsandbytes as bnb
+
+    paged = name == "paged_adamw_8bit"
+    if paged and device.type != "cuda":
+        # Unified memory is a CUDA feature; the same 8-bit update runs unpaged.
+        print("paged_adamw_8bit: paging needs a CUDA GPU; on this device the optimizer runs as adamw_8bit "
+              "(same update, state not paged)", file=sys.stderr)
+        paged = False
+    # bnb.optim.AdamW(optim_bits=8, is_paged=True) is exactly what the Trainer builds for
+    # optim="paged_adamw_8bit".
+    return bnb.optim.AdamW(params, optim_bits=8, is_paged=paged, **hyper)
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from 0 to the peak lr over `warmup_steps`, then linear decay to 0 at
+    `total_steps`: the Trainer's default (`get_linear_schedule_with_warmup`).
+
+    With lr 3e-4, no warm-up and 220 steps: step 0 uses 3e-4, step 110 1.5e-4, step 219 1.4e-6.
+    """
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
