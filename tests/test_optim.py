@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from yoda_raw.optim import build_optimizer, linear_schedule
+from yoda_raw.optim import build_optimizer, learning_rate
 
 CPU = torch.device("cpu")
 
@@ -34,13 +34,15 @@ def test_eight_bit_state_for_large_tensors():
     assert optimizer.state[small]["state1"].dtype == torch.float32
 
 
-def test_linear_schedule_matches_transformers():
+def test_learning_rate_matches_transformers_schedule():
+    """Same rates as the Trainer's get_linear_schedule_with_warmup, warm-up or not, ending at 0."""
     from transformers import get_linear_schedule_with_warmup
 
     for warmup in (0, 5):
-        ours = linear_schedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-4), warmup, 22)
         theirs = get_linear_schedule_with_warmup(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-4), warmup, 22)
-        for _ in range(22):
-            assert ours.get_last_lr() == pytest.approx(theirs.get_last_lr(), abs=1e-15)
-            ours.optimizer.step(), ours.step(), theirs.optimizer.step(), theirs.step()
-        assert ours.get_last_lr()[0] == 0.0
+        for step in range(22):
+            assert learning_rate(step, 3e-4, warmup, 22) == pytest.approx(theirs.get_last_lr()[0], abs=1e-15)
+            theirs.optimizer.step()
+            theirs.step()
+    assert learning_rate(22, 3e-4, 0, 22) == 0.0
+    assert learning_rate(110, 3e-4, 0, 220) == pytest.approx(1.5e-4)

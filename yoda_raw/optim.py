@@ -39,16 +39,14 @@ def build_optimizer(params, name: str, lr: float, weight_decay: float, device: t
     return bnb.optim.AdamW(params, optim_bits=8, is_paged=paged, **hyper)
 
 
-def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up from 0 to the peak lr over `warmup_steps`, then linear decay to 0 at
-    `total_steps`: the Trainer's default (`get_linear_schedule_with_warmup`).
+def learning_rate(step: int, peak_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """The learning rate of optimizer step `step` (0-based): linear warm-up from 0 to `peak_lr`
+    over `warmup_steps`, then linear decay to 0 at `total_steps`. The Trainer's default schedule
+    (`get_linear_schedule_with_warmup`), written as a plain function of the step, nanoGPT-style:
+    nothing to save in a checkpoint, and a resumed run gets the same rates by construction.
 
     With lr 3e-4, no warm-up and 220 steps: step 0 uses 3e-4, step 110 1.5e-4, step 219 1.4e-6.
     """
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return step / max(1, warmup_steps)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if step < warmup_steps:
+        return peak_lr * step / max(1, warmup_steps)
+    return peak_lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))

@@ -1,0 +1,161 @@
+"""The model: a causal LM, quantized to 4-bit NF4, frozen, with LoRA adapters on top.
+
+QLoRA in four moves, in the order `build_model` makes them:
+1. load the base with `BitsAndBytesConfig(load_in_4bit=True, nf4, double quant)`: every linear
+   layer except the LM head becomes a `bnb.nn.Linear4bit` holding 4-bit weights (0.5 byte each);
+2. freeze it: only the adapters will learn;
+3. gradient checkpointing (use_reentrant=False): keep only each layer's input in forward and
+   recompute the rest in backward, trading ~1/3 more compute for far less activation memory;
+4. LoRA (peft): next to each target linear W, a trainable B @ A of rank r; the output becomes
+   W x + (alpha / r) * B A x. B starts at zero, so training starts from the base model exactly.
+
+What stays in fp32? `prepare_model_for_kbit_training`, which the tutorial calls, upcasts every
+non-quantized parameter (norms, embeddings, LM head) to fp32: about 0.4 GB more on Phi-3-mini.
+They are all frozen, and under bf16 autocast their matmuls run in bf16 anyway, so we keep them in
+the compute dtype; only the LoRA weights are fp32 (peft does that: the optimizer must update in full
+precision). `--fp32-frozen` restores the tutorial's upcast; benchmarks/ measures both.
+"""
+
+import contextlib
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+
+from yoda_raw import tiny
+from yoda_raw.config import TINY, Config
+from yoda_raw.errors import YodaError
+from yoda_raw.precision import Precision
+
+
+def quantization_config(compute_dtype: torch.dtype) -> BitsAndBytesConfig:
+    """The tutorial's 4-bit recipe: NF4 weights, and their scales quantized too (double quant)."""
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",  # 4-bit levels placed at the quantiles of a normal distribution
+        bnb_4bit_use_double_quant=True,  # 8-bit scales per 64-weight block: ~0.4 bit/weight saved
+        bnb_4bit_compute_dtype=compute_dtype,  # weights are dequantized to this for each matmul
+    )
+
+
+def load_model_config(cfg: Config, vocab_size: int) -> transformers.PretrainedConfig:
+    """The architecture: read from the model folder or Hub id, or the tiny built-in one."""
+    if cfg.model == TINY:
+        return tiny.model_config(vocab_size)
+    try:
+        return AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    except OSError as err:
+        raise YodaError(_not_found(cfg.model, "model", err)) from None
+
+
+def load_base_model(cfg: Config, precision: Precision, device: torch.device, vocab_size: int):
+    """Load (or build, with --init random) the base model on `device`, 4-bit unless --quant none."""
+    compute_dtype = torch.float32 if cfg.quant_compute_dtype == "float32" else precision.dtype
+    quant = quantization_config(compute_dtype) if cfg.quant == "nf4" else None
+    # Non-quantized weights (norms, embeddings, head, or everything with --quant none) in the
+    # compute dtype; fp32 when asked, or when computing in fp32.
+    dtype = torch.float32 if cfg.fp32_frozen else precision.dtype
+    checkpoint = _random_checkpoint(cfg, vocab_size, dtype) if cfg.init == "random" else contextlib.nullcontext(cfg.model)
+    with checkpoint as source:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                source,
+                quantization_config=quant,
+                dtype=dtype,
+                device_map={"": device},  # the whole model on this process's device
+                trust_remote_code=cfg.trust_remote_code,
+            )
+        except OSError as err:
+            raise YodaError(_not_found(cfg.model, "model", err)) from None
+    if cfg.fp32_frozen:
+        for param in model.parameters():
+            if param.dtype in (torch.float16, torch.bfloat16):
+                param.data = param.data.float()
+    model.config.use_cache = False  # the KV cache only helps generation; in training it costs memory
+    _keep_cpu_4bit_gradients(model)
+    return model
+
+
+@contextlib.contextmanager
+def _random_checkpoint(cfg: Config, vocab_size: int, dtype: torch.dtype):
+    """Random weights, written to a temporary folder so that the very same `from_pretrained` call
+    loads and quantizes them as it would real weights (speed and memory are the real model's)."""
+    config = load_model_config(cfg, vocab_size)
+    transformers.set_seed(cfg.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # initializing 3.8B weights on a GPU takes seconds
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    with tempfile.TemporaryDirectory(prefix="yoda_raw_random_") as folder:
+        model.save_pretrained(folder)
+        del model
+        yield folder
+
+
+def _keep_cpu_4bit_gradients(model) -> None:
+    """bitsandbytes on CPUs with AVX512-BF16 repacks 4-bit weights in place during the first
+    eval-mode forward, after which no gradient flows through the 4-bit layers (DESIGN.md, CPU
+    pitfalls). Turning that path off on every 4-bit layer keeps training correct after an
+    evaluation or a generation. GPUs never take that path."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def add_lora(model, cfg: Config):
+    """Freeze the base, turn on gradient checkpointing, and wrap target linears with LoRA."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        # use_reentrant=False: the checkpointed blocks get gradients even though their inputs
+        # (frozen embeddings) do not require grad, so no enable_input_require_grads() hack is needed.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    missing = [name for name in cfg.lora_targets if not any(n.split(".")[-1] == name for n, _ in model.named_modules())]
+    if missing:
+        raise YodaError(
+            f"--lora-targets {' '.join(missing)}: no such module in {cfg.model}; "
+            f"its linear layers are named {', '.join(_linear_names(model))}"
+        )
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        bias="none",
+        target_modules=list(cfg.lora_targets),
+        task_type="CAUSAL_LM",
+    )
+    # Seed right before the adapters are created: the same --seed then gives the same initial
+    # LoRA A matrices as `transformers.set_seed(seed); peft.get_peft_model(model, config)`,
+    # however much randomness loading the model used.
+    transformers.set_seed(cfg.seed)
+    return get_peft_model(model, lora)
+
+
+def _linear_names(model) -> list[str]:
+    return sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) as peft counts them: a 4-bit weight counts as its unquantized size."""
+    return model.get_nb_trainable_parameters()
+
+
+def parameter_line(model) -> str:
+    """The line the tutorial prints, e.g. '12.58M trainable of 3833.66M parameters (0.33%)'."""
+    trainable, total = parameter_counts(model)
+    return f"{trainable / 1e6:.2f}M trainable of {total / 1e6:.2f}M parameters ({100 * trainable / total:.2f}%)"
+
+
+def _not_found(source: str, what: str, err: Exception) -> str:
+    if source.startswith((".", "/", "~")) or Path(source).exists():
+        return f"{what} not found at {source}: pass a folder with config.json and weights (--{what} PATH)"
+    return (
+        f"cannot load {what} {source!r} from the Hugging Face Hub ({type(err).__name__}); "
+        f"without network access, download it elsewhere and pass the local folder with --{what} PATH"
+    )

@@ -1,0 +1,382 @@
+"""The training loop, managed by Accelerate, written out step by step.
+
+`main(cfg)` is everything `run.py` does: set up, load the data and the model, `fit`, save.
+Vocabulary (litgpt's): a *micro-batch* is one forward/backward of `batch_size` rows; a *step* is
+one optimizer update over `grad_accum` micro-batches. `fit` is the loop; it reads top to bottom.
+
+What `with accelerator.accumulate(model)` would hide is written out in `fit` instead:
+1. the loss of a step is normalised once for the whole step (see `token_loss_sum`), not divided
+   by the number of micro-batches;
+2. gradients are only synchronised between processes on the step's last micro-batch
+   (`accelerator.no_sync` on the others: each all-reduce costs a full pass over the gradients);
+3. the optimizer steps once per step, after all micro-batches.
+"""
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import huggingface_hub
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, PartialState
+from accelerate.utils import find_executable_batch_size, set_seed
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from yoda_raw import meter
+from yoda_raw.chat import load_tokenizer
+from yoda_raw.config import TUTORIAL_MODEL, Config
+from yoda_raw.data import load_conversations, split_conversations
+from yoda_raw.errors import YodaError
+from yoda_raw.model import add_lora, load_base_model, load_model_config, parameter_counts, parameter_line
+from yoda_raw.optim import build_optimizer, learning_rate
+from yoda_raw.packing import Collator, build_rows
+from yoda_raw.precision import Precision, choose_precision
+
+IGNORE = -100  # label of a position that is not supervised (F.cross_entropy's ignore_index)
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Row order for one epoch: a permutation seeded by (seed + epoch), or the dataset order.
+
+    Seeding by epoch makes the order of any epoch reproducible on its own, which is what lets a
+    resumed run see exactly the rows an uninterrupted one would. Accelerate calls `set_epoch`.
+    """
+
+    def __init__(self, n_rows: int, shuffle: bool, seed: int):
+        self.n_rows, self.shuffle, self.seed, self.epoch = n_rows, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.n_rows))
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n_rows, generator=generator).tolist())
+
+
+def token_loss_sum(model, batch: dict) -> torch.Tensor:
+    """Sum of next-token cross-entropy over the supervised positions of one micro-batch.
+
+    Returning the *sum* (not the mean) is what makes accumulation exact: the step's loss is
+    sum over all micro-batches and processes / number of supervised tokens in the step. Averaging
+    each micro-batch and then averaging the averages weights a token in a sparse micro-batch more
+    than one in a dense micro-batch (the classic accumulation bug).
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    # Position t predicts token t+1. fp32 for the softmax: bf16 log-probabilities are too coarse.
+    logits = logits[:, :-1].float()  # (B, T-1, V)
+    targets = batch["labels"][:, 1:]  # (B, T-1)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def supervised_count(batch: dict) -> torch.Tensor:
+    return (batch["labels"][:, 1:] != IGNORE).sum()
+
+
+def fit(cfg: Config, accelerator: Accelerator, model, rows: list[dict], collator: Collator, batch_size: int, out: Path) -> dict:
+    """Train `model` on `rows`; returns a summary. The loop: one iteration = one optimizer step."""
+    is_main = accelerator.is_main_process
+    device = accelerator.device
+    sampler = EpochSampler(len(rows), cfg.shuffle, cfg.seed)
+    loader = torch.utils.data.DataLoader(rows, batch_size=batch_size, sampler=sampler, collate_fn=collator)
+    optimizer = build_optimizer(model.parameters(), cfg.optim, cfg.lr, cfg.weight_decay, device)
+    # Accelerate shards the loader across processes (each row once per epoch), moves batches to
+    # the device, wraps the model for DDP and autocast, and the optimizer for fp16 loss scaling.
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
+    total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps < 0 else cfg.max_steps
+    start_step = resume_from(cfg, accelerator) if cfg.resume else 0
+    stop = StopOnSignal()
+
+    meter.reset_peaks(device)  # peaks from here on are the training loop's (the weights stay counted)
+    bar = tqdm(total=total_steps, initial=start_step, disable=not is_main, desc="training", unit="step")
+    window = new_window(device)
+    logged, skipped = [], 0
+    model.train()
+    step = start_step
+    while step < total_steps and not stop.requested:
+        epoch = step // steps_per_epoch
+        loader.set_epoch(epoch)
+        # On resume, skip the micro-batches this epoch already trained on.
+        batches = iter(accelerator.skip_first_batches(loader, (step % steps_per_epoch) * cfg.grad_accum))
+        for _ in range(step % steps_per_epoch, min(steps_per_epoch, total_steps - epoch * steps_per_epoch)):
+            # Learning rate of this step (a plain function of the step: see optim.learning_rate).
+            lr = learning_rate(step, cfg.lr, cfg.warmup_steps, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            # The step's micro-batches, and its loss denominator: their supervised tokens, summed
+            # over all processes (an all-reduce on the device, not a host sync).
+            micro_batches = [b for _, b in zip(range(cfg.grad_accum), batches)]
+            n_supervised = accelerator.reduce(sum(supervised_count(b) for b in micro_batches), "sum")
+
+            # Forward and backward per micro-batch. DDP averages gradients over processes, so the
+            # loss is scaled by their number to give sum(token losses) / n_supervised overall.
+            step_loss = torch.zeros((), device=device)
+            for i, batch in enumerate(micro_batches):
+                is_last = i == len(micro_batches) - 1
+                with contextlib.nullcontext() if is_last else accelerator.no_sync(model):
+                    loss_sum = token_loss_sum(model, batch)  # (,) summed over supervised tokens
+                    accelerator.backward(loss_sum * accelerator.num_processes / n_supervised)
+                step_loss += loss_sum.detach()
+                window["tokens"] += batch["attention_mask"].sum()
+                window["supervised"] += supervised_count(batch)
+
+            # Clip and update. The grad norm is non-finite when the loss or any gradient is:
+            # checking it costs one host sync a step, and stops the run before a NaN reaches the weights.
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+            if not torch.isfinite(grad_norm) and not accelerator.scaler:
+                raise NonFiniteLoss(step + 1)
+            optimizer.step()  # under fp16, skipped by the loss scaler when gradients overflowed
+            skipped += int(accelerator.optimizer_step_was_skipped)
+            optimizer.zero_grad(set_to_none=True)
+            window["loss"] += step_loss / n_supervised  # this process's share; summed over processes at logging
+            window["steps"] += 1
+            step += 1
+            bar.update(1)
+
+            # Log: the only other host syncs of the loop (.item(), the clock) happen here.
+            if step % cfg.logging_steps == 0 or step == total_steps or stop.requested:
+                record = log_window(window, step, steps_per_epoch, lr, grad_norm, accelerator) | {"skipped_steps": skipped}
+                logged.append(record)
+                if is_main:
+                    bar.set_postfix({k: record[k] for k in ("loss", "lr", "tokens_per_s") if k in record} | _peak(record))
+                    with open(out / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                accelerator.log(record, step=step)
+                window = new_window(device)
+            # Checkpoint on schedule, or when asked to stop (Ctrl-C, SIGTERM).
+            if (cfg.save_steps and step % cfg.save_steps == 0) or stop.requested:
+                save_checkpoint(cfg, accelerator, out, step)
+            if stop.requested:
+                break
+    bar.close()
+    stop.restore()
+    if stop.requested and is_main:
+        print(f"stopped at step {step}; continue with --resume {out / f'checkpoint-{step}'}", file=sys.stderr)
+    return {"steps": step, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "batch_size": batch_size,
+            "skipped_steps": skipped, "interrupted": stop.requested, "log": logged}
+
+
+class NonFiniteLoss(YodaError):
+    def __init__(self, step: int):
+        super().__init__(
+            f"step {step}: the loss or a gradient is NaN or infinite; stopped before updating the weights "
+            "(checkpoints already saved are intact). Try a lower --lr, or --precision bf16/fp32 instead of fp16"
+        )
+
+
+class StopOnSignal:
+    """Turn Ctrl-C (SIGINT) and SIGTERM into a request to stop after the current step, so that the
+    run can save a resumable checkpoint instead of dying mid-step. A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint", file=sys.stderr)
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def new_window(device: torch.device) -> dict:
+    """Running sums of one logging window, kept on the device so that adding to them never syncs."""
+    return {"loss": torch.zeros((), device=device), "tokens": 0, "supervised": 0, "steps": 0, "start": time.perf_counter()}
+
+
+def log_window(window: dict, step: int, steps_per_epoch: int, lr: float, grad_norm, accelerator: Accelerator) -> dict:
+    """Average one logging window into a record. Sync point: .item() waits for the device."""
+    tokens = accelerator.reduce(torch.as_tensor(window["tokens"], device=accelerator.device), "sum").item()
+    supervised = accelerator.reduce(torch.as_tensor(window["supervised"], device=accelerator.device), "sum").item()
+    loss = accelerator.reduce(window["loss"], "sum").item() / window["steps"]
+    seconds = time.perf_counter() - window["start"]  # read after .item(), so the device work is done
+    return {
+        "step": step,
+        "epoch": round(step / steps_per_epoch, 3),
+        "loss": round(loss, 6),
+        "lr": lr,
+        "grad_norm": round(float(grad_norm), 6),
+        "tokens_per_s": round(tokens / seconds, 1),
+        "supervised_tokens_per_s": round(supervised / seconds, 1),
+        "step_s": round(seconds / window["steps"], 4),
+    } | meter.memory_gib(accelerator.device)
+
+
+def _peak(record: dict) -> dict:
+    return {"peak_gib": record["peak_allocated_gib"]} if "peak_allocated_gib" in record else {}
+
+
+def save_checkpoint(cfg: Config, accelerator: Accelerator, out: Path, step: int) -> None:
+    """A resumable checkpoint: adapter (safetensors), optimizer and RNG states (Accelerate's
+    save_state), the step (which fixes the data position and the learning rate) and the config.
+    Written into a temporary folder, then renamed: a crash mid-save leaves the last one whole."""
+    final = out / f"checkpoint-{step}"
+    partial = out / f".checkpoint-{step}.partial"
+    accelerator.save_state(str(partial))
+    if accelerator.is_main_process:
+        (partial / "trainer_state.json").write_text(json.dumps({"step": step}))
+        (partial / "run_config.json").write_text(cfg.to_json())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        if cfg.save_total_limit:
+            for old in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[: -cfg.save_total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+# Options that must be the same to resume: the model, the adapter, the data and how it is cut.
+RESUME_MUST_MATCH = (
+    "model", "init", "quant", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "dataset", "prompt_field",
+    "response_field", "eval_fraction", "train_on", "packing", "max_length", "shuffle", "seed", "batch_size",
+    "grad_accum",
+)
+
+
+def resume_from(cfg: Config, accelerator: Accelerator) -> int:
+    """Load a checkpoint into the prepared model and optimizer; returns the step to continue from."""
+    path = Path(cfg.resume)
+    if not (path / "trainer_state.json").is_file() or not (path / ADAPTER_FILE).is_file():
+        raise YodaError(f"--resume {path}: not a checkpoint (no trainer_state.json and {ADAPTER_FILE}); "
+                        "pass an OUTPUT_DIR/checkpoint-N folder")
+    saved = json.loads((path / "run_config.json").read_text())
+    differ = [f"{key} ({saved.get(key)!r} there, {getattr(cfg, key)!r} now)"
+              for key in RESUME_MUST_MATCH if saved.get(key) != getattr(cfg, key)]
+    if differ:
+        raise YodaError(f"--resume {path}: the checkpoint was made with other settings: {'; '.join(differ)}")
+    accelerator.load_state(str(path))
+    return json.loads((path / "trainer_state.json").read_text())["step"]
+
+
+def _save_adapter_only(models, weights, output_dir):
+    """Accelerate save_state hook: write the LoRA adapter (safetensors) instead of the whole model,
+    whose 4-bit base never changes and is reloaded from its source on resume."""
+    for model in models:
+        model.save_pretrained(output_dir)
+    weights.clear()
+
+
+def _load_adapter_only(models, input_dir):
+    for model in list(models):
+        set_peft_model_state_dict(model, load_file(os.path.join(input_dir, ADAPTER_FILE)))
+    models.clear()
+
+
+def make_accelerator(cfg: Config) -> tuple[Accelerator, Precision]:
+    """The Accelerator, with the mixed precision decided in precision.py for this process's device."""
+    precision = choose_precision(cfg.precision, PartialState().device)
+    accelerator = Accelerator(
+        mixed_precision=precision.mixed_precision,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_dir=cfg.output_dir,
+    )
+    accelerator.register_save_state_pre_hook(_save_adapter_only)
+    accelerator.register_load_state_pre_hook(_load_adapter_only)
+    return accelerator, precision
+
+
+def check_device(cfg: Config, accelerator: Accelerator) -> None:
+    """3.8B parameters on a CPU would take days: stop at once and point to the tiny preset."""
+    if accelerator.device.type == "cpu" and cfg.model == TUTORIAL_MODEL:
+        raise YodaError(
+            f"no CUDA GPU found: {TUTORIAL_MODEL} (3.8B parameters) is no real option on a CPU; "
+            "try `python run.py --preset tiny`, or pass a small --model"
+        )
+
+
+def check_output_dir(cfg: Config) -> Path:
+    out = Path(cfg.output_dir)
+    if (out / ADAPTER_FILE).exists() and not cfg.overwrite and not cfg.resume:
+        raise YodaError(f"{out} already holds an adapter; choose another --output-dir or pass --overwrite")
+    return out
+
+
+def check_hub_token(cfg: Config) -> None:
+    """Fail before training, not after it, when --push-to-hub has no token to push with. The token
+    comes from HF_TOKEN or `huggingface-cli login`; it is never printed, logged or saved."""
+    if cfg.push_to_hub and not huggingface_hub.get_token():
+        raise YodaError(f"--push-to-hub {cfg.push_to_hub}: no Hugging Face token; set HF_TOKEN or run `hf auth login`")
+
+
+def push_to_hub(cfg: Config, out: Path) -> None:
+    api = huggingface_hub.HfApi()
+    api.create_repo(cfg.push_to_hub, exist_ok=True, private=True)
+    api.upload_folder(repo_id=cfg.push_to_hub, folder_path=out, ignore_patterns=["checkpoint-*", ".checkpoint-*"])
+    print(f"pushed {out} to https://huggingface.co/{cfg.push_to_hub}")
+
+
+def main(cfg: Config) -> dict:
+    """Data, model, fit, save: what `accelerate launch run.py` runs. Returns a summary."""
+    accelerator, precision = make_accelerator(cfg)
+    check_device(cfg, accelerator)
+    check_hub_token(cfg)
+    out = check_output_dir(cfg)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume:
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+        print(f"config:\n{cfg.to_json()}\nprecision: {precision.name}, device: {accelerator.device}")
+    set_seed(cfg.seed)
+
+    # Data: conversations -> held-out split -> token rows with labels.
+    tokenizer = load_tokenizer(cfg.tokenizer_source, trust_remote_code=cfg.trust_remote_code)
+    conversations = load_conversations(cfg.dataset, cfg.prompt_field, cfg.response_field, skip_invalid=cfg.skip_invalid)
+    train_conversations, held_out = split_conversations(conversations, cfg.eval_fraction, cfg.seed)
+    rows = build_rows(tokenizer, train_conversations, cfg.max_length, cfg.train_on, cfg.packing, cfg.shuffle, cfg.seed)
+    collator = Collator(tokenizer.pad_token_id)
+    if accelerator.is_main_process:
+        print(f"data: {len(train_conversations)} conversations for training, {len(held_out)} held out, {len(rows)} rows")
+
+    # Model: 4-bit base + LoRA.
+    context = load_model_config(cfg, len(tokenizer)).max_position_embeddings
+    if cfg.max_length > context:
+        raise YodaError(f"--max-length {cfg.max_length} is longer than the model's context of {context} tokens")
+    model = load_base_model(cfg, precision, accelerator.device, vocab_size=len(tokenizer))
+    model = add_lora(model, cfg)
+    trainable, total = parameter_counts(model)
+    if accelerator.is_main_process:
+        print(parameter_line(model))
+
+    # Fit, retrying with 0.9x the batch on out-of-memory when --auto-batch-size (as the Trainer).
+    def fit_with(batch_size: int) -> dict:
+        accelerator.free_memory()
+        if batch_size != cfg.batch_size and accelerator.is_main_process:
+            print(f"out of memory: retrying with --batch-size {batch_size}", file=sys.stderr)
+        return fit(cfg, accelerator, model, rows, collator, batch_size, out)
+
+    if cfg.auto_batch_size:
+        fit_with = find_executable_batch_size(fit_with, starting_batch_size=cfg.batch_size)
+        summary = fit_with()
+    else:
+        summary = fit_with(cfg.batch_size)
+
+    # Save: adapter (safetensors), tokenizer, resolved configuration.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        (out / "run_config.json").write_text(cfg.to_json())
+        if cfg.push_to_hub:
+            push_to_hub(cfg, out)
+    accelerator.end_training()
+    summary |= {"trainable_params": trainable, "total_params": total, "output_dir": str(out)}
+    return summary | {"model": accelerator.unwrap_model(model), "tokenizer": tokenizer, "held_out": held_out}
