@@ -1,0 +1,353 @@
+"""Generation: a trained adapter turns English into Yoda speak.
+
+    python -m yoda_raw.generate --adapter out-tiny "The Force is strong in you!"
+    printf 'I am your father.\\nDo or do not.\\n' | python -m yoda_raw.generate --adapter out-tiny
+    python -m yoda_raw.generate --adapter out --merge out-merged     # one model, no peft needed
+
+What happens to one sentence, in order:
+1. the chat template renders it as a user turn plus the generation prompt, exactly as in training:
+   `<|user|>` sentence `<|end|>` `<|assistant|>` (add_generation_prompt=True);
+2. prompts of a batch are padded on the LEFT, so every prompt ends at the last column and the first
+   new token of every row is predicted from its own last prompt token (right padding would make
+   short prompts continue after pad tokens);
+3. `model.generate` decodes greedily (or samples, with --temperature) with the KV cache, and stops
+   a row at the first end token: the eos ids, the token that closes an assistant turn (`<|end|>`)
+   and the one that would open a new one (`<|assistant|>`): 32000, 32007, 32001 on Phi-3;
+4. only the new tokens are decoded: the prompt is cut off at its (shared) width.
+
+The base model is rebuilt the way the adapter was trained (run_config.json: model, init, seed,
+quant, precision), then the adapter is applied with peft.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+
+from yoda_raw.config import Config
+from yoda_raw.errors import YodaError
+
+ADAPTER_CONFIG = "adapter_config.json"
+RUN_CONFIG = "run_config.json"
+SAMPLE_SENTENCE = "The Force is strong in you!"  # the tutorial's example
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def read_run_config(adapter_dir: str | os.PathLike) -> Config:
+    """The Config a training run saved next to its adapter (unknown keys, e.g. from a newer
+    yoda_raw, are dropped). Raises YodaError when the folder is not a yoda_raw adapter."""
+    path = Path(adapter_dir)
+    if not path.is_dir():
+        raise YodaError(f"--adapter {adapter_dir}: no such folder; pass the --output-dir of a training run")
+    if not (path / ADAPTER_CONFIG).is_file():
+        raise YodaError(f"--adapter {adapter_dir}: not an adapter (no {ADAPTER_CONFIG})")
+    if not (path / RUN_CONFIG).is_file():
+        raise YodaError(f"--adapter {adapter_dir}: no {RUN_CONFIG}, so the base model it was trained on is unknown")
+    values = json.loads((path / RUN_CONFIG).read_text())
+    known = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{key: value for key, value in values.items() if key in known})
+
+
+def load_tokenizer_for(adapter_dir: str | os.PathLike, cfg: Config):
+    """The tokenizer saved with the adapter; a checkpoint folder has none, so then the run's source."""
+    if (Path(adapter_dir) / "tokenizer_config.json").is_file():
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            str(adapter_dir), trust_remote_code=cfg.trust_remote_code)
+    else:
+        from yoda_raw.chat import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.tokenizer_source, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_for_inference(adapter_dir: str | os.PathLike, device: str | torch.device | None = None,
+                       quant: str | None = None, dequantize_base: bool = False):
+    """(model, tokenizer, cfg): the base model rebuilt as trained, with the adapter on top, in eval mode.
+
+    `quant` overrides the run's --quant ("nf4" or "none"). `dequantize_base=True` turns a 4-bit
+    base into full-precision weights equal to its dequantized NF4 values (the weights the adapter
+    was trained against) before the adapter is applied; `merge` needs that.
+    """
+    from peft import PeftModel
+
+    from yoda_raw.model import load_base_model
+    from yoda_raw.precision import choose_precision
+
+    cfg = read_run_config(adapter_dir)
+    if quant is not None:
+        cfg = dataclasses.replace(cfg, quant=quant)
+    device = torch.device(device) if device is not None else default_device()
+    precision = choose_precision(cfg.precision, device)
+    tokenizer = load_tokenizer_for(adapter_dir, cfg)
+    base = load_base_model(cfg, precision, device, vocab_size=len(tokenizer))
+    if dequantize_base and cfg.quant == "nf4":
+        base = base.dequantize()  # each Linear4bit -> nn.Linear holding dequantize_4bit(weight)
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    model.eval()
+    return model, tokenizer, cfg
+
+
+# --- prompts and end tokens ---------------------------------------------------------------------
+
+
+def prompt_ids(tokenizer, sentence: str) -> list[int]:
+    """The user turn and the generation prompt, as in training: `<|user|>` ... `<|end|>` `<|assistant|>`."""
+    messages = [{"role": "user", "content": sentence}]
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad on the left so that all prompts end in the last column; attention 0 on the padding.
+
+    >>> ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    >>> ids.tolist(), mask.tolist()
+    ([[5, 6, 7], [0, 0, 8]], [[1, 1, 1], [0, 0, 1]])
+    """
+    width = max(len(p) for p in prompts)
+    ids = [[pad_id] * (width - len(p)) + p for p in prompts]
+    mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
+    return torch.tensor(ids), torch.tensor(mask)  # (B, T), (B, T)
+
+
+def template_markers(tokenizer) -> list[int]:
+    """Special tokens the chat template puts around an assistant answer: the one that opens it
+    (what add_generation_prompt adds) and the one that closes it. Phi-3: [32001, 32007].
+
+    Found by comparing token ids of renderings, never by searching text:
+    - opening: the first id where `user turn + generation prompt` departs from `user turn` alone;
+    - closing: the first id of what two exchanges with different answers have in common at the end.
+    Either is kept only if it is an added special token.
+    """
+    def ids(messages, add_generation_prompt=False):
+        return list(tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False))
+
+    user = [{"role": "user", "content": "Hi"}]
+    prompt, no_prompt = ids(user, add_generation_prompt=True), ids(user)
+    same = _common_prefix_length(prompt, no_prompt)
+    opening = prompt[same:same + 1]  # [<|assistant|>]
+    yes = ids(user + [{"role": "assistant", "content": "Yes"}])
+    no = ids(user + [{"role": "assistant", "content": "No."}])
+    same = _common_prefix_length(yes[::-1], no[::-1])
+    closing = yes[len(yes) - same:][:1]  # [<|end|>] of [<|end|>, <|endoftext|>]
+    special = set(tokenizer.added_tokens_decoder)  # ids of added tokens (chat markers, eos, ...)
+    return [token for token in opening + closing if token in special]
+
+
+def _common_prefix_length(a: list, b: list) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def end_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """Where an answer ends: eos (tokenizer and generation config) and the template's markers.
+
+    On Phi-3 this is [32000, 32001, 32007]: `<|endoftext|>`, `<|assistant|>`, `<|end|>`, the
+    same list as its generation_config.json; on the tiny tokenizer [3, 4, 10].
+    """
+    ids = set(template_markers(tokenizer))
+    for eos in (tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None)):
+        if eos is not None:
+            ids |= {eos} if isinstance(eos, int) else set(eos)
+    return sorted(ids)
+
+
+def cut_at_end(ids: list[int], end_ids) -> list[int]:
+    """Keep the tokens up to and including the first end token (what follows is padding).
+
+    >>> cut_at_end([5, 6, 10, 3, 0], end_ids=[3, 10])
+    [5, 6, 10]
+    >>> cut_at_end([5, 6, 7], end_ids=[3, 10])  # ran into max_new_tokens: no end token
+    [5, 6, 7]
+    """
+    for i, token in enumerate(ids):
+        if token in end_ids:
+            return ids[: i + 1]
+    return ids
+
+
+# --- generation ---------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate_ids(model, tokenizer, sentences: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None, batch_size: int = 16) -> list[list[int]]:
+    """The new token ids for each sentence, ending with the end token that stopped it (if any).
+
+    The model is put in eval mode (no dropout; the KV cache works with gradient checkpointing on)
+    and given back in the mode it came in, so a training loop can call this between steps.
+    """
+    end_ids = end_token_ids(tokenizer, getattr(model, "generation_config", None))
+    device = next(model.parameters()).device
+    if temperature > 0:
+        # top_k=0: no top-k cut (generate's default is 50); only --temperature and --top-p shape the draw.
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+    else:
+        sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}  # greedy: argmax
+    if seed is not None:
+        transformers.set_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        results = []
+        for start in range(0, len(sentences), batch_size):
+            prompts = [prompt_ids(tokenizer, s) for s in sentences[start:start + batch_size]]
+            input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id)
+            generated = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=end_ids,  # a row stops at the first of these; finished rows get pad_token_id
+                pad_token_id=tokenizer.pad_token_id,
+                use_cache=True,  # training sets config.use_cache=False; generation wants the KV cache
+                **sampling,
+            )  # (B, T + new)
+            new = generated[:, input_ids.shape[1]:].tolist()  # only the new tokens; a host sync
+            results += [cut_at_end(row, end_ids) for row in new]
+    finally:
+        model.train(was_training)
+    return results
+
+
+def decode_answer(tokenizer, ids: list[int], end_ids) -> str:
+    """Text of the new tokens without the end token; on one line (stdin mode prints one per input)."""
+    if ids and ids[-1] in end_ids:
+        ids = ids[:-1]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return " ".join(text.split())
+
+
+def translate(model, tokenizer, sentences: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
+              top_p: float = 1.0, seed: int | None = None, batch_size: int = 16) -> list[str]:
+    """English sentences -> Yoda speak, one string each (greedy unless temperature > 0).
+
+    >>> translate(model, tokenizer, ["The Force is strong in you!"])  # doctest: +SKIP
+    ['Strong in you, the Force is. Yes, hrrmmm.']
+    """
+    check_sampling(max_new_tokens, temperature, top_p, batch_size)
+    rows = generate_ids(model, tokenizer, sentences, max_new_tokens, temperature, top_p, seed, batch_size)
+    end_ids = end_token_ids(tokenizer, getattr(model, "generation_config", None))
+    return [decode_answer(tokenizer, ids, end_ids) for ids in rows]
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float, batch_size: int) -> None:
+    checks = [
+        (max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {max_new_tokens}"),
+        (temperature >= 0, f"--temperature must be 0 (greedy) or more, got {temperature}"),
+        (0 < top_p <= 1, f"--top-p must be in (0, 1], got {top_p}"),
+        (batch_size >= 1, f"--batch-size must be at least 1, got {batch_size}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise YodaError(message)
+
+
+# --- merging ------------------------------------------------------------------------------------
+
+
+def merge(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, device: str | torch.device | None = None) -> Path:
+    """Write base + adapter as one ordinary model (no peft needed to load it); returns the folder.
+
+    Merging into 4-bit weights rounds: peft would dequantize each weight, add (alpha/r) B A, and
+    quantize the sum back to NF4, whose levels are far apart compared with most of the update,
+    so much of the fine-tuning would be rounded away. Instead the 4-bit base is dequantized
+    first, exactly to the weights the adapter was trained against, and the update is added in
+    full precision. The merged model is therefore full size (7.6 GB in bf16 for Phi-3-mini).
+    """
+    out = Path(out_dir)
+    if (out / "config.json").exists():
+        raise YodaError(f"--merge {out_dir}: already holds a model; choose an empty folder")
+    model, tokenizer, cfg = load_for_inference(adapter_dir, device, dequantize_base=True)
+    merged = model.merge_and_unload()  # W <- W + (alpha / r) B A in every adapted layer; LoRA removed
+    merged.config.use_cache = True  # a deployed model generates
+    # So that a plain `merged.generate(...)` stops where translate() does (<|end|> included).
+    merged.generation_config.eos_token_id = end_token_ids(tokenizer, merged.generation_config)
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / RUN_CONFIG).write_text(cfg.to_json())
+    return out
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m yoda_raw.generate",
+        description="Translate English into Yoda speak with a trained adapter. Sentences come from the "
+                    "command line, or from stdin one per line (one output line per input line).",
+    )
+    parser.add_argument("sentences", nargs="*", help="Sentences to translate (default: read stdin).")
+    parser.add_argument("--adapter", required=True, help="Output folder of a training run (adapter + run_config.json).")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="Most tokens generated per sentence.")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default). >0: sample.")
+    parser.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass (with --temperature > 0).")
+    parser.add_argument("--seed", type=int, default=None, help="Seed for sampling.")
+    parser.add_argument("--batch-size", type=int, default=16, help="Sentences per generate call (left-padded).")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available).")
+    parser.add_argument("--quant", choices=["nf4", "none"], default=None,
+                        help="Override the run's --quant for the base model (default: as trained).")
+    parser.add_argument("--merge", metavar="OUT_DIR", default=None,
+                        help="Write base + adapter merged into one full-precision model instead of translating "
+                             "(merging into 4-bit weights would round the update away).")
+    parser.add_argument("--debug", action="store_true", help="Show full tracebacks.")
+    return parser.parse_args(argv)
+
+
+def read_sentences(args: argparse.Namespace, stdin) -> list[str]:
+    if args.sentences:
+        return list(args.sentences)
+    if stdin is None or stdin.isatty():
+        raise YodaError("no sentences: pass them as arguments, or one per line on stdin")
+    lines = stdin.read().splitlines()
+    if not any(line.strip() for line in lines):
+        raise YodaError("no sentences: stdin was empty")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if args.merge:
+            out = merge(args.adapter, args.merge, args.device)
+            print(f"merged {args.adapter} into {out} (full precision: merging into 4-bit weights would round)")
+            return 0
+        check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.batch_size)
+        read_run_config(args.adapter)  # a wrong folder is reported before any waiting on stdin
+        sentences = read_sentences(args, sys.stdin)
+        model, tokenizer, _cfg = load_for_inference(args.adapter, args.device, args.quant)
+    except YodaError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    # Blank input lines give blank output lines, so output line i answers input line i.
+    todo = [i for i, s in enumerate(sentences) if s.strip()]
+    answers = translate(model, tokenizer, [sentences[i].strip() for i in todo], args.max_new_tokens,
+                        args.temperature, args.top_p, args.seed, args.batch_size)
+    lines = [""] * len(sentences)
+    for i, answer in zip(todo, answers, strict=True):
+        lines[i] = answer
+    for line in lines:
+        print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
