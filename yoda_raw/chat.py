@@ -143,6 +143,8 @@ def tokenize_conversation(tokenizer, messages: list[dict], train_on: str = "assi
         if message["role"] != "assistant":
             continue
         # 3. Content starts after the header, i.e. where the generation prompt leaves off.
+        if i == 0:  # transformers refuses to render an empty conversation, so the header is unknown
+            raise YodaError("the conversation opens with an assistant message; start it with a user or system message")
         header = _render(tokenizer, messages[:i], add_generation_prompt=True)
         start = len(header)
         if header != ids[:start] or not ends[i] <= start <= ends[i + 1]:

@@ -191,6 +191,8 @@ def _check_messages(messages: object) -> list[dict]:
         _check_content(message["content"], f"message {number} content")
         # Keep only role and content: other keys (names, tool calls) could change what the template renders.
         conversation.append({"role": message["role"], "content": message["content"]})
+    if conversation[0]["role"] == "assistant":
+        raise ValueError("the conversation opens with an assistant message; start it with a user or system message")
     if not any(message["role"] == "assistant" for message in conversation):
         raise ValueError("the conversation has no assistant turn, so there is nothing to learn from it")
     return conversation
