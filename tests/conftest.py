@@ -1,0 +1,63 @@
+"""Shared fixtures: the real Phi-3 tokenizer and yoda rows (when present), the tiny tokenizer.
+
+The real files are never copied into the project. They are found through the YODA_RAW_DATA
+environment variable (a folder holding phi3-mini-4k-instruct/ and yoda_sentences/), or else
+../shared/data next to the repository; tests that need them skip, saying why, when neither exists.
+"""
+
+import os
+
+# Tests never download: with the Hub in offline mode a stray Hub id fails at once instead of
+# retrying for half a minute. Set before transformers and datasets are imported (they read it then).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("YODA_RAW_DATA") or REPO_ROOT.parent / "shared" / "data")
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} not found: set YODA_RAW_DATA to the folder holding the Phi-3 tokenizer and yoda data")
+    return path
+
+
+@pytest.fixture(scope="session")
+def phi3_path() -> Path:
+    """Folder of the real Phi-3-mini-4k-instruct tokenizer files."""
+    return _need(data_dir() / "phi3-mini-4k-instruct")
+
+
+@pytest.fixture(scope="session")
+def phi3_tokenizer(phi3_path):
+    """The real Phi-3 tokenizer, loaded as run.py loads it (pad = unk). Takes ~2.5 s, once."""
+    from yoda_raw.chat import load_tokenizer
+
+    return load_tokenizer(str(phi3_path))
+
+
+@pytest.fixture(scope="session")
+def yoda_rows_path() -> Path:
+    """The 720-row yoda_sentences.jsonl (sentence, translation, translation_extra)."""
+    return _need(data_dir() / "yoda_sentences" / "yoda_sentences.jsonl")
+
+
+@pytest.fixture(scope="session")
+def yoda_conversations(yoda_rows_path):
+    from yoda_raw.data import load_conversations
+
+    return load_conversations(str(yoda_rows_path))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """yoda_raw's tiny tokenizer, loaded as run.py loads it for --preset tiny (pad = unk)."""
+    from yoda_raw.chat import load_tokenizer
+
+    return load_tokenizer("tiny")
