@@ -6,6 +6,8 @@ import pytest
 from tokenizers import AddedToken
 
 from yoda_raw.chat import IGNORE, load_tokenizer, tokenize_conversation, tokenize_conversations
+from yoda_raw.config import TINY_DATASET
+from yoda_raw.data import load_conversations
 from yoda_raw.errors import YodaError
 
 FORCE = [
@@ -72,6 +74,13 @@ def test_every_yoda_conversation(phi3_tokenizer, yoda_conversations):
 def test_every_yoda_conversation_tiny(tiny_tokenizer, yoda_conversations):
     """The same on the tiny tokenizer, whose vocabulary has never seen most of these words."""
     for messages in yoda_conversations:
+        example = tokenize_conversation(tiny_tokenizer, messages)
+        assert supervised_runs(tiny_tokenizer, example) == [messages[1]["content"] + "<|end|><|endoftext|>"]
+
+
+def test_every_tiny_conversation(tiny_tokenizer):
+    """The shipped tiny set on the tiny tokenizer: runs with no shared data at all."""
+    for messages in load_conversations(TINY_DATASET):
         example = tokenize_conversation(tiny_tokenizer, messages)
         assert supervised_runs(tiny_tokenizer, example) == [messages[1]["content"] + "<|end|><|endoftext|>"]
 
@@ -195,10 +204,14 @@ def test_template_error_is_a_yoda_error(tiny_tokenizer):
 # --- load_tokenizer ----------------------------------------------------------------------------
 
 
-def test_load_tokenizer_pads_with_unk_as_the_tutorial(phi3_tokenizer, tiny_tokenizer):
+def test_load_tokenizer_pads_with_unk_as_the_tutorial(phi3_tokenizer):
     assert (phi3_tokenizer.pad_token, phi3_tokenizer.pad_token_id) == ("<unk>", 0)
     assert phi3_tokenizer.eos_token_id == 32000 and len(phi3_tokenizer) == 32011
+
+
+def test_load_tiny_tokenizer(tiny_tokenizer):
     assert (tiny_tokenizer.pad_token, tiny_tokenizer.pad_token_id) == ("<unk>", 0)
+    assert tiny_tokenizer.eos_token == "<|endoftext|>" and tiny_tokenizer.chat_template
 
 
 def test_load_tokenizer_errors(tmp_path):

@@ -51,6 +51,7 @@ def test_truncate():
         assert row["labels"] == original["labels"][:10]
 
 
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")  # SFTConfig's own default
 def test_build_rows_matches_sfttrainer_wrapped_packing(phi3_tokenizer, yoda_conversations, tmp_path):
     """The tutorial's rows: SFTTrainer itself (trl is a test-only dependency) prepares the 720 yoda
     conversations with packing_strategy="wrapped", max_length 64, loss on every token."""
