@@ -61,3 +61,24 @@ def tiny_tokenizer():
     from yoda_raw.chat import load_tokenizer
 
     return load_tokenizer("tiny")
+
+
+@pytest.fixture
+def tiny_model(tiny_tokenizer):
+    """A tiny random-init Phi-3-architecture model (fp32, CPU), fresh for each test."""
+    import torch
+    import transformers
+
+    from yoda_raw import tiny
+
+    transformers.set_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(tiny.model_config(len(tiny_tokenizer)), dtype=torch.float32)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """AcceleratorState is a per-process singleton: reset it so each test builds its own."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)

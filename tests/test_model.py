@@ -25,7 +25,7 @@ def test_only_lora_weights_train(tiny_model):
     model = add_lora(tiny_model, Config(gradient_checkpointing=False))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
-    targets = {n.split(".")[-3] for n in trainable}
+    targets = {n.split(".")[-4] for n in trainable}  # ...o_proj.lora_A.default.weight
     assert targets == {"o_proj", "qkv_proj", "gate_up_proj", "down_proj"}
 
 

@@ -148,7 +148,7 @@ PRESETS: dict[str, dict] = {
         "init": "random",
         "epochs": 30,
         "batch_size": 8,
-        "lr": 3e-3,
+        "lr": 1e-2,
         "lora_dropout": 0.0,
         "logging_steps": 5,
         "eval_fraction": 0.1,

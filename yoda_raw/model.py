@@ -134,7 +134,10 @@ def add_lora(model, cfg: Config):
     # LoRA A matrices as `transformers.set_seed(seed); peft.get_peft_model(model, config)`,
     # however much randomness loading the model used.
     transformers.set_seed(cfg.seed)
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    # Name the real base in adapter_config.json (with --init random it was loaded from a temp folder).
+    model.peft_config["default"].base_model_name_or_path = cfg.model
+    return model
 
 
 def _linear_names(model) -> list[str]:

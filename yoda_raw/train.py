@@ -123,6 +123,7 @@ def fit(cfg: Config, accelerator: Accelerator, model, rows: list[dict], collator
             # over all processes (an all-reduce on the device, not a host sync).
             micro_batches = [b for _, b in zip(range(cfg.grad_accum), batches)]
             n_supervised = accelerator.reduce(sum(supervised_count(b) for b in micro_batches), "sum")
+            n_supervised = n_supervised.clamp(min=1)  # a step of all-masked rows has loss 0, not 0/0
 
             # Forward and backward per micro-batch. DDP averages gradients over processes, so the
             # loss is scaled by their number to give sum(token losses) / n_supervised overall.
