@@ -385,11 +385,13 @@ def memory_history(path: str | None, entries: int):
         torch.cuda.memory._record_memory_history(enabled=None)
 
 
-def tensor_bytes(tensors, seen: set) -> int:
-    """Bytes of the tensors not counted yet (by storage address), on any device."""
+def tensor_bytes(tensors, seen: set, device_type: str | None = None) -> int:
+    """Bytes of the tensors not counted yet (by storage address), on `device_type` (or any)."""
     total = 0
     for t in tensors:
         if t is None or not hasattr(t, "untyped_storage"):
+            continue
+        if device_type is not None and t.device.type != device_type:
             continue
         key = (t.device, t.untyped_storage().data_ptr())
         if key in seen:
@@ -408,33 +410,37 @@ def quant_state_tensors(state) -> list:
     return found + quant_state_tensors(getattr(state, "state2", None))
 
 
-def count_model(model) -> dict:
-    """Bytes of the model's tensors by kind, counted one by one."""
+def count_model(model, device_type: str) -> dict:
+    """Bytes of the model's tensors on `device_type`, by kind, counted one by one."""
     try:
         from bitsandbytes.nn import Params4bit
     except ImportError:
-        Params4bit = ()  # noqa: N806
+        Params4bit = None  # noqa: N806
     seen: set = set()
     parts = {"weights_4bit": 0, "quant_state": 0, "weights_other": 0, "lora_params": 0}
     for param in model.parameters():
-        if isinstance(param, Params4bit) if Params4bit else False:
-            parts["weights_4bit"] += tensor_bytes([param], seen)
-            parts["quant_state"] += tensor_bytes(quant_state_tensors(param.quant_state), seen)
+        if Params4bit is not None and isinstance(param, Params4bit):
+            parts["weights_4bit"] += tensor_bytes([param], seen, device_type)
+            parts["quant_state"] += tensor_bytes(quant_state_tensors(param.quant_state), seen, device_type)
         elif param.requires_grad:
-            parts["lora_params"] += tensor_bytes([param], seen)
+            parts["lora_params"] += tensor_bytes([param], seen, device_type)
         else:
-            parts["weights_other"] += tensor_bytes([param], seen)
-    parts["weights_other"] += tensor_bytes(model.buffers(), seen)  # rotary tables and such
+            parts["weights_other"] += tensor_bytes([param], seen, device_type)
+    parts["weights_other"] += tensor_bytes(model.buffers(), seen, device_type)  # rotary tables and such
     return parts
 
 
-def count_optimizer(optimizer) -> dict:
-    """Bytes of optimizer state, split into device memory and paged (CUDA unified) memory."""
+def count_optimizer(optimizer, device_type: str) -> dict:
+    """Bytes of optimizer state: in device memory, and paged. bitsandbytes' paged buffers are
+    CUDA unified memory wrapped as CPU tensors (`is_paged`), so they are told apart by that flag."""
     seen: set = set()
     tensors = [t for state in optimizer.state.values() for t in state.values() if hasattr(t, "untyped_storage")]
     paged = [t for t in tensors if getattr(t, "is_paged", False)]
     plain = [t for t in tensors if not getattr(t, "is_paged", False)]
-    return {"optimizer_state": tensor_bytes(plain, seen), "optimizer_state_paged": tensor_bytes(paged, seen)}
+    return {
+        "optimizer_state": tensor_bytes(plain, seen, device_type),
+        "optimizer_state_paged": tensor_bytes(paged, seen),
+    }
 
 
 TOLERANCE_GIB = 0.1  # counted persistent parts vs torch's allocated memory at rest
@@ -460,10 +466,11 @@ def memory_breakdown(model, tap: dict, last_record: dict) -> dict:
     import torch
 
     gib = common.GIB
-    parts = count_model(model)
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    parts = count_model(model, device_type)
     parts["lora_grads"] = parts["lora_params"]
     parts |= (
-        count_optimizer(tap["optimizer"])
+        count_optimizer(tap["optimizer"], device_type)
         if tap["optimizer"] is not None
         else {"optimizer_state": 0, "optimizer_state_paged": 0}
     )

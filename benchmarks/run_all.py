@@ -106,115 +106,45 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def plan(args) -> list[Job]:
+    """The jobs, most important first. Step counts keep the full H200 suite near 7-8 minutes:
+    3 warm-up + 6 timed steps at 16 x 64; the grid times fewer steps where a step is large
+    (at least 3, and no more than 64k tokens' worth); budgets time 3 steps each."""
     quick = args.quick
-    steps = ["--warmup", "2", "--steps", "3"] if quick else ["--warmup", "3", "--steps", "8"]
-    grid = (
-        ["4x64", "16x256", "64x1024"]
-        if quick
-        else [f"{r}x{t}" for t in GRID_TOKENS for r in GRID_ROWS if (r, t) != (16, 64)]
-    )
+    steps = "--warmup 2 --steps 3" if quick else "--warmup 3 --steps 6"
+    grid = [f"{r}x{t}" for t in GRID_TOKENS for r in GRID_ROWS if (r, t) != (16, 64)]
+    if quick:
+        grid = ["4x64", "16x256", "64x1024"]
     if args.preset == "tiny":  # a CPU: small points only
         grid = ["4x64", "16x128"] if quick else ["4x64", "32x64", "4x256", "16x256"]
     budgets = [6, 24] if quick else list(BUDGETS_GIB)
-    base = ["--batch-size", "16", "--max-length", "64"]
+    base = f"--batch-size 16 --max-length 64 {steps}"
+    grid_args = f"--grid {','.join(grid)} --warmup 2 --steps {3 if quick else 6} --min-steps 3 --timed-tokens 65536"
+    budget_args = (
+        f"--budget-gib {','.join(str(b) for b in budgets)} --budget-tokens {BUDGET_TOKENS} --warmup 2 --steps 3"
+    )
+    numerics = "yoda_raw with the tutorial's numerics (4-bit compute fp32, fp32 frozen weights)"
     jobs = [
-        Job("ours", "yoda_raw, our defaults", "headline", "bench_loop.py", base + steps + ["--breakdown"]),
-        Job("sft", "TRL SFTTrainer, the tutorial's SFTConfig", "headline", "bench_sft.py", base + steps),
-        Job(
-            "ours-tutorial-numerics",
-            "yoda_raw with the tutorial's numerics (4-bit compute fp32, fp32 frozen weights)",
-            "headline",
-            "bench_loop.py",
-            base + steps + ["--quant-compute-dtype", "float32", "--fp32-frozen"],
-        ),
-        Job(
-            "grid",
-            "rows x tokens",
-            "grid",
-            "bench_loop.py",
-            [
-                "--grid",
-                ",".join(grid),
-                "--warmup",
-                "2",
-                "--steps",
-                "3" if quick else "8",
-                "--min-steps",
-                "3" if quick else "4",
-                "--timed-tokens",
-                "131072",
-            ],
-        ),
-        Job(
-            "budgets",
-            "emulated cards",
-            "budgets",
-            "bench_loop.py",
-            [
-                "--budget-gib",
-                ",".join(str(b) for b in budgets),
-                "--budget-tokens",
-                str(BUDGET_TOKENS),
-                "--warmup",
-                "2",
-                "--steps",
-                "3" if quick else "4",
-                "--min-steps",
-                "3",
-                "--timed-tokens",
-                "65536",
-            ],
-            cuda_only=True,
-        ),
-        Job(
-            "no-checkpointing",
-            "no gradient checkpointing",
-            "variants",
-            "bench_loop.py",
-            base + steps + ["--no-gradient-checkpointing"],
-        ),
-        Job(
-            "bf16-base",
-            "bf16 base instead of 4-bit (LoRA, not QLoRA)",
-            "variants",
-            "bench_loop.py",
-            base + steps + ["--quant", "none"],
-            cuda_only=True,
-        ),
-        Job(
-            "adamw-8bit",
-            "8-bit AdamW (not paged)",
-            "variants",
-            "bench_loop.py",
-            base + steps + ["--optim", "adamw_8bit"],
-        ),
-        Job("adamw", "32-bit AdamW (torch)", "variants", "bench_loop.py", base + steps + ["--optim", "adamw"]),
-        Job(
-            "fp32",
-            "fp32 compute (no autocast; 4-bit compute fp32)",
-            "variants",
-            "bench_loop.py",
-            base + steps + ["--precision", "fp32"],
-        ),
-        Job(
-            "fp16",
-            "fp16 autocast with loss scaling",
-            "variants",
-            "bench_loop.py",
-            base + steps + ["--precision", "fp16"],
-            cuda_only=True,
-        ),
-    ]
+        Job("ours", "yoda_raw, our defaults", "headline", "bench_loop.py", f"{base} --breakdown".split()),
+        Job("sft", "TRL SFTTrainer, the tutorial's SFTConfig", "headline", "bench_sft.py", base.split()),
+        Job("ours-tutorial-numerics", numerics, "headline", "bench_loop.py",
+            f"{base} --quant-compute-dtype float32 --fp32-frozen".split()),
+        Job("grid", "rows x tokens", "grid", "bench_loop.py", grid_args.split()),
+        Job("budgets", "emulated cards", "budgets", "bench_loop.py", budget_args.split(), cuda_only=True),
+        Job("no-checkpointing", "no gradient checkpointing", "variants", "bench_loop.py",
+            f"{base} --no-gradient-checkpointing".split()),
+        Job("bf16-base", "bf16 base instead of 4-bit (LoRA, not QLoRA)", "variants", "bench_loop.py",
+            f"{base} --quant none".split(), cuda_only=True),
+        Job("adamw-8bit", "8-bit AdamW (not paged)", "variants", "bench_loop.py", f"{base} --optim adamw_8bit".split()),
+        Job("adamw", "32-bit AdamW (torch)", "variants", "bench_loop.py", f"{base} --optim adamw".split()),
+        Job("fp32", "fp32 compute (no autocast; 4-bit compute fp32)", "variants", "bench_loop.py",
+            f"{base} --precision fp32".split()),
+        Job("fp16", "fp16 autocast with loss scaling", "variants", "bench_loop.py",
+            f"{base} --precision fp16".split(), cuda_only=True),
+    ]  # fmt: skip
     if args.snapshot:
+        snapshot_args = "--batch-size 16 --max-length 64 --warmup 1 --steps 2".split()
         jobs.append(
-            Job(
-                "snapshot",
-                "memory snapshot run (not timed)",
-                "snapshot",
-                "bench_loop.py",
-                base + ["--warmup", "1", "--steps", "2"],
-                cuda_only=True,
-            )
+            Job("snapshot", "memory snapshot run (not timed)", "snapshot", "bench_loop.py", snapshot_args, True)
         )
     if args.only:
         wanted = set(args.only.split(","))
@@ -671,9 +601,10 @@ def write_plots(suite: dict, out: Path, name: str) -> None:
     if grid:
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
         for rows in sorted({r["config"]["rows"] for r in grid}):
-            points = sorted(
+            points = [
                 (r["config"]["rows"] * r["config"]["tokens_per_row"], r) for r in grid if r["config"]["rows"] == rows
-            )
+            ]
+            points.sort(key=lambda point: point[0])
             xs = [x for x, _ in points]
             left.plot(xs, [r["tokens_per_s"] for _, r in points], "o-", label=f"{rows} rows")
             if all(r.get("peak_allocated_gib") is not None for _, r in points):
