@@ -475,6 +475,8 @@ def memory_breakdown(model, tap: dict, last_record: dict) -> dict:
         else {"optimizer_state": 0, "optimizer_state_paged": 0}
     )
     out = {f"{k}_gib": round(v / gib, 6) for k, v in parts.items()}
+    if tap["optimizer"] is None:  # train.fit no longer calls train.build_optimizer: nothing to count
+        out["optimizer_note"] = "optimizer not observed: optimizer state not counted"
     out["weights_4bit_gib"] = round((parts["weights_4bit"] + parts["quant_state"]) / gib, 6)  # incl. quant state
     if not torch.cuda.is_available():
         return out | {"note": "CPU: counted parts only; torch's memory counters are CUDA's"}
