@@ -121,7 +121,8 @@ def test_cli_scores_the_split_training_held_out(short_run, tmp_path, capsys):
     """eval.json scores exactly the 3 conversations the run held out (same seed and fraction),
     base and adapter; eval.md holds the table. Catches scoring the training split, or a split
     drawn with another seed or fraction than the run's."""
-    assert evaluate.main(["--adapter", str(short_run["adapter"]), "--output-dir", str(tmp_path)]) == 0
+    args = ["--adapter", str(short_run["adapter"]), "--output-dir", str(tmp_path), "--max-new-tokens", "8"]
+    assert evaluate.main(args) == 0
     record = json.loads((tmp_path / "eval.json").read_text())
     cfg = short_run["cfg"]
     train, held_out = split_conversations(load_conversations(cfg.dataset), cfg.eval_fraction, cfg.seed)

@@ -19,8 +19,10 @@ from yoda_raw.config import PRESETS, TINY_DATASET, Config
 from yoda_raw.generate import end_token_ids, generate_ids, main, translate
 
 N_PAIRS = 8
-# Measured: 8/8 reproduced after 100 epochs (6/8 after 60, 2/8 after 40). A decoding bug (no
-# generation prompt, right padding, prompt left in the output) gives 0/8.
+EPOCHS = 60
+# Measured with tiny.py's initializer_range 0.1: 8/8 reproduced from 30 epochs on (4/8 after 20,
+# 3/8 after 15); with Phi-3's 0.02 it took longer (6/8 after 60, 8/8 after 100). A decoding bug
+# (no generation prompt, right padding, the prompt left in the output) gives 0/8.
 MEMORISED_AT_LEAST = 0.75
 UNSEEN = ["The Force is strong in you!", "Hi"]  # different lengths from the training sentences
 
@@ -38,15 +40,15 @@ def write_pairs(path: Path, n: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def memorised(tmp_path_factory):
-    """Train the tiny preset (4-bit NF4 base, LoRA) on 8 pairs for 100 epochs: one conversation
-    per row, so training sees exactly the context generation sees."""
+    """Train the tiny preset (4-bit NF4 base, LoRA) on 8 pairs for 60 epochs of one step: one
+    conversation per row, so training sees exactly the context generation sees."""
     from yoda_raw.train import main as train
 
     folder = tmp_path_factory.mktemp("memorised")
     pairs = write_pairs(folder / "pairs.jsonl", N_PAIRS)
     cfg = tiny_config(
         dataset=str(folder / "pairs.jsonl"), eval_fraction=0.0, packing="none", batch_size=N_PAIRS,
-        epochs=100, lr=1e-2, lora_r=16, lora_alpha=16, logging_steps=50, output_dir=str(folder / "adapter"),
+        epochs=EPOCHS, lr=1e-2, lora_r=16, lora_alpha=16, logging_steps=50, output_dir=str(folder / "adapter"),
     )
     AcceleratorState._reset_state(True)
     summary = train(cfg)
