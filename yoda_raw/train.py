@@ -92,7 +92,10 @@ def fit(cfg: Config, accelerator: Accelerator, model, rows: list[dict], collator
     is_main = accelerator.is_main_process
     device = accelerator.device
     sampler = EpochSampler(len(rows), cfg.shuffle, cfg.seed)
-    loader = torch.utils.data.DataLoader(rows, batch_size=batch_size, sampler=sampler, collate_fn=collator)
+    # generator=: each epoch's iterator draws a seed from it instead of from the global RNG that dropout uses,
+    # so a run resumed mid-epoch draws the same dropout masks as an uninterrupted one.
+    loader = torch.utils.data.DataLoader(rows, batch_size=batch_size, sampler=sampler, collate_fn=collator,
+                                         generator=torch.Generator())
     optimizer = build_optimizer(model.parameters(), cfg.optim, cfg.lr, cfg.weight_decay, device)
     # Accelerate shards the loader across processes (each row once per epoch), moves batches to
     # the device, wraps the model for DDP and autocast, and the optimizer for fp16 loss scaling.
