@@ -15,6 +15,7 @@ data=$YODA_RAW_DATA
 start=$(date +%s)
 accelerate launch --num_processes 1 run.py \
   --init random --model "$data/phi3-mini-4k-instruct" --dataset "$data/yoda_sentences/yoda_sentences.jsonl" \
-  --eval-fraction 0 --output-dir /tmp/yoda_tutorial --overwrite "$@" 2>&1 | tr '\r' '\n' | grep -v "^training: " | tee "$out/run.log"
+  --output-dir /tmp/yoda_tutorial --overwrite "$@" > "$out/run.log" 2>&1 || { tail -c 3000 "$out/run.log"; exit 1; }
+tr '\r' '\n' < "$out/run.log" | grep -v "^training:\|^Loading weights\|^Writing model" | tail -n 30
 echo "{\"wall_s\": $(( $(date +%s) - start ))}" > "$out/wall.json"
 cp /tmp/yoda_tutorial/metrics.jsonl /tmp/yoda_tutorial/run_config.json "$out/"

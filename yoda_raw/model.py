@@ -88,6 +88,15 @@ def _random_checkpoint(cfg: Config, vocab_size: int, dtype: torch.dtype):
     device = "cuda" if torch.cuda.is_available() else "cpu"  # initializing 3.8B weights on a GPU takes seconds
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    # Random init zeroes the embedding row of the padding token, which for Phi-3 is <|endoftext|>,
+    # a token in every conversation. A row that starts with it then keeps an exactly-zero hidden
+    # state through every layer, and each RMSNorm's backward scales its gradient by 1/sqrt(eps)
+    # (316x): past ~15 layers it overflows to NaN. Trained checkpoints have a real vector there,
+    # so give that row the same random init as the others.
+    embeddings = model.get_input_embeddings()
+    if embeddings.padding_idx is not None:
+        with torch.no_grad():
+            embeddings.weight[embeddings.padding_idx].normal_(0.0, config.initializer_range)
     with tempfile.TemporaryDirectory(prefix="yoda_raw_random_") as folder:
         model.save_pretrained(folder)
         del model
@@ -135,8 +144,9 @@ def add_lora(model, cfg: Config):
     # however much randomness loading the model used.
     transformers.set_seed(cfg.seed)
     model = get_peft_model(model, lora)
-    # Name the real base in adapter_config.json (with --init random it was loaded from a temp folder).
-    model.peft_config["default"].base_model_name_or_path = cfg.model
+    if cfg.init == "pretrained":
+        # Name the base by its source (with a local folder peft would record the same path anyway).
+        model.peft_config["default"].base_model_name_or_path = cfg.model
     return model
 
 

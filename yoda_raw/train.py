@@ -36,6 +36,7 @@ from yoda_raw.chat import load_tokenizer
 from yoda_raw.config import TUTORIAL_MODEL, Config
 from yoda_raw.data import load_conversations, split_conversations
 from yoda_raw.errors import YodaError
+from yoda_raw.evaluate import end_of_run_report, format_report
 from yoda_raw.model import add_lora, load_base_model, load_model_config, parameter_counts, parameter_line
 from yoda_raw.optim import build_optimizer, learning_rate
 from yoda_raw.packing import Collator, build_rows
@@ -379,6 +380,13 @@ def main(cfg: Config) -> dict:
         accelerator.unwrap_model(model).save_pretrained(out)
         tokenizer.save_pretrained(out)
         (out / "run_config.json").write_text(cfg.to_json())
+        if cfg.samples and held_out:
+            # A short evaluation and a few translations of sentences it did not train on.
+            report = end_of_run_report(accelerator.unwrap_model(model), tokenizer, held_out)
+            print(format_report(report))
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": summary["steps"], **report}) + "\n")
+            summary["report"] = report
         if cfg.push_to_hub:
             push_to_hub(cfg, out)
     accelerator.end_training()
