@@ -117,12 +117,10 @@ def save_random_checkpoint(config_source: str, folder: str, seed: int = 42) -> N
     import torch
     import transformers
 
+    from yoda_raw.model import random_model
+
     config = transformers.AutoConfig.from_pretrained(config_source)
-    transformers.set_seed(seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(folder)
+    random_model(config, seed, torch.bfloat16).save_pretrained(folder)
 
 
 def summarise(steps: list[dict], warmup: int) -> dict:

@@ -79,15 +79,14 @@ def load_base_model(cfg: Config, precision: Precision, device: torch.device, voc
     return model
 
 
-@contextlib.contextmanager
-def _random_checkpoint(cfg: Config, vocab_size: int, dtype: torch.dtype):
-    """Random weights, written to a temporary folder so that the very same `from_pretrained` call
-    loads and quantizes them as it would real weights (speed and memory are the real model's)."""
-    config = load_model_config(cfg, vocab_size)
-    transformers.set_seed(cfg.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # initializing 3.8B weights on a GPU takes seconds
+def random_model(config: transformers.PretrainedConfig, seed: int, dtype: torch.dtype, trust_remote_code=False):
+    """The architecture of `config` with random weights: what profiling needs when no weights can be
+    downloaded. Built on a GPU when there is one (3.8B weights in seconds, not minutes), so the same
+    seed gives other weights on a CPU-only machine."""
+    transformers.set_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     # Random init zeroes the embedding row of the padding token, which for Phi-3 is <|endoftext|>,
     # a token in every conversation. A row that starts with it then keeps an exactly-zero hidden
     # state through every layer, and each RMSNorm's backward scales its gradient by 1/sqrt(eps)
@@ -97,6 +96,14 @@ def _random_checkpoint(cfg: Config, vocab_size: int, dtype: torch.dtype):
     if embeddings.padding_idx is not None:
         with torch.no_grad():
             embeddings.weight[embeddings.padding_idx].normal_(0.0, config.initializer_range)
+    return model
+
+
+@contextlib.contextmanager
+def _random_checkpoint(cfg: Config, vocab_size: int, dtype: torch.dtype):
+    """Random weights, written to a temporary folder so that the very same `from_pretrained` call
+    loads and quantizes them as it would real weights (speed and memory are the real model's)."""
+    model = random_model(load_model_config(cfg, vocab_size), cfg.seed, dtype, cfg.trust_remote_code)
     with tempfile.TemporaryDirectory(prefix="yoda_raw_random_") as folder:
         model.save_pretrained(folder)
         del model
