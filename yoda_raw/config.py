@@ -74,7 +74,7 @@ class Config:
         default=False,
         metadata={"help": "Upcast frozen norms, embeddings and LM head to fp32, as prepare_model_for_kbit_training does."},
     )
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in backward (less memory, ~30% more compute)."})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in backward (less memory, about a third more compute)."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
