@@ -69,9 +69,12 @@ def main(argv: list[str]) -> int:
     except torch.cuda.OutOfMemoryError:
         if debug:
             raise
-        print("error: out of GPU memory; lower it with --auto-batch-size (on by default), a smaller --batch-size "
-              "(with --grad-accum to keep the step size), --gradient-checkpointing, a shorter --max-length, "
-              "or --optim paged_adamw_8bit", file=sys.stderr)
+        print(
+            "error: out of GPU memory; lower it with --auto-batch-size (on by default), a smaller --batch-size "
+            "(with --grad-accum to keep the step size), --gradient-checkpointing, a shorter --max-length, "
+            "or --optim paged_adamw_8bit",
+            file=sys.stderr,
+        )
         return 2
     except YodaError as err:
         if debug:

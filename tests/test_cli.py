@@ -13,14 +13,43 @@ REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
 # The spellings issue 3 promises, each with a value where it takes one.
 SPELLINGS = [
-    ["--preset", "tiny"], ["--model", "m"], ["--tokenizer", "t"], ["--dataset", "d.jsonl"], ["--init", "random"],
-    ["--quant", "none"], ["--precision", "fp32"], ["--optim", "adamw"], ["--train-on", "all"], ["--packing", "none"],
-    ["--max-length", "32"], ["--eval-fraction", "0"], ["--batch-size", "4"], ["--grad-accum", "2"],
-    ["--auto-batch-size"], ["--no-auto-batch-size"], ["--gradient-checkpointing"], ["--no-gradient-checkpointing"],
-    ["--epochs", "2"], ["--max-steps", "5"], ["--lr", "1e-3"], ["--weight-decay", "0.1"], ["--warmup-steps", "3"],
-    ["--lora-r", "4"], ["--lora-alpha", "8"], ["--lora-dropout", "0.1"], ["--lora_dropout", "0.1"], ["--shuffle"],
-    ["--no-shuffle"], ["--seed", "1"], ["--logging-steps", "2"], ["--save-steps", "3"], ["--resume", "ck"],
-    ["--output-dir", "o"], ["--overwrite"], ["--report-to", "tensorboard"], ["--push-to-hub", "me/yoda"],
+    ["--preset", "tiny"],
+    ["--model", "m"],
+    ["--tokenizer", "t"],
+    ["--dataset", "d.jsonl"],
+    ["--init", "random"],
+    ["--quant", "none"],
+    ["--precision", "fp32"],
+    ["--optim", "adamw"],
+    ["--train-on", "all"],
+    ["--packing", "none"],
+    ["--max-length", "32"],
+    ["--eval-fraction", "0"],
+    ["--batch-size", "4"],
+    ["--grad-accum", "2"],
+    ["--auto-batch-size"],
+    ["--no-auto-batch-size"],
+    ["--gradient-checkpointing"],
+    ["--no-gradient-checkpointing"],
+    ["--epochs", "2"],
+    ["--max-steps", "5"],
+    ["--lr", "1e-3"],
+    ["--weight-decay", "0.1"],
+    ["--warmup-steps", "3"],
+    ["--lora-r", "4"],
+    ["--lora-alpha", "8"],
+    ["--lora-dropout", "0.1"],
+    ["--lora_dropout", "0.1"],
+    ["--shuffle"],
+    ["--no-shuffle"],
+    ["--seed", "1"],
+    ["--logging-steps", "2"],
+    ["--save-steps", "3"],
+    ["--resume", "ck"],
+    ["--output-dir", "o"],
+    ["--overwrite"],
+    ["--report-to", "tensorboard"],
+    ["--push-to-hub", "me/yoda"],
 ]
 
 
@@ -33,7 +62,13 @@ def test_every_documented_spelling_parses(argv):
 def test_no_arguments_is_the_tutorial():
     cfg = parse_config([])
     assert (cfg.model, cfg.dataset, cfg.epochs, cfg.batch_size, cfg.max_length, cfg.lr) == (
-        "microsoft/Phi-3-mini-4k-instruct", "dvgodoy/yoda_sentences", 10, 16, 64, 3e-4)
+        "microsoft/Phi-3-mini-4k-instruct",
+        "dvgodoy/yoda_sentences",
+        10,
+        16,
+        64,
+        3e-4,
+    )
     assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.optim) == (8, 16, 0.05, "paged_adamw_8bit")
 
 

@@ -39,7 +39,9 @@ def test_learning_rate_matches_transformers_schedule():
     from transformers import get_linear_schedule_with_warmup
 
     for warmup in (0, 5):
-        theirs = get_linear_schedule_with_warmup(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-4), warmup, 22)
+        theirs = get_linear_schedule_with_warmup(
+            torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-4), warmup, 22
+        )
         for step in range(22):
             assert learning_rate(step, 3e-4, warmup, 22) == pytest.approx(theirs.get_last_lr()[0], abs=1e-15)
             theirs.optimizer.step()

@@ -28,8 +28,10 @@ class Config:
     # --- what to train ---------------------------------------------------------------------------
     preset: Literal["tutorial", "tiny"] = field(
         default="tutorial",
-        metadata={"help": "tutorial: Phi-3-mini on dvgodoy/yoda_sentences (needs a GPU). "
-                          "tiny: a tiny random Phi-3 and ~50 pairs shipped with yoda_raw; runs on a CPU."},
+        metadata={
+            "help": "tutorial: Phi-3-mini on dvgodoy/yoda_sentences (needs a GPU). "
+            "tiny: a tiny random Phi-3 and ~50 pairs shipped with yoda_raw; runs on a CPU."
+        },
     )
     model: str = field(default=TUTORIAL_MODEL, metadata={"help": "Hub id or local folder of a causal LM."})
     tokenizer: str | None = field(default=None, metadata={"help": "Hub id or local folder; default: --model."})
@@ -37,7 +39,9 @@ class Config:
         default="pretrained",
         metadata={"help": "random: build the model from its config with random weights (profiling, no download)."},
     )
-    trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with a model repo. Off unless asked."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run code shipped with a model repo. Off unless asked."}
+    )
 
     # --- data -----------------------------------------------------------------------------------
     dataset: str = field(
@@ -45,23 +49,35 @@ class Config:
         metadata={"help": "Hub id, a .jsonl/.json/.csv/.parquet file, or a save_to_disk folder."},
     )
     prompt_field: str = field(default="sentence", metadata={"help": "Column that becomes the user turn."})
-    response_field: str = field(default="translation_extra", metadata={"help": "Column that becomes the assistant turn."})
-    skip_invalid: bool = field(default=False, metadata={"help": "Drop invalid rows (and say how many) instead of stopping."})
-    eval_fraction: float = field(default=0.05, metadata={"help": "Share of conversations held out for evaluation (0: train on all)."})
+    response_field: str = field(
+        default="translation_extra", metadata={"help": "Column that becomes the assistant turn."}
+    )
+    skip_invalid: bool = field(
+        default=False, metadata={"help": "Drop invalid rows (and say how many) instead of stopping."}
+    )
+    eval_fraction: float = field(
+        default=0.05, metadata={"help": "Share of conversations held out for evaluation (0: train on all)."}
+    )
     train_on: Literal["assistant", "all"] = field(
         default="assistant",
         metadata={"help": "assistant: loss on assistant tokens only. all: every token, as the tutorial trained."},
     )
     packing: Literal["wrapped", "none"] = field(
         default="wrapped",
-        metadata={"help": "wrapped: join all conversations and cut rows of max_length tokens (SFTTrainer's). "
-                          "none: one conversation per row."},
+        metadata={
+            "help": "wrapped: join all conversations and cut rows of max_length tokens (SFTTrainer's). "
+            "none: one conversation per row."
+        },
     )
     max_length: int = field(default=64, metadata={"help": "Tokens per row."})
-    shuffle: bool = field(default=True, metadata={"help": "Shuffle conversations before packing and rows every epoch (seeded)."})
+    shuffle: bool = field(
+        default=True, metadata={"help": "Shuffle conversations before packing and rows every epoch (seeded)."}
+    )
 
     # --- model and adapter ----------------------------------------------------------------------
-    quant: Literal["nf4", "none"] = field(default="nf4", metadata={"help": "nf4: 4-bit NF4 base with double quantization. none: unquantized base."})
+    quant: Literal["nf4", "none"] = field(
+        default="nf4", metadata={"help": "nf4: 4-bit NF4 base with double quantization. none: unquantized base."}
+    )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = field(
         default="auto",
         metadata={"help": "auto: bf16 on GPUs with native bf16 (compute capability >= 8.0), else fp32."},
@@ -72,9 +88,13 @@ class Config:
     )
     fp32_frozen: bool = field(
         default=False,
-        metadata={"help": "Upcast frozen norms, embeddings and LM head to fp32, as prepare_model_for_kbit_training does."},
+        metadata={
+            "help": "Upcast frozen norms, embeddings and LM head to fp32, as prepare_model_for_kbit_training does."
+        },
     )
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in backward (less memory, about a third more compute)."})
+    gradient_checkpointing: bool = field(
+        default=True, metadata={"help": "Recompute activations in backward (less memory, about a third more compute)."}
+    )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
@@ -85,28 +105,42 @@ class Config:
 
     # --- optimisation ---------------------------------------------------------------------------
     optim: Literal["paged_adamw_8bit", "adamw_8bit", "adamw"] = field(
-        default="paged_adamw_8bit", metadata={"help": "bitsandbytes paged 8-bit AdamW, 8-bit AdamW, or torch AdamW."},
+        default="paged_adamw_8bit",
+        metadata={"help": "bitsandbytes paged 8-bit AdamW, 8-bit AdamW, or torch AdamW."},
     )
     batch_size: int = field(default=16, metadata={"help": "Rows per micro-batch (per process)."})
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
-    auto_batch_size: bool = field(default=True, metadata={"help": "On out-of-memory, retry with batch_size * 0.9 (accelerate)."})
+    auto_batch_size: bool = field(
+        default=True, metadata={"help": "On out-of-memory, retry with batch_size * 0.9 (accelerate)."}
+    )
     epochs: int = field(default=10, metadata={"help": "Passes over the training rows."})
     max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1: run all epochs)."})
     lr: float = field(default=3e-4, metadata={"help": "Peak learning rate."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (the Trainer's default, 0)."})
-    warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps of linear warm-up before the linear decay to 0."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this (0: no clipping)."})
+    warmup_steps: int = field(
+        default=0, metadata={"help": "Optimizer steps of linear warm-up before the linear decay to 0."}
+    )
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "Clip the global gradient norm to this (0: no clipping)."}
+    )
     seed: int = field(default=42, metadata={"help": "Seeds data order, held-out split, random init and adapter init."})
 
     # --- logging and outputs --------------------------------------------------------------------
-    logging_steps: int = field(default=10, metadata={"help": "Optimizer steps between log lines (each is a host sync)."})
+    logging_steps: int = field(
+        default=10, metadata={"help": "Optimizer steps between log lines (each is a host sync)."}
+    )
     save_steps: int = field(default=0, metadata={"help": "Optimizer steps between resumable checkpoints (0: none)."})
     save_total_limit: int = field(default=0, metadata={"help": "Keep only the newest N checkpoints (0: keep all)."})
     resume: str | None = field(default=None, metadata={"help": "Checkpoint folder to continue from."})
     output_dir: str = field(default="out", metadata={"help": "Where the adapter, logs and checkpoints go."})
     overwrite: bool = field(default=False, metadata={"help": "Allow writing over an adapter already in output_dir."})
-    report_to: Literal["none", "tensorboard"] = field(default="none", metadata={"help": "Also log through Accelerate's tracker."})
-    push_to_hub: str | None = field(default=None, metadata={"help": "Hub repo id to upload the adapter to (token from HF_TOKEN or huggingface-cli login)."})
+    report_to: Literal["none", "tensorboard"] = field(
+        default="none", metadata={"help": "Also log through Accelerate's tracker."}
+    )
+    push_to_hub: str | None = field(
+        default=None,
+        metadata={"help": "Hub repo id to upload the adapter to (token from HF_TOKEN or huggingface-cli login)."},
+    )
     samples: bool = field(default=True, metadata={"help": "Translate a few held-out sentences at the end."})
     debug: bool = field(default=False, metadata={"help": "Show full tracebacks."})
 
@@ -116,7 +150,10 @@ class Config:
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.grad_accum >= 1, f"--grad-accum must be at least 1, got {self.grad_accum}"),
             (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
-            (self.max_steps == -1 or self.max_steps >= 1, f"--max-steps must be -1 or at least 1, got {self.max_steps}"),
+            (
+                self.max_steps == -1 or self.max_steps >= 1,
+                f"--max-steps must be -1 or at least 1, got {self.max_steps}",
+            ),
             (0.0 <= self.eval_fraction < 1.0, f"--eval-fraction must be in [0, 1), got {self.eval_fraction}"),
             (self.lr > 0, f"--lr must be positive, got {self.lr}"),
             (self.lora_r >= 1, f"--lora-r must be at least 1, got {self.lora_r}"),

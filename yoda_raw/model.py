@@ -58,7 +58,9 @@ def load_base_model(cfg: Config, precision: Precision, device: torch.device, voc
     # Non-quantized weights (norms, embeddings, head, or everything with --quant none) in the
     # compute dtype; fp32 when asked, or when computing in fp32.
     dtype = torch.float32 if cfg.fp32_frozen else precision.dtype
-    checkpoint = _random_checkpoint(cfg, vocab_size, dtype) if cfg.init == "random" else contextlib.nullcontext(cfg.model)
+    checkpoint = (
+        _random_checkpoint(cfg, vocab_size, dtype) if cfg.init == "random" else contextlib.nullcontext(cfg.model)
+    )
     with checkpoint as source:
         try:
             model = AutoModelForCausalLM.from_pretrained(

@@ -31,8 +31,11 @@ def build_optimizer(params, name: str, lr: float, weight_decay: float, device: t
     paged = name == "paged_adamw_8bit"
     if paged and device.type != "cuda":
         # Unified memory is a CUDA feature; the same 8-bit update runs unpaged.
-        print("paged_adamw_8bit: paging needs a CUDA GPU; on this device the optimizer runs as adamw_8bit "
-              "(same update, state not paged)", file=sys.stderr)
+        print(
+            "paged_adamw_8bit: paging needs a CUDA GPU; on this device the optimizer runs as adamw_8bit "
+            "(same update, state not paged)",
+            file=sys.stderr,
+        )
         paged = False
     # bnb.optim.AdamW(optim_bits=8, is_paged=True) is exactly what the Trainer builds for
     # optim="paged_adamw_8bit".

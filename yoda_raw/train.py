@@ -25,8 +25,8 @@ from pathlib import Path
 import huggingface_hub
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator, PartialState
-from accelerate.utils import find_executable_batch_size, set_seed
+from accelerate import Accelerator, DataLoaderConfiguration, PartialState
+from accelerate.utils import extract_model_from_parallel, find_executable_batch_size, set_seed
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
@@ -88,6 +88,13 @@ def supervised_count(batch: dict) -> torch.Tensor:
     return (batch["labels"][:, 1:] != IGNORE).sum()
 
 
+def unsupervised_batch(collator: Collator, rows: list[dict], device: torch.device) -> dict:
+    """One row with every label masked: contributes 0 to the loss and to the gradients."""
+    batch = {key: value.to(device) for key, value in collator(rows[:1]).items()}
+    batch["labels"] = torch.full_like(batch["labels"], IGNORE)
+    return batch
+
+
 def fit(cfg: Config, accelerator: Accelerator, model, rows: list[dict], collator: Collator, batch_size: int, out: Path) -> dict:
     """Train `model` on `rows`; returns a summary. The loop: one iteration = one optimizer step."""
     is_main = accelerator.is_main_process
@@ -101,7 +108,11 @@ def fit(cfg: Config, accelerator: Accelerator, model, rows: list[dict], collator
     # Accelerate shards the loader across processes (each row once per epoch), moves batches to
     # the device, wraps the model for DDP and autocast, and the optimizer for fp16 loss scaling.
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
+    # Micro-batches per process per epoch, the same on every process: with even_batches=False (see
+    # make_accelerator) a process can get one micro-batch fewer than the others, and len(loader) says
+    # so; counting steps from it would leave the processes with different step counts (a deadlock).
+    micro_per_process = math.ceil(math.ceil(len(rows) / batch_size) / accelerator.num_processes)
+    steps_per_epoch = math.ceil(micro_per_process / cfg.grad_accum)
     total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps < 0 else cfg.max_steps
     start_step = resume_from(cfg, accelerator) if cfg.resume else 0
     stop = StopOnSignal()
@@ -126,6 +137,11 @@ def fit(cfg: Config, accelerator: Accelerator, model, rows: list[dict], collator
             # The step's micro-batches, and its loss denominator: their supervised tokens, summed
             # over all processes (an all-reduce on the device, not a host sync).
             micro_batches = [b for _, b in zip(range(cfg.grad_accum), batches)]
+            if not micro_batches:
+                # Multi-process, last step of an epoch: this process's share of rows ran out. It still
+                # has to join DDP's gradient all-reduce, so it runs one row with nothing supervised
+                # (loss 0, gradient 0); the other processes' rows are normalised exactly as ever.
+                micro_batches = [unsupervised_batch(collator, rows, device)]
             n_supervised = accelerator.reduce(sum(supervised_count(b) for b in micro_batches), "sum")
             n_supervised = n_supervised.clamp(min=1)  # a step of all-masked rows has loss 0, not 0/0
 
@@ -238,8 +254,12 @@ def save_checkpoint(cfg: Config, accelerator: Accelerator, out: Path, step: int)
     final = out / f"checkpoint-{step}"
     partial = out / f".checkpoint-{step}.partial"
     accelerator.save_state(str(partial))
+    # Every process writes its own random states into `partial`: wait for all before renaming it.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (partial / "trainer_state.json").write_text(json.dumps({"step": step}))
+        # num_processes: the data position of a step depends on it (rows are dealt to processes).
+        state = {"step": step, "num_processes": accelerator.num_processes}
+        (partial / "trainer_state.json").write_text(json.dumps(state))
         (partial / "run_config.json").write_text(cfg.to_json())
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
@@ -268,21 +288,28 @@ def resume_from(cfg: Config, accelerator: Accelerator) -> int:
               for key in RESUME_MUST_MATCH if saved.get(key) != getattr(cfg, key)]
     if differ:
         raise YodaError(f"--resume {path}: the checkpoint was made with other settings: {'; '.join(differ)}")
+    state = json.loads((path / "trainer_state.json").read_text())
+    saved_processes = state.get("num_processes", 1)  # checkpoints from before it was recorded: 1 process
+    if saved_processes != accelerator.num_processes:
+        raise YodaError(f"--resume {path}: the checkpoint was made on {saved_processes} process(es), this run has "
+                        f"{accelerator.num_processes}; resume with "
+                        f"`accelerate launch --num_processes {saved_processes}`")
     accelerator.load_state(str(path))
-    return json.loads((path / "trainer_state.json").read_text())["step"]
+    return state["step"]
 
 
 def _save_adapter_only(models, weights, output_dir):
     """Accelerate save_state hook: write the LoRA adapter (safetensors) instead of the whole model,
     whose 4-bit base never changes and is reloaded from its source on resume."""
     for model in models:
-        model.save_pretrained(output_dir)
+        # Unwrap DDP (it has no save_pretrained); every process runs this hook, only the main one writes.
+        extract_model_from_parallel(model).save_pretrained(output_dir, is_main_process=PartialState().is_main_process)
     weights.clear()
 
 
 def _load_adapter_only(models, input_dir):
     for model in list(models):
-        set_peft_model_state_dict(model, load_file(os.path.join(input_dir, ADAPTER_FILE)))
+        set_peft_model_state_dict(extract_model_from_parallel(model), load_file(os.path.join(input_dir, ADAPTER_FILE)))
     models.clear()
 
 
@@ -293,6 +320,10 @@ def make_accelerator(cfg: Config) -> tuple[Accelerator, Precision]:
         mixed_precision=precision.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_dir=cfg.output_dir,
+        # even_batches=False: on several processes the last, short batch of an epoch is not padded
+        # with rows from the start of the epoch (those would be trained twice); fit handles a
+        # process left without rows.
+        dataloader_config=DataLoaderConfiguration(even_batches=False),
     )
     accelerator.register_save_state_pre_hook(_save_adapter_only)
     accelerator.register_load_state_pre_hook(_load_adapter_only)
