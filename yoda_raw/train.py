@@ -26,7 +26,7 @@ import huggingface_hub
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
-from accelerate.utils import extract_model_from_parallel, find_executable_batch_size, set_seed
+from accelerate.utils import extract_model_from_parallel, find_executable_batch_size, parse_flag_from_env, set_seed
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
@@ -315,7 +315,9 @@ def _load_adapter_only(models, input_dir):
 
 def make_accelerator(cfg: Config) -> tuple[Accelerator, Precision]:
     """The Accelerator, with the mixed precision decided in precision.py for this process's device."""
-    precision = choose_precision(cfg.precision, PartialState().device)
+    # cpu= as Accelerator itself reads it: a bare PartialState() ignores ACCELERATE_USE_CPU, so on
+    # `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu` (gloo) every process became a lone "main".
+    precision = choose_precision(cfg.precision, PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device)
     accelerator = Accelerator(
         mixed_precision=precision.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
