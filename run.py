@@ -81,7 +81,8 @@ def main(argv: list[str]) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"saved the adapter to {summary['output_dir']} after {summary['steps']} steps")
+    if summary["is_main_process"]:
+        print(f"saved the adapter to {summary['output_dir']} after {summary['steps']} steps")
     return 0
 
 

@@ -4,9 +4,8 @@
 use `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2`: torchrun starts 2
 processes and Accelerate joins them with the gloo backend on the CPU.
 
-The base is a tiny random Phi-3 saved to a folder first (`--init pretrained --model FOLDER`):
-`--init random` cannot run on several processes yet, since transformers' save_pretrained writes
-only on rank 0 once a process group exists, so rank 1's temporary random checkpoint has no config.
+The base is the tiny preset's random Phi-3 (`--init random`): the main process writes it to a
+temporary folder and every process loads it from there.
 """
 
 import json
@@ -29,26 +28,33 @@ def _env() -> dict:
     return os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    """A tiny random Phi-3 in a folder, loaded by every run below (same weights everywhere)."""
-    import torch
-
-    from yoda_raw import tiny
-    from yoda_raw.chat import load_tokenizer
-    from yoda_raw.model import random_model
-
-    folder = tmp_path_factory.mktemp("tiny_base")
-    random_model(tiny.model_config(len(load_tokenizer("tiny"))), 42, torch.float32).save_pretrained(folder)
-    return folder
-
-
-def _options(base: Path, out: Path, batch_size: int) -> list[str]:
+def _options(out: Path, batch_size: int) -> list[str]:
     # 29 packed rows, shuffled (seeded): 2 steps an epoch, the second one short; 4 steps cross an epoch.
-    return ["run.py", "--preset", "tiny", "--model", str(base), "--init", "pretrained", "--tokenizer", "tiny",
-            "--quant", "none", "--precision", "fp32", "--batch-size", str(batch_size), "--logging-steps", "1",
-            "--max-steps", "4", "--lora-dropout", "0", "--eval-fraction", "0", "--no-samples",
-            "--no-auto-batch-size", "--save-steps", "3", "--output-dir", str(out)]
+    return [
+        "run.py",
+        "--preset",
+        "tiny",
+        "--quant",
+        "none",
+        "--precision",
+        "fp32",
+        "--batch-size",
+        str(batch_size),
+        "--logging-steps",
+        "1",
+        "--max-steps",
+        "4",
+        "--lora-dropout",
+        "0",
+        "--eval-fraction",
+        "0",
+        "--no-samples",
+        "--no-auto-batch-size",
+        "--save-steps",
+        "3",
+        "--output-dir",
+        str(out),
+    ]
 
 
 def _run(command: list[str]) -> None:
@@ -61,7 +67,7 @@ def _losses(out: Path) -> list[tuple[int, float]]:
 
 
 @pytest.mark.parametrize("per_process", [8, 12], ids=["8+8,8+5", "12+12,5+none"])
-def test_two_processes_give_one_process_losses(per_process, tiny_base, tmp_path):
+def test_two_processes_give_one_process_losses(per_process, tmp_path):
     """2 processes x B rows give the per-step losses of 1 process x 2B rows (shuffled, same seed), over
     4 steps that cross an epoch boundary. The epoch's last global batch is short: 13 rows split 8+5
     (B=8), or 5 rows on rank 0 and none on rank 1 (B=12). Catches: Accelerate's even_batches padding
@@ -69,16 +75,36 @@ def test_two_processes_give_one_process_losses(per_process, tiny_base, tmp_path)
     normalised by one process's tokens instead of all processes'; DDP's gradient averaging left
     unscaled; step counts that differ between processes (a hang, here a timeout); a process left
     without rows skipping the gradient all-reduce; every process writing metrics.jsonl (duplicate
-    lines); and a bare PartialState() that ignores ACCELERATE_USE_CPU, making each process a lone
+    lines); rank 1 not finding the random base that rank 0 wrote;
+    and a bare PartialState() that ignores ACCELERATE_USE_CPU, making each process a lone
     "main" that trains on all the rows. Tolerance 1e-5 (fp32). ~25 s on 2 cores."""
     if not ACCELERATE.exists() and shutil.which("accelerate") is None:
         pytest.skip("the `accelerate` command is not installed next to this Python")
     accelerate = str(ACCELERATE if ACCELERATE.exists() else shutil.which("accelerate"))
     one, two = tmp_path / "one", tmp_path / "two"
-    _run([sys.executable, *_options(tiny_base, one, 2 * per_process)])
-    _run(["env", "ACCELERATE_USE_CPU=1", accelerate, "launch", "--multi_gpu", "--num_processes", "2",
-          "--num_machines", "1", "--main_process_port", str(29500 + per_process), "--mixed_precision", "no",
-          "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1", *_options(tiny_base, two, per_process)])
+    _run([sys.executable, *_options(one, 2 * per_process)])
+    _run(
+        [
+            "env",
+            "ACCELERATE_USE_CPU=1",
+            accelerate,
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--main_process_port",
+            str(29500 + per_process),
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--num_cpu_threads_per_process",
+            "1",
+            *_options(two, per_process),
+        ]
+    )
     expected, got = _losses(one), _losses(two)
     assert [step for step, _ in got] == [1, 2, 3, 4], "one metrics.jsonl line per step, from the main process only"
     assert [step for step, _ in expected] == [1, 2, 3, 4]
@@ -87,7 +113,9 @@ def test_two_processes_give_one_process_losses(per_process, tiny_base, tmp_path)
     state = json.loads((two / "checkpoint-3" / "trainer_state.json").read_text())
     assert state == {"step": 3, "num_processes": 2}
     assert sorted(p.name for p in (two / "checkpoint-3").glob("random_states_*.pkl")) == [
-        "random_states_0.pkl", "random_states_1.pkl"]
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
 
 
 def test_resume_on_another_process_count_is_refused(tmp_path):
@@ -100,9 +128,21 @@ def test_resume_on_another_process_count_is_refused(tmp_path):
     from yoda_raw.config import PRESETS, Config
 
     def config(**overrides) -> Config:
-        return Config(**{"preset": "tiny", **PRESETS["tiny"], "precision": "fp32", "quant": "none",
-                         "eval_fraction": 0.0, "max_steps": 1, "save_steps": 1, "auto_batch_size": False,
-                         "samples": False, "output_dir": str(tmp_path / "run"), **overrides})
+        return Config(
+            **{
+                "preset": "tiny",
+                **PRESETS["tiny"],
+                "precision": "fp32",
+                "quant": "none",
+                "eval_fraction": 0.0,
+                "max_steps": 1,
+                "save_steps": 1,
+                "auto_batch_size": False,
+                "samples": False,
+                "output_dir": str(tmp_path / "run"),
+                **overrides,
+            }
+        )
 
     train.main(config())
     AcceleratorState._reset_state(True)

@@ -17,11 +17,14 @@ precision). `--fp32-frozen` restores the tutorial's upcast; benchmarks/ measures
 """
 
 import contextlib
+import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 import transformers
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -105,11 +108,22 @@ def random_model(config: transformers.PretrainedConfig, seed: int, dtype: torch.
 def _random_checkpoint(cfg: Config, vocab_size: int, dtype: torch.dtype):
     """Random weights, written to a temporary folder so that the very same `from_pretrained` call
     loads and quantizes them as it would real weights (speed and memory are the real model's)."""
-    model = random_model(load_model_config(cfg, vocab_size), cfg.seed, dtype, cfg.trust_remote_code)
-    with tempfile.TemporaryDirectory(prefix="yoda_raw_random_") as folder:
-        model.save_pretrained(folder)
-        del model
-        yield folder
+    # On several processes the main one writes the folder and the others wait for its name (under a
+    # process group transformers' save_pretrained writes on rank 0 only anyway).
+    state = PartialState()
+    folder = [None]
+    if state.is_main_process:
+        folder = [tempfile.mkdtemp(prefix="yoda_raw_random_")]
+        random_model(load_model_config(cfg, vocab_size), cfg.seed, dtype, cfg.trust_remote_code).save_pretrained(
+            folder[0]
+        )
+    broadcast_object_list(folder)
+    try:
+        yield folder[0]
+    finally:
+        state.wait_for_everyone()  # every process has loaded it
+        if state.is_main_process:
+            shutil.rmtree(folder[0], ignore_errors=True)
 
 
 def _keep_cpu_4bit_gradients(model) -> None:

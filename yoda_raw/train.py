@@ -13,6 +13,7 @@ What `with accelerator.accumulate(model)` would hide is written out in `fit` ins
 """
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -95,15 +96,18 @@ def unsupervised_batch(collator: Collator, rows: list[dict], device: torch.devic
     return batch
 
 
-def fit(cfg: Config, accelerator: Accelerator, model, rows: list[dict], collator: Collator, batch_size: int, out: Path) -> dict:
+def fit(
+    cfg: Config, accelerator: Accelerator, model, rows: list[dict], collator: Collator, batch_size: int, out: Path
+) -> dict:
     """Train `model` on `rows`; returns a summary. The loop: one iteration = one optimizer step."""
     is_main = accelerator.is_main_process
     device = accelerator.device
     sampler = EpochSampler(len(rows), cfg.shuffle, cfg.seed)
     # generator=: each epoch's iterator draws a seed from it instead of from the global RNG that dropout uses,
     # so a run resumed mid-epoch draws the same dropout masks as an uninterrupted one.
-    loader = torch.utils.data.DataLoader(rows, batch_size=batch_size, sampler=sampler, collate_fn=collator,
-                                         generator=torch.Generator())
+    loader = torch.utils.data.DataLoader(
+        rows, batch_size=batch_size, sampler=sampler, collate_fn=collator, generator=torch.Generator()
+    )
     optimizer = build_optimizer(model.parameters(), cfg.optim, cfg.lr, cfg.weight_decay, device)
     # Accelerate shards the loader across processes (each row once per epoch), moves batches to
     # the device, wraps the model for DDP and autocast, and the optimizer for fp16 loss scaling.
@@ -136,7 +140,7 @@ def fit(cfg: Config, accelerator: Accelerator, model, rows: list[dict], collator
 
             # The step's micro-batches, and its loss denominator: their supervised tokens, summed
             # over all processes (an all-reduce on the device, not a host sync).
-            micro_batches = [b for _, b in zip(range(cfg.grad_accum), batches)]
+            micro_batches = list(itertools.islice(batches, cfg.grad_accum))  # fewer at an epoch's end
             if not micro_batches:
                 # Multi-process, last step of an epoch: this process's share of rows ran out. It still
                 # has to join DDP's gradient all-reduce, so it runs one row with nothing supervised
@@ -172,10 +176,14 @@ def fit(cfg: Config, accelerator: Accelerator, model, rows: list[dict], collator
 
             # Log: the only other host syncs of the loop (.item(), the clock) happen here.
             if step % cfg.logging_steps == 0 or step == total_steps or stop.requested:
-                record = log_window(window, step, steps_per_epoch, lr, grad_norm, accelerator) | {"skipped_steps": skipped}
+                record = log_window(window, step, steps_per_epoch, lr, grad_norm, accelerator) | {
+                    "skipped_steps": skipped
+                }
                 logged.append(record)
                 if is_main:
-                    bar.set_postfix({k: record[k] for k in ("loss", "lr", "tokens_per_s") if k in record} | _peak(record))
+                    bar.set_postfix(
+                        {k: record[k] for k in ("loss", "lr", "tokens_per_s") if k in record} | _peak(record)
+                    )
                     with open(out / "metrics.jsonl", "a") as f:
                         f.write(json.dumps(record) + "\n")
                 accelerator.log(record, step=step)
@@ -189,8 +197,15 @@ def fit(cfg: Config, accelerator: Accelerator, model, rows: list[dict], collator
     stop.restore()
     if stop.requested and is_main:
         print(f"stopped at step {step}; continue with --resume {out / f'checkpoint-{step}'}", file=sys.stderr)
-    return {"steps": step, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "batch_size": batch_size,
-            "skipped_steps": skipped, "interrupted": stop.requested, "log": logged}
+    return {
+        "steps": step,
+        "total_steps": total_steps,
+        "steps_per_epoch": steps_per_epoch,
+        "batch_size": batch_size,
+        "skipped_steps": skipped,
+        "interrupted": stop.requested,
+        "log": logged,
+    }
 
 
 class NonFiniteLoss(YodaError):
@@ -222,7 +237,13 @@ class StopOnSignal:
 
 def new_window(device: torch.device) -> dict:
     """Running sums of one logging window, kept on the device so that adding to them never syncs."""
-    return {"loss": torch.zeros((), device=device), "tokens": 0, "supervised": 0, "steps": 0, "start": time.perf_counter()}
+    return {
+        "loss": torch.zeros((), device=device),
+        "tokens": 0,
+        "supervised": 0,
+        "steps": 0,
+        "start": time.perf_counter(),
+    }
 
 
 def log_window(window: dict, step: int, steps_per_epoch: int, lr: float, grad_norm, accelerator: Accelerator) -> dict:
@@ -237,6 +258,8 @@ def log_window(window: dict, step: int, steps_per_epoch: int, lr: float, grad_no
         "loss": round(loss, 6),
         "lr": lr,
         "grad_norm": round(float(grad_norm), 6),
+        "tokens": int(tokens),
+        "supervised_tokens": int(supervised),
         "tokens_per_s": round(tokens / seconds, 1),
         "supervised_tokens_per_s": round(supervised / seconds, 1),
         "step_s": round(seconds / window["steps"], 4),
@@ -264,15 +287,32 @@ def save_checkpoint(cfg: Config, accelerator: Accelerator, out: Path, step: int)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         if cfg.save_total_limit:
-            for old in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[: -cfg.save_total_limit]:
+            for old in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[
+                : -cfg.save_total_limit
+            ]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
 
 # Options that must be the same to resume: the model, the adapter, the data and how it is cut.
 RESUME_MUST_MATCH = (
-    "model", "init", "quant", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "dataset", "prompt_field",
-    "response_field", "eval_fraction", "train_on", "packing", "max_length", "shuffle", "seed", "batch_size",
+    "model",
+    "init",
+    "quant",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_targets",
+    "dataset",
+    "prompt_field",
+    "response_field",
+    "eval_fraction",
+    "train_on",
+    "packing",
+    "max_length",
+    "shuffle",
+    "seed",
+    "batch_size",
     "grad_accum",
 )
 
@@ -281,19 +321,26 @@ def resume_from(cfg: Config, accelerator: Accelerator) -> int:
     """Load a checkpoint into the prepared model and optimizer; returns the step to continue from."""
     path = Path(cfg.resume)
     if not (path / "trainer_state.json").is_file() or not (path / ADAPTER_FILE).is_file():
-        raise YodaError(f"--resume {path}: not a checkpoint (no trainer_state.json and {ADAPTER_FILE}); "
-                        "pass an OUTPUT_DIR/checkpoint-N folder")
+        raise YodaError(
+            f"--resume {path}: not a checkpoint (no trainer_state.json and {ADAPTER_FILE}); "
+            "pass an OUTPUT_DIR/checkpoint-N folder"
+        )
     saved = json.loads((path / "run_config.json").read_text())
-    differ = [f"{key} ({saved.get(key)!r} there, {getattr(cfg, key)!r} now)"
-              for key in RESUME_MUST_MATCH if saved.get(key) != getattr(cfg, key)]
+    differ = [
+        f"{key} ({saved.get(key)!r} there, {getattr(cfg, key)!r} now)"
+        for key in RESUME_MUST_MATCH
+        if saved.get(key) != getattr(cfg, key)
+    ]
     if differ:
         raise YodaError(f"--resume {path}: the checkpoint was made with other settings: {'; '.join(differ)}")
     state = json.loads((path / "trainer_state.json").read_text())
     saved_processes = state.get("num_processes", 1)  # checkpoints from before it was recorded: 1 process
     if saved_processes != accelerator.num_processes:
-        raise YodaError(f"--resume {path}: the checkpoint was made on {saved_processes} process(es), this run has "
-                        f"{accelerator.num_processes}; resume with "
-                        f"`accelerate launch --num_processes {saved_processes}`")
+        raise YodaError(
+            f"--resume {path}: the checkpoint was made on {saved_processes} process(es), this run has "
+            f"{accelerator.num_processes}; resume with "
+            f"`accelerate launch --num_processes {saved_processes}`"
+        )
     accelerator.load_state(str(path))
     return state["step"]
 
@@ -369,9 +416,6 @@ def main(cfg: Config) -> dict:
     check_hub_token(cfg)
     out = check_output_dir(cfg)
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        if not cfg.resume:
-            (out / "metrics.jsonl").unlink(missing_ok=True)
         print(f"config:\n{cfg.to_json()}\nprecision: {precision.name}, device: {accelerator.device}")
     set_seed(cfg.seed)
 
@@ -382,7 +426,9 @@ def main(cfg: Config) -> dict:
     rows = build_rows(tokenizer, train_conversations, cfg.max_length, cfg.train_on, cfg.packing, cfg.shuffle, cfg.seed)
     collator = Collator(tokenizer.pad_token_id)
     if accelerator.is_main_process:
-        print(f"data: {len(train_conversations)} conversations for training, {len(held_out)} held out, {len(rows)} rows")
+        print(
+            f"data: {len(train_conversations)} conversations for training, {len(held_out)} held out, {len(rows)} rows"
+        )
 
     # Model: 4-bit base + LoRA.
     context = load_model_config(cfg, len(tokenizer)).max_position_embeddings
@@ -393,6 +439,12 @@ def main(cfg: Config) -> dict:
     trainable, total = parameter_counts(model)
     if accelerator.is_main_process:
         print(parameter_line(model))
+
+    # Only now, with the data and model known good, touch the output folder.
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume:
+            (out / "metrics.jsonl").unlink(missing_ok=True)
 
     # Fit, retrying with 0.9x the batch on out-of-memory when --auto-batch-size (as the Trainer).
     def fit_with(batch_size: int) -> dict:
@@ -423,5 +475,11 @@ def main(cfg: Config) -> dict:
         if cfg.push_to_hub:
             push_to_hub(cfg, out)
     accelerator.end_training()
-    summary |= {"trainable_params": trainable, "total_params": total, "output_dir": str(out)}
+    summary |= {
+        "trainable_params": trainable,
+        "total_params": total,
+        "output_dir": str(out),
+        "precision": precision.name,
+        "is_main_process": accelerator.is_main_process,
+    }
     return summary | {"model": accelerator.unwrap_model(model), "tokenizer": tokenizer, "held_out": held_out}
