@@ -96,6 +96,24 @@ def unsupervised_batch(collator: Collator, rows: list[dict], device: torch.devic
     return batch
 
 
+def forward_backward(accelerator: Accelerator, model, micro_batches: list[dict], n_supervised) -> torch.Tensor:
+    """Accumulate the gradients of one step; returns the sum of its token losses on this process.
+
+    Each micro-batch's loss sum is divided by the supervised tokens of the whole step (all its
+    micro-batches, all processes), so the accumulated gradient is that of sum / n_supervised. DDP
+    averages gradients over processes: multiplying by their number undoes that average. Gradients
+    are all-reduced between processes only on the last micro-batch (no_sync on the others).
+    """
+    step_loss = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(micro_batches):
+        is_last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if is_last else accelerator.no_sync(model):
+            loss_sum = token_loss_sum(model, batch)  # (,) summed over supervised tokens
+            accelerator.backward(loss_sum * accelerator.num_processes / n_supervised)
+        step_loss += loss_sum.detach()
+    return step_loss
+
+
 def fit(
     cfg: Config, accelerator: Accelerator, model, rows: list[dict], collator: Collator, batch_size: int, out: Path
 ) -> dict:
@@ -149,17 +167,10 @@ def fit(
             n_supervised = accelerator.reduce(sum(supervised_count(b) for b in micro_batches), "sum")
             n_supervised = n_supervised.clamp(min=1)  # a step of all-masked rows has loss 0, not 0/0
 
-            # Forward and backward per micro-batch. DDP averages gradients over processes, so the
-            # loss is scaled by their number to give sum(token losses) / n_supervised overall.
-            step_loss = torch.zeros((), device=device)
-            for i, batch in enumerate(micro_batches):
-                is_last = i == len(micro_batches) - 1
-                with contextlib.nullcontext() if is_last else accelerator.no_sync(model):
-                    loss_sum = token_loss_sum(model, batch)  # (,) summed over supervised tokens
-                    accelerator.backward(loss_sum * accelerator.num_processes / n_supervised)
-                step_loss += loss_sum.detach()
-                window["tokens"] += batch["attention_mask"].sum()
-                window["supervised"] += supervised_count(batch)
+            # Forward and backward, one micro-batch at a time.
+            step_loss = forward_backward(accelerator, model, micro_batches, n_supervised)
+            window["tokens"] += sum(b["attention_mask"].sum() for b in micro_batches)
+            window["supervised"] += sum(supervised_count(b) for b in micro_batches)
 
             # Clip and update. The grad norm is non-finite when the loss or any gradient is:
             # checking it costs one host sync a step, and stops the run before a NaN reaches the weights.
@@ -287,9 +298,8 @@ def save_checkpoint(cfg: Config, accelerator: Accelerator, out: Path, step: int)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         if cfg.save_total_limit:
-            for old in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[
-                : -cfg.save_total_limit
-            ]:
+            checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+            for old in checkpoints[: -cfg.save_total_limit]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
