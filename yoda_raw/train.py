@@ -188,7 +188,8 @@ def fit(
             # Log: the only other host syncs of the loop (.item(), the clock) happen here.
             if step % cfg.logging_steps == 0 or step == total_steps or stop.requested:
                 record = log_window(window, step, steps_per_epoch, lr, grad_norm, accelerator) | {
-                    "skipped_steps": skipped
+                    "skipped_steps": skipped,
+                    "batch_size": batch_size,  # what --auto-batch-size settled on
                 }
                 logged.append(record)
                 if is_main:
