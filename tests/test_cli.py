@@ -94,3 +94,15 @@ def test_help_lists_options():
     done = subprocess.run([sys.executable, "run.py", "--help"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "--lora-dropout" in done.stdout and "--no-gradient-checkpointing" in done.stdout
+
+
+def test_report_to_tensorboard_without_the_package_says_how_to_get_it():
+    """Catches accelerate's own late failure (or a silently dropped tracker) when tensorboard is missing."""
+    from accelerate.utils import is_tensorboard_available
+
+    from yoda_raw.train import make_accelerator
+
+    if is_tensorboard_available():
+        pytest.skip("tensorboard is installed here")
+    with pytest.raises(YodaError, match="pip install tensorboard"):
+        make_accelerator(Config(report_to="tensorboard"))

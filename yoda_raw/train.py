@@ -13,6 +13,7 @@ What `with accelerator.accumulate(model)` would hide is written out in `fit` ins
 """
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -27,7 +28,13 @@ import huggingface_hub
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
-from accelerate.utils import extract_model_from_parallel, find_executable_batch_size, parse_flag_from_env, set_seed
+from accelerate.utils import (
+    extract_model_from_parallel,
+    find_executable_batch_size,
+    is_tensorboard_available,
+    parse_flag_from_env,
+    set_seed,
+)
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
@@ -376,6 +383,8 @@ def make_accelerator(cfg: Config) -> tuple[Accelerator, Precision]:
     # cpu= as Accelerator itself reads it: a bare PartialState() ignores ACCELERATE_USE_CPU, so on
     # `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu` (gloo) every process became a lone "main".
     precision = choose_precision(cfg.precision, PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device)
+    if cfg.report_to == "tensorboard" and not is_tensorboard_available():
+        raise YodaError("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
     accelerator = Accelerator(
         mixed_precision=precision.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
@@ -456,6 +465,10 @@ def main(cfg: Config) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         if not cfg.resume:
             (out / "metrics.jsonl").unlink(missing_ok=True)
+    if cfg.report_to != "none":
+        # Trackers take flat scalars: the list of LoRA targets goes in as one string.
+        hparams = {k: " ".join(v) if isinstance(v, list) else v for k, v in dataclasses.asdict(cfg).items()}
+        accelerator.init_trackers("yoda_raw", config={k: v for k, v in hparams.items() if v is not None})
 
     # Fit, retrying with 0.9x the batch on out-of-memory when --auto-batch-size (as the Trainer).
     def fit_with(batch_size: int) -> dict:
