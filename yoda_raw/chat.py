@@ -64,7 +64,7 @@ def load_tokenizer(source: str, trust_remote_code: bool = False) -> transformers
     return tokenizer
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
     """Render messages with the chat template and encode the text, adding no special tokens."""
     try:
         text = tokenizer.apply_chat_template(
@@ -75,7 +75,7 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _common_prefix_length(a: list[int], b: list[int]) -> int:
+def common_prefix_length(a: list[int], b: list[int]) -> int:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
@@ -119,19 +119,19 @@ def tokenize_conversation(tokenizer, messages: list[dict], train_on: str = "assi
     """
     if train_on not in ("assistant", "all"):
         raise YodaError(f"train_on must be 'assistant' or 'all', got {train_on!r}")
-    ids = _render(tokenizer, messages)
+    ids = render(tokenizer, messages)
     if train_on == "all":
         return {"input_ids": ids, "labels": list(ids)}
 
     # 1. The tail after the last message: what the template writes instead of a generation prompt.
-    with_prompt = _render(tokenizer, messages, add_generation_prompt=True)
-    body_end = _common_prefix_length(ids, with_prompt)
+    with_prompt = render(tokenizer, messages, add_generation_prompt=True)
+    body_end = common_prefix_length(ids, with_prompt)
     tail = ids[body_end:]
 
     # 2. Where each message ends: ends[k] is the position just after message k (ends[0] = 0).
     ends = [0]
     for k in range(1, len(messages) + 1):
-        prefix = _render(tokenizer, messages[:k])
+        prefix = render(tokenizer, messages[:k])
         end = len(prefix) - len(tail)
         if prefix[end:] != tail or prefix[:end] != ids[:end] or end <= ends[-1]:
             raise _not_stable(f"rendering the first {k} messages is not a prefix of rendering all {len(messages)}")
@@ -145,7 +145,7 @@ def tokenize_conversation(tokenizer, messages: list[dict], train_on: str = "assi
         # 3. Content starts after the header, i.e. where the generation prompt leaves off.
         if i == 0:  # transformers refuses to render an empty conversation, so the header is unknown
             raise YodaError("the conversation opens with an assistant message; start it with a user or system message")
-        header = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        header = render(tokenizer, messages[:i], add_generation_prompt=True)
         start = len(header)
         if header != ids[:start] or not ends[i] <= start <= ends[i + 1]:
             raise _not_stable(f"the generation prompt after {i} messages does not start message {i + 1}")

@@ -29,12 +29,11 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from yoda_raw.errors import YodaError
 from yoda_raw.generate import SAMPLE_SENTENCE, translate
+from yoda_raw.loss import supervised_count, token_loss_sum
 
-IGNORE = -100  # label of an unsupervised position (as in chat.py and train.py)
 METRICS = ("loss", "perplexity", "exact_match", "chrf", "bleu")  # the table's rows, in order
 
 
@@ -75,18 +74,14 @@ def supervised_loss(model, tokenizer, conversations: list[list[dict]], batch_siz
     model.eval()
     try:
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        n_tokens = 0
+        n_tokens = torch.zeros((), dtype=torch.long, device=device)
         for start in range(0, len(examples), batch_size):
             batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size]).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-            # Position t predicts token t+1; fp32 softmax, as in train.token_loss_sum.
-            logits = logits[:, :-1].float()  # (B, T-1, V)
-            targets = batch["labels"][:, 1:]  # (B, T-1)
-            loss_sum += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-            n_tokens += int((targets != IGNORE).sum())
+            loss_sum += token_loss_sum(model, batch)  # the loss training minimises, summed
+            n_tokens += supervised_count(batch)
     finally:
         model.train(was_training)
-    return float(loss_sum), n_tokens  # float(): a host sync, once
+    return float(loss_sum), int(n_tokens)  # host syncs, once
 
 
 # --- text metrics -------------------------------------------------------------------------------

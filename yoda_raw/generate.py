@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from yoda_raw.chat import common_prefix_length, render
 from yoda_raw.config import Config
 from yoda_raw.errors import YodaError
 
@@ -105,8 +106,9 @@ def load_for_inference(adapter_dir: str | os.PathLike, device: str | torch.devic
 
 def prompt_ids(tokenizer, sentence: str) -> list[int]:
     """The user turn and the generation prompt, as in training: `<|user|>` ... `<|end|>` `<|assistant|>`."""
-    messages = [{"role": "user", "content": sentence}]
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    # chat.render: the same rendering and encoding as the training rows, so the prompt's ids are
+    # exactly those the model learned to continue.
+    return render(tokenizer, [{"role": "user", "content": sentence}], add_generation_prompt=True)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,27 +133,16 @@ def template_markers(tokenizer) -> list[int]:
     - closing: the first id of what two exchanges with different answers have in common at the end.
     Either is kept only if it is an added special token.
     """
-    def ids(messages, add_generation_prompt=False):
-        return list(tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False))
-
     user = [{"role": "user", "content": "Hi"}]
-    prompt, no_prompt = ids(user, add_generation_prompt=True), ids(user)
-    same = _common_prefix_length(prompt, no_prompt)
+    prompt, no_prompt = render(tokenizer, user, add_generation_prompt=True), render(tokenizer, user)
+    same = common_prefix_length(prompt, no_prompt)
     opening = prompt[same:same + 1]  # [<|assistant|>]
-    yes = ids(user + [{"role": "assistant", "content": "Yes"}])
-    no = ids(user + [{"role": "assistant", "content": "No."}])
-    same = _common_prefix_length(yes[::-1], no[::-1])
+    yes = render(tokenizer, user + [{"role": "assistant", "content": "Yes"}])
+    no = render(tokenizer, user + [{"role": "assistant", "content": "No."}])
+    same = common_prefix_length(yes[::-1], no[::-1])
     closing = yes[len(yes) - same:][:1]  # [<|end|>] of [<|end|>, <|endoftext|>]
     special = set(tokenizer.added_tokens_decoder)  # ids of added tokens (chat markers, eos, ...)
     return [token for token in opening + closing if token in special]
-
-
-def _common_prefix_length(a: list, b: list) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def end_token_ids(tokenizer, generation_config=None) -> list[int]:

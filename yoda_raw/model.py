@@ -30,6 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
 from yoda_raw import tiny
 from yoda_raw.config import TINY, Config
+from yoda_raw.data import looks_like_local_path
 from yoda_raw.errors import YodaError
 from yoda_raw.precision import Precision
 
@@ -189,7 +190,7 @@ def parameter_line(model) -> str:
 
 
 def _not_found(source: str, what: str, err: Exception) -> str:
-    if source.startswith((".", "/", "~")) or Path(source).exists():
+    if Path(source).expanduser().exists() or looks_like_local_path(source):
         return f"{what} not found at {source}: pass a folder with config.json and weights (--{what} PATH)"
     return (
         f"cannot load {what} {source!r} from the Hugging Face Hub ({type(err).__name__}); "

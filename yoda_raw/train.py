@@ -5,7 +5,7 @@ Vocabulary (litgpt's): a *micro-batch* is one forward/backward of `batch_size` r
 one optimizer update over `grad_accum` micro-batches. `fit` is the loop; it reads top to bottom.
 
 What `with accelerator.accumulate(model)` would hide is written out in `fit` instead:
-1. the loss of a step is normalised once for the whole step (see `token_loss_sum`), not divided
+1. the loss of a step is normalised once for the whole step (see `loss.token_loss_sum`), not divided
    by the number of micro-batches;
 2. gradients are only synchronised between processes on the step's last micro-batch
    (`accelerator.no_sync` on the others: each all-reduce costs a full pass over the gradients);
@@ -26,7 +26,6 @@ from pathlib import Path
 
 import huggingface_hub
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.utils import (
     extract_model_from_parallel,
@@ -40,17 +39,17 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from yoda_raw import meter
-from yoda_raw.chat import load_tokenizer
+from yoda_raw.chat import IGNORE, load_tokenizer
 from yoda_raw.config import TUTORIAL_MODEL, Config
 from yoda_raw.data import load_conversations, split_conversations
 from yoda_raw.errors import YodaError
 from yoda_raw.evaluate import end_of_run_report, format_report
+from yoda_raw.loss import supervised_count, token_loss_sum
 from yoda_raw.model import add_lora, load_base_model, load_model_config, parameter_counts, parameter_line
 from yoda_raw.optim import build_optimizer, learning_rate
 from yoda_raw.packing import Collator, build_rows
 from yoda_raw.precision import Precision, choose_precision
 
-IGNORE = -100  # label of a position that is not supervised (F.cross_entropy's ignore_index)
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
@@ -75,25 +74,6 @@ class EpochSampler(torch.utils.data.Sampler):
             return iter(range(self.n_rows))
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         return iter(torch.randperm(self.n_rows, generator=generator).tolist())
-
-
-def token_loss_sum(model, batch: dict) -> torch.Tensor:
-    """Sum of next-token cross-entropy over the supervised positions of one micro-batch.
-
-    Returning the *sum* (not the mean) is what makes accumulation exact: the step's loss is
-    sum over all micro-batches and processes / number of supervised tokens in the step. Averaging
-    each micro-batch and then averaging the averages weights a token in a sparse micro-batch more
-    than one in a dense micro-batch (the classic accumulation bug).
-    """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-    # Position t predicts token t+1. fp32 for the softmax: bf16 log-probabilities are too coarse.
-    logits = logits[:, :-1].float()  # (B, T-1, V)
-    targets = batch["labels"][:, 1:]  # (B, T-1)
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-
-
-def supervised_count(batch: dict) -> torch.Tensor:
-    return (batch["labels"][:, 1:] != IGNORE).sum()
 
 
 def unsupervised_batch(collator: Collator, rows: list[dict], device: torch.device) -> dict:
@@ -171,13 +151,13 @@ def fit(
                 # has to join DDP's gradient all-reduce, so it runs one row with nothing supervised
                 # (loss 0, gradient 0); the other processes' rows are normalised exactly as ever.
                 micro_batches = [unsupervised_batch(collator, rows, device)]
-            n_supervised = accelerator.reduce(sum(supervised_count(b) for b in micro_batches), "sum")
-            n_supervised = n_supervised.clamp(min=1)  # a step of all-masked rows has loss 0, not 0/0
+            local_supervised = sum(supervised_count(b) for b in micro_batches)
+            n_supervised = accelerator.reduce(local_supervised, "sum").clamp(min=1)  # all masked: loss 0, not 0/0
 
             # Forward and backward, one micro-batch at a time.
             step_loss = forward_backward(accelerator, model, micro_batches, n_supervised)
             window["tokens"] += sum(b["attention_mask"].sum() for b in micro_batches)
-            window["supervised"] += sum(supervised_count(b) for b in micro_batches)
+            window["supervised"] += local_supervised
 
             # Clip and update. The grad norm is non-finite when the loss or any gradient is:
             # checking it costs one host sync a step, and stops the run before a NaN reaches the weights.

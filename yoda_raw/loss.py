@@ -1,0 +1,30 @@
+"""The loss: next-token cross-entropy, summed over the supervised positions.
+
+Shared by the training loop (train.py) and the held-out evaluation (evaluate.py), so that the
+number evaluation reports is the very quantity training minimises.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from yoda_raw.chat import IGNORE
+
+
+def token_loss_sum(model, batch: dict) -> torch.Tensor:
+    """Sum of next-token cross-entropy over the supervised positions of one micro-batch.
+
+    Returning the *sum* (not the mean) is what makes accumulation exact: the step's loss is
+    sum over all micro-batches and processes / number of supervised tokens in the step. Averaging
+    each micro-batch and then averaging the averages weights a token in a sparse micro-batch more
+    than one in a dense micro-batch (the classic accumulation bug).
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    # Position t predicts token t+1. fp32 for the softmax: bf16 log-probabilities are too coarse.
+    logits = logits[:, :-1].float()  # (B, T-1, V)
+    targets = batch["labels"][:, 1:]  # (B, T-1)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def supervised_count(batch: dict) -> torch.Tensor:
+    """Positions whose next-token label is supervised: the denominator of the mean loss. (,)"""
+    return (batch["labels"][:, 1:] != IGNORE).sum()
