@@ -32,3 +32,17 @@ def test_only_lora_weights_train(tiny_model):
 def test_unknown_lora_target_names_the_real_ones(tiny_model):
     with pytest.raises(YodaError, match=r"--lora-targets q_proj: no such module.*qkv_proj"):
         add_lora(tiny_model, Config(lora_targets=["q_proj"], gradient_checkpointing=False))
+
+
+def test_random_model_has_no_zero_embedding_row(tiny_tokenizer):
+    """Random init zeroes the padding token's embedding row; on full-size Phi-3 a row starting with
+    that token (<|endoftext|>) then overflowed RMSNorm's backward to NaN by layer ~16 on the H200.
+    Catches the re-initialisation of that row being lost: every row must be non-zero."""
+    from yoda_raw import tiny
+    from yoda_raw.model import random_model
+
+    config = tiny.model_config(len(tiny_tokenizer))
+    model = random_model(config, seed=0, dtype=torch.float32)
+    embeddings = model.get_input_embeddings()
+    assert embeddings.padding_idx == config.pad_token_id  # the row that init zeroes
+    assert (embeddings.weight.abs().sum(dim=1) > 0).all()

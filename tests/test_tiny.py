@@ -1,7 +1,6 @@
 """The tiny tokenizer and model shape: offline, deterministic, and shaped like Phi-3's."""
 
 import json
-import time
 
 import torch
 import transformers
@@ -16,13 +15,10 @@ MESSAGES = [
 ]
 
 
-def test_build_is_fast_and_deterministic():
-    """Catches a vocabulary trained from unordered data (differs run to run) or a slow trainer."""
-    start = time.perf_counter()
+def test_build_is_deterministic():
+    """Catches a vocabulary trained from unordered data (differs run to run)."""
     a = tiny.build_tokenizer()
-    seconds = time.perf_counter() - start
     b = tiny.build_tokenizer()
-    assert seconds < 1.0
     assert a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str()
     assert len(a) == tiny.VOCAB_SIZE
 
