@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from yoda_raw.chat import common_prefix_length, render
+from yoda_raw.chat import common_prefix_length, load_tokenizer, render
 from yoda_raw.config import Config
 from yoda_raw.errors import YodaError
 
@@ -57,17 +57,10 @@ def read_run_config(adapter_dir: str | os.PathLike) -> Config:
 
 
 def load_tokenizer_for(adapter_dir: str | os.PathLike, cfg: Config):
-    """The tokenizer saved with the adapter; a checkpoint folder has none, so then the run's source."""
-    if (Path(adapter_dir) / "tokenizer_config.json").is_file():
-        tokenizer = transformers.AutoTokenizer.from_pretrained(
-            str(adapter_dir), trust_remote_code=cfg.trust_remote_code)
-    else:
-        from yoda_raw.chat import load_tokenizer
-
-        tokenizer = load_tokenizer(cfg.tokenizer_source, trust_remote_code=cfg.trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    return tokenizer
+    """The tokenizer saved with the adapter; a checkpoint folder has none, so then the run's source.
+    Loaded by chat.load_tokenizer, as in training (same pad token)."""
+    saved = (Path(adapter_dir) / "tokenizer_config.json").is_file()
+    return load_tokenizer(str(adapter_dir) if saved else cfg.tokenizer_source, trust_remote_code=cfg.trust_remote_code)
 
 
 def default_device() -> torch.device:
