@@ -10,10 +10,16 @@ from yoda_raw.data import load_conversations, looks_like_local_path, split_conve
 from yoda_raw.errors import YodaError
 
 ROWS = [
-    {"sentence": "The cat sleeps.", "translation": "Sleeps, the cat does.",
-     "translation_extra": "Sleeps, the cat does. Hmm."},
-    {"sentence": "We leave at dawn.", "translation": "At dawn, leave we will.",
-     "translation_extra": "At dawn, leave we will."},
+    {
+        "sentence": "The cat sleeps.",
+        "translation": "Sleeps, the cat does.",
+        "translation_extra": "Sleeps, the cat does. Hmm.",
+    },
+    {
+        "sentence": "We leave at dawn.",
+        "translation": "At dawn, leave we will.",
+        "translation_extra": "At dawn, leave we will.",
+    },
 ]
 EXPECTED = [
     [{"role": "user", "content": "The cat sleeps."}, {"role": "assistant", "content": "Sleeps, the cat does. Hmm."}],
@@ -180,7 +186,7 @@ def test_bad_content(tmp_path, value, expected):
 
 def test_csv_empty_cell_names_the_file_line(tmp_path):
     path = tmp_path / "d.csv"
-    path.write_text("sentence,translation_extra\nHi.,\"Hi, I say.\"\nBye.,\n")
+    path.write_text('sentence,translation_extra\nHi.,"Hi, I say."\nBye.,\n')
     assert error_of(str(path)) == f"{path}, line 3: field 'translation_extra' is empty"
 
 
@@ -192,13 +198,17 @@ def test_row_that_is_not_an_object(tmp_path):
 @pytest.mark.parametrize(
     "messages, expected",
     [
-        ([{"role": "narrator", "content": "Once."}, {"role": "assistant", "content": "Hm."}],
-         "message 1 has unknown role 'narrator' (allowed: system, user, assistant)"),
+        (
+            [{"role": "narrator", "content": "Once."}, {"role": "assistant", "content": "Hm."}],
+            "message 1 has unknown role 'narrator' (allowed: system, user, assistant)",
+        ),
         ([{"role": "user", "content": "Hi."}], "the conversation has no assistant turn"),
         ([{"role": "assistant", "content": "Hm."}], "the conversation opens with an assistant message"),
         ([{"role": "user", "content": "Hi."}, {"role": "assistant", "content": ""}], "message 2 content is empty"),
-        ([{"role": "user", "content": "Hi."}, {"role": "assistant", "content": 7}],
-         "message 2 content is not a string"),
+        (
+            [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": 7}],
+            "message 2 content is not a string",
+        ),
         ([{"role": "user"}], "message 1 must be an object with 'role' and 'content'"),
         ([], "'messages' must be a non-empty list"),
         ("Hi.", "'messages' must be a non-empty list"),

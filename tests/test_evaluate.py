@@ -40,12 +40,13 @@ def oracle_loss(model, tokenizer, conversations) -> tuple[float, int]:
         render = tokenizer.apply_chat_template
         full = render(messages, tokenize=True, return_dict=False)
         prompt = render(messages[:1], add_generation_prompt=True, tokenize=True, return_dict=False)
-        assert full[:len(prompt)] == prompt
+        assert full[: len(prompt)] == prompt
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([full])).logits[0]  # (T, V)
         positions = range(len(prompt), len(full))  # token t is predicted by the logits at t - 1
-        total += F.cross_entropy(logits[[t - 1 for t in positions]], torch.tensor([full[t] for t in positions]),
-                                 reduction="sum").item()
+        total += F.cross_entropy(
+            logits[[t - 1 for t in positions]], torch.tensor([full[t] for t in positions]), reduction="sum"
+        ).item()
         count += len(positions)
     return total, count
 
@@ -109,12 +110,25 @@ def short_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("short_run")
     lines = Path(TINY_DATASET).read_text().splitlines()[:10]
     (folder / "pairs.jsonl").write_text("\n".join(lines) + "\n")
-    cfg = Config(**{"preset": "tiny", **PRESETS["tiny"], "dataset": str(folder / "pairs.jsonl"), "eval_fraction": 0.3,
-                    "max_steps": 3, "output_dir": str(folder / "adapter")})
+    cfg = Config(
+        **{
+            "preset": "tiny",
+            **PRESETS["tiny"],
+            "dataset": str(folder / "pairs.jsonl"),
+            "eval_fraction": 0.3,
+            "max_steps": 3,
+            "output_dir": str(folder / "adapter"),
+        }
+    )
     AcceleratorState._reset_state(True)
     summary = train(cfg)
-    return {"cfg": cfg, "adapter": folder / "adapter", "model": summary["model"], "tokenizer": summary["tokenizer"],
-            "held_out": summary["held_out"]}
+    return {
+        "cfg": cfg,
+        "adapter": folder / "adapter",
+        "model": summary["model"],
+        "tokenizer": summary["tokenizer"],
+        "held_out": summary["held_out"],
+    }
 
 
 def test_cli_scores_the_split_training_held_out(short_run, tmp_path, capsys):

@@ -42,13 +42,31 @@ EPOCHS = 3
 
 def tiny_config(tmp_path: Path, **overrides) -> Config:
     """Our side of a parity run: the tutorial's loss and schedule on the tiny model, fp32, in order."""
-    return Config(**{
-        "model": "tiny", "tokenizer": "tiny", "dataset": TINY_DATASET, "init": "random", "quant": "none",
-        "precision": "fp32", "optim": "adamw", "train_on": "all", "packing": "wrapped", "max_length": 64,
-        "batch_size": 16, "lr": 3e-4, "epochs": EPOCHS, "shuffle": False, "eval_fraction": 0.0,
-        "lora_dropout": 0.0, "auto_batch_size": False, "samples": False, "logging_steps": 1,
-        "output_dir": str(tmp_path / "ours"), **overrides,
-    })
+    return Config(
+        **{
+            "model": "tiny",
+            "tokenizer": "tiny",
+            "dataset": TINY_DATASET,
+            "init": "random",
+            "quant": "none",
+            "precision": "fp32",
+            "optim": "adamw",
+            "train_on": "all",
+            "packing": "wrapped",
+            "max_length": 64,
+            "batch_size": 16,
+            "lr": 3e-4,
+            "epochs": EPOCHS,
+            "shuffle": False,
+            "eval_fraction": 0.0,
+            "lora_dropout": 0.0,
+            "auto_batch_size": False,
+            "samples": False,
+            "logging_steps": 1,
+            "output_dir": str(tmp_path / "ours"),
+            **overrides,
+        }
+    )
 
 
 def logged_losses(output_dir: str | Path) -> list[float]:
@@ -57,8 +75,14 @@ def logged_losses(output_dir: str | Path) -> list[float]:
 
 def lora_config(cfg: Config) -> LoraConfig:
     """What the tutorial passes to SFTTrainer (with cfg's rank, alpha, dropout and targets)."""
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
-                      target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        bias="none",
+        target_modules=list(cfg.lora_targets),
+        task_type="CAUSAL_LM",
+    )
 
 
 def lora_state(model) -> dict[str, torch.Tensor]:
@@ -73,12 +97,19 @@ def reference_base(cfg: Config, vocab_size: int, folder: Path):
 
     unquantized = dataclasses.replace(cfg, quant="none", precision="fp32")
     load_base_model(unquantized, choose_precision("fp32", CPU), CPU, vocab_size).save_pretrained(folder)
-    quant = transformers.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    ) if cfg.quant == "nf4" else None
-    base = transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=torch.float32,
-                                                             device_map={"": "cpu"})
+    quant = (
+        transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+        if cfg.quant == "nf4"
+        else None
+    )
+    base = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=quant, dtype=torch.float32, device_map={"": "cpu"}
+    )
     if quant:
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     return base
@@ -108,15 +139,35 @@ def sfttrainer_losses(cfg: Config, conversations: list, output_dir: Path, vocab_
     tokenizer = load_tokenizer(cfg.tokenizer_source)
     model = peft_model(cfg, vocab_size, output_dir / "base")  # a PeftModel: SFTTrainer gets no peft_config
     args = trl.SFTConfig(
-        output_dir=str(output_dir), packing=True, packing_strategy="wrapped", max_length=cfg.max_length,
-        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=1, learning_rate=cfg.lr,
-        lr_scheduler_type="linear", max_grad_norm=cfg.max_grad_norm, weight_decay=0.0, num_train_epochs=cfg.epochs,
-        optim=optim_name, train_sampling_strategy="sequential", bf16=False, gradient_checkpointing=False,
-        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=cfg.seed,
+        output_dir=str(output_dir),
+        packing=True,
+        packing_strategy="wrapped",
+        max_length=cfg.max_length,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=cfg.lr,
+        lr_scheduler_type="linear",
+        max_grad_norm=cfg.max_grad_norm,
+        weight_decay=0.0,
+        num_train_epochs=cfg.epochs,
+        optim=optim_name,
+        train_sampling_strategy="sequential",
+        bf16=False,
+        gradient_checkpointing=False,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=cfg.seed,
     )
     try:
-        trainer = trl.SFTTrainer(model=model, args=args, processing_class=tokenizer,
-                                 train_dataset=datasets.Dataset.from_dict({"messages": conversations}))
+        trainer = trl.SFTTrainer(
+            model=model,
+            args=args,
+            processing_class=tokenizer,
+            train_dataset=datasets.Dataset.from_dict({"messages": conversations}),
+        )
         trainer.train()
     finally:
         AcceleratorState._reset_state(True)  # the trainer's Accelerator state is process-wide
@@ -186,12 +237,43 @@ def load_run_py():
 def cli_args(cfg: Config) -> list[str]:
     """The command line that means `cfg` (for the fields tiny_config sets)."""
     return [
-        "--model", cfg.model, "--tokenizer", cfg.tokenizer, "--init", cfg.init, "--dataset", cfg.dataset,
-        "--quant", cfg.quant, "--precision", cfg.precision, "--optim", cfg.optim, "--train-on", cfg.train_on,
-        "--packing", cfg.packing, "--max-length", str(cfg.max_length), "--batch-size", str(cfg.batch_size),
-        "--lr", str(cfg.lr), "--epochs", str(cfg.epochs), "--no-shuffle", "--eval-fraction", "0",
-        "--lora-dropout", "0", "--no-auto-batch-size", "--no-samples", "--logging-steps", "1",
-        "--output-dir", cfg.output_dir,
+        "--model",
+        cfg.model,
+        "--tokenizer",
+        cfg.tokenizer,
+        "--init",
+        cfg.init,
+        "--dataset",
+        cfg.dataset,
+        "--quant",
+        cfg.quant,
+        "--precision",
+        cfg.precision,
+        "--optim",
+        cfg.optim,
+        "--train-on",
+        cfg.train_on,
+        "--packing",
+        cfg.packing,
+        "--max-length",
+        str(cfg.max_length),
+        "--batch-size",
+        str(cfg.batch_size),
+        "--lr",
+        str(cfg.lr),
+        "--epochs",
+        str(cfg.epochs),
+        "--no-shuffle",
+        "--eval-fraction",
+        "0",
+        "--lora-dropout",
+        "0",
+        "--no-auto-batch-size",
+        "--no-samples",
+        "--logging-steps",
+        "1",
+        "--output-dir",
+        cfg.output_dir,
     ]
 
 
@@ -257,8 +339,11 @@ def test_parity_with_sfttrainer_phi3_tokenizer(tmp_path, sfttrainer, monkeypatch
     cfg = tiny_config(tmp_path, tokenizer=str(phi3_path), dataset=str(dataset))
     reference, _ = sfttrainer("phi3-none", cfg, conversations, PHI3_VOCAB)
     # main sizes the tiny model's vocabulary by len(tokenizer) (32011); give it Phi-3's 32064.
-    monkeypatch.setattr(train, "load_base_model", lambda cfg, precision, device, vocab_size:
-                        load_base_model(cfg, precision, device, PHI3_VOCAB))
+    monkeypatch.setattr(
+        train,
+        "load_base_model",
+        lambda cfg, precision, device, vocab_size: load_base_model(cfg, precision, device, PHI3_VOCAB),
+    )
     summary = train.main(cfg)
     assert summary["model"].get_base_model().lm_head.out_features == PHI3_VOCAB
     delta = assert_same_losses(logged_losses(cfg.output_dir), reference)
@@ -274,8 +359,11 @@ def record_gradients(monkeypatch) -> list[list[torch.Tensor]]:
 
     def build_and_record(*args, **kwargs):
         optimizer = optim.build_optimizer(*args, **kwargs)
-        optimizer.register_step_pre_hook(lambda opt, a, k: steps.append(
-            [p.grad.detach().clone() for group in opt.param_groups for p in group["params"]]))
+        optimizer.register_step_pre_hook(
+            lambda opt, a, k: steps.append(
+                [p.grad.detach().clone() for group in opt.param_groups for p in group["params"]]
+            )
+        )
         return optimizer
 
     monkeypatch.setattr(train, "build_optimizer", build_and_record)
@@ -315,14 +403,24 @@ def test_accumulation_is_exact(packing, tmp_path, monkeypatch):
     runs = {}
     for batch_size, grad_accum in [(16, 1), (8, 2), (4, 4)]:
         AcceleratorState._reset_state(True)
-        cfg = tiny_config(tmp_path, train_on="assistant", packing=packing, batch_size=batch_size, grad_accum=grad_accum,
-                          max_steps=2, max_grad_norm=0.0, output_dir=str(tmp_path / f"{batch_size}x{grad_accum}"))
+        cfg = tiny_config(
+            tmp_path,
+            train_on="assistant",
+            packing=packing,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            max_steps=2,
+            max_grad_norm=0.0,
+            output_dir=str(tmp_path / f"{batch_size}x{grad_accum}"),
+        )
         summary = train.main(cfg)
         runs[batch_size, grad_accum] = [record["loss"] for record in summary["log"]], grads[-2]
 
     if packing == "none":  # the micro-batches of 4 really differ in supervised tokens
         rows = build_rows(load_tokenizer("tiny"), load_conversations(TINY_DATASET), 64, "assistant", "none")
-        counts = {sum(label != IGNORE for row in rows[i:i + 4] for label in row["labels"][1:]) for i in range(0, 16, 4)}
+        counts = {
+            sum(label != IGNORE for row in rows[i : i + 4] for label in row["labels"][1:]) for i in range(0, 16, 4)
+        }
         assert len(counts) == 4
     reference_losses, reference_grads = runs[16, 1]
     assert len(reference_losses) == 2 and all(g.norm() > 0 for g in reference_grads)

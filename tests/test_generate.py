@@ -47,8 +47,16 @@ def memorised(tmp_path_factory):
     folder = tmp_path_factory.mktemp("memorised")
     pairs = write_pairs(folder / "pairs.jsonl", N_PAIRS)
     cfg = tiny_config(
-        dataset=str(folder / "pairs.jsonl"), eval_fraction=0.0, packing="none", batch_size=N_PAIRS,
-        epochs=EPOCHS, lr=1e-2, lora_r=16, lora_alpha=16, logging_steps=50, output_dir=str(folder / "adapter"),
+        dataset=str(folder / "pairs.jsonl"),
+        eval_fraction=0.0,
+        packing="none",
+        batch_size=N_PAIRS,
+        epochs=EPOCHS,
+        lr=1e-2,
+        lora_r=16,
+        lora_alpha=16,
+        logging_steps=50,
+        output_dir=str(folder / "adapter"),
     )
     AcceleratorState._reset_state(True)
     summary = train(cfg)
@@ -143,9 +151,14 @@ def test_cli_reads_stdin_one_line_per_line(memorised, capsys, monkeypatch):
     assert capsys.readouterr().out.splitlines() == [expected[0], "", expected[1]]
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing folder", "no such folder"), ("not an adapter", "not an adapter"), ("empty stdin", "no sentences"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing folder", "no such folder"),
+        ("not an adapter", "not an adapter"),
+        ("empty stdin", "no sentences"),
+    ],
+)
 def test_cli_bad_input_is_one_error_line(case, message, memorised, tmp_path, capsys, monkeypatch):
     """error: ... on stderr, exit status 2, no traceback. Catches a YodaError escaping main."""
     folders = {"missing folder": tmp_path / "nope", "not an adapter": tmp_path, "empty stdin": memorised["adapter"]}

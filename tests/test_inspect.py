@@ -52,7 +52,10 @@ def test_bad_dataset_exits_2_with_one_line():
     """Run as users run it: exit status 2, one line on stderr, no traceback."""
     result = subprocess.run(
         [sys.executable, "-m", "yoda_raw.inspect", "--tokenizer", "tiny", "--dataset", "missing/yoda.jsonl"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert result.stdout == ""

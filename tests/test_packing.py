@@ -63,12 +63,22 @@ def test_build_rows_matches_sfttrainer_wrapped_packing(phi3_tokenizer, yoda_conv
     rows = build_rows(phi3_tokenizer, yoda_conversations, max_length=64, train_on="all", packing="wrapped")
     # A model is required to build the trainer; a very small one with Phi-3's vocabulary will do.
     config = transformers.Phi3Config(
-        vocab_size=32064, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, intermediate_size=32, pad_token_id=32000,
+        vocab_size=32064,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=32,
+        pad_token_id=32000,
     )
     args = trl.SFTConfig(
-        output_dir=str(tmp_path), packing=True, packing_strategy="wrapped", max_length=64,
-        report_to="none", bf16=False, use_cpu=True,
+        output_dir=str(tmp_path),
+        packing=True,
+        packing_strategy="wrapped",
+        max_length=64,
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
     )
     try:
         trainer = trl.SFTTrainer(
@@ -97,8 +107,10 @@ def test_build_rows_assistant_only_on_yoda(phi3_tokenizer, yoda_conversations):
 
 
 def test_build_rows_shuffle_is_seeded(tiny_tokenizer):
-    conversations = [[{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]
-                     for i in range(20)]
+    conversations = [
+        [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]
+        for i in range(20)
+    ]
     plain = build_rows(tiny_tokenizer, conversations, 32)
     a = build_rows(tiny_tokenizer, conversations, 32, shuffle=True, seed=1)
     b = build_rows(tiny_tokenizer, conversations, 32, shuffle=True, seed=1)
@@ -158,8 +170,10 @@ def test_collator_pad_to_multiple_of():
 
 def test_collated_rows_conserve_tokens(tiny_tokenizer):
     """Batches of packed rows, minus padding, give back the joined conversations."""
-    conversations = [[{"role": "user", "content": f"Is {i} big?"}, {"role": "assistant", "content": f"Big, {i} is."}]
-                     for i in range(30)]
+    conversations = [
+        [{"role": "user", "content": f"Is {i} big?"}, {"role": "assistant", "content": f"Big, {i} is."}]
+        for i in range(30)
+    ]
     examples = tokenize_conversations(tiny_tokenizer, conversations)
     rows = build_rows(tiny_tokenizer, conversations, 24)
     batch = Collator(pad_id=tiny_tokenizer.pad_token_id)(rows)

@@ -8,7 +8,7 @@ import torch
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
-from yoda_raw import train
+from yoda_raw import checkpoint, train
 from yoda_raw.config import PRESETS, Config
 
 # The tiny set packs into 29 rows: 4 steps an epoch at batch 8 (8, 8, 8, 5 rows); 2 epochs = 8 steps.
@@ -19,11 +19,23 @@ def tiny_config(output_dir: Path, **overrides) -> Config:
     """The tiny preset with what makes a resume hard to get right: shuffled rows (a new order each
     epoch), LoRA dropout (random masks every step), the 4-bit base and the 8-bit optimizer (state
     to save and restore)."""
-    return Config(**{
-        "preset": "tiny", **PRESETS["tiny"], "precision": "fp32", "epochs": 2, "eval_fraction": 0.0,
-        "lora_dropout": 0.1, "lr": 3e-3, "logging_steps": 1, "save_steps": 2, "auto_batch_size": False,
-        "samples": False, "output_dir": str(output_dir), **overrides,
-    })
+    return Config(
+        **{
+            "preset": "tiny",
+            **PRESETS["tiny"],
+            "precision": "fp32",
+            "epochs": 2,
+            "eval_fraction": 0.0,
+            "lora_dropout": 0.1,
+            "lr": 3e-3,
+            "logging_steps": 1,
+            "save_steps": 2,
+            "auto_batch_size": False,
+            "samples": False,
+            "output_dir": str(output_dir),
+            **overrides,
+        }
+    )
 
 
 def logged(output_dir: Path) -> dict[int, float]:
@@ -55,7 +67,7 @@ def test_resumed_run_equals_straight_run(k, straight, tmp_path):
     assert sorted(resumed) == list(range(k + 1, 2 * STEPS_PER_EPOCH + 1))
     delta = max(abs(resumed[step] - expected[step]) for step in resumed)
     assert delta <= 1e-6, {step: (resumed[step], expected[step]) for step in resumed}
-    final, straight_final = load_file(out / train.ADAPTER_FILE), load_file(straight / train.ADAPTER_FILE)
+    final, straight_final = load_file(out / checkpoint.ADAPTER_FILE), load_file(straight / checkpoint.ADAPTER_FILE)
     assert final.keys() == straight_final.keys()
     for name in final:
         torch.testing.assert_close(final[name], straight_final[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import run
-from yoda_raw import train
+from yoda_raw import checkpoint, train
 from yoda_raw.config import PRESETS, Config
 from yoda_raw.errors import YodaError
 
@@ -26,11 +26,23 @@ FAKE_TOKEN = "hf_testtoken123"
 
 def tiny_config(output_dir: Path, **overrides) -> Config:
     """Tiny preset, fp32, no quantization, no held-out set, a loss logged every step, 4 steps."""
-    return Config(**{
-        "preset": "tiny", **PRESETS["tiny"], "tokenizer": "tiny", "quant": "none", "precision": "fp32",
-        "eval_fraction": 0.0, "lora_dropout": 0.0, "samples": False, "auto_batch_size": False,
-        "logging_steps": 1, "max_steps": 4, "output_dir": str(output_dir), **overrides,
-    })
+    return Config(
+        **{
+            "preset": "tiny",
+            **PRESETS["tiny"],
+            "tokenizer": "tiny",
+            "quant": "none",
+            "precision": "fp32",
+            "eval_fraction": 0.0,
+            "lora_dropout": 0.0,
+            "samples": False,
+            "auto_batch_size": False,
+            "logging_steps": 1,
+            "max_steps": 4,
+            "output_dir": str(output_dir),
+            **overrides,
+        }
+    )
 
 
 def logged(output_dir: Path) -> dict[int, float]:
@@ -69,10 +81,21 @@ def cli_runs(tmp_path_factory):
     env |= {"HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home), "OMP_NUM_THREADS": "1"}
     procs = {}
     for case_id, args, _ in CLI_CASES:
-        argv = [sys.executable, "run.py", "--preset", "tiny", "--quant", "none", "--no-samples",
-                "--output-dir", str(root / case_id), *args]
-        procs[case_id] = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, text=True)
+        argv = [
+            sys.executable,
+            "run.py",
+            "--preset",
+            "tiny",
+            "--quant",
+            "none",
+            "--no-samples",
+            "--output-dir",
+            str(root / case_id),
+            *args,
+        ]
+        procs[case_id] = subprocess.Popen(
+            argv, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
     results = {}
     for case_id, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=120)
@@ -110,8 +133,19 @@ def test_resume_of_a_non_checkpoint_is_one_line(tmp_path, capsys):
     run.main: the same code path as the CLI, without paying another torch import."""
     not_a_checkpoint = tmp_path / "just_a_folder"
     not_a_checkpoint.mkdir()
-    argv = ["--preset", "tiny", "--quant", "none", "--no-samples", "--max-steps", "1",
-            "--output-dir", str(tmp_path / "out"), "--resume", str(not_a_checkpoint)]
+    argv = [
+        "--preset",
+        "tiny",
+        "--quant",
+        "none",
+        "--no-samples",
+        "--max-steps",
+        "1",
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--resume",
+        str(not_a_checkpoint),
+    ]
     assert run.main(argv) == 2
     last = [line for line in capsys.readouterr().err.splitlines() if line.strip()][-1]
     assert last.startswith("error: --resume") and str(not_a_checkpoint) in last and "not a checkpoint" in last
@@ -119,10 +153,11 @@ def test_resume_of_a_non_checkpoint_is_one_line(tmp_path, capsys):
 
 # --- 2. an existing adapter is not overwritten ----------------------------------------------------
 
+
 def test_existing_adapter_is_refused_unless_overwrite(tmp_path):
     """Catches a run that silently writes over an adapter already in --output-dir (losing a finished
     training), and an --overwrite that does not actually allow it."""
-    adapter = tmp_path / train.ADAPTER_FILE
+    adapter = tmp_path / checkpoint.ADAPTER_FILE
     adapter.write_bytes(b"an earlier run's adapter")
     before = adapter.stat().st_mtime_ns
     with pytest.raises(YodaError, match="already holds an adapter.*--overwrite"):
@@ -135,6 +170,7 @@ def test_existing_adapter_is_refused_unless_overwrite(tmp_path):
 
 
 # --- a straight 4-step run, checkpointing every step, shared by the tests below --------------------
+
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
@@ -158,6 +194,7 @@ def straight(tmp_path_factory):
 
 # --- 3. resuming with other settings --------------------------------------------------------------
 
+
 def test_resume_with_other_settings_names_the_fields(straight, tmp_path):
     """Catches a resume that loads a checkpoint made with another lora_r / max_length (a shape error
     deep in peft, or worse a silent run on differently cut data) instead of refusing up front and
@@ -168,10 +205,11 @@ def test_resume_with_other_settings_names_the_fields(straight, tmp_path):
     message = str(info.value)
     assert "lora_r (8 there, 4 now)" in message and "max_length (64 there, 32 now)" in message
     assert "lora_alpha" not in message  # only the fields that differ
-    assert not (tmp_path / train.ADAPTER_FILE).exists()
+    assert not (tmp_path / checkpoint.ADAPTER_FILE).exists()
 
 
 # --- 4. Ctrl-C saves a checkpoint that resumes exactly --------------------------------------------
+
 
 def test_sigint_saves_a_checkpoint_that_resumes_exactly(straight, tmp_path, monkeypatch):
     """Catches Ctrl-C killing the run mid-step with nothing saved (or a half-written checkpoint), a
@@ -210,6 +248,7 @@ def test_sigint_saves_a_checkpoint_that_resumes_exactly(straight, tmp_path, monk
 
 # --- 5. a non-finite loss stops the run, keeping earlier checkpoints --------------------------------
 
+
 def test_nan_loss_stops_with_step_and_keeps_checkpoints(tmp_path, monkeypatch):
     """Catches a NaN loss that trains on (NaN weights saved as the adapter and in checkpoints), an
     error that does not name the step, and a stop that writes a checkpoint of the poisoned step."""
@@ -226,38 +265,44 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoints(tmp_path, monkeypatch):
         train.main(tiny_config(tmp_path, save_steps=1))
     assert isinstance(train.NonFiniteLoss(3), YodaError)
     assert sorted(p.name for p in tmp_path.glob("*checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
-    adapter = load_file(tmp_path / "checkpoint-2" / train.ADAPTER_FILE)
+    adapter = load_file(tmp_path / "checkpoint-2" / checkpoint.ADAPTER_FILE)
     assert adapter and all(torch.isfinite(t).all() for t in adapter.values())
-    assert not (tmp_path / train.ADAPTER_FILE).exists()  # no final adapter from a failed run
+    assert not (tmp_path / checkpoint.ADAPTER_FILE).exists()  # no final adapter from a failed run
 
 
 # --- 6. save_total_limit ----------------------------------------------------------------------------
+
 
 def test_save_total_limit_keeps_newest_complete_checkpoints(tmp_path):
     """Catches save_total_limit deleting the newest checkpoints instead of the oldest, sorting
     checkpoint-10 before checkpoint-9 as text, or leaving .partial folders behind."""
     train.main(tiny_config(tmp_path, max_steps=10, save_steps=1, save_total_limit=2, logging_steps=5))
     assert sorted(p.name for p in tmp_path.iterdir() if "checkpoint" in p.name) == ["checkpoint-10", "checkpoint-9"]
-    for checkpoint in tmp_path.glob("checkpoint-*"):
-        for name in ("trainer_state.json", "run_config.json", train.ADAPTER_FILE, "optimizer.bin"):
-            assert (checkpoint / name).is_file(), checkpoint / name
+    for folder in tmp_path.glob("checkpoint-*"):
+        for name in ("trainer_state.json", "run_config.json", checkpoint.ADAPTER_FILE, "optimizer.bin"):
+            assert (folder / name).is_file(), folder / name
 
 
 # --- 7. security --------------------------------------------------------------------------------------
+
 
 def test_weights_are_safetensors_only(straight):
     """Catches model weights saved as pickles (pytorch_model.bin, adapter_model.bin, *.pt): loading
     those runs arbitrary code. Accelerate's optimizer.bin and random_states_*.pkl are optimizer/RNG
     state, not weights, and stay in checkpoints only; the final output folder has no pickle at all,
     and no file holds the whole (base) model."""
-    weight_pickles = [p for p in straight.rglob("*") if p.suffix in (".pt", ".pth", ".ckpt")
-                      or (p.suffix == ".bin" and p.name != "optimizer.bin")
-                      or (p.suffix == ".pkl" and not p.name.startswith("random_states_"))]
+    weight_pickles = [
+        p
+        for p in straight.rglob("*")
+        if p.suffix in (".pt", ".pth", ".ckpt")
+        or (p.suffix == ".bin" and p.name != "optimizer.bin")
+        or (p.suffix == ".pkl" and not p.name.startswith("random_states_"))
+    ]
     assert not weight_pickles
     assert not [p for p in straight.iterdir() if p.suffix in (".bin", ".pkl", ".pt", ".pth")]
     assert not list(straight.rglob("model*.safetensors"))
     for folder in [straight, *straight.glob("checkpoint-*")]:
-        assert (folder / train.ADAPTER_FILE).is_file(), folder
+        assert (folder / checkpoint.ADAPTER_FILE).is_file(), folder
 
 
 def test_hf_token_is_never_written(straight):

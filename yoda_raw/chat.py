@@ -67,9 +67,7 @@ def load_tokenizer(source: str, trust_remote_code: bool = False) -> transformers
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
     """Render messages with the chat template and encode the text, adding no special tokens."""
     try:
-        text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as e:  # jinja2 raises its own errors, and templates raise on roles they reject
         raise YodaError(f"the chat template cannot render these messages: {type(e).__name__}: {e}") from None
     return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -230,9 +230,7 @@ def load_conversations(
     return conversations
 
 
-def split_conversations(
-    conversations: list, eval_fraction: float, seed: int
-) -> tuple[list, list]:
+def split_conversations(conversations: list, eval_fraction: float, seed: int) -> tuple[list, list]:
     """Hold out a seeded random share of the conversations: returns (train, held_out).
 
     Which conversations are held out depends only on `seed` and the number of conversations;

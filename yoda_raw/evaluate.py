@@ -76,7 +76,7 @@ def supervised_loss(model, tokenizer, conversations: list[list[dict]], batch_siz
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         n_tokens = torch.zeros((), dtype=torch.long, device=device)
         for start in range(0, len(examples), batch_size):
-            batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size]).items()}
+            batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
             loss_sum += token_loss_sum(model, batch)  # the loss training minimises, summed
             n_tokens += supervised_count(batch)
     finally:
@@ -122,8 +122,14 @@ def text_metrics(predictions: list[str], references: list[str], require_sacreble
 # --- one model, both kinds of metric ------------------------------------------------------------
 
 
-def evaluate(model, tokenizer, conversations: list[list[dict]], batch_size: int = 16, max_new_tokens: int = 64,
-             require_sacrebleu: bool = True) -> dict:
+def evaluate(
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+    require_sacrebleu: bool = True,
+) -> dict:
     """Loss, perplexity, exact match, chrF and BLEU of `model` on `conversations`, with its translations.
 
     Returns {"conversations", "supervised_tokens", "loss", "perplexity", "exact_match", "chrf",
@@ -178,8 +184,9 @@ def _cell(value, name: str) -> str:
 # --- end of a training run ----------------------------------------------------------------------
 
 
-def end_of_run_report(model, tokenizer, held_out: list[list[dict]], n_samples: int = 3, max_new_tokens: int = 64,
-                      batch_size: int = 16) -> dict:
+def end_of_run_report(
+    model, tokenizer, held_out: list[list[dict]], n_samples: int = 3, max_new_tokens: int = 64, batch_size: int = 16
+) -> dict:
     """A short evaluation for the end of train.main: held-out metrics and a few sample translations.
 
     Returns a flat dict for metrics.jsonl: eval_conversations, eval_loss, eval_perplexity,
@@ -217,8 +224,14 @@ def format_report(report: dict) -> str:
 # --- command line -------------------------------------------------------------------------------
 
 
-def conversations_to_score(cfg, dataset: str | None = None, split: str = "train", prompt_field: str | None = None,
-                           response_field: str | None = None, limit: int | None = None) -> tuple[list, str]:
+def conversations_to_score(
+    cfg,
+    dataset: str | None = None,
+    split: str = "train",
+    prompt_field: str | None = None,
+    response_field: str | None = None,
+    limit: int | None = None,
+) -> tuple[list, str]:
     """(conversations, a description): the run's held-out split, or all of another dataset."""
     from yoda_raw.data import load_conversations, split_conversations
 
@@ -248,7 +261,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m yoda_raw.evaluate",
         description="Score the base model and the adapter side by side on the held-out split (or --dataset): "
-                    "loss and perplexity on supervised tokens, exact match, chrF, BLEU.",
+        "loss and perplexity on supervised tokens, exact match, chrF, BLEU.",
     )
     parser.add_argument("--adapter", required=True, help="Output folder of a training run (adapter + run_config.json).")
     parser.add_argument("--dataset", default=None, help="Score all of this dataset, not the held-out split.")
@@ -275,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         _sacrebleu()
         cfg = read_run_config(args.adapter)
         conversations, described = conversations_to_score(
-            cfg, args.dataset, args.split, args.prompt_field, args.response_field, args.limit)
+            cfg, args.dataset, args.split, args.prompt_field, args.response_field, args.limit
+        )
         model, tokenizer, cfg = load_for_inference(args.adapter, args.device, args.quant)
     except YodaError as err:
         if args.debug:

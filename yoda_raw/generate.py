@@ -67,8 +67,12 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_for_inference(adapter_dir: str | os.PathLike, device: str | torch.device | None = None,
-                       quant: str | None = None, dequantize_base: bool = False):
+def load_for_inference(
+    adapter_dir: str | os.PathLike,
+    device: str | torch.device | None = None,
+    quant: str | None = None,
+    dequantize_base: bool = False,
+):
     """(model, tokenizer, cfg): the base model rebuilt as trained, with the adapter on top, in eval mode.
 
     `quant` overrides the run's --quant ("nf4" or "none"). `dequantize_base=True` turns a 4-bit
@@ -129,11 +133,11 @@ def template_markers(tokenizer) -> list[int]:
     user = [{"role": "user", "content": "Hi"}]
     prompt, no_prompt = render(tokenizer, user, add_generation_prompt=True), render(tokenizer, user)
     same = common_prefix_length(prompt, no_prompt)
-    opening = prompt[same:same + 1]  # [<|assistant|>]
+    opening = prompt[same : same + 1]  # [<|assistant|>]
     yes = render(tokenizer, user + [{"role": "assistant", "content": "Yes"}])
     no = render(tokenizer, user + [{"role": "assistant", "content": "No."}])
     same = common_prefix_length(yes[::-1], no[::-1])
-    closing = yes[len(yes) - same:][:1]  # [<|end|>] of [<|end|>, <|endoftext|>]
+    closing = yes[len(yes) - same :][:1]  # [<|end|>] of [<|end|>, <|endoftext|>]
     special = set(tokenizer.added_tokens_decoder)  # ids of added tokens (chat markers, eos, ...)
     return [token for token in opening + closing if token in special]
 
@@ -169,8 +173,16 @@ def cut_at_end(ids: list[int], end_ids) -> list[int]:
 
 
 @torch.no_grad()
-def generate_ids(model, tokenizer, sentences: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None, batch_size: int = 16) -> list[list[int]]:
+def generate_ids(
+    model,
+    tokenizer,
+    sentences: list[str],
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    batch_size: int = 16,
+) -> list[list[int]]:
     """The new token ids for each sentence, ending with the end token that stopped it (if any).
 
     The model is put in eval mode (no dropout; the KV cache works with gradient checkpointing on)
@@ -190,7 +202,7 @@ def generate_ids(model, tokenizer, sentences: list[str], max_new_tokens: int = 6
     try:
         results = []
         for start in range(0, len(sentences), batch_size):
-            prompts = [prompt_ids(tokenizer, s) for s in sentences[start:start + batch_size]]
+            prompts = [prompt_ids(tokenizer, s) for s in sentences[start : start + batch_size]]
             input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id)
             generated = model.generate(
                 input_ids=input_ids.to(device),
@@ -201,7 +213,7 @@ def generate_ids(model, tokenizer, sentences: list[str], max_new_tokens: int = 6
                 use_cache=True,  # training sets config.use_cache=False; generation wants the KV cache
                 **sampling,
             )  # (B, T + new)
-            new = generated[:, input_ids.shape[1]:].tolist()  # only the new tokens; a host sync
+            new = generated[:, input_ids.shape[1] :].tolist()  # only the new tokens; a host sync
             results += [cut_at_end(row, end_ids) for row in new]
     finally:
         model.train(was_training)
@@ -216,8 +228,16 @@ def decode_answer(tokenizer, ids: list[int], end_ids) -> str:
     return " ".join(text.split())
 
 
-def translate(model, tokenizer, sentences: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
-              top_p: float = 1.0, seed: int | None = None, batch_size: int = 16) -> list[str]:
+def translate(
+    model,
+    tokenizer,
+    sentences: list[str],
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    batch_size: int = 16,
+) -> list[str]:
     """English sentences -> Yoda speak, one string each (greedy unless temperature > 0).
 
     >>> translate(model, tokenizer, ["The Force is strong in you!"])  # doctest: +SKIP
@@ -275,7 +295,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m yoda_raw.generate",
         description="Translate English into Yoda speak with a trained adapter. Sentences come from the "
-                    "command line, or from stdin one per line (one output line per input line).",
+        "command line, or from stdin one per line (one output line per input line).",
     )
     parser.add_argument("sentences", nargs="*", help="Sentences to translate (default: read stdin).")
     parser.add_argument("--adapter", required=True, help="Output folder of a training run (adapter + run_config.json).")
@@ -285,11 +305,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None, help="Seed for sampling.")
     parser.add_argument("--batch-size", type=int, default=16, help="Sentences per generate call (left-padded).")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available).")
-    parser.add_argument("--quant", choices=["nf4", "none"], default=None,
-                        help="Override the run's --quant for the base model (default: as trained).")
-    parser.add_argument("--merge", metavar="OUT_DIR", default=None,
-                        help="Write base + adapter merged into one full-precision model instead of translating "
-                             "(merging into 4-bit weights would round the update away).")
+    parser.add_argument(
+        "--quant",
+        choices=["nf4", "none"],
+        default=None,
+        help="Override the run's --quant for the base model (default: as trained).",
+    )
+    parser.add_argument(
+        "--merge",
+        metavar="OUT_DIR",
+        default=None,
+        help="Write base + adapter merged into one full-precision model instead of translating "
+        "(merging into 4-bit weights would round the update away).",
+    )
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks.")
     return parser.parse_args(argv)
 
@@ -323,8 +351,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Blank input lines give blank output lines, so output line i answers input line i.
     todo = [i for i, s in enumerate(sentences) if s.strip()]
-    answers = translate(model, tokenizer, [sentences[i].strip() for i in todo], args.max_new_tokens,
-                        args.temperature, args.top_p, args.seed, args.batch_size)
+    answers = translate(
+        model,
+        tokenizer,
+        [sentences[i].strip() for i in todo],
+        args.max_new_tokens,
+        args.temperature,
+        args.top_p,
+        args.seed,
+        args.batch_size,
+    )
     lines = [""] * len(sentences)
     for i, answer in zip(todo, answers, strict=True):
         lines[i] = answer

@@ -50,7 +50,7 @@ def row_as_text(tokenizer, row: dict, colour: bool) -> str:
     parts = []
     for start, end in zip(cuts[:-1], cuts[1:], strict=True):
         before, upto = tokenizer.decode(ids[:start]), tokenizer.decode(ids[:end])
-        text = upto[len(before):] if upto.startswith(before) else tokenizer.decode(ids[start:end])
+        text = upto[len(before) :] if upto.startswith(before) else tokenizer.decode(ids[start:end])
         parts.append(f"{open_mark}{text}{close_mark}" if labels[start] != IGNORE else text)
     return "".join(parts)
 

@@ -17,8 +17,6 @@ import dataclasses
 import itertools
 import json
 import math
-import os
-import shutil
 import signal
 import sys
 import time
@@ -28,18 +26,16 @@ import huggingface_hub
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.utils import (
-    extract_model_from_parallel,
     find_executable_batch_size,
     is_tensorboard_available,
     parse_flag_from_env,
     set_seed,
 )
-from peft import set_peft_model_state_dict
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from yoda_raw import meter
 from yoda_raw.chat import IGNORE, load_tokenizer
+from yoda_raw.checkpoint import ADAPTER_FILE, load_adapter_only, resume_from, save_adapter_only, save_checkpoint
 from yoda_raw.config import TUTORIAL_MODEL, Config
 from yoda_raw.data import load_conversations, split_conversations
 from yoda_raw.errors import YodaError
@@ -50,55 +46,129 @@ from yoda_raw.optim import build_optimizer, learning_rate
 from yoda_raw.packing import Collator, build_rows
 from yoda_raw.precision import Precision, choose_precision
 
-ADAPTER_FILE = "adapter_model.safetensors"
+
+def main(cfg: Config) -> dict:
+    """Data, model, fit, save: what `accelerate launch run.py` runs. Returns a summary."""
+    accelerator, precision = make_accelerator(cfg)
+    check_device(cfg, accelerator)
+    check_hub_token(cfg)
+    out = check_output_dir(cfg)
+    if accelerator.is_main_process:
+        print(f"config:\n{cfg.to_json()}\nprecision: {precision.name}, device: {accelerator.device}")
+    set_seed(cfg.seed)
+
+    # Data: conversations -> held-out split -> token rows with labels.
+    tokenizer = load_tokenizer(cfg.tokenizer_source, trust_remote_code=cfg.trust_remote_code)
+    conversations = load_conversations(cfg.dataset, cfg.prompt_field, cfg.response_field, skip_invalid=cfg.skip_invalid)
+    train_conversations, held_out = split_conversations(conversations, cfg.eval_fraction, cfg.seed)
+    rows = build_rows(tokenizer, train_conversations, cfg.max_length, cfg.train_on, cfg.packing, cfg.shuffle, cfg.seed)
+    collator = Collator(tokenizer.pad_token_id)
+    if accelerator.is_main_process:
+        print(
+            f"data: {len(train_conversations)} conversations for training, {len(held_out)} held out, {len(rows)} rows"
+        )
+
+    # Model: 4-bit base + LoRA.
+    context = load_model_config(cfg, len(tokenizer)).max_position_embeddings
+    if cfg.max_length > context:
+        raise YodaError(f"--max-length {cfg.max_length} is longer than the model's context of {context} tokens")
+    model = load_base_model(cfg, precision, accelerator.device, vocab_size=len(tokenizer))
+    model = add_lora(model, cfg)
+    trainable, total = parameter_counts(model)
+    if accelerator.is_main_process:
+        print(parameter_line(model))
+
+    # Only now, with the data and model known good, touch the output folder.
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume:
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+    if cfg.report_to != "none":
+        # Trackers take flat scalars: the list of LoRA targets goes in as one string.
+        hparams = {k: " ".join(v) if isinstance(v, list) else v for k, v in dataclasses.asdict(cfg).items()}
+        accelerator.init_trackers("yoda_raw", config={k: v for k, v in hparams.items() if v is not None})
+
+    # Fit, retrying with 0.9x the batch on out-of-memory when --auto-batch-size (as the Trainer).
+    def fit_with(batch_size: int) -> dict:
+        accelerator.free_memory()
+        if batch_size != cfg.batch_size and accelerator.is_main_process:
+            print(f"out of memory: retrying with --batch-size {batch_size}", file=sys.stderr)
+        return fit(cfg, accelerator, model, rows, collator, batch_size, out)
+
+    if cfg.auto_batch_size:
+        fit_with = find_executable_batch_size(fit_with, starting_batch_size=cfg.batch_size)
+        summary = fit_with()
+    else:
+        summary = fit_with(cfg.batch_size)
+
+    # Save: adapter (safetensors), tokenizer, resolved configuration.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        (out / "run_config.json").write_text(cfg.to_json())
+        if cfg.samples and held_out:
+            # A short evaluation and a few translations of sentences it did not train on.
+            report = end_of_run_report(accelerator.unwrap_model(model), tokenizer, held_out)
+            print(format_report(report))
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": summary["steps"], **report}) + "\n")
+            summary["report"] = report
+        if cfg.push_to_hub:
+            push_to_hub(cfg, out)
+    accelerator.end_training()
+    summary |= {
+        "trainable_params": trainable,
+        "total_params": total,
+        "output_dir": str(out),
+        "precision": precision.name,
+        "is_main_process": accelerator.is_main_process,
+    }
+    return summary | {"model": accelerator.unwrap_model(model), "tokenizer": tokenizer, "held_out": held_out}
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """Row order for one epoch: a permutation seeded by (seed + epoch), or the dataset order.
-
-    Seeding by epoch makes the order of any epoch reproducible on its own, which is what lets a
-    resumed run see exactly the rows an uninterrupted one would. Accelerate calls `set_epoch`.
-    """
-
-    def __init__(self, n_rows: int, shuffle: bool, seed: int):
-        self.n_rows, self.shuffle, self.seed, self.epoch = n_rows, shuffle, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n_rows
-
-    def __iter__(self):
-        if not self.shuffle:
-            return iter(range(self.n_rows))
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.n_rows, generator=generator).tolist())
+def make_accelerator(cfg: Config) -> tuple[Accelerator, Precision]:
+    """The Accelerator, with the mixed precision decided in precision.py for this process's device."""
+    # cpu= as Accelerator itself reads it: a bare PartialState() ignores ACCELERATE_USE_CPU, so on
+    # `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu` (gloo) every process became a lone "main".
+    precision = choose_precision(cfg.precision, PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device)
+    if cfg.report_to == "tensorboard" and not is_tensorboard_available():
+        raise YodaError("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
+    accelerator = Accelerator(
+        mixed_precision=precision.mixed_precision,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_dir=cfg.output_dir,
+        # even_batches=False: on several processes the last, short batch of an epoch is not padded
+        # with rows from the start of the epoch (those would be trained twice); fit handles a
+        # process left without rows.
+        dataloader_config=DataLoaderConfiguration(even_batches=False),
+    )
+    accelerator.register_save_state_pre_hook(save_adapter_only)
+    accelerator.register_load_state_pre_hook(load_adapter_only)
+    return accelerator, precision
 
 
-def unsupervised_batch(collator: Collator, rows: list[dict], device: torch.device) -> dict:
-    """One row with every label masked: contributes 0 to the loss and to the gradients."""
-    batch = {key: value.to(device) for key, value in collator(rows[:1]).items()}
-    batch["labels"] = torch.full_like(batch["labels"], IGNORE)
-    return batch
+def check_device(cfg: Config, accelerator: Accelerator) -> None:
+    """3.8B parameters on a CPU would take days: stop at once and point to the tiny preset."""
+    if accelerator.device.type == "cpu" and cfg.model == TUTORIAL_MODEL:
+        raise YodaError(
+            f"no CUDA GPU found: {TUTORIAL_MODEL} (3.8B parameters) is no real option on a CPU; "
+            "try `python run.py --preset tiny`, or pass a small --model"
+        )
 
 
-def forward_backward(accelerator: Accelerator, model, micro_batches: list[dict], n_supervised) -> torch.Tensor:
-    """Accumulate the gradients of one step; returns the sum of its token losses on this process.
+def check_hub_token(cfg: Config) -> None:
+    """Fail before training, not after it, when --push-to-hub has no token to push with. The token
+    comes from HF_TOKEN or `huggingface-cli login`; it is never printed, logged or saved."""
+    if cfg.push_to_hub and not huggingface_hub.get_token():
+        raise YodaError(f"--push-to-hub {cfg.push_to_hub}: no Hugging Face token; set HF_TOKEN or run `hf auth login`")
 
-    Each micro-batch's loss sum is divided by the supervised tokens of the whole step (all its
-    micro-batches, all processes), so the accumulated gradient is that of sum / n_supervised. DDP
-    averages gradients over processes: multiplying by their number undoes that average. Gradients
-    are all-reduced between processes only on the last micro-batch (no_sync on the others).
-    """
-    step_loss = torch.zeros((), device=accelerator.device)
-    for i, batch in enumerate(micro_batches):
-        is_last = i == len(micro_batches) - 1
-        with contextlib.nullcontext() if is_last else accelerator.no_sync(model):
-            loss_sum = token_loss_sum(model, batch)  # (,) summed over supervised tokens
-            accelerator.backward(loss_sum * accelerator.num_processes / n_supervised)
-        step_loss += loss_sum.detach()
-    return step_loss
+
+def check_output_dir(cfg: Config) -> Path:
+    out = Path(cfg.output_dir)
+    if (out / ADAPTER_FILE).exists() and not cfg.overwrite and not cfg.resume:
+        raise YodaError(f"{out} already holds an adapter; choose another --output-dir or pass --overwrite")
+    return out
 
 
 def fit(
@@ -207,12 +277,27 @@ def fit(
     }
 
 
-class NonFiniteLoss(YodaError):
-    def __init__(self, step: int):
-        super().__init__(
-            f"step {step}: the loss or a gradient is NaN or infinite; stopped before updating the weights "
-            "(checkpoints already saved are intact). Try a lower --lr, or --precision bf16/fp32 instead of fp16"
-        )
+class EpochSampler(torch.utils.data.Sampler):
+    """Row order for one epoch: a permutation seeded by (seed + epoch), or the dataset order.
+
+    Seeding by epoch makes the order of any epoch reproducible on its own, which is what lets a
+    resumed run see exactly the rows an uninterrupted one would. Accelerate calls `set_epoch`.
+    """
+
+    def __init__(self, n_rows: int, shuffle: bool, seed: int):
+        self.n_rows, self.shuffle, self.seed, self.epoch = n_rows, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.n_rows))
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n_rows, generator=generator).tolist())
 
 
 class StopOnSignal:
@@ -245,6 +330,39 @@ def new_window(device: torch.device) -> dict:
     }
 
 
+def unsupervised_batch(collator: Collator, rows: list[dict], device: torch.device) -> dict:
+    """One row with every label masked: contributes 0 to the loss and to the gradients."""
+    batch = {key: value.to(device) for key, value in collator(rows[:1]).items()}
+    batch["labels"] = torch.full_like(batch["labels"], IGNORE)
+    return batch
+
+
+def forward_backward(accelerator: Accelerator, model, micro_batches: list[dict], n_supervised) -> torch.Tensor:
+    """Accumulate the gradients of one step; returns the sum of its token losses on this process.
+
+    Each micro-batch's loss sum is divided by the supervised tokens of the whole step (all its
+    micro-batches, all processes), so the accumulated gradient is that of sum / n_supervised. DDP
+    averages gradients over processes: multiplying by their number undoes that average. Gradients
+    are all-reduced between processes only on the last micro-batch (no_sync on the others).
+    """
+    step_loss = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(micro_batches):
+        is_last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if is_last else accelerator.no_sync(model):
+            loss_sum = token_loss_sum(model, batch)  # (,) summed over supervised tokens
+            accelerator.backward(loss_sum * accelerator.num_processes / n_supervised)
+        step_loss += loss_sum.detach()
+    return step_loss
+
+
+class NonFiniteLoss(YodaError):
+    def __init__(self, step: int):
+        super().__init__(
+            f"step {step}: the loss or a gradient is NaN or infinite; stopped before updating the weights "
+            "(checkpoints already saved are intact). Try a lower --lr, or --precision bf16/fp32 instead of fp16"
+        )
+
+
 def log_window(window: dict, step: int, steps_per_epoch: int, lr: float, grad_norm, accelerator: Accelerator) -> dict:
     """Average one logging window into a record. Sync point: .item() waits for the device."""
     tokens = accelerator.reduce(torch.as_tensor(window["tokens"], device=accelerator.device), "sum").item()
@@ -269,221 +387,8 @@ def _peak(record: dict) -> dict:
     return {"peak_gib": record["peak_allocated_gib"]} if "peak_allocated_gib" in record else {}
 
 
-def save_checkpoint(cfg: Config, accelerator: Accelerator, out: Path, step: int) -> None:
-    """A resumable checkpoint: adapter (safetensors), optimizer and RNG states (Accelerate's
-    save_state), the step (which fixes the data position and the learning rate) and the config.
-    Written into a temporary folder, then renamed: a crash mid-save leaves the last one whole."""
-    final = out / f"checkpoint-{step}"
-    partial = out / f".checkpoint-{step}.partial"
-    accelerator.save_state(str(partial))
-    # Every process writes its own random states into `partial`: wait for all before renaming it.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        # num_processes: the data position of a step depends on it (rows are dealt to processes).
-        state = {"step": step, "num_processes": accelerator.num_processes}
-        (partial / "trainer_state.json").write_text(json.dumps(state))
-        (partial / "run_config.json").write_text(cfg.to_json())
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
-        if cfg.save_total_limit:
-            checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-            for old in checkpoints[: -cfg.save_total_limit]:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
-# Options that must be the same to resume: the model, the adapter, the data and how it is cut.
-RESUME_MUST_MATCH = (
-    "model",
-    "init",
-    "quant",
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
-    "lora_targets",
-    "dataset",
-    "prompt_field",
-    "response_field",
-    "eval_fraction",
-    "train_on",
-    "packing",
-    "max_length",
-    "shuffle",
-    "seed",
-    "batch_size",
-    "grad_accum",
-)
-
-
-def resume_from(cfg: Config, accelerator: Accelerator) -> int:
-    """Load a checkpoint into the prepared model and optimizer; returns the step to continue from."""
-    path = Path(cfg.resume)
-    if not (path / "trainer_state.json").is_file() or not (path / ADAPTER_FILE).is_file():
-        raise YodaError(
-            f"--resume {path}: not a checkpoint (no trainer_state.json and {ADAPTER_FILE}); "
-            "pass an OUTPUT_DIR/checkpoint-N folder"
-        )
-    saved = json.loads((path / "run_config.json").read_text())
-    differ = [
-        f"{key} ({saved.get(key)!r} there, {getattr(cfg, key)!r} now)"
-        for key in RESUME_MUST_MATCH
-        if saved.get(key) != getattr(cfg, key)
-    ]
-    if differ:
-        raise YodaError(f"--resume {path}: the checkpoint was made with other settings: {'; '.join(differ)}")
-    state = json.loads((path / "trainer_state.json").read_text())
-    saved_processes = state.get("num_processes", 1)  # checkpoints from before it was recorded: 1 process
-    if saved_processes != accelerator.num_processes:
-        raise YodaError(
-            f"--resume {path}: the checkpoint was made on {saved_processes} process(es), this run has "
-            f"{accelerator.num_processes}; resume with "
-            f"`accelerate launch --num_processes {saved_processes}`"
-        )
-    accelerator.load_state(str(path))
-    return state["step"]
-
-
-def _save_adapter_only(models, weights, output_dir):
-    """Accelerate save_state hook: write the LoRA adapter (safetensors) instead of the whole model,
-    whose 4-bit base never changes and is reloaded from its source on resume."""
-    for model in models:
-        # Unwrap DDP (it has no save_pretrained); every process runs this hook, only the main one writes.
-        extract_model_from_parallel(model).save_pretrained(output_dir, is_main_process=PartialState().is_main_process)
-    weights.clear()
-
-
-def _load_adapter_only(models, input_dir):
-    for model in list(models):
-        set_peft_model_state_dict(extract_model_from_parallel(model), load_file(os.path.join(input_dir, ADAPTER_FILE)))
-    models.clear()
-
-
-def make_accelerator(cfg: Config) -> tuple[Accelerator, Precision]:
-    """The Accelerator, with the mixed precision decided in precision.py for this process's device."""
-    # cpu= as Accelerator itself reads it: a bare PartialState() ignores ACCELERATE_USE_CPU, so on
-    # `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu` (gloo) every process became a lone "main".
-    precision = choose_precision(cfg.precision, PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device)
-    if cfg.report_to == "tensorboard" and not is_tensorboard_available():
-        raise YodaError("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
-    accelerator = Accelerator(
-        mixed_precision=precision.mixed_precision,
-        log_with=None if cfg.report_to == "none" else cfg.report_to,
-        project_dir=cfg.output_dir,
-        # even_batches=False: on several processes the last, short batch of an epoch is not padded
-        # with rows from the start of the epoch (those would be trained twice); fit handles a
-        # process left without rows.
-        dataloader_config=DataLoaderConfiguration(even_batches=False),
-    )
-    accelerator.register_save_state_pre_hook(_save_adapter_only)
-    accelerator.register_load_state_pre_hook(_load_adapter_only)
-    return accelerator, precision
-
-
-def check_device(cfg: Config, accelerator: Accelerator) -> None:
-    """3.8B parameters on a CPU would take days: stop at once and point to the tiny preset."""
-    if accelerator.device.type == "cpu" and cfg.model == TUTORIAL_MODEL:
-        raise YodaError(
-            f"no CUDA GPU found: {TUTORIAL_MODEL} (3.8B parameters) is no real option on a CPU; "
-            "try `python run.py --preset tiny`, or pass a small --model"
-        )
-
-
-def check_output_dir(cfg: Config) -> Path:
-    out = Path(cfg.output_dir)
-    if (out / ADAPTER_FILE).exists() and not cfg.overwrite and not cfg.resume:
-        raise YodaError(f"{out} already holds an adapter; choose another --output-dir or pass --overwrite")
-    return out
-
-
-def check_hub_token(cfg: Config) -> None:
-    """Fail before training, not after it, when --push-to-hub has no token to push with. The token
-    comes from HF_TOKEN or `huggingface-cli login`; it is never printed, logged or saved."""
-    if cfg.push_to_hub and not huggingface_hub.get_token():
-        raise YodaError(f"--push-to-hub {cfg.push_to_hub}: no Hugging Face token; set HF_TOKEN or run `hf auth login`")
-
-
 def push_to_hub(cfg: Config, out: Path) -> None:
     api = huggingface_hub.HfApi()
     api.create_repo(cfg.push_to_hub, exist_ok=True, private=True)
     api.upload_folder(repo_id=cfg.push_to_hub, folder_path=out, ignore_patterns=["checkpoint-*", ".checkpoint-*"])
     print(f"pushed {out} to https://huggingface.co/{cfg.push_to_hub}")
-
-
-def main(cfg: Config) -> dict:
-    """Data, model, fit, save: what `accelerate launch run.py` runs. Returns a summary."""
-    accelerator, precision = make_accelerator(cfg)
-    check_device(cfg, accelerator)
-    check_hub_token(cfg)
-    out = check_output_dir(cfg)
-    if accelerator.is_main_process:
-        print(f"config:\n{cfg.to_json()}\nprecision: {precision.name}, device: {accelerator.device}")
-    set_seed(cfg.seed)
-
-    # Data: conversations -> held-out split -> token rows with labels.
-    tokenizer = load_tokenizer(cfg.tokenizer_source, trust_remote_code=cfg.trust_remote_code)
-    conversations = load_conversations(cfg.dataset, cfg.prompt_field, cfg.response_field, skip_invalid=cfg.skip_invalid)
-    train_conversations, held_out = split_conversations(conversations, cfg.eval_fraction, cfg.seed)
-    rows = build_rows(tokenizer, train_conversations, cfg.max_length, cfg.train_on, cfg.packing, cfg.shuffle, cfg.seed)
-    collator = Collator(tokenizer.pad_token_id)
-    if accelerator.is_main_process:
-        print(
-            f"data: {len(train_conversations)} conversations for training, {len(held_out)} held out, {len(rows)} rows"
-        )
-
-    # Model: 4-bit base + LoRA.
-    context = load_model_config(cfg, len(tokenizer)).max_position_embeddings
-    if cfg.max_length > context:
-        raise YodaError(f"--max-length {cfg.max_length} is longer than the model's context of {context} tokens")
-    model = load_base_model(cfg, precision, accelerator.device, vocab_size=len(tokenizer))
-    model = add_lora(model, cfg)
-    trainable, total = parameter_counts(model)
-    if accelerator.is_main_process:
-        print(parameter_line(model))
-
-    # Only now, with the data and model known good, touch the output folder.
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        if not cfg.resume:
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-    if cfg.report_to != "none":
-        # Trackers take flat scalars: the list of LoRA targets goes in as one string.
-        hparams = {k: " ".join(v) if isinstance(v, list) else v for k, v in dataclasses.asdict(cfg).items()}
-        accelerator.init_trackers("yoda_raw", config={k: v for k, v in hparams.items() if v is not None})
-
-    # Fit, retrying with 0.9x the batch on out-of-memory when --auto-batch-size (as the Trainer).
-    def fit_with(batch_size: int) -> dict:
-        accelerator.free_memory()
-        if batch_size != cfg.batch_size and accelerator.is_main_process:
-            print(f"out of memory: retrying with --batch-size {batch_size}", file=sys.stderr)
-        return fit(cfg, accelerator, model, rows, collator, batch_size, out)
-
-    if cfg.auto_batch_size:
-        fit_with = find_executable_batch_size(fit_with, starting_batch_size=cfg.batch_size)
-        summary = fit_with()
-    else:
-        summary = fit_with(cfg.batch_size)
-
-    # Save: adapter (safetensors), tokenizer, resolved configuration.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        (out / "run_config.json").write_text(cfg.to_json())
-        if cfg.samples and held_out:
-            # A short evaluation and a few translations of sentences it did not train on.
-            report = end_of_run_report(accelerator.unwrap_model(model), tokenizer, held_out)
-            print(format_report(report))
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": summary["steps"], **report}) + "\n")
-            summary["report"] = report
-        if cfg.push_to_hub:
-            push_to_hub(cfg, out)
-    accelerator.end_training()
-    summary |= {
-        "trainable_params": trainable,
-        "total_params": total,
-        "output_dir": str(out),
-        "precision": precision.name,
-        "is_main_process": accelerator.is_main_process,
-    }
-    return summary | {"model": accelerator.unwrap_model(model), "tokenizer": tokenizer, "held_out": held_out}
