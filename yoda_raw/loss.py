@@ -18,7 +18,8 @@ def token_loss_sum(model, batch: dict) -> torch.Tensor:
     each micro-batch and then averaging the averages weights a token in a sparse micro-batch more
     than one in a dense micro-batch (the classic accumulation bug).
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    # No attention_mask (the CUDA-graph path, graphs.py): plain causal attention, the same for right-padded rows.
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits  # (B, T, V)
     # Position t predicts token t+1. fp32 for the softmax: bf16 log-probabilities are too coarse.
     logits = logits[:, :-1].float()  # (B, T-1, V)
     targets = batch["labels"][:, 1:]  # (B, T-1)

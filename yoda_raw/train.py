@@ -40,6 +40,7 @@ from yoda_raw.config import TUTORIAL_MODEL, Config
 from yoda_raw.data import load_conversations, split_conversations
 from yoda_raw.errors import YodaError
 from yoda_raw.evaluate import end_of_run_report, format_report
+from yoda_raw.graphs import CapturedStep, check_supported
 from yoda_raw.loss import supervised_count, token_loss_sum
 from yoda_raw.model import add_lora, load_base_model, load_model_config, parameter_counts, parameter_line
 from yoda_raw.optim import build_optimizer, learning_rate
@@ -51,6 +52,8 @@ def main(cfg: Config) -> dict:
     """Data, model, fit, save: what `accelerate launch run.py` runs. Returns a summary."""
     accelerator, precision = make_accelerator(cfg)
     check_device(cfg, accelerator)
+    if cfg.cuda_graph:
+        check_supported(accelerator.device, accelerator.num_processes, precision.name)
     check_hub_token(cfg)
     out = check_output_dir(cfg)
     if accelerator.is_main_process:
@@ -194,6 +197,8 @@ def fit(
     steps_per_epoch = math.ceil(micro_per_process / cfg.grad_accum)
     total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps < 0 else cfg.max_steps
     start_step = resume_from(cfg, accelerator) if cfg.resume else 0
+    # --cuda-graph: the micro-batch's forward and backward replayed from a recording (graphs.py).
+    captured = CapturedStep(model, batch_size, cfg.max_length, collator.pad_id, device) if cfg.cuda_graph else None
     stop = StopOnSignal()
 
     meter.reset_peaks(device)  # peaks from here on are the training loop's (the weights stay counted)
@@ -225,7 +230,10 @@ def fit(
             n_supervised = accelerator.reduce(local_supervised, "sum").clamp(min=1)  # all masked: loss 0, not 0/0
 
             # Forward and backward, one micro-batch at a time.
-            step_loss = forward_backward(accelerator, model, micro_batches, n_supervised)
+            if captured is None:
+                step_loss = forward_backward(accelerator, model, micro_batches, n_supervised)
+            else:
+                step_loss = captured.forward_backward(micro_batches, n_supervised)
             window["tokens"] += sum(b["attention_mask"].sum() for b in micro_batches)
             window["supervised"] += local_supervised
 
@@ -236,7 +244,8 @@ def fit(
                 raise NonFiniteLoss(step + 1)
             optimizer.step()  # under fp16, skipped by the loss scaler when gradients overflowed
             skipped += int(accelerator.optimizer_step_was_skipped)
-            optimizer.zero_grad(set_to_none=True)
+            # A captured graph adds into the same gradient tensors every replay: zero them, keep them.
+            optimizer.zero_grad(set_to_none=captured is None)
             window["loss"] += step_loss / n_supervised  # this process's share; summed over processes at logging
             window["steps"] += 1
             step += 1

@@ -1,0 +1,160 @@
+"""Where a training step's time goes: a torch.profiler run of the real loop, split by kind of work.
+
+    python benchmarks/profile_step.py --out DIR [run.py options]        # e.g. --cuda-graph
+    python benchmarks/profile_step.py --out DIR --preset tiny --warmup 1 --steps 2   # a CPU smoke run
+
+It runs `yoda_raw.train.main` (what run.py runs) for warm-up + profiled steps; the profiler records
+the profiled steps only (a hook on every optimizer step advances its schedule). Every GPU kernel of
+those steps is put in one bucket by its name, and the table gives each bucket's GPU time per step:
+
+    4-bit dequantization | matmuls | attention | loss | optimizer and clipping |
+    element-wise and other (norms, rotary, LoRA scale and add, dropout, copies, casts)
+
+plus the kernels launched per step, and the time the GPU sits idle: the step's wall time minus the
+kernels' time (kernels of one stream do not overlap), i.e. the GPU waiting for the host to launch
+the next kernel. Writes DIR/NAME.md (the table and the 15 costliest kernels), DIR/NAME.json and
+DIR/NAME_trace.json (open it in https://ui.perfetto.dev).
+"""
+
+import argparse
+import json
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # yoda_raw and benchmarks/
+
+import torch  # noqa: E402
+from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+
+# Kernel name -> bucket, first match wins. Names are those of bitsandbytes, cuBLAS/CUTLASS and
+# PyTorch's own kernels on CUDA 12-13 (a kernel no rule matches counts as element-wise and other).
+BUCKETS = [
+    ("4-bit dequantization", r"dequantize|kDequant"),
+    ("optimizer and clipping", r"kOptimizer|optimizer|adam|kPreconditionOptimizer|norm_kernel|foreach_norm|clip"),
+    ("attention", r"flash|fmha|attention|attn"),
+    ("loss", r"cross_entropy|log_softmax|softmax_warp|nll_loss"),
+    ("matmuls", r"gemm|xmma|nvjet|cutlass|sm90|sm80|ampere|hopper|splitK|matmul"),
+]
+OTHER = "element-wise and other"
+
+
+def bucket_of(kernel_name: str) -> str:
+    """
+    >>> bucket_of("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>(float*, ...)")
+    '4-bit dequantization'
+    >>> bucket_of("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NNT")
+    'matmuls'
+    >>> bucket_of("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>")
+    'element-wise and other'
+    """
+    for name, pattern in BUCKETS:
+        if re.search(pattern, kernel_name, re.IGNORECASE):
+            return name
+    return OTHER
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="profile_step.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="Folder for NAME.md, NAME.json and NAME_trace.json.")
+    parser.add_argument("--name", default="profile", help="File name stem (default: profile).")
+    parser.add_argument("--warmup", type=int, default=5, help="Steps before profiling starts (default 5).")
+    parser.add_argument("--steps", type=int, default=5, help="Profiled steps (default 5).")
+    return parser.parse_known_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args, rest = parse_args(argv)
+    import run
+    from yoda_raw import train
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_dir = ["--output-dir", str(out / f"{args.name}_run"), "--overwrite"]  # the adapter; options may override
+    steps = ["--max-steps", str(args.warmup + args.steps + 1), "--logging-steps", "1000", "--no-samples"]
+    cfg = run.parse_config([*run_dir, *rest, *steps])
+    on_cuda = torch.cuda.is_available()
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_cuda else [])
+    step_ends = []
+
+    def on_step(*_):  # after every optimizer step: mark the time, advance the profiler's schedule
+        if on_cuda:
+            torch.cuda.synchronize()
+        step_ends.append(time.perf_counter())
+        profiler.step()
+
+    schedule = torch.profiler.schedule(wait=args.warmup - 1, warmup=1, active=args.steps, repeat=1)
+    with torch.profiler.profile(activities=activities, schedule=schedule) as profiler:
+        hook = register_optimizer_step_post_hook(on_step)
+        try:
+            train.main(cfg)
+        finally:
+            hook.remove()
+    profiler.export_chrome_trace(str(out / f"{args.name}_trace.json"))
+
+    # The profiled steps are those between the warm-up's last step end and the last profiled one.
+    wall_s = (step_ends[args.warmup + args.steps - 1] - step_ends[args.warmup - 1]) / args.steps
+    result = split(profiler.events(), args.steps, wall_s, on_cuda)
+    result |= {"command": "python benchmarks/profile_step.py " + " ".join(argv), "device": common.device_name()}
+    result |= {"versions": common.versions(), "date": common.now_utc()}
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{args.name}.md").write_text(table(result))
+    print(table(result))
+    return 0
+
+
+def split(events, steps: int, wall_s: float, on_cuda: bool) -> dict:
+    """Kernel time per step by bucket, kernels per step, the top kernels, and the GPU's idle time."""
+    per_bucket, per_kernel, launches = defaultdict(float), defaultdict(float), 0
+    for event in events:
+        if event.is_user_annotation:  # ranges, not work: their kernels are counted themselves
+            continue
+        if on_cuda and event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        if not on_cuda and event.cpu_parent is not None and not event.cpu_parent.is_user_annotation:
+            continue  # on a CPU: the outermost ops, their children included
+        seconds = (event.device_time_total if on_cuda else event.cpu_time_total) / 1e6 / steps
+        per_bucket[bucket_of(event.name)] += seconds
+        per_kernel[event.name] += seconds
+        launches += 1
+    busy_s = sum(per_bucket.values())
+    top = sorted(per_kernel.items(), key=lambda item: -item[1])[:15]
+    return {
+        "step_s": round(wall_s, 5),
+        "kernel_s": round(busy_s, 5),
+        "idle_s": round(max(wall_s - busy_s, 0.0), 5) if on_cuda else None,
+        "kernels_per_step": round(launches / steps),
+        "buckets_s": {name: round(s, 5) for name, s in sorted(per_bucket.items(), key=lambda item: -item[1])},
+        "top_kernels_s": [[name[:120], round(s, 6)] for name, s in top],
+    }
+
+
+def table(result: dict) -> str:
+    step = result["step_s"]
+    lines = [
+        f"# Where a step's time goes: {result['device']}",
+        "",
+        f"`{result['command']}` ({result['date']})",
+        "",
+        f"Step {step * 1e3:.1f} ms (wall clock, mean of the profiled steps); "
+        f"{result['kernels_per_step']} kernels a step.",
+        "",
+        "| work | ms per step | share of the step |",
+        "|---|---|---|",
+    ]
+    for name, seconds in result["buckets_s"].items():
+        lines.append(f"| {name} | {seconds * 1e3:.1f} | {100 * seconds / step:.0f}% |")
+    if result["idle_s"] is not None:
+        idle = result["idle_s"]
+        lines.append(f"| GPU idle (waiting for the host) | {idle * 1e3:.1f} | {100 * idle / step:.0f}% |")
+    lines += ["", "| costliest kernels | ms per step |", "|---|---|"]
+    lines += [f"| `{name}` | {seconds * 1e3:.2f} |" for name, seconds in result["top_kernels_s"]]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

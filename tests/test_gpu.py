@@ -1,0 +1,375 @@
+"""The GPU path under test: what CI's CPU never runs. `pytest -m gpu` on a machine with a CUDA GPU.
+
+bitsandbytes' CUDA kernels, the paged 8-bit optimizer in unified memory, bf16 autocast and fp16 loss
+scaling on CUDA, generation on a GPU, and the fast path (`--cuda-graph`) are exercised here:
+- per-step losses of run.py against TRL's SFTTrainer on the full-size Phi-3-mini architecture
+  (random weights: no download), with the tutorial's numerics and with our defaults;
+- the fast path against the eager loop, step by step, and its dropout masks;
+- the paged optimizer really paged, and its update equal to bitsandbytes' own;
+- bf16 and fp16 both train; resume equals a straight run; --auto-batch-size settles under a cap;
+- batched greedy generation from a 4-bit adapter equals one sentence at a time.
+Every test is skipped, saying why, where there is no CUDA GPU. The tolerances are those the GPU's
+formats allow, each justified where it is set. With YODA_RAW_GPU_REPORT=FILE the measured figures
+(worst differences, losses) are written to FILE as JSON, for the record in benchmarks/results/.
+"""
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from accelerate.state import AcceleratorState
+
+from yoda_raw import optim
+from yoda_raw.config import PRESETS, Config
+from yoda_raw.model import random_model
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; run `pytest -m gpu` on a GPU machine"),
+]
+
+STEPS = 20  # per-step loss comparisons: 20 optimizer steps of 16 x 64 tokens
+
+
+@pytest.fixture(scope="session")
+def report():
+    """Figures measured by the tests; written as JSON at the end when YODA_RAW_GPU_REPORT is set."""
+    figures = {}
+    yield figures
+    if os.environ.get("YODA_RAW_GPU_REPORT"):
+        Path(os.environ["YODA_RAW_GPU_REPORT"]).write_text(json.dumps(figures, indent=2))
+
+
+@pytest.fixture(scope="session")
+def phi3_checkpoint(tmp_path_factory, phi3_path):
+    """The full-size Phi-3-mini-4k architecture with random weights (bf16), saved once for all tests:
+    every pipeline then loads and quantizes the same weights through from_pretrained."""
+    folder = tmp_path_factory.mktemp("phi3-random")
+    config = transformers.AutoConfig.from_pretrained(phi3_path)
+    model = random_model(config, seed=42, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    del model
+    torch.cuda.empty_cache()
+    return folder
+
+
+def metrics(output_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(output_dir) -> list[float]:
+    return [record["loss"] for record in metrics(output_dir) if "loss" in record and "step" in record]
+
+
+def worst_relative(ours: list[float], reference: list[float]) -> float:
+    assert len(ours) == len(reference) >= 2, (ours, reference)
+    return max(abs(a - b) / abs(b) for a, b in zip(ours, reference, strict=True))
+
+
+def run_py(argv: list[str]) -> int:
+    """run.py's main, in this process (it is a script at the repository root, not in the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run", Path(__file__).resolve().parent.parent / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    AcceleratorState._reset_state(True)
+    try:
+        return module.main(argv)
+    finally:
+        AcceleratorState._reset_state(True)
+        torch.cuda.empty_cache()
+
+
+# --- 1. run.py against SFTTrainer, and the fast path against the eager loop -------------------------------
+
+
+def phi3_argv(checkpoint, phi3_path, yoda_rows_path, output_dir, *extra: str) -> list[str]:
+    """The tutorial's configuration on the random Phi-3, made comparable step by step: every token
+    supervised (as SFTTrainer trains the tutorial's data), rows in order, no LoRA dropout."""
+    return [
+        *("--model", str(checkpoint), "--tokenizer", str(phi3_path), "--dataset", str(yoda_rows_path)),
+        *("--train-on", "all", "--no-shuffle", "--lora-dropout", "0", "--eval-fraction", "0"),
+        *("--max-steps", str(STEPS), "--logging-steps", "1", "--no-samples", "--no-auto-batch-size"),
+        *("--output-dir", str(output_dir), *extra),
+    ]
+
+
+@pytest.fixture(scope="module")
+def phi3_runs(tmp_path_factory, phi3_checkpoint, phi3_path, yoda_rows_path):
+    """Per-step losses of each pipeline on the random Phi-3, each computed once for the module."""
+    cache = {}
+    variants = {
+        "tutorial-numerics": ["--fp32-frozen", "--quant-compute-dtype", "float32"],
+        "defaults": [],
+        "cuda-graph": ["--cuda-graph"],
+    }
+
+    def losses(name: str) -> list[float]:
+        if name not in cache:
+            out = tmp_path_factory.mktemp(name)
+            if name == "sft":
+                cache[name] = sfttrainer_losses(phi3_checkpoint, phi3_path, yoda_rows_path, out)
+            else:
+                assert run_py(phi3_argv(phi3_checkpoint, phi3_path, yoda_rows_path, out, *variants[name])) == 0
+                cache[name] = step_losses(out)
+        return cache[name]
+
+    return losses
+
+
+def sfttrainer_losses(checkpoint, phi3_path, yoda_rows_path, output_dir) -> list[float]:
+    """The tutorial's SFTTrainer set-up (4-bit NF4 with fp32 compute, prepare_model_for_kbit_training,
+    LoRA r=8 on the four modules, bf16, checkpointing, paged 8-bit AdamW), rows in order, no dropout."""
+    import datasets
+    import trl
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(phi3_path)
+    tokenizer.pad_token = tokenizer.unk_token
+    rows = [json.loads(line) for line in Path(yoda_rows_path).read_text().splitlines() if line.strip()]
+    messages = [
+        [{"role": "user", "content": r["sentence"]}, {"role": "assistant", "content": r["translation_extra"]}]
+        for r in rows
+    ]
+    quant = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=quant, device_map={"": 0})
+    model = prepare_model_for_kbit_training(model)
+    lora = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        target_modules=["o_proj", "qkv_proj", "gate_up_proj", "down_proj"],
+    )
+    transformers.set_seed(42)  # as our add_lora seeds right before get_peft_model: the same LoRA A
+    model = get_peft_model(model, lora)
+    args = trl.SFTConfig(
+        output_dir=str(output_dir),
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        per_device_train_batch_size=16,
+        max_length=64,
+        packing=True,
+        packing_strategy="wrapped",
+        learning_rate=3e-4,
+        optim="paged_adamw_8bit",
+        bf16=True,
+        max_steps=STEPS,
+        num_train_epochs=10,  # the schedule decays over max_steps, as ours does with --max-steps
+        logging_steps=1,
+        train_sampling_strategy="sequential",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=42,
+    )
+    try:
+        trainer = trl.SFTTrainer(
+            model=model,
+            args=args,
+            processing_class=tokenizer,
+            train_dataset=datasets.Dataset.from_dict({"messages": messages}),
+        )
+        trainer.train()
+    finally:
+        AcceleratorState._reset_state(True)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    del trainer, model
+    torch.cuda.empty_cache()
+    return losses
+
+
+def test_tutorial_numerics_match_sfttrainer_within_half_a_percent(phi3_runs, report):
+    """With the tutorial's numerics (fp32 frozen weights and 4-bit compute), every one of 20 steps'
+    losses is within 0.5% of SFTTrainer's. What still differs: TRL casts the LoRA weights to bf16,
+    we keep them fp32; bf16 autocast rounds each product to 8 mantissa bits (0.4%) either way.
+    Catches a wrong loss normalisation, schedule, clipping, optimizer setting or data order."""
+    worst = worst_relative(phi3_runs("tutorial-numerics"), phi3_runs("sft"))
+    report["sft_vs_tutorial_numerics_worst_rel"] = worst
+    report["sft_losses"] = phi3_runs("sft")
+    assert worst <= 0.005, (phi3_runs("tutorial-numerics"), phi3_runs("sft"))
+
+
+def test_defaults_match_sfttrainer_within_one_percent(phi3_runs, report):
+    """Our defaults (frozen norms, embeddings and head in bf16; 4-bit compute in bf16) change the
+    numerics a little, not the learning: within 1% of SFTTrainer at every step."""
+    worst = worst_relative(phi3_runs("defaults"), phi3_runs("sft"))
+    report["sft_vs_defaults_worst_rel"] = worst
+    report["defaults_losses"] = phi3_runs("defaults")
+    assert worst <= 0.01, (phi3_runs("defaults"), phi3_runs("sft"))
+
+
+def test_cuda_graph_matches_the_eager_loop(phi3_runs, report):
+    """--cuda-graph replays a recording of the same forward and backward: per-step losses within
+    1% of the eager loop over 20 steps (the bar every fast path passes before it may become a
+    default; the kernels are the same, so the difference is rounding order at most)."""
+    worst = worst_relative(phi3_runs("cuda-graph"), phi3_runs("defaults"))
+    report["cuda_graph_vs_eager_worst_rel"] = worst
+    report["cuda_graph_losses"] = phi3_runs("cuda-graph")
+    assert worst <= 0.01, (phi3_runs("cuda-graph"), phi3_runs("defaults"))
+
+
+def test_checkpoint_recompute_draws_the_forward_dropout_mask_inside_a_graph():
+    """Gradient checkpointing recomputes each layer in backward, dropout included; the recompute
+    must draw the forward's mask, also when both are replayed from a CUDA graph (where the random
+    state advances per replay). With x = 1 and w = 1, the loss counts the forward's kept elements and
+    d loss / d w counts the recompute's: they must agree, at every replay, and change between replays."""
+    from torch.utils.checkpoint import checkpoint
+
+    x = torch.ones(4096, device="cuda")
+    w = torch.ones((), device="cuda", requires_grad=True)
+    w.grad = torch.zeros_like(w)
+
+    def block(x):
+        return torch.nn.functional.dropout(x, p=0.5, training=True) * w
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        checkpoint(block, x, use_reentrant=False).sum().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        w.grad.zero_()
+        loss = checkpoint(block, x, use_reentrant=False).sum()
+        loss.backward()
+    seen = set()
+    for _ in range(3):
+        graph.replay()
+        assert torch.equal(loss, w.grad), (loss.item(), w.grad.item())
+        seen.add(loss.item())
+    assert len(seen) > 1  # each replay draws a new mask
+
+
+# --- 2. the paged 8-bit optimizer ----------------------------------------------------------------------
+
+
+def test_paged_adamw_8bit_is_paged_and_equals_bitsandbytes_own():
+    """Our paged_adamw_8bit keeps 8-bit state, in unified memory (paged) for tensors of 100,000+
+    elements, 32-bit state below 4,096 elements, and updates exactly as bitsandbytes' own
+    PagedAdamW8bit with the Trainer's hyper-parameters (weight decay 0) on the same gradients."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    shapes = [(16384, 8), (8, 3072), (64,)]  # gate_up_proj.lora_B, a lora_A, a small tensor
+    ours = [torch.nn.Parameter(torch.randn(s, device="cuda") * 0.02) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt_ours = optim.build_optimizer(ours, "paged_adamw_8bit", 3e-4, 0.0, torch.device("cuda"))
+    opt_theirs = bnb.optim.PagedAdamW8bit(theirs, lr=3e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in ours]
+        for p, q, g in zip(ours, theirs, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt_ours.step()
+        opt_theirs.step()
+    torch.cuda.synchronize()
+    for p, q in zip(ours, theirs, strict=True):
+        assert torch.equal(p, q)
+    big, lora_a, small = (opt_ours.state[p] for p in ours)
+    assert getattr(big["state1"], "is_paged", False) and big["state1"].dtype == torch.uint8
+    assert not getattr(lora_a["state1"], "is_paged", False) and lora_a["state1"].dtype == torch.uint8
+    assert small["state1"].dtype == torch.float32
+
+
+# --- 3. bf16 and fp16 train; resume; auto batch size ------------------------------------------------------
+
+
+def tiny_gpu(tmp_path, **overrides) -> Config:
+    """The tiny preset (4-bit NF4 base, LoRA) on the GPU."""
+    return Config(**{"preset": "tiny", **PRESETS["tiny"], "samples": False, "output_dir": str(tmp_path), **overrides})
+
+
+def train(cfg: Config):
+    from yoda_raw.train import main
+
+    AcceleratorState._reset_state(True)
+    try:
+        return main(cfg)
+    finally:
+        AcceleratorState._reset_state(True)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_bf16_and_fp16_train(tmp_path, precision, report):
+    """30 steps on the tiny preset: the loss falls by a third in either format. fp16 runs with
+    Accelerate's loss scaler; the steps it skipped on overflow are counted in every record."""
+    train(tiny_gpu(tmp_path, precision=precision, max_steps=30, logging_steps=1, eval_fraction=0.0))
+    records = metrics(tmp_path)
+    losses = [r["loss"] for r in records]
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    report[f"{precision}_loss_first5_last5"] = [first, last]
+    assert last < first * 2 / 3, losses
+    skipped = records[-1]["skipped_steps"]
+    report[f"{precision}_skipped_steps"] = skipped
+    assert skipped < 30 if precision == "fp16" else skipped == 0
+
+
+def test_resume_on_the_gpu_gives_the_straight_runs_losses(tmp_path, report):
+    """Stopped at step 4 and resumed, the run logs the straight run's losses at steps 5-12. bf16
+    rounding is deterministic for the same kernels on the same shapes; what can differ is the order
+    of atomic additions in some backward kernels, a rounding-level effect: 1e-3 relative allows
+    that, while a wrong data position, learning rate or optimizer state moves a loss by percents."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = {"precision": "bf16", "max_steps": 12, "save_steps": 4, "logging_steps": 1, "eval_fraction": 0.0}
+    train(tiny_gpu(straight, **common))
+    train(tiny_gpu(resumed, **common, resume=str(straight / "checkpoint-4")))
+    worst = worst_relative(step_losses(resumed)[-8:], step_losses(straight)[-8:])
+    report["resume_worst_rel"] = worst
+    assert worst <= 1e-3, (step_losses(resumed), step_losses(straight))
+
+
+def test_auto_batch_size_settles_under_a_memory_cap(tmp_path, phi3_checkpoint, phi3_path, yoda_rows_path, report):
+    """Under a 6 GiB cap, 64 rows of 512 tokens do not fit Phi-3-mini: --auto-batch-size retries with
+    0.9x the rows until a batch trains, and records the batch it settled on in every metrics line."""
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(6 * 1024**3 / total)
+    try:
+        argv = [
+            *("--model", str(phi3_checkpoint), "--tokenizer", str(phi3_path), "--dataset", str(yoda_rows_path)),
+            *("--batch-size", "64", "--max-length", "512", "--max-steps", "2", "--logging-steps", "1"),
+            *("--eval-fraction", "0", "--no-samples", "--output-dir", str(tmp_path)),
+        ]
+        assert run_py(argv) == 0
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    settled = {r["batch_size"] for r in metrics(tmp_path)}
+    report["auto_batch_size_settled"] = sorted(settled)
+    assert len(settled) == 1 and 1 <= settled.pop() < 64
+
+
+# --- 4. generation ------------------------------------------------------------------------------------------
+
+
+def test_batched_generation_from_a_4bit_adapter_equals_one_by_one(tmp_path, report):
+    """A tiny 4-bit model memorises 8 pairs on the GPU; loaded back from its adapter folder, greedy
+    generation of a left-padded batch gives the same tokens as one sentence at a time, and gives
+    most pairs back. Catches right padding or a lost attention mask on the GPU's kernels."""
+    from yoda_raw.generate import generate_ids, load_for_inference, prompt_ids
+
+    rows = [json.loads(line) for line in Path(PRESETS["tiny"]["dataset"]).read_text().splitlines()[:8]]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_gpu(tmp_path / "adapter", dataset=str(pairs), eval_fraction=0.0, packing="none", batch_size=8)
+    train(dataclasses.replace(cfg, epochs=60, lr=1e-2, lora_r=16, lora_alpha=16, logging_steps=50))
+    model, tokenizer, _ = load_for_inference(tmp_path / "adapter", device="cuda")
+    sentences = [r["sentence"] for r in rows] + ["The Force is strong in you!", "Hi"]
+    assert len({len(prompt_ids(tokenizer, s)) for s in sentences}) > 1  # padding really happens
+    batched = generate_ids(model, tokenizer, sentences, max_new_tokens=24, batch_size=len(sentences))
+    single = [generate_ids(model, tokenizer, [s], max_new_tokens=24)[0] for s in sentences]
+    assert batched == single
+    answers = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in batched[:8]]
+    exact = sum(a == r["translation_extra"] for a, r in zip(answers, rows, strict=True))
+    report["generation_memorised_of_8"] = exact
+    assert exact >= 6, answers

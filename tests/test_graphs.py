@@ -1,0 +1,74 @@
+"""The CUDA-graph path's CPU-checkable parts: what it feeds the model, and where it refuses to run.
+
+The graph itself needs a GPU (tests/test_gpu.py compares it with the eager loop there). What it
+relies on can be checked here: a micro-batch padded to the graph's fixed (B, T) and run without an
+attention mask gives the eager loss and gradients exactly.
+"""
+
+import pytest
+import torch
+
+import run
+from yoda_raw.chat import IGNORE
+from yoda_raw.graphs import CapturedStep
+from yoda_raw.loss import token_loss_sum
+from yoda_raw.packing import Collator
+
+
+def lora_like_grads(model) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_padded_maskless_batch_gives_the_eager_loss_and_gradients(tiny_model, tiny_tokenizer):
+    """A short batch (3 rows, the last one shorter) copied into a 5 x 12 buffer and run without an
+    attention mask gives the same loss sum and the same gradients as the collated batch with its mask:
+    right padding is invisible to causal attention, and padded rows have no supervised label.
+    Catches left padding, pad rows with real labels, or a loss that counts padded positions."""
+    rows = [
+        {"input_ids": [5, 6, 7, 8, 9, 10, 11, 12], "labels": [IGNORE, IGNORE, 7, 8, 9, 10, 11, 12]},
+        {"input_ids": [13, 14, 15, 16, 17, 18, 19, 20], "labels": [13, 14, 15, IGNORE, 17, 18, 19, 20]},
+        {"input_ids": [21, 22, 23, 24], "labels": [IGNORE, 22, 23, 24]},
+    ]
+    batch = Collator(tiny_tokenizer.pad_token_id)(rows)
+    assert batch["attention_mask"].min() == 0  # the mask really matters to the eager batch
+
+    token_loss_sum(tiny_model, batch).backward()
+    eager_loss, eager_grads = None, lora_like_grads(tiny_model)
+    with torch.no_grad():
+        eager_loss = token_loss_sum(tiny_model, batch)
+    tiny_model.zero_grad(set_to_none=True)
+
+    captured = CapturedStep(tiny_model, batch_size=5, max_length=12, pad_id=tiny_tokenizer.pad_token_id, device="cpu")
+    captured._load(batch)
+    assert set(captured.batch) == {"input_ids", "labels"}  # no attention mask reaches the model
+    assert (captured.batch["labels"][3:] == IGNORE).all() and (captured.batch["labels"][:, 8:] == IGNORE).all()
+    loss = token_loss_sum(tiny_model, captured.batch)
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), eager_loss, rtol=1e-5, atol=1e-5)
+    grads = lora_like_grads(tiny_model)
+    assert grads.keys() == eager_grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_full_batch_after_a_short_one_leaves_no_stale_padding(tiny_tokenizer):
+    """The buffers are reused: a short batch pads them, and the next full batch must overwrite
+    every position (no labels of an earlier batch survive)."""
+    captured = CapturedStep(torch.nn.Identity(), batch_size=2, max_length=4, pad_id=0, device="cpu")
+    captured._load({"input_ids": torch.tensor([[1, 2]]), "labels": torch.tensor([[1, 2]])})
+    full = {"input_ids": torch.arange(8).view(2, 4), "labels": torch.arange(8).view(2, 4) + 10}
+    captured._load(full)
+    assert torch.equal(captured.batch["input_ids"], full["input_ids"])
+    assert torch.equal(captured.batch["labels"], full["labels"])
+    captured._load({"input_ids": torch.tensor([[7]]), "labels": torch.tensor([[7]])})
+    assert captured.batch["labels"].tolist() == [[7, IGNORE, IGNORE, IGNORE], [IGNORE] * 4]
+
+
+def test_cuda_graph_on_a_cpu_is_one_clear_line(tmp_path, capsys):
+    """--cuda-graph where it cannot run stops before anything loads, with one line that says why."""
+    code = run.main(["--preset", "tiny", "--cuda-graph", "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: --cuda-graph needs a CUDA GPU"), err
+    assert not (tmp_path / "out").exists()

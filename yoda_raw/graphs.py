@@ -1,0 +1,101 @@
+"""The fast path on CUDA (`--cuda-graph`): a micro-batch's forward and backward recorded once as a
+CUDA graph, then replayed every micro-batch.
+
+Why it is faster: at the tutorial's 16 rows x 64 tokens the GPU mostly waits. An eager micro-batch
+is tens of thousands of small kernels (32 layers; forward, the checkpointing recompute and backward;
+per layer, four 4-bit linears with their dequantization and LoRA, norms, rotary embeddings,
+attention), and Python launches them one at a time, each faster to run than to launch. A CUDA graph
+records the whole sequence once; a replay launches all of it with one call. The arithmetic stays;
+the launch overhead goes. Memory stays that of the eager loop: the graph keeps one set of
+activation buffers, sized by the same peak.
+
+What a graph needs, and how the loop gives it:
+- fixed shapes and addresses: every micro-batch is copied into the same (B, T) buffers, B =
+  --batch-size and T = --max-length. A short batch (the last of an epoch) gets extra rows of
+  padding whose labels are all masked: they add 0 to the loss and to every gradient.
+- no host sync inside: transformers inspects the attention mask on the host, so none is passed.
+  Rows are padded on the right only, and under causal attention a real token never attends to the
+  padding after it: without the mask, every real position computes exactly what it did with it.
+- gradients at fixed addresses: they exist (as zeros) before the capture, the graph adds into them,
+  and the loop zeroes them in place (`zero_grad(set_to_none=False)`) instead of freeing them.
+- one process (DDP's gradient all-reduce would have to be captured too), and no fp16 loss
+  scaler (it reads its scale on the host and may skip steps).
+Clipping, the NaN check and the optimizer step stay eager, after the replays of a step.
+"""
+
+import torch
+
+from yoda_raw.chat import IGNORE
+from yoda_raw.errors import YodaError
+from yoda_raw.loss import token_loss_sum
+
+WARMUP_PASSES = 2  # eager passes before capture; torch's CUDA-graph recipe warms up on a side stream
+
+
+def check_supported(device: torch.device, num_processes: int, precision_name: str) -> None:
+    """--cuda-graph runs where a graph can hold the whole micro-batch: say so at once otherwise."""
+    if device.type != "cuda":
+        raise YodaError("--cuda-graph needs a CUDA GPU; on a CPU leave it off (the eager loop is the same computation)")
+    if num_processes > 1:
+        raise YodaError(f"--cuda-graph runs on one process (this run has {num_processes}); drop it, or launch one")
+    if precision_name == "fp16":
+        raise YodaError("--cuda-graph does not support --precision fp16 (its loss scaler syncs); use bf16 or fp32")
+
+
+class CapturedStep:
+    """Forward and backward of one (batch_size, max_length) micro-batch as a replayable CUDA graph.
+
+    `forward_backward` has the eager loop's contract (train.forward_backward): it accumulates the
+    gradient of (sum of token losses) / n_supervised into the parameters' .grad and returns the sum
+    of the micro-batches' token losses.
+    """
+
+    def __init__(self, model, batch_size: int, max_length: int, pad_id: int, device: torch.device):
+        self.model, self.pad_id = model, pad_id
+        # The graph's inputs: filled before every replay. No attention_mask (see the module docstring).
+        self.batch = {
+            "input_ids": torch.full((batch_size, max_length), pad_id, dtype=torch.long, device=device),  # (B, T)
+            "labels": torch.full((batch_size, max_length), IGNORE, dtype=torch.long, device=device),  # (B, T)
+        }
+        self.scale = torch.ones((), device=device)  # 1 / supervised tokens of the step, set each step
+        self.graph = None
+        self.loss_sum = None  # the graph's output: this micro-batch's summed token loss, (,)
+
+    def forward_backward(self, micro_batches: list[dict], n_supervised: torch.Tensor) -> torch.Tensor:
+        self.scale.copy_(1.0 / n_supervised)  # on the device: no sync
+        step_loss = torch.zeros((), device=self.scale.device)
+        for batch in micro_batches:
+            self._load(batch)
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()  # forward and backward: gradients added into .grad
+            step_loss += self.loss_sum  # read before the next replay overwrites it
+        return step_loss
+
+    def _load(self, batch: dict) -> None:
+        """Copy a micro-batch into the graph's input buffers, padding rows and columns."""
+        rows, length = batch["input_ids"].shape
+        if (rows, length) != tuple(self.batch["input_ids"].shape):
+            self.batch["input_ids"].fill_(self.pad_id)
+            self.batch["labels"].fill_(IGNORE)
+        self.batch["input_ids"][:rows, :length].copy_(batch["input_ids"])
+        self.batch["labels"][:rows, :length].copy_(batch["labels"])
+
+    def _capture(self) -> None:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        # Warm up outside the capture: cuBLAS handles, bitsandbytes' and autograd's lazy set-up and
+        # the gradient tensors themselves must exist before recording starts.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_PASSES):
+                (token_loss_sum(self.model, self.batch) * self.scale).backward()
+        torch.cuda.current_stream().wait_stream(side)
+        # The warm-up's gradients are not this step's: zero them in place. The graph then records
+        # `grad += ...` into these very tensors, which is why they must never be freed afterwards.
+        for param in params:
+            param.grad.zero_()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss_sum = token_loss_sum(self.model, self.batch)
+            (self.loss_sum * self.scale).backward()
