@@ -5,6 +5,8 @@ relies on can be checked here: a micro-batch padded to the graph's fixed (B, T) 
 attention mask gives the eager loss and gradients exactly.
 """
 
+import json
+
 import pytest
 import torch
 
@@ -65,10 +67,21 @@ def test_a_full_batch_after_a_short_one_leaves_no_stale_padding(tiny_tokenizer):
 
 
 def test_cuda_graph_on_a_cpu_is_one_clear_line(tmp_path, capsys):
-    """--cuda-graph where it cannot run stops before anything loads, with one line that says why."""
-    code = run.main(["--preset", "tiny", "--cuda-graph", "--output-dir", str(tmp_path / "out")])
+    """--cuda-graph on where it cannot run stops before anything loads, with one line that says why;
+    auto (the default) falls back to the eager loop and says so in the saved config."""
+    code = run.main(["--preset", "tiny", "--cuda-graph", "on", "--output-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: --cuda-graph needs a CUDA GPU"), err
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: --cuda-graph on needs a CUDA GPU"), err
     assert not (tmp_path / "out").exists()
+
+
+def test_auto_resolves_to_what_the_run_does(tmp_path):
+    """The default, auto, is saved as what it became: off on a CPU, so run_config.json tells the truth."""
+    from yoda_raw.config import PRESETS, Config
+    from yoda_raw.train import main
+
+    main(Config(**{**PRESETS["tiny"], "max_steps": 1, "samples": False, "output_dir": str(tmp_path)}))
+    saved = json.loads((tmp_path / "run_config.json").read_text())
+    assert saved["cuda_graph"] == ("on" if torch.cuda.is_available() else "off")

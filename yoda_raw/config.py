@@ -95,11 +95,12 @@ class Config:
     gradient_checkpointing: bool = field(
         default=True, metadata={"help": "Recompute activations in backward (less memory, about a third more compute)."}
     )
-    cuda_graph: bool = field(
-        default=False,
+    cuda_graph: Literal["auto", "on", "off"] = field(
+        default="auto",
         metadata={
-            "help": "Record each micro-batch's forward and backward once as a CUDA graph and replay it "
-            "(one CUDA GPU, bf16 or fp32; rows padded to --max-length). Much less launch overhead, same memory."
+            "help": "Record each micro-batch's forward and backward once as a CUDA graph and replay it: "
+            "much less launch overhead, the same memory and losses. auto: on where it can run "
+            "(one CUDA GPU, bf16 or fp32), off elsewhere. off: the plain eager loop."
         },
     )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})

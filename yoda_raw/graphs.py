@@ -1,5 +1,5 @@
-"""The fast path on CUDA (`--cuda-graph`): a micro-batch's forward and backward recorded once as a
-CUDA graph, then replayed every micro-batch.
+"""The fast path on CUDA (`--cuda-graph`, on by default where it can run): a micro-batch's forward
+and backward recorded once as a CUDA graph, then replayed every micro-batch.
 
 Why it is faster: at the tutorial's 16 rows x 64 tokens the GPU mostly waits. An eager micro-batch
 is tens of thousands of small kernels (32 layers; forward, the checkpointing recompute and backward;
@@ -19,7 +19,8 @@ What a graph needs, and how the loop gives it:
 - gradients at fixed addresses: they exist (as zeros) before the capture, the graph adds into them,
   and the loop zeroes them in place (`zero_grad(set_to_none=False)`) instead of freeing them.
 - one process (DDP's gradient all-reduce would have to be captured too), and no fp16 loss
-  scaler (it reads its scale on the host and may skip steps).
+  scaler (it reads its scale on the host and may skip steps). `--cuda-graph auto`, the default,
+  turns the graph on wherever these hold and leaves the eager loop elsewhere.
 Clipping, the NaN check and the optimizer step stay eager, after the replays of a step.
 """
 
@@ -32,14 +33,23 @@ from yoda_raw.loss import token_loss_sum
 WARMUP_PASSES = 2  # eager passes before capture; torch's CUDA-graph recipe warms up on a side stream
 
 
-def check_supported(device: torch.device, num_processes: int, precision_name: str) -> None:
-    """--cuda-graph runs where a graph can hold the whole micro-batch: say so at once otherwise."""
+def resolve(setting: str, device: torch.device, num_processes: int, precision_name: str) -> str:
+    """--cuda-graph auto|on|off -> "on" or "off" for this run; "on" where it cannot run is an error.
+
+    >>> resolve("auto", torch.device("cpu"), 1, "fp32")
+    'off'
+    """
     if device.type != "cuda":
-        raise YodaError("--cuda-graph needs a CUDA GPU; on a CPU leave it off (the eager loop is the same computation)")
-    if num_processes > 1:
-        raise YodaError(f"--cuda-graph runs on one process (this run has {num_processes}); drop it, or launch one")
-    if precision_name == "fp16":
-        raise YodaError("--cuda-graph does not support --precision fp16 (its loss scaler syncs); use bf16 or fp32")
+        reason = "needs a CUDA GPU"
+    elif num_processes > 1:
+        reason = f"runs on one process (this run has {num_processes})"
+    elif precision_name == "fp16":
+        reason = "does not support --precision fp16 (its loss scaler reads its scale on the host); use bf16 or fp32"
+    else:
+        return "off" if setting == "off" else "on"
+    if setting == "on":
+        raise YodaError(f"--cuda-graph on {reason}; use --cuda-graph auto or off")
+    return "off"
 
 
 class CapturedStep:
@@ -85,12 +95,16 @@ class CapturedStep:
         params = [p for p in self.model.parameters() if p.requires_grad]
         # Warm up outside the capture: cuBLAS handles, bitsandbytes' and autograd's lazy set-up and
         # the gradient tensors themselves must exist before recording starts.
+        # The warm-up must not use up random numbers a run without it would have drawn: restoring
+        # the state makes the replays draw the same dropout masks after a resume as straight through.
+        rng_state = torch.cuda.get_rng_state()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(WARMUP_PASSES):
                 (token_loss_sum(self.model, self.batch) * self.scale).backward()
         torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.set_rng_state(rng_state)
         # The warm-up's gradients are not this step's: zero them in place. The graph then records
         # `grad += ...` into these very tensors, which is why they must never be freed afterwards.
         for param in params:

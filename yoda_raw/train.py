@@ -40,7 +40,8 @@ from yoda_raw.config import TUTORIAL_MODEL, Config
 from yoda_raw.data import load_conversations, split_conversations
 from yoda_raw.errors import YodaError
 from yoda_raw.evaluate import end_of_run_report, format_report
-from yoda_raw.graphs import CapturedStep, check_supported
+from yoda_raw.graphs import CapturedStep
+from yoda_raw.graphs import resolve as resolve_cuda_graph
 from yoda_raw.loss import supervised_count, token_loss_sum
 from yoda_raw.model import add_lora, load_base_model, load_model_config, parameter_counts, parameter_line
 from yoda_raw.optim import build_optimizer, learning_rate
@@ -52,8 +53,9 @@ def main(cfg: Config) -> dict:
     """Data, model, fit, save: what `accelerate launch run.py` runs. Returns a summary."""
     accelerator, precision = make_accelerator(cfg)
     check_device(cfg, accelerator)
-    if cfg.cuda_graph:
-        check_supported(accelerator.device, accelerator.num_processes, precision.name)
+    # auto -> on or off, so that the printed and saved config say what this run does.
+    graph = resolve_cuda_graph(cfg.cuda_graph, accelerator.device, accelerator.num_processes, precision.name)
+    cfg = dataclasses.replace(cfg, cuda_graph=graph)
     check_hub_token(cfg)
     out = check_output_dir(cfg)
     if accelerator.is_main_process:
@@ -198,7 +200,9 @@ def fit(
     total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps < 0 else cfg.max_steps
     start_step = resume_from(cfg, accelerator) if cfg.resume else 0
     # --cuda-graph: the micro-batch's forward and backward replayed from a recording (graphs.py).
-    captured = CapturedStep(model, batch_size, cfg.max_length, collator.pad_id, device) if cfg.cuda_graph else None
+    captured = None
+    if cfg.cuda_graph == "on":
+        captured = CapturedStep(model, batch_size, cfg.max_length, collator.pad_id, device)
     stop = StopOnSignal()
 
     meter.reset_peaks(device)  # peaks from here on are the training loop's (the weights stay counted)
