@@ -20,6 +20,7 @@ import argparse
 import json
 import re
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -41,6 +42,13 @@ BUCKETS = [
     ("matmuls", r"gemm|xmma|nvjet|cutlass|sm90|sm80|ampere|hopper|splitK|matmul"),
 ]
 OTHER = "element-wise and other"
+# What the host does meanwhile: CPU time per step inside these ranges (they may nest: not a sum).
+HOST = [
+    ("waiting for the GPU (synchronize)", r"^cuda(Device|Stream|Event)Synchronize$"),
+    ("optimizer step (host)", r"^Optimizer\.step#"),
+    ("data loader", r"^enumerate\(DataLoader\)"),
+    ("graph launch", r"^cudaGraphLaunch$"),
+]
 
 
 def bucket_of(kernel_name: str) -> str:
@@ -74,7 +82,11 @@ def main(argv: list[str]) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    run_dir = ["--output-dir", str(out / f"{args.name}_run"), "--overwrite"]  # the adapter; options may override
+    run_dir = [
+        "--output-dir",
+        str(Path(tempfile.mkdtemp(prefix="profile_run_"))),
+        "--overwrite",
+    ]  # options may override
     steps = ["--max-steps", str(args.warmup + args.steps + 1), "--logging-steps", "1000", "--no-samples"]
     cfg = run.parse_config([*run_dir, *rest, *steps])
     on_cuda = torch.cuda.is_available()
@@ -109,8 +121,11 @@ def main(argv: list[str]) -> int:
 
 def split(events, steps: int, wall_s: float, on_cuda: bool) -> dict:
     """Kernel time per step by bucket, kernels per step, the top kernels, and the GPU's idle time."""
-    per_bucket, per_kernel, launches = defaultdict(float), defaultdict(float), 0
+    per_bucket, per_kernel, launches, host = defaultdict(float), defaultdict(float), 0, defaultdict(float)
     for event in events:
+        for name, pattern in HOST:
+            if event.device_type == torch.autograd.DeviceType.CPU and re.search(pattern, event.name):
+                host[name] += event.cpu_time_total / 1e6 / steps
         if event.is_user_annotation:  # ranges, not work: their kernels are counted themselves
             continue
         if on_cuda and event.device_type != torch.autograd.DeviceType.CUDA:
@@ -130,6 +145,7 @@ def split(events, steps: int, wall_s: float, on_cuda: bool) -> dict:
         "kernels_per_step": round(launches / steps),
         "buckets_s": {name: round(s, 5) for name, s in sorted(per_bucket.items(), key=lambda item: -item[1])},
         "top_kernels_s": [[name[:120], round(s, 6)] for name, s in top],
+        "host_s": {name: round(host[name], 5) for name, _ in HOST},
     }
 
 
@@ -151,6 +167,8 @@ def table(result: dict) -> str:
     if result["idle_s"] is not None:
         idle = result["idle_s"]
         lines.append(f"| GPU idle (waiting for the host) | {idle * 1e3:.1f} | {100 * idle / step:.0f}% |")
+    lines += ["", "| the host, meanwhile | ms per step |", "|---|---|"]
+    lines += [f"| {name} | {seconds * 1e3:.1f} |" for name, seconds in result["host_s"].items()]
     lines += ["", "| costliest kernels | ms per step |", "|---|---|"]
     lines += [f"| `{name}` | {seconds * 1e3:.2f} |" for name, seconds in result["top_kernels_s"]]
     return "\n".join(lines) + "\n"

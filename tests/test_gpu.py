@@ -336,24 +336,29 @@ def test_resume_on_the_gpu_gives_the_straight_runs_losses(tmp_path, report):
     assert worst <= 1e-3, (step_losses(resumed), step_losses(straight))
 
 
-def test_auto_batch_size_settles_under_a_memory_cap(tmp_path, phi3_checkpoint, phi3_path, yoda_rows_path, report):
-    """Under a 6 GiB cap, 64 rows of 512 tokens do not fit Phi-3-mini: --auto-batch-size retries with
-    0.9x the rows until a batch trains, and records the batch it settled on in every metrics line."""
+@pytest.mark.parametrize("graph", ["off", "on"])
+def test_auto_batch_size_settles_under_a_memory_cap(
+    tmp_path, graph, phi3_checkpoint, phi3_path, yoda_rows_path, report
+):
+    """Under a 6 GiB cap, 40 rows of 512 tokens do not fit Phi-3-mini: --auto-batch-size retries with
+    0.9x the rows until a batch trains, and records the batch it settled on in every metrics line;
+    with the CUDA graph too (an out-of-memory error inside the capture must leave nothing behind)."""
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(6 * 1024**3 / total)
     try:
         argv = [
             *("--model", str(phi3_checkpoint), "--tokenizer", str(phi3_path), "--dataset", str(yoda_rows_path)),
-            *("--batch-size", "64", "--max-length", "512", "--max-steps", "2", "--logging-steps", "1"),
+            *("--batch-size", "40", "--max-length", "512", "--max-steps", "2", "--logging-steps", "1"),
+            *("--cuda-graph", graph),
             *("--eval-fraction", "0", "--no-samples", "--output-dir", str(tmp_path)),
         ]
         assert run_py(argv) == 0
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
     settled = {r["batch_size"] for r in metrics(tmp_path)}
-    report["auto_batch_size_settled"] = sorted(settled)
-    assert len(settled) == 1 and 1 <= settled.pop() < 64
+    report[f"auto_batch_size_settled_graph_{graph}"] = sorted(settled)
+    assert len(settled) == 1 and 1 <= settled.pop() < 40
 
 
 # --- 4. generation ------------------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ class CapturedStep:
         for batch in micro_batches:
             self._load(batch)
             if self.graph is None:
-                self._capture()
+                self._capture_or_clean_up()
             self.graph.replay()  # forward and backward: gradients added into .grad
             step_loss += self.loss_sum  # read before the next replay overwrites it
         return step_loss
@@ -90,6 +90,17 @@ class CapturedStep:
             self.batch["labels"].fill_(IGNORE)
         self.batch["input_ids"][:rows, :length].copy_(batch["input_ids"])
         self.batch["labels"][:rows, :length].copy_(batch["labels"])
+
+    def _capture_or_clean_up(self) -> None:
+        """Capture; on failure (out of memory, above all, which --auto-batch-size answers with a
+        smaller batch) drop the half-made graph and the gradients before the error goes up, so the
+        retry starts from the memory the eager loop would have."""
+        try:
+            self._capture()
+        except BaseException:
+            self.graph = self.loss_sum = None
+            self.model.zero_grad(set_to_none=True)
+            raise
 
     def _capture(self) -> None:
         params = [p for p in self.model.parameters() if p.requires_grad]

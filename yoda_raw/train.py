@@ -202,13 +202,15 @@ def fit(
     # --cuda-graph: the micro-batch's forward and backward replayed from a recording (graphs.py).
     captured = None
     if cfg.cuda_graph == "on":
-        captured = CapturedStep(model, batch_size, cfg.max_length, collator.pad_id, device)
+        # Rows of the graph: a batch, or all the rows when there are fewer (no rows of padding only).
+        captured = CapturedStep(model, min(batch_size, len(rows)), cfg.max_length, collator.pad_id, device)
     stop = StopOnSignal()
 
     meter.reset_peaks(device)  # peaks from here on are the training loop's (the weights stay counted)
     bar = tqdm(total=total_steps, initial=start_step, disable=not is_main, desc="training", unit="step")
     window = new_window(device)
     logged, skipped = [], 0
+    first_bad_step = torch.zeros((), dtype=torch.long, device=device)  # the NaN guard's flag: 0 while all is well
     model.train()
     step = start_step
     while step < total_steps and not stop.requested:
@@ -241,12 +243,12 @@ def fit(
             window["tokens"] += sum(b["attention_mask"].sum() for b in micro_batches)
             window["supervised"] += local_supervised
 
-            # Clip and update. The grad norm is non-finite when the loss or any gradient is:
-            # checking it costs one host sync a step, and stops the run before a NaN reaches the weights.
+            # Clip and update. The grad norm is non-finite when the loss or any gradient is; the NaN
+            # guard stays on the device (reading it here would make the CPU wait for the GPU every step).
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
-            if not torch.isfinite(grad_norm) and not accelerator.scaler:
-                raise NonFiniteLoss(step + 1)
-            optimizer.step()  # under fp16, skipped by the loss scaler when gradients overflowed
+            if not accelerator.scaler:  # under fp16 the loss scaler skips such steps itself
+                first_bad_step = zero_nonfinite_grads(grad_norm, optimizer, first_bad_step, step + 1)
+            optimizer.step()
             skipped += int(accelerator.optimizer_step_was_skipped)
             # A captured graph adds into the same gradient tensors every replay: zero them, keep them.
             optimizer.zero_grad(set_to_none=captured is None)
@@ -255,8 +257,12 @@ def fit(
             step += 1
             bar.update(1)
 
-            # Log: the only other host syncs of the loop (.item(), the clock) happen here.
-            if step % cfg.logging_steps == 0 or step == total_steps or stop.requested:
+            # Log and checkpoint: the only host syncs of the loop (.item(), the clock) happen here.
+            is_logging = step % cfg.logging_steps == 0 or step == total_steps or stop.requested
+            is_saving = (cfg.save_steps and step % cfg.save_steps == 0) or stop.requested
+            if (is_logging or is_saving) and first_bad_step.item():  # nothing is logged or saved after a NaN
+                raise NonFiniteLoss(first_bad_step.item(), step)
+            if is_logging:
                 record = log_window(window, step, steps_per_epoch, lr, grad_norm, accelerator) | {
                     "skipped_steps": skipped,
                     "batch_size": batch_size,  # what --auto-batch-size settled on
@@ -271,7 +277,7 @@ def fit(
                 accelerator.log(record, step=step)
                 window = new_window(device)
             # Checkpoint on schedule, or when asked to stop (Ctrl-C, SIGTERM).
-            if (cfg.save_steps and step % cfg.save_steps == 0) or stop.requested:
+            if is_saving:
                 save_checkpoint(cfg, accelerator, out, step)
             if stop.requested:
                 break
@@ -368,10 +374,28 @@ def forward_backward(accelerator: Accelerator, model, micro_batches: list[dict],
     return step_loss
 
 
+def zero_nonfinite_grads(grad_norm: torch.Tensor, optimizer, first_bad_step: torch.Tensor, step: int) -> torch.Tensor:
+    """The NaN guard, on the device: returns the first step whose gradient norm was not finite (0: none).
+
+    Such a step must not put NaN into the weights. After clipping by a NaN or infinite norm every
+    gradient element is NaN or 0, so replacing NaN by 0 zeroes the whole step's gradient; with a
+    finite norm it changes nothing. The loop reads the flag at its next log line or checkpoint and
+    stops there, before anything of the step is logged or saved.
+    """
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param.grad is not None:
+                param.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    is_first = ~torch.isfinite(grad_norm) & (first_bad_step == 0)
+    return torch.where(is_first, step, first_bad_step)
+
+
 class NonFiniteLoss(YodaError):
-    def __init__(self, step: int):
+    def __init__(self, bad_step: int, stopped_at: int | None = None):
+        stopped_at = bad_step if stopped_at is None else stopped_at
         super().__init__(
-            f"step {step}: the loss or a gradient is NaN or infinite; stopped before updating the weights "
+            f"step {bad_step}: the loss or a gradient is NaN or infinite; its gradients were zeroed, and the run "
+            f"stopped at step {stopped_at} without logging or saving anything after step {bad_step - 1} "
             "(checkpoints already saved are intact). Try a lower --lr, or --precision bf16/fp32 instead of fp16"
         )
 
