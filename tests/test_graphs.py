@@ -85,3 +85,22 @@ def test_auto_resolves_to_what_the_run_does(tmp_path):
     main(Config(**{**PRESETS["tiny"], "max_steps": 1, "samples": False, "output_dir": str(tmp_path)}))
     saved = json.loads((tmp_path / "run_config.json").read_text())
     assert saved["cuda_graph"] == ("on" if torch.cuda.is_available() else "off")
+
+
+def test_the_first_step_runs_eagerly_on_the_padded_buffers(tiny_model, tiny_tokenizer):
+    """Step one of the graph path is the eager warm-up: it returns the collated batch's loss sum and
+    leaves the gradient of loss / n_supervised, the eager loop's contract, before anything is captured."""
+    rows = [{"input_ids": [5, 6, 7, 8, 9], "labels": [IGNORE, 6, 7, 8, 9]}, {"input_ids": [10, 11], "labels": [10, 11]}]
+    batch = Collator(tiny_tokenizer.pad_token_id)(rows)
+    n_supervised = (batch["labels"][:, 1:] != IGNORE).sum()
+    eager = token_loss_sum(tiny_model, batch)
+    (eager / n_supervised).backward()
+    eager_grads = lora_like_grads(tiny_model)
+    tiny_model.zero_grad(set_to_none=True)
+
+    captured = CapturedStep(tiny_model, batch_size=4, max_length=8, pad_id=tiny_tokenizer.pad_token_id, device="cpu")
+    loss = captured.forward_backward([batch], n_supervised)
+    assert captured.warmed_up and captured.graph is None
+    torch.testing.assert_close(loss, eager.detach(), rtol=1e-5, atol=1e-5)
+    for name, grad in lora_like_grads(tiny_model).items():
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -21,7 +21,9 @@ What a graph needs, and how the loop gives it:
 - one process (DDP's gradient all-reduce would have to be captured too), and no fp16 loss
   scaler (it reads its scale on the host and may skip steps). `--cuda-graph auto`, the default,
   turns the graph on wherever these hold and leaves the eager loop elsewhere.
-Clipping, the NaN check and the optimizer step stay eager, after the replays of a step.
+The first step runs eagerly on the same buffers (the warm-up the capture needs); the second is
+captured and replayed, and every later one replayed. Clipping, the NaN check and the optimizer
+step stay eager, after the replays of a step.
 """
 
 import torch
@@ -29,8 +31,6 @@ import torch
 from yoda_raw.chat import IGNORE
 from yoda_raw.errors import YodaError
 from yoda_raw.loss import token_loss_sum
-
-WARMUP_PASSES = 2  # eager passes before capture; torch's CUDA-graph recipe warms up on a side stream
 
 
 def resolve(setting: str, device: torch.device, num_processes: int, precision_name: str) -> str:
@@ -68,6 +68,7 @@ class CapturedStep:
             "labels": torch.full((batch_size, max_length), IGNORE, dtype=torch.long, device=device),  # (B, T)
         }
         self.scale = torch.ones((), device=device)  # 1 / supervised tokens of the step, set each step
+        self.warmed_up = False  # the first step runs eagerly (see forward_backward)
         self.graph = None
         self.loss_sum = None  # the graph's output: this micro-batch's summed token loss, (,)
 
@@ -76,10 +77,20 @@ class CapturedStep:
         step_loss = torch.zeros((), device=self.scale.device)
         for batch in micro_batches:
             self._load(batch)
+            if not self.warmed_up:
+                # The first step runs eagerly, on the same padded buffers. It is also the warm-up a
+                # capture needs: cuBLAS handles, bitsandbytes' and autograd's lazy set-up, and the
+                # gradient tensors themselves exist before recording starts. Out of memory shows
+                # here, as in the eager loop, and --auto-batch-size retries as it does there.
+                loss_sum = token_loss_sum(self.model, self.batch)
+                (loss_sum * self.scale).backward()
+                step_loss += loss_sum.detach()
+                continue
             if self.graph is None:
                 self._capture_or_clean_up()
             self.graph.replay()  # forward and backward: gradients added into .grad
             step_loss += self.loss_sum  # read before the next replay overwrites it
+        self.warmed_up = True
         return step_loss
 
     def _load(self, batch: dict) -> None:
@@ -103,23 +114,8 @@ class CapturedStep:
             raise
 
     def _capture(self) -> None:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        # Warm up outside the capture: cuBLAS handles, bitsandbytes' and autograd's lazy set-up and
-        # the gradient tensors themselves must exist before recording starts.
-        # The warm-up must not use up random numbers a run without it would have drawn: restoring
-        # the state makes the replays draw the same dropout masks after a resume as straight through.
-        rng_state = torch.cuda.get_rng_state()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_PASSES):
-                (token_loss_sum(self.model, self.batch) * self.scale).backward()
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.set_rng_state(rng_state)
-        # The warm-up's gradients are not this step's: zero them in place. The graph then records
-        # `grad += ...` into these very tensors, which is why they must never be freed afterwards.
-        for param in params:
-            param.grad.zero_()
+        # The graph records `grad += ...` into the gradient tensors the first step made (the loop
+        # zeroes them in place since), which is why they must never be freed afterwards.
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.loss_sum = token_loss_sum(self.model, self.batch)

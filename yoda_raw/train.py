@@ -96,6 +96,7 @@ def main(cfg: Config) -> dict:
     # Fit, retrying with 0.9x the batch on out-of-memory when --auto-batch-size (as the Trainer).
     def fit_with(batch_size: int) -> dict:
         accelerator.free_memory()
+        model.zero_grad(set_to_none=True)  # an attempt that ran out of memory may have left partial gradients
         if batch_size != cfg.batch_size and accelerator.is_main_process:
             print(f"out of memory: retrying with --batch-size {batch_size}", file=sys.stderr)
         return fit(cfg, accelerator, model, rows, collator, batch_size, out)
