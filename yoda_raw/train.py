@@ -17,6 +17,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -94,11 +95,16 @@ def main(cfg: Config) -> dict:
         accelerator.init_trackers("yoda_raw", config={k: v for k, v in hparams.items() if v is not None})
 
     # Fit, retrying with 0.9x the batch on out-of-memory when --auto-batch-size (as the Trainer).
+    metrics_file = out / "metrics.jsonl"
+    metrics_kept = metrics_file.stat().st_size if metrics_file.exists() else 0  # a resumed run's earlier lines
+
     def fit_with(batch_size: int) -> dict:
         accelerator.free_memory()
         model.zero_grad(set_to_none=True)  # an attempt that ran out of memory may have left partial gradients
         if batch_size != cfg.batch_size and accelerator.is_main_process:
             print(f"out of memory: retrying with --batch-size {batch_size}", file=sys.stderr)
+            if metrics_file.exists():  # the failed attempt's lines: this attempt logs those steps again
+                os.truncate(metrics_file, metrics_kept)
         return fit(cfg, accelerator, model, rows, collator, batch_size, out)
 
     if cfg.auto_batch_size:
