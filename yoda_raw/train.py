@@ -264,12 +264,9 @@ def fit(
             step += 1
             bar.update(1)
 
-            # Log and checkpoint: the only host syncs of the loop (.item(), the clock) happen here.
-            is_logging = step % cfg.logging_steps == 0 or step == total_steps or stop.requested
-            is_saving = (cfg.save_steps and step % cfg.save_steps == 0) or stop.requested
-            if (is_logging or is_saving) and first_bad_step.item():  # nothing is logged or saved after a NaN
-                raise NonFiniteLoss(first_bad_step.item(), step)
-            if is_logging:
+            # Log: the only host syncs of the loop (.item(), the clock) happen here and at checkpoints.
+            if step % cfg.logging_steps == 0 or step == total_steps or stop.requested:
+                check_finite(first_bad_step, step)  # nothing is logged after a NaN
                 record = log_window(window, step, steps_per_epoch, lr, grad_norm, accelerator) | {
                     "skipped_steps": skipped,
                     "batch_size": batch_size,  # what --auto-batch-size settled on
@@ -283,8 +280,9 @@ def fit(
                         f.write(json.dumps(record) + "\n")
                 accelerator.log(record, step=step)
                 window = new_window(device)
-            # Checkpoint on schedule, or when asked to stop (Ctrl-C, SIGTERM).
-            if is_saving:
+            # Checkpoint on schedule, or when asked to stop (Ctrl-C, SIGTERM; also during the logging above).
+            if (cfg.save_steps and step % cfg.save_steps == 0) or stop.requested:
+                check_finite(first_bad_step, step)  # nothing is saved after a NaN
                 save_checkpoint(cfg, accelerator, out, step)
             if stop.requested:
                 break
@@ -395,6 +393,12 @@ def zero_nonfinite_grads(grad_norm: torch.Tensor, optimizer, first_bad_step: tor
                 param.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
     is_first = ~torch.isfinite(grad_norm) & (first_bad_step == 0)
     return torch.where(is_first, step, first_bad_step)
+
+
+def check_finite(first_bad_step: torch.Tensor, step: int) -> None:
+    """The NaN guard's host side, at log lines and checkpoints only. Sync point: .item()."""
+    if first_bad_step.item():
+        raise NonFiniteLoss(first_bad_step.item(), step)
 
 
 class NonFiniteLoss(YodaError):
