@@ -50,9 +50,10 @@ def trace(cfg: Config) -> dict:
     set_seed(cfg.seed)
     meter.reset_peaks(device)
     print(f"model {cfg.model} (--init {cfg.init}, --quant {cfg.quant}), dataset {cfg.dataset}")
+    autocast = "no autocast" if precision.mixed_precision == "no" else f"the forward under {precision.dtype} autocast"
     print(
-        f"device {device}; precision.choose_precision: {precision.name}, so autocast, the 4-bit matmuls and the "
-        f"frozen weights use {precision.dtype}"
+        f"device {device}; precision.choose_precision -> {precision.name}: {autocast}; by default also the dtype of "
+        "the 4-bit matmuls and of the frozen weights (stage 4 reads both off the model)"
     )
     memory(device)
 
@@ -101,7 +102,7 @@ def trace(cfg: Config) -> dict:
 
     heading(6, "the optimizer and the learning rate", "optim.build_optimizer, accelerator.prepare, optim.learning_rate")
     optimizer = build_optimizer(model.parameters(), cfg.optim, cfg.lr, cfg.weight_decay, device)
-    unwrapped = model
+    unwrapped = model  # names and hooks below use the model itself, not what prepare may wrap around it
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     # Steps counted as train.fit counts them; the learning rate is set by hand each step, as there.
     micro_per_process = math.ceil(math.ceil(len(rows) / cfg.batch_size) / accelerator.num_processes)
@@ -111,9 +112,8 @@ def trace(cfg: Config) -> dict:
     for group in optimizer.param_groups:
         group["lr"] = lr
     show_optimizer(optimizer, cfg)
-    autocast = "without autocast" if precision.mixed_precision == "no" else f"under {precision.dtype} autocast"
     print(
-        f"accelerator.prepare: the model's forward runs {autocast}, batches come on {device}, "
+        f"accelerator.prepare: the model's forward gets {autocast}, batches come on {device}, "
         "the optimizer is wrapped (for fp16 loss scaling)"
     )
     print(
@@ -125,6 +125,7 @@ def trace(cfg: Config) -> dict:
     heading(7, "the micro-batches of step 1", "the DataLoader with packing.Collator, loss.supervised_count")
     model.train()
     loader.set_epoch(0)
+    # (train.fit also skips the micro-batches a resumed run already trained on: none at step 1)
     micro_batches = list(itertools.islice(iter(loader), cfg.grad_accum))
     local_supervised = sum(supervised_count(b) for b in micro_batches)
     n_supervised = accelerator.reduce(local_supervised, "sum").clamp(min=1)
@@ -155,6 +156,8 @@ def trace(cfg: Config) -> dict:
     lora_layer = unwrapped.get_submodule(PEFT_PREFIX + name)
     before = {part: getattr(lora_layer, part).default.weight.detach().clone() for part in ("lora_A", "lora_B")}
     optimizer.step()
+    if accelerator.optimizer_step_was_skipped:
+        print("fp16: the loss scaler found overflowing gradients and skipped this update, as the loop would")
     show_optimizer_state(unwrapped, optimizer, name)
     for part, old in before.items():
         change = (getattr(lora_layer, part).default.weight.detach() - old).abs().max().item()
@@ -389,14 +392,17 @@ def show_gradients(model, name: str) -> None:
     block = block_prefix(name)
     width = max(len(n) for n, _ in trainable)
     print(f"those of {block}* (names without peft's {PEFT_PREFIX!r}):")
+    zero_a = False
     for n, p in trainable:
         if not n.startswith(block):
             continue
-        norm = p.grad.norm().item() if p.grad is not None else None
-        note = ""
-        if norm == 0 and "lora_A" in n:
-            note = "  (zero: lora_B is still 0, so nothing reaches lora_A before the first update)"
-        print(f"  {n:<{width}}  {str(tuple(p.shape)):<10} grad norm {norm:.6g}{note}")
+        norm = f"{p.grad.norm().item():.6g}" if p.grad is not None else "none"
+        zero_a |= "lora_A" in n and norm == "0"
+        print(f"  {n:<{width}}  {str(tuple(p.shape)):<10} grad norm {norm}")
+    if zero_a:
+        print(
+            "(lora_A's gradient is 0 at step 1: lora_B is still 0, so nothing reaches lora_A before the first update)"
+        )
 
 
 def show_clipping(grad_norm: float, max_grad_norm: float) -> None:
