@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from yoda_raw import tiny, trace
 from yoda_raw.config import parse_config
@@ -44,18 +45,33 @@ STAGES = [
     "5. LoRA on the frozen base  [model.add_lora]",
     "6. the optimizer and the learning rate  [optim.build_optimizer, accelerator.prepare, optim.learning_rate]",
     "7. the micro-batches of step 1  [the DataLoader with packing.Collator, loss.supervised_count]",
-    "8. forward and backward  [train.forward_backward -> loss.token_loss_sum, accelerator.backward]",
+    "8. forward and backward  [train.forward_backward or graphs.CapturedStep -> loss.token_loss_sum]",
     "9. clip and update  [accelerator.clip_grad_norm_, optimizer.step, optimizer.zero_grad]",
 ]
+
+
+def run_trace(argv: list[str]) -> str:
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert trace.main(argv) == 0
+    return stdout.getvalue()
 
 
 @pytest.fixture(scope="module")
 def traced():
     """The trace's output with OPTIONS (run once for the tests below), and the config it ran."""
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
-        assert trace.main(OPTIONS) == 0
-    return stdout.getvalue(), parse_config(["--preset", "tiny", *OPTIONS])
+    return run_trace(OPTIONS), parse_config(["--preset", "tiny", *OPTIONS])
+
+
+def step_1(out: str) -> tuple[float, float, float]:
+    """(loss, grad_norm, lr) from the trace's last line."""
+    return tuple(map(float, re.search(r"step 1: loss ([\d.]+), grad_norm ([\d.]+), lr ([\d.e-]+)", out).groups()))
+
+
+def loops_step_1(cfg, output_dir: Path) -> dict:
+    """What run.py with these options logs for step 1."""
+    train(dataclasses.replace(cfg, max_steps=1, logging_steps=1, samples=False, output_dir=str(output_dir)))
+    return json.loads((output_dir / "metrics.jsonl").read_text().splitlines()[0])
 
 
 def stage(out: str, number: int) -> str:
@@ -154,11 +170,8 @@ def test_logits_gradients_and_optimizer_state(traced):
 def test_step_is_the_loops_step_1(traced, tmp_path):
     """The trace cannot drift from the loop: run.py with the same options logs the same step 1."""
     out, cfg = traced
-    loss, grad_norm, lr = map(
-        float, re.search(r"step 1: loss ([\d.]+), grad_norm ([\d.]+), lr ([\d.e-]+)", out).groups()
-    )
-    train(dataclasses.replace(cfg, max_steps=1, logging_steps=1, samples=False, output_dir=str(tmp_path)))
-    logged = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    loss, grad_norm, lr = step_1(out)
+    logged = loops_step_1(cfg, tmp_path)
     assert logged["loss"] == pytest.approx(loss, abs=2e-6)
     assert logged["grad_norm"] == pytest.approx(grad_norm, abs=2e-6)
     assert logged["lr"] == lr
@@ -190,3 +203,19 @@ def test_bad_option_exits_2_with_one_line():
     last = result.stderr.splitlines()[-1]
     assert last.startswith("error: argument --batch_size/--batch-size: invalid int value: 'many'")
     assert last.endswith("; see `python -m yoda_raw.trace --help`")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; run `pytest -m gpu` on a GPU machine")
+def test_on_cuda_memory_after_every_stage_and_the_loops_step_1(tmp_path):
+    """On one GPU the loop records a CUDA graph (--cuda-graph auto) and trains in bf16; the trace follows."""
+    out = run_trace(OPTIONS)
+    assert out.count("\n[cuda: ") == len(STAGES)  # one memory line closes every stage
+    assert "graphs.CapturedStep (--cuda-graph on)" in stage(out, 8)
+    assert "set_to_none=False" in stage(out, 9)
+    loss, grad_norm, _ = step_1(out)
+    logged = loops_step_1(parse_config(["--preset", "tiny", *OPTIONS]), tmp_path)
+    # Same functions, same seed, same device; rel 1e-3 leaves room for GPU kernels (atomic adds in
+    # backward) that sum in another order from one run to the next.
+    assert logged["loss"] == pytest.approx(loss, rel=1e-3)
+    assert logged["grad_norm"] == pytest.approx(grad_norm, rel=1e-3)

@@ -13,6 +13,7 @@ CUDA the memory allocated after each stage. The loss and gradient norm it prints
 `python run.py` with the same options logs for step 1. Nothing is written to disk.
 """
 
+import dataclasses
 import itertools
 import math
 import sys
@@ -26,6 +27,8 @@ from yoda_raw.chat import IGNORE, load_tokenizer, tokenize_conversation
 from yoda_raw.config import Config, parse_config
 from yoda_raw.data import load_conversations, split_conversations
 from yoda_raw.errors import YodaError
+from yoda_raw.graphs import WARMUP_PASSES, CapturedStep
+from yoda_raw.graphs import resolve as resolve_cuda_graph
 from yoda_raw.inspect import row_as_text
 from yoda_raw.loss import supervised_count
 from yoda_raw.model import add_lora, load_base_model, parameter_line
@@ -47,6 +50,10 @@ def trace(cfg: Config) -> dict:
     if accelerator.num_processes > 1:
         raise YodaError("the trace follows one process: run it as `python -m yoda_raw.trace`, not on several")
     device = accelerator.device
+    # --cuda-graph auto -> on or off, as train.main resolves it.
+    cfg = dataclasses.replace(
+        cfg, cuda_graph=resolve_cuda_graph(cfg.cuda_graph, device, accelerator.num_processes, precision.name)
+    )
     set_seed(cfg.seed)
     meter.reset_peaks(device)
     print(f"model {cfg.model} (--init {cfg.init}, --quant {cfg.quant}), dataset {cfg.dataset}")
@@ -55,6 +62,8 @@ def trace(cfg: Config) -> dict:
         f"device {device}; precision.choose_precision -> {precision.name}: {autocast}; by default also the dtype of "
         "the 4-bit matmuls and of the frozen weights (stage 4 reads both off the model)"
     )
+    graph = "the forward and backward recorded once as a CUDA graph (stage 8)" if cfg.cuda_graph == "on" else "eager"
+    print(f"graphs.resolve -> --cuda-graph {cfg.cuda_graph}: {graph}")
     memory(device)
 
     heading(2, "one conversation -> ids and labels", "data.load_conversations, chat.tokenize_conversation")
@@ -133,18 +142,24 @@ def trace(cfg: Config) -> dict:
     print(f"the step's loss will be divided by its {int(n_supervised)} supervised tokens (all micro-batches)")
     memory(device)
 
-    heading(8, "forward and backward", "train.forward_backward -> loss.token_loss_sum, accelerator.backward")
+    heading(8, "forward and backward", "train.forward_backward or graphs.CapturedStep -> loss.token_loss_sum")
     # A hook on the LM head reads the logits' shape as they pass; it changes nothing.
     logits_seen = []
     hook = unwrapped.get_output_embeddings().register_forward_hook(
         lambda module, args, output: logits_seen.append((tuple(output.shape), output.dtype))
     )
+    captured = None
+    if cfg.cuda_graph == "on":
+        captured = CapturedStep(model, cfg.batch_size, cfg.max_length, collator.pad_id, device)
     try:
-        step_loss = forward_backward(accelerator, model, micro_batches, n_supervised)
+        if captured is None:
+            step_loss = forward_backward(accelerator, model, micro_batches, n_supervised)
+        else:
+            step_loss = captured.forward_backward(micro_batches, n_supervised)
     finally:
         hook.remove()
     loss = (step_loss / n_supervised).item()
-    show_loss(logits_seen, step_loss.item(), int(n_supervised), loss)
+    show_loss(logits_seen, step_loss.item(), int(n_supervised), loss, graph=captured is not None)
     show_gradients(unwrapped, name)
     memory(device)
 
@@ -163,8 +178,12 @@ def trace(cfg: Config) -> dict:
         change = (getattr(lora_layer, part).default.weight.detach() - old).abs().max().item()
         print(f"{name}.{part} moved by at most {change:.6g}")
     print(f"(Adam's first step moves a weight by about the learning rate, {lr:g}, unless its gradient is zero)")
-    optimizer.zero_grad(set_to_none=True)
-    print("optimizer.zero_grad(set_to_none=True): the gradients are freed before the next step")
+    # As in train.fit: a captured graph adds into the same gradient tensors every replay.
+    optimizer.zero_grad(set_to_none=captured is None)
+    if captured is None:
+        print("optimizer.zero_grad(set_to_none=True): the gradients are freed before the next step")
+    else:
+        print("optimizer.zero_grad(set_to_none=False): zeroed in place, where the CUDA graph adds the next ones")
     memory(device)
 
     print(
@@ -363,10 +382,19 @@ def show_batches(micro_batches: list[dict], order: list[int], cfg: Config) -> No
             print(f"  {key:<15} {str(tuple(tensor.shape)):<10} {str(tensor.dtype):<12} {tensor.device}  {note}")
 
 
-def show_loss(logits_seen: list, loss_sum: float, n_supervised: int, loss: float) -> None:
+def show_loss(logits_seen: list, loss_sum: float, n_supervised: int, loss: float, graph: bool) -> None:
+    if graph:
+        # The model's Python code runs only in the warm-up passes and the capture; replays skip it.
+        print(
+            f"graphs.CapturedStep (--cuda-graph on): each micro-batch is copied into fixed buffers, padded to "
+            f"--batch-size x --max-length, without attention mask; forward and backward ran eagerly "
+            f"{WARMUP_PASSES} times to warm up, were recorded once as a CUDA graph, and are replayed per micro-batch"
+        )
+        logits_seen = logits_seen[-1:]  # the recorded pass
     for i, (shape, dtype) in enumerate(logits_seen):
         batch, length, vocab = shape
-        print(f"micro-batch {i + 1}: the model's forward -> logits {shape} = (B, T, V) {dtype}")
+        which = "the recorded forward" if graph else f"micro-batch {i + 1}: the model's forward"
+        print(f"{which} -> logits {shape} = (B, T, V) {dtype}")
         print(
             f"  loss.token_loss_sum: logits[:, :-1] as float32 {(batch, length - 1, vocab)} (a copy of "
             f"{batch * (length - 1) * vocab * 4 / 2**20:.1f} MiB) against labels[:, 1:] {(batch, length - 1)}"
@@ -377,7 +405,8 @@ def show_loss(logits_seen: list, loss_sum: float, n_supervised: int, loss: float
         f"loss of the step = {loss_sum:.4f} / {n_supervised} = {loss:.6f} "
         f"(a uniform guess over the {vocab} entries scores ln {vocab} = {math.log(vocab):.4f})"
     )
-    print("accelerator.backward(loss_sum / supervised tokens): gradients accumulate in .grad")
+    backward = "the graph's backward" if graph else "accelerator.backward"
+    print(f"{backward} of loss_sum / supervised tokens: the gradients accumulate in each trainable tensor's .grad")
 
 
 def show_gradients(model, name: str) -> None:
