@@ -254,7 +254,10 @@ def largest_target(model, targets: list[str]) -> tuple[str, torch.nn.Module]:
         if name.split(".")[-1] in targets and hasattr(module, "in_features")
     ]
     if not candidates:
-        raise YodaError(f"--lora-targets {' '.join(targets)}: no linear layer of that name in {type(model).__name__}")
+        linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise YodaError(
+            f"--lora-targets {' '.join(targets)}: no such module; the linear layers are {', '.join(linear)}"
+        )
     return max(candidates, key=lambda pair: pair[1].in_features * pair[1].out_features)
 
 
