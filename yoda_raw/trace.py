@@ -27,14 +27,21 @@ from yoda_raw.chat import IGNORE, load_tokenizer, tokenize_conversation
 from yoda_raw.config import Config, parse_config
 from yoda_raw.data import load_conversations, split_conversations
 from yoda_raw.errors import YodaError
-from yoda_raw.graphs import WARMUP_PASSES, CapturedStep
+from yoda_raw.graphs import CapturedStep
 from yoda_raw.graphs import resolve as resolve_cuda_graph
 from yoda_raw.inspect import row_as_text
 from yoda_raw.loss import supervised_count
 from yoda_raw.model import add_lora, load_base_model, parameter_line
 from yoda_raw.optim import build_optimizer, learning_rate
 from yoda_raw.packing import Collator, build_rows, count_tokens
-from yoda_raw.train import EpochSampler, NonFiniteLoss, check_device, forward_backward, make_accelerator
+from yoda_raw.train import (
+    EpochSampler,
+    NonFiniteLoss,
+    check_device,
+    forward_backward,
+    make_accelerator,
+    zero_nonfinite_grads,
+)
 
 PEFT_PREFIX = "base_model.model."  # peft's wrapper puts this before every name of the base model
 
@@ -62,7 +69,7 @@ def trace(cfg: Config) -> dict:
         f"device {device}; precision.choose_precision -> {precision.name}: {autocast}; by default also the dtype of "
         "the 4-bit matmuls and of the frozen weights (stage 4 reads both off the model)"
     )
-    graph = "the forward and backward recorded once as a CUDA graph (stage 8)" if cfg.cuda_graph == "on" else "eager"
+    graph = "forward and backward as a CUDA graph from step 2 on (stage 8)" if cfg.cuda_graph == "on" else "eager"
     print(f"graphs.resolve -> --cuda-graph {cfg.cuda_graph}: {graph}")
     memory(device)
 
@@ -150,7 +157,8 @@ def trace(cfg: Config) -> dict:
     )
     captured = None
     if cfg.cuda_graph == "on":
-        captured = CapturedStep(model, cfg.batch_size, cfg.max_length, collator.pad_id, device)
+        # As train.fit builds it: a batch of rows, or all the rows when there are fewer.
+        captured = CapturedStep(model, min(cfg.batch_size, len(rows)), cfg.max_length, collator.pad_id, device)
     try:
         if captured is None:
             step_loss = forward_backward(accelerator, model, micro_batches, n_supervised)
@@ -165,12 +173,17 @@ def trace(cfg: Config) -> dict:
 
     heading(9, "clip and update", "accelerator.clip_grad_norm_, optimizer.step, optimizer.zero_grad")
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
-    if not torch.isfinite(grad_norm) and not accelerator.scaler:
-        raise NonFiniteLoss(1)
+    # The loop's NaN guard, on the device: a non-finite step's gradients are zeroed, and the loop
+    # stops at its next log line (step 1 here).
+    first_bad_step = torch.zeros((), dtype=torch.long, device=device)
+    if not accelerator.scaler:
+        first_bad_step = zero_nonfinite_grads(grad_norm, optimizer, first_bad_step, 1)
     show_clipping(grad_norm.item(), cfg.max_grad_norm)
     lora_layer = unwrapped.get_submodule(PEFT_PREFIX + name)
     before = {part: getattr(lora_layer, part).default.weight.detach().clone() for part in ("lora_A", "lora_B")}
     optimizer.step()
+    if first_bad_step.item():
+        raise NonFiniteLoss(first_bad_step.item(), 1)
     if accelerator.optimizer_step_was_skipped:
         print("fp16: the loss scaler found overflowing gradients and skipped this update, as the loop would")
     show_optimizer_state(unwrapped, optimizer, name)
@@ -354,8 +367,12 @@ def show_optimizer(optimizer, cfg: Config) -> None:
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the real one
     group = optimizer.param_groups[0]
     n_tensors = sum(len(g["params"]) for g in optimizer.param_groups)
+    kind = type(inner)
+    name = f"{kind.__module__}.{kind.__name__}"
+    if kind.__module__.startswith("yoda_raw"):  # our subclass: name what it is made from
+        name += f" (a {kind.__mro__[1].__module__}.{kind.__mro__[1].__name__})"
     print(
-        f"--optim {cfg.optim}: {type(inner).__module__}.{type(inner).__name__} over {n_tensors} trainable tensors, "
+        f"--optim {cfg.optim}: {name} over {n_tensors} trainable tensors, "
         f"betas {group['betas']}, eps {group['eps']:g}, weight decay {group['weight_decay']:g}"
     )
     if hasattr(inner, "args"):  # bitsandbytes
@@ -387,17 +404,14 @@ def show_batches(micro_batches: list[dict], order: list[int], cfg: Config) -> No
 
 def show_loss(logits_seen: list, loss_sum: float, n_supervised: int, loss: float, graph: bool) -> None:
     if graph:
-        # The model's Python code runs only in the warm-up passes and the capture; replays skip it.
         print(
-            f"graphs.CapturedStep (--cuda-graph on): each micro-batch is copied into fixed buffers, padded to "
-            f"--batch-size x --max-length, without attention mask; forward and backward ran eagerly "
-            f"{WARMUP_PASSES} times to warm up, were recorded once as a CUDA graph, and are replayed per micro-batch"
+            "graphs.CapturedStep (--cuda-graph on): each micro-batch is copied into fixed buffers, rows padded to "
+            "--max-length, no attention mask. Step 1 runs eagerly on them, as the warm-up a capture needs; "
+            "step 2 records forward and backward as a CUDA graph, and every later micro-batch replays it"
         )
-        logits_seen = logits_seen[-1:]  # the recorded pass
     for i, (shape, dtype) in enumerate(logits_seen):
         batch, length, vocab = shape
-        which = "the recorded forward" if graph else f"micro-batch {i + 1}: the model's forward"
-        print(f"{which} -> logits {shape} = (B, T, V) {dtype}")
+        print(f"micro-batch {i + 1}: the model's forward -> logits {shape} = (B, T, V) {dtype}")
         print(
             f"  loss.token_loss_sum: logits[:, :-1] as float32 {(batch, length - 1, vocab)} (a copy of "
             f"{batch * (length - 1) * vocab * 4 / 2**20:.1f} MiB) against labels[:, 1:] {(batch, length - 1)}"
@@ -408,7 +422,7 @@ def show_loss(logits_seen: list, loss_sum: float, n_supervised: int, loss: float
         f"loss of the step = {loss_sum:.4f} / {n_supervised} = {loss:.6f} "
         f"(a uniform guess over the {vocab} entries scores ln {vocab} = {math.log(vocab):.4f})"
     )
-    backward = "the graph's backward" if graph else "accelerator.backward"
+    backward = "backward()" if graph else "accelerator.backward"
     print(f"{backward} of loss_sum / supervised tokens: the gradients accumulate in each trainable tensor's .grad")
 
 
