@@ -5,64 +5,18 @@ With no options this runs the tutorial's recipe (yoda_raw/config.py has every de
 from a file; options on the command line win over the file, which wins over the preset.
 """
 
-import argparse
 import sys
 
 import torch
-import yaml
-from transformers import HfArgumentParser
 
-from yoda_raw.config import PRESETS, Config
+from yoda_raw.config import parse_config
 from yoda_raw.errors import YodaError
-
-
-class Parser(HfArgumentParser):
-    """HfArgumentParser whose errors (unknown option, bad value) are one line, not usage + error."""
-
-    def error(self, message: str):
-        raise YodaError(f"{message}; see `python run.py --help`")
-
-
-def parse_config(argv: list[str]) -> Config:
-    """Command line -> Config. Precedence: command line > --config file > --preset > defaults."""
-    first = argparse.ArgumentParser(add_help=False)
-    first.add_argument("--preset", default="tutorial")
-    first.add_argument("--config", default=None)
-    known, rest = first.parse_known_args(argv)
-    if known.preset not in PRESETS:
-        raise YodaError(f"--preset must be one of {', '.join(PRESETS)}, got {known.preset!r}")
-    defaults = {"preset": known.preset, **PRESETS[known.preset]}
-    if known.config:
-        defaults |= _read_yaml(known.config)
-    parser = Parser(Config, prog="run.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="YAML file of options (keys are field names).")
-    known_fields = {action.dest for action in parser._actions}
-    unknown = sorted(set(defaults) - known_fields)
-    if unknown:
-        raise YodaError(f"{known.config}: unknown option(s) {', '.join(unknown)}; see `python run.py --help`")
-    parser.set_defaults(**defaults)
-    namespace = parser.parse_args(argv)
-    del namespace.config
-    return Config(**vars(namespace))
-
-
-def _read_yaml(path: str) -> dict:
-    try:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-    except OSError as err:
-        raise YodaError(f"--config {path}: cannot read it ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        raise YodaError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(values, dict):
-        raise YodaError(f"--config {path}: expected a mapping of option: value, got {type(values).__name__}")
-    return {key.replace("-", "_"): value for key, value in values.items()}
 
 
 def main(argv: list[str]) -> int:
     debug = "--debug" in argv
     try:
-        cfg = parse_config(argv)
+        cfg = parse_config(argv, description=__doc__.splitlines()[0])
         from yoda_raw.train import main as train  # heavy imports after the options are known good
 
         summary = train(cfg)

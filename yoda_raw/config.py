@@ -5,15 +5,21 @@ command-line options (`--lora-dropout` and `--lora_dropout` both work; a boolean
 true also gets `--no-NAME`). A preset (`--preset tiny`) or a YAML file (`--config FILE.yaml`)
 replaces the defaults; options given on the command line win over both.
 
+`parse_config` does that for run.py and for `python -m yoda_raw.trace`, which take the same options.
+
 The resolved configuration is printed at start and saved as `run_config.json` next to every
 checkpoint and adapter, so a result can always be traced back to the settings that made it.
 """
 
+import argparse
 import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+import yaml
+from transformers import HfArgumentParser
 
 from yoda_raw.errors import YodaError
 
@@ -200,3 +206,49 @@ PRESETS: dict[str, dict] = {
         "output_dir": "out-tiny",
     },
 }
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+class Parser(HfArgumentParser):
+    """HfArgumentParser whose errors (unknown option, bad value) are one line, not usage + error."""
+
+    def error(self, message: str):
+        raise YodaError(f"{message}; see `{self.prog} --help`")
+
+
+def parse_config(argv: list[str], prog: str = "python run.py", description: str | None = None) -> Config:
+    """Command line -> Config. Precedence: command line > --config file > --preset > defaults."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--preset", default="tutorial")
+    first.add_argument("--config", default=None)
+    known, rest = first.parse_known_args(argv)
+    if known.preset not in PRESETS:
+        raise YodaError(f"--preset must be one of {', '.join(PRESETS)}, got {known.preset!r}")
+    defaults = {"preset": known.preset, **PRESETS[known.preset]}
+    if known.config:
+        defaults |= _read_yaml(known.config)
+    parser = Parser(Config, prog=prog, description=description)
+    parser.add_argument("--config", default=None, help="YAML file of options (keys are field names).")
+    known_fields = {action.dest for action in parser._actions}
+    unknown = sorted(set(defaults) - known_fields)
+    if unknown:
+        raise YodaError(f"{known.config}: unknown option(s) {', '.join(unknown)}; see `{prog} --help`")
+    parser.set_defaults(**defaults)
+    namespace = parser.parse_args(argv)
+    del namespace.config
+    return Config(**vars(namespace))
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except OSError as err:
+        raise YodaError(f"--config {path}: cannot read it ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        raise YodaError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise YodaError(f"--config {path}: expected a mapping of option: value, got {type(values).__name__}")
+    return {key.replace("-", "_"): value for key, value in values.items()}

@@ -1,0 +1,529 @@
+"""One optimizer step, stage by stage: what the data and the model become, and which function does it.
+
+    python -m yoda_raw.trace                                   # the tiny preset: a CPU, a few seconds
+    python -m yoda_raw.trace --lora-r 4 --batch-size 2 --grad-accum 2 --optim adamw
+    python -m yoda_raw.trace --preset tutorial                 # Phi-3-mini in 4 bits (a CUDA GPU)
+
+It takes every option run.py takes (config.parse_config), with `--preset tiny` unless told
+otherwise, and makes the first optimizer step of that run by calling the functions the run calls,
+in the order train.main and train.fit call them. Between the calls it prints what came out: one
+conversation as ids and labels, the packed rows, the batch, one layer's 4-bit weights and its LoRA
+matrices, the logits and the loss, the gradients, the clipped update and the optimizer state, and on
+CUDA the memory allocated after each stage. The loss and gradient norm it prints are those that
+`python run.py` with the same options logs for step 1. Nothing is written to disk.
+"""
+
+import dataclasses
+import itertools
+import math
+import sys
+import textwrap
+
+import torch
+from accelerate.utils import set_seed
+
+from yoda_raw import meter
+from yoda_raw.chat import IGNORE, load_tokenizer, tokenize_conversation
+from yoda_raw.config import Config, parse_config
+from yoda_raw.data import load_conversations, split_conversations
+from yoda_raw.errors import YodaError
+from yoda_raw.graphs import CapturedStep
+from yoda_raw.graphs import resolve as resolve_cuda_graph
+from yoda_raw.inspect import row_as_text
+from yoda_raw.loss import supervised_count
+from yoda_raw.model import add_lora, load_base_model, parameter_line
+from yoda_raw.optim import build_optimizer, learning_rate
+from yoda_raw.packing import Collator, build_rows, count_tokens
+from yoda_raw.train import (
+    EpochSampler,
+    NonFiniteLoss,
+    check_device,
+    forward_backward,
+    make_accelerator,
+    zero_nonfinite_grads,
+)
+
+PEFT_PREFIX = "base_model.model."  # peft's wrapper puts this before every name of the base model
+
+
+def trace(cfg: Config) -> dict:
+    """Make the first optimizer step of the run `cfg` describes, printing each stage; returns
+    the step's loss, gradient norm and learning rate."""
+    print(f"yoda_raw.trace: the first optimizer step of `python run.py --preset {cfg.preset} ...`, stage by stage")
+
+    heading(1, "setup", "config.parse_config, train.make_accelerator")
+    accelerator, precision = make_accelerator(cfg)
+    check_device(cfg, accelerator)
+    if accelerator.num_processes > 1:
+        raise YodaError("the trace follows one process: run it as `python -m yoda_raw.trace`, not on several")
+    device = accelerator.device
+    # --cuda-graph auto -> on or off, as train.main resolves it.
+    cfg = dataclasses.replace(
+        cfg, cuda_graph=resolve_cuda_graph(cfg.cuda_graph, device, accelerator.num_processes, precision.name)
+    )
+    set_seed(cfg.seed)
+    meter.reset_peaks(device)
+    print(f"model {cfg.model} (--init {cfg.init}, --quant {cfg.quant}), dataset {cfg.dataset}")
+    autocast = "no autocast" if precision.mixed_precision == "no" else f"the forward under {precision.dtype} autocast"
+    print(
+        f"device {device}; precision.choose_precision -> {precision.name}: {autocast}; by default also the dtype of "
+        "the 4-bit matmuls and of the frozen weights (stage 4 reads both off the model)"
+    )
+    graph = "forward and backward as a CUDA graph from step 2 on (stage 8)" if cfg.cuda_graph == "on" else "eager"
+    print(f"graphs.resolve -> --cuda-graph {cfg.cuda_graph}: {graph}")
+    memory(device)
+
+    heading(2, "one conversation -> ids and labels", "data.load_conversations, chat.tokenize_conversation")
+    tokenizer = load_tokenizer(cfg.tokenizer_source, trust_remote_code=cfg.trust_remote_code)
+    conversations = load_conversations(cfg.dataset, cfg.prompt_field, cfg.response_field, skip_invalid=cfg.skip_invalid)
+    train_conversations, held_out = split_conversations(conversations, cfg.eval_fraction, cfg.seed)
+    print(
+        f"{len(conversations)} conversations; data.split_conversations holds {len(held_out)} out "
+        f"(--eval-fraction {cfg.eval_fraction}), {len(train_conversations)} are for training. The first of those:"
+    )
+    messages = train_conversations[0]
+    for message in messages:
+        print(f"  {message['role']:>9}: {message['content']}")
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    print(f"the tokenizer's chat template renders it as (chat.render):\n  {text!r}")
+    show_ids_and_labels(tokenizer, tokenize_conversation(tokenizer, messages, cfg.train_on), cfg.train_on)
+    memory(device)
+
+    heading(3, "rows, and the order they come in", "packing.build_rows, train.EpochSampler")
+    rows = build_rows(tokenizer, train_conversations, cfg.max_length, cfg.train_on, cfg.packing, cfg.shuffle, cfg.seed)
+    collator = Collator(tokenizer.pad_token_id)
+    # The sampler and loader exactly as train.fit builds them (see there why the generator).
+    sampler = EpochSampler(len(rows), cfg.shuffle, cfg.seed)
+    loader = torch.utils.data.DataLoader(
+        rows, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collator, generator=torch.Generator()
+    )
+    sampler.set_epoch(0)
+    order = list(sampler)  # the row order of epoch 0: what the loader will draw
+    show_rows(tokenizer, rows, order, cfg)
+    memory(device)
+
+    weights = "its weights in 4 bits" if cfg.quant == "nf4" else "not quantized"
+    heading(4, f"the base model, {weights}", "model.load_base_model")
+    model = load_base_model(cfg, precision, device, vocab_size=len(tokenizer))
+    name, layer = largest_target(model, cfg.lora_targets)
+    show_base(model)
+    show_4bit(name, layer)
+    memory(device)
+
+    heading(5, "LoRA on the frozen base", "model.add_lora")
+    model = add_lora(model, cfg)
+    show_lora(name, model.get_submodule(PEFT_PREFIX + name), cfg)
+    print(f"model.parameter_line: {parameter_line(model)}")
+    memory(device)
+
+    heading(6, "the optimizer and the learning rate", "optim.build_optimizer, accelerator.prepare, optim.learning_rate")
+    optimizer = build_optimizer(model.parameters(), cfg.optim, cfg.lr, cfg.weight_decay, device)
+    unwrapped = model  # names and hooks below use the model itself, not what prepare may wrap around it
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    # Steps counted as train.fit counts them; the learning rate is set by hand each step, as there.
+    micro_per_process = math.ceil(math.ceil(len(rows) / cfg.batch_size) / accelerator.num_processes)
+    steps_per_epoch = math.ceil(micro_per_process / cfg.grad_accum)
+    total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps < 0 else cfg.max_steps
+    lr = learning_rate(0, cfg.lr, cfg.warmup_steps, total_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    show_optimizer(optimizer, cfg)
+    print(
+        f"accelerator.prepare: the model's forward gets {autocast}, batches come on {device}, "
+        "the optimizer is wrapped (for fp16 loss scaling)"
+    )
+    print(
+        f"the run has {total_steps} steps ({steps_per_epoch} an epoch); optim.learning_rate of step 1: {lr:g} "
+        f"(--lr {cfg.lr:g}, --warmup-steps {cfg.warmup_steps}, then linear decay to 0)"
+    )
+    memory(device)
+
+    heading(7, "the micro-batches of step 1", "the DataLoader with packing.Collator, loss.supervised_count")
+    model.train()
+    loader.set_epoch(0)
+    # (train.fit also skips the micro-batches a resumed run already trained on: none at step 1)
+    micro_batches = list(itertools.islice(iter(loader), cfg.grad_accum))
+    local_supervised = sum(supervised_count(b) for b in micro_batches)
+    n_supervised = accelerator.reduce(local_supervised, "sum").clamp(min=1)
+    show_batches(micro_batches, order, cfg)
+    print(f"the step's loss will be divided by its {int(n_supervised)} supervised tokens (all micro-batches)")
+    memory(device)
+
+    heading(8, "forward and backward", "train.forward_backward or graphs.CapturedStep -> loss.token_loss_sum")
+    # A hook on the LM head reads the logits' shape as they pass; it changes nothing.
+    logits_seen = []
+    hook = unwrapped.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: logits_seen.append((tuple(output.shape), output.dtype))
+    )
+    captured = None
+    if cfg.cuda_graph == "on":
+        # As train.fit builds it: a batch of rows, or all the rows when there are fewer.
+        captured = CapturedStep(model, min(cfg.batch_size, len(rows)), cfg.max_length, collator.pad_id, device)
+    try:
+        if captured is None:
+            step_loss = forward_backward(accelerator, model, micro_batches, n_supervised)
+        else:
+            step_loss = captured.forward_backward(micro_batches, n_supervised)
+    finally:
+        hook.remove()
+    loss = (step_loss / n_supervised).item()
+    show_loss(logits_seen, step_loss.item(), int(n_supervised), loss, graph=captured is not None)
+    show_gradients(unwrapped, name)
+    memory(device)
+
+    heading(9, "clip and update", "accelerator.clip_grad_norm_, optimizer.step, optimizer.zero_grad")
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+    # The loop's NaN guard, on the device: a non-finite step's gradients are zeroed, and the loop
+    # stops at its next log line (step 1 here).
+    first_bad_step = torch.zeros((), dtype=torch.long, device=device)
+    if not accelerator.scaler:
+        first_bad_step = zero_nonfinite_grads(grad_norm, optimizer, first_bad_step, 1)
+    show_clipping(grad_norm.item(), cfg.max_grad_norm)
+    lora_layer = unwrapped.get_submodule(PEFT_PREFIX + name)
+    before = {part: getattr(lora_layer, part).default.weight.detach().clone() for part in ("lora_A", "lora_B")}
+    optimizer.step()
+    if first_bad_step.item():
+        raise NonFiniteLoss(first_bad_step.item(), 1)
+    if accelerator.optimizer_step_was_skipped:
+        print("fp16: the loss scaler found overflowing gradients and skipped this update, as the loop would")
+    show_optimizer_state(unwrapped, optimizer, name)
+    for part, old in before.items():
+        change = (getattr(lora_layer, part).default.weight.detach() - old).abs().max().item()
+        print(f"{name}.{part} moved by at most {change:.6g}")
+    print(f"(Adam's first step moves a weight by about the learning rate, {lr:g}, unless its gradient is zero)")
+    # As in train.fit: a captured graph adds into the same gradient tensors every replay.
+    optimizer.zero_grad(set_to_none=captured is None)
+    if captured is None:
+        print("optimizer.zero_grad(set_to_none=True): the gradients are freed before the next step")
+    else:
+        print("optimizer.zero_grad(set_to_none=False): zeroed in place, where the CUDA graph adds the next ones")
+    memory(device)
+
+    print(
+        f"\nstep 1: loss {loss:.6f}, grad_norm {grad_norm.item():.6f}, lr {lr:g}: "
+        "what `python run.py` with these options logs for step 1 (--logging-steps 1)"
+    )
+    return {"loss": loss, "grad_norm": grad_norm.item(), "lr": lr}
+
+
+# --- printing the stages ---------------------------------------------------------------------------
+
+
+def heading(number: int, title: str, functions: str) -> None:
+    print(f"\n== {number}. {title}  [{functions}] ==")
+
+
+def memory(device: torch.device) -> None:
+    """On CUDA, what torch holds now and at most so far. Nothing on a CPU, where torch keeps no count."""
+    if device.type == "cuda":
+        allocated, peak = torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device)
+        print(f"[cuda: {allocated / meter.GIB:.3f} GiB allocated, peak so far {peak / meter.GIB:.3f} GiB]")
+
+
+def show_ids_and_labels(tokenizer, example: dict, train_on: str) -> None:
+    ids, labels = example["input_ids"], example["labels"]
+    n_supervised = sum(label != IGNORE for label in labels)
+    print(
+        f"chat.tokenize_conversation (--train-on {train_on}): {len(ids)} ids, {n_supervised} supervised; "
+        "label -100 masks a position (no loss)."
+    )
+    print("labels[t] is the token at t; the model shifts them, so position t - 1 learns to predict it.")
+    print(f"  {'pos':>4} {'id':>6}  {'token':<22} label")
+    for pos, (token_id, label, token) in enumerate(zip(ids, labels, tokenizer.convert_ids_to_tokens(ids), strict=True)):
+        print(f"  {pos:>4} {token_id:>6}  {token!r:<22} {'-100 (masked)' if label == IGNORE else label}")
+
+
+def show_rows(tokenizer, rows: list[dict], order: list[int], cfg: Config) -> None:
+    totals = count_tokens(rows)
+    shuffled = ", shuffled (seeded)," if cfg.shuffle else ""
+    if cfg.packing == "wrapped":
+        print(
+            f"the training conversations{shuffled} are tokenized, joined into one stream of {totals['tokens']:,} "
+            f"tokens ({totals['supervised_tokens']:,} supervised) and cut every {cfg.max_length} "
+            f"(--packing wrapped): {len(rows)} rows. A row starts wherever a cut falls, often mid-conversation."
+        )
+    else:
+        print(
+            f"one row per conversation{shuffled} cut to {cfg.max_length} tokens (--packing none): {len(rows)} rows, "
+            f"{totals['tokens']:,} tokens, {totals['supervised_tokens']:,} supervised"
+        )
+    print(f"train.EpochSampler's order for epoch 0 (--shuffle {cfg.shuffle}): rows {preview(order, 12)}")
+    row = rows[order[0]]
+    n_supervised = sum(label != IGNORE for label in row["labels"])
+    print(f"row {order[0]}, the first the loader draws: {len(row['input_ids'])} tokens, {n_supervised} supervised")
+    print(f"  input_ids {preview(row['input_ids'], 16)}")
+    print(f"  labels    {preview(row['labels'], 16)}")
+    print("  as text, supervised tokens [[in double brackets]] (yoda_raw.inspect.row_as_text):")
+    print(
+        textwrap.fill(row_as_text(tokenizer, row, colour=False), width=100, initial_indent="  ", subsequent_indent="  ")
+    )
+
+
+def largest_target(model, targets: list[str]) -> tuple[str, torch.nn.Module]:
+    """The largest linear layer LoRA will wrap (the first among equals): the one the trace follows."""
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules()
+        if name.split(".")[-1] in targets and hasattr(module, "in_features")
+    ]
+    if not candidates:
+        linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise YodaError(
+            f"--lora-targets {' '.join(targets)}: no such module; the linear layers are {', '.join(linear)}"
+        )
+    return max(candidates, key=lambda pair: pair[1].in_features * pair[1].out_features)
+
+
+def show_base(model) -> None:
+    """What the weights of the base model are stored as, by kind of tensor."""
+    kinds = {}
+    for param in model.parameters():
+        kind = f"{type(param).__name__} {param.dtype}"
+        count, size = kinds.get(kind, (0, 0))
+        kinds[kind] = (count + 1, size + param.numel() * param.element_size())
+    print(f"{type(model).__name__}, {model.config.num_hidden_layers} layers; its weights as stored:")
+    for kind, (count, size) in kinds.items():
+        print(f"  {count:>4} tensors {kind:<26} {size:>15,} bytes")
+    if any(kind.startswith("Params4bit") for kind in kinds):
+        print("  (Params4bit are the 4-bit linear layers; the embeddings, norms and LM head stay unquantized)")
+
+
+def show_4bit(name: str, layer) -> None:
+    """The layer's 4-bit weights, read off bitsandbytes' QuantState, and what dequantizing them gives."""
+    weight, n = layer.weight, layer.in_features * layer.out_features
+    print(f"the trace follows {name} (the largest layer LoRA will wrap): {layer.out_features} x {layer.in_features}")
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        print(f"  weight {weight.dtype} {tuple(weight.shape)}: {weight.nbytes:,} bytes, not quantized (--quant none)")
+        return
+    import bitsandbytes.functional as bnb_functional
+
+    print(f"  {type(layer).__module__}.{type(layer).__name__}, weight {n:,} values stored as:")
+    storage = f"{type(weight).__name__} {weight.dtype} {tuple(weight.shape)}"
+    print(f"    {storage}: {weight.nbytes:,} bytes, two 4-bit codes a byte")
+    n_blocks = state.absmax.numel()
+    print("  its quant_state (bitsandbytes' QuantState):")
+    print(f"    quant_type {state.quant_type}: a 4-bit code picks one of {state.code.numel()} levels in [-1, 1],")
+    print(f"      code = {preview([round(x, 4) for x in state.code.tolist()], 16)}")
+    print(f"    blocksize  {state.blocksize}: each block of {state.blocksize} weights is scaled by its absmax")
+    scales = state.absmax.nbytes
+    if state.nested:  # double quantization: the scales are quantized too
+        second = state.state2
+        scales += second.absmax.nbytes + state.offset.nbytes
+        print(
+            f"    absmax     {state.absmax.dtype} {tuple(state.absmax.shape)}, {state.absmax.nbytes:,} bytes: double "
+            f"quantization stores each block's absmax, minus offset {state.offset.item():.4f}, in 8 bits"
+        )
+        print(
+            f"    state2     the 8-bit absmax's own scales: absmax {second.absmax.dtype} {tuple(second.absmax.shape)}, "
+            f"one per {second.blocksize} blocks, and a code of {second.code.numel()} {second.code.dtype} levels"
+        )
+        absmax = bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    else:
+        print(f"    absmax     {state.absmax.dtype} {tuple(state.absmax.shape)}, {state.absmax.nbytes:,} bytes")
+        absmax = state.absmax
+    print(f"    dtype      {state.dtype}: what the weights are dequantized to for each matmul")
+    total = weight.nbytes + scales
+    print(
+        f"  {weight.nbytes:,} bytes of codes + {scales:,} of scales = {8 * total / n:.3f} bits a weight "
+        f"(fp32 absmax would make it {8 * (weight.nbytes + 4 * n_blocks) / n:.3f}; bf16 weights 16, fp32 32)"
+    )
+    dequantized = bnb_functional.dequantize_4bit(weight.data, state)  # (out, in)
+    print(f"  bitsandbytes.functional.dequantize_4bit -> {tuple(dequantized.shape)} {dequantized.dtype}:")
+    print(f"    weight[0, :6] = {preview([round(x, 4) for x in dequantized[0, :6].tolist()], 6)}")
+    byte = weight.data.flatten()[0].item()
+    code = state.code[byte >> 4].item()
+    print(
+        f"    by hand: byte 0 is 0x{byte:02x}; its high 4 bits {byte >> 4} pick code[{byte >> 4}] = {code:.4f}, "
+        f"times block 0's absmax {absmax[0].item():.4f} = {code * absmax[0].item():.4f} = weight[0, 0]"
+    )
+    block = dequantized.flatten()[: state.blocksize]
+    print(f"    block 0 holds {block.unique().numel()} distinct values (at most {state.code.numel()}: one per level)")
+
+
+def show_lora(name: str, lora_layer, cfg: Config) -> None:
+    lora_a, lora_b = lora_layer.lora_A.default.weight, lora_layer.lora_B.default.weight
+    scale = lora_layer.scaling["default"]
+    print(
+        "every parameter of the base frozen; gradient checkpointing " + ("on" if cfg.gradient_checkpointing else "off")
+    )
+    print(
+        f"{name} is now peft's {type(lora_layer).__module__}.{type(lora_layer).__name__}: "
+        "y = base(x) + scale * B(A(dropout(x)))"
+    )
+    bound = 1 / math.sqrt(lora_a.shape[1])
+    print(
+        f"  A  lora_A.default.weight {tuple(lora_a.shape)} = (r, in), {lora_a.dtype}, values in "
+        f"[{lora_a.min().item():.4f}, {lora_a.max().item():.4f}]: peft's Kaiming-uniform init, within "
+        f"+-1/sqrt(in) = {bound:.4f}"
+    )
+    zero = "all zero, so B A = 0 and the model starts out as the base model" if not lora_b.any() else "not zero"
+    print(f"  B  lora_B.default.weight {tuple(lora_b.shape)} = (out, r), {lora_b.dtype}, {zero}")
+    print(f"  scale = lora_alpha / r = {cfg.lora_alpha} / {cfg.lora_r} = {scale:g}; dropout {cfg.lora_dropout} on x")
+    print(f"  {lora_a.numel() + lora_b.numel():,} trainable values next to the layer's frozen ones")
+
+
+def show_optimizer(optimizer, cfg: Config) -> None:
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the real one
+    group = optimizer.param_groups[0]
+    n_tensors = sum(len(g["params"]) for g in optimizer.param_groups)
+    kind = type(inner)
+    name = f"{kind.__module__}.{kind.__name__}"
+    if kind.__module__.startswith("yoda_raw"):  # our subclass: name what it is made from
+        name += f" (a {kind.__mro__[1].__module__}.{kind.__mro__[1].__name__})"
+    print(
+        f"--optim {cfg.optim}: {name} over {n_tensors} trainable tensors, "
+        f"betas {group['betas']}, eps {group['eps']:g}, weight decay {group['weight_decay']:g}"
+    )
+    if hasattr(inner, "args"):  # bitsandbytes
+        print(
+            f"  {inner.args.optim_bits}-bit state for tensors of {inner.args.min_8bit_size:,}+ elements, 32-bit for "
+            f"smaller ones; paged (CUDA unified memory): {inner.is_paged}"
+        )
+    print("  its state is made at the first optimizer.step (stage 9)")
+
+
+def show_batches(micro_batches: list[dict], order: list[int], cfg: Config) -> None:
+    print(
+        f"step 1 = {len(micro_batches)} micro-batch(es) (--grad-accum {cfg.grad_accum}) of up to {cfg.batch_size} "
+        "rows (--batch-size), padded on the right by packing.Collator, moved to the device by Accelerate"
+    )
+    for i, batch in enumerate(micro_batches):
+        drawn = order[i * cfg.batch_size : i * cfg.batch_size + len(batch["input_ids"])]
+        print(f"micro-batch {i + 1}: rows {preview(drawn, 12)}")
+        mask = batch["attention_mask"]
+        notes = {
+            "input_ids": "token ids",
+            "attention_mask": f"{int(mask.sum())} tokens (1), {int((mask == 0).sum())} padding (0)",
+            "labels": f"{int(supervised_count(batch))} supervised next-token targets; -100 elsewhere",
+        }
+        for key, note in notes.items():
+            tensor = batch[key]
+            print(f"  {key:<15} {str(tuple(tensor.shape)):<10} {str(tensor.dtype):<12} {tensor.device}  {note}")
+
+
+def show_loss(logits_seen: list, loss_sum: float, n_supervised: int, loss: float, graph: bool) -> None:
+    if graph:
+        print(
+            "graphs.CapturedStep (--cuda-graph on): each micro-batch is copied into fixed buffers, rows padded to "
+            "--max-length, no attention mask. Step 1 runs eagerly on them, as the warm-up a capture needs; "
+            "step 2 records forward and backward as a CUDA graph, and every later micro-batch replays it"
+        )
+    for i, (shape, dtype) in enumerate(logits_seen):
+        batch, length, vocab = shape
+        print(f"micro-batch {i + 1}: the model's forward -> logits {shape} = (B, T, V) {dtype}")
+        print(
+            f"  loss.token_loss_sum: logits[:, :-1] as float32 {(batch, length - 1, vocab)} (a copy of "
+            f"{batch * (length - 1) * vocab * 4 / 2**20:.1f} MiB) against labels[:, 1:] {(batch, length - 1)}"
+        )
+    vocab = logits_seen[0][0][2]
+    print(f"cross-entropy summed over the step's {n_supervised} supervised positions: {loss_sum:.4f}")
+    print(
+        f"loss of the step = {loss_sum:.4f} / {n_supervised} = {loss:.6f} "
+        f"(a uniform guess over the {vocab} entries scores ln {vocab} = {math.log(vocab):.4f})"
+    )
+    backward = "backward()" if graph else "accelerator.backward"
+    print(f"{backward} of loss_sum / supervised tokens: the gradients accumulate in each trainable tensor's .grad")
+
+
+def show_gradients(model, name: str) -> None:
+    params = [(n.removeprefix(PEFT_PREFIX), p) for n, p in model.named_parameters()]
+    trainable = [(n, p) for n, p in params if p.requires_grad]
+    frozen = [(n, p) for n, p in params if not p.requires_grad]
+    with_grad = sum(p.grad is not None for _, p in trainable)
+    print(
+        f"gradients: {with_grad} of the {len(trainable)} trainable tensors have one, "
+        f"{sum(p.grad is not None for _, p in frozen)} of the {len(frozen)} frozen ones"
+    )
+    block = block_prefix(name)
+    width = max(len(n) for n, _ in trainable)
+    print(f"those of {block}* (names without peft's {PEFT_PREFIX!r}):")
+    zero_a = False
+    for n, p in trainable:
+        if not n.startswith(block):
+            continue
+        norm = f"{p.grad.norm().item():.6g}" if p.grad is not None else "none"
+        zero_a |= "lora_A" in n and norm == "0"
+        print(f"  {n:<{width}}  {str(tuple(p.shape)):<10} grad norm {norm}")
+    if zero_a:
+        print(
+            "(lora_A's gradient is 0 at step 1: lora_B is still 0, so nothing reaches lora_A before the first update)"
+        )
+
+
+def show_clipping(grad_norm: float, max_grad_norm: float) -> None:
+    if max_grad_norm and grad_norm > max_grad_norm:
+        print(
+            f"global gradient norm {grad_norm:.6f} > --max-grad-norm {max_grad_norm:g}: every gradient is "
+            f"scaled by {max_grad_norm / grad_norm:.6f}"
+        )
+    else:
+        print(f"global gradient norm {grad_norm:.6f}, within --max-grad-norm {max_grad_norm:g}: nothing to clip")
+
+
+def show_optimizer_state(model, optimizer, name: str) -> None:
+    """Per parameter: the state tensors the optimizer made, their bits and bytes, paged or not."""
+    trainable = [(n.removeprefix(PEFT_PREFIX), p) for n, p in model.named_parameters() if p.requires_grad]
+    # Tensors several parameters point to (bitsandbytes' quantization maps) are counted once, apart.
+    owners = {}
+    for _, p in trainable:
+        for value in optimizer.state[p].values():
+            if torch.is_tensor(value):
+                owners.setdefault(id(value), []).append(value)
+    shared = {key: values[0] for key, values in owners.items() if len(values) > 1}
+
+    block = block_prefix(name)
+    width = max(len(n) for n, _ in trainable)
+    print(f"optimizer state after optimizer.step, for {block}* (elements: the parameter's; bytes: its state's):")
+    totals = {"8-bit": 0, "32-bit": 0, "paged": 0, "bytes": 0}
+    for n, p in trainable:
+        tensors = {k: v for k, v in optimizer.state[p].items() if torch.is_tensor(v) and id(v) not in shared}
+        moments = [v for v in tensors.values() if v.numel() == p.numel()]  # Adam's two moments
+        bits = f"{8 * moments[0].element_size()}-bit"
+        paged = any(getattr(v, "is_paged", False) for v in tensors.values())
+        size = sum(v.nbytes for v in tensors.values())
+        totals[bits] = totals.get(bits, 0) + 1
+        totals["paged"] += paged
+        totals["bytes"] += size
+        if n.startswith(block):
+            layout = ", ".join(f"{k} {str(v.dtype).removeprefix('torch.')}{list(v.shape)}" for k, v in tensors.items())
+            print(f"  {n:<{width}}  {p.numel():>9,}  {bits:<6} {size:>9,} B  {'paged' if paged else 'not paged'}")
+            print(f"      {layout}")
+    shared_bytes = sum(v.nbytes for v in shared.values())
+    print(
+        f"all {len(trainable)} trainable tensors: {totals['8-bit']} with 8-bit state, {totals['32-bit']} with 32-bit, "
+        f"{totals['paged']} paged; {totals['bytes']:,} bytes of state"
+        + (f" + {shared_bytes:,} shared by all ({len(shared)} quantization maps)" if shared else "")
+    )
+
+
+def block_prefix(name: str) -> str:
+    """'model.layers.0.mlp.gate_up_proj' -> 'model.layers.0.': the decoder block a layer is in."""
+    parts = name.split(".")
+    numbered = [i for i, part in enumerate(parts) if part.isdigit()]
+    return ".".join(parts[: numbered[0] + 1]) + "." if numbered else name
+
+
+def preview(values: list, limit: int) -> str:
+    shown = ", ".join(str(v) for v in values[:limit])
+    return f"[{shown}{', ...' if len(values) > limit else ''}]"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        # --preset tiny first, so that a --preset given on the command line wins.
+        cfg = parse_config(
+            ["--preset", "tiny", *argv], prog="python -m yoda_raw.trace", description=__doc__.splitlines()[0]
+        )
+        trace(cfg)
+    except YodaError as err:
+        if "--debug" in argv:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
