@@ -59,8 +59,7 @@ def main(cfg: Config) -> dict:
     cfg = dataclasses.replace(cfg, cuda_graph=graph)
     check_hub_token(cfg)
     out = check_output_dir(cfg)
-    if accelerator.is_main_process:
-        print(f"config:\n{cfg.to_json()}\nprecision: {precision.name}, device: {accelerator.device}")
+    accelerator.print(f"config:\n{cfg.to_json()}\nprecision: {precision.name}, device: {accelerator.device}")
     set_seed(cfg.seed)
 
     # Data: conversations -> held-out split -> token rows with labels.
@@ -69,10 +68,9 @@ def main(cfg: Config) -> dict:
     train_conversations, held_out = split_conversations(conversations, cfg.eval_fraction, cfg.seed)
     rows = build_rows(tokenizer, train_conversations, cfg.max_length, cfg.train_on, cfg.packing, cfg.shuffle, cfg.seed)
     collator = Collator(tokenizer.pad_token_id)
-    if accelerator.is_main_process:
-        print(
-            f"data: {len(train_conversations)} conversations for training, {len(held_out)} held out, {len(rows)} rows"
-        )
+    accelerator.print(
+        f"data: {len(train_conversations)} conversations for training, {len(held_out)} held out, {len(rows)} rows"
+    )
 
     # Model: 4-bit base + LoRA.
     context = load_model_config(cfg, len(tokenizer)).max_position_embeddings
@@ -81,8 +79,7 @@ def main(cfg: Config) -> dict:
     model = load_base_model(cfg, precision, accelerator.device, vocab_size=len(tokenizer))
     model = add_lora(model, cfg)
     trainable, total = parameter_counts(model)
-    if accelerator.is_main_process:
-        print(parameter_line(model))
+    accelerator.print(parameter_line(model))
 
     # Only now, with the data and model known good, touch the output folder.
     if accelerator.is_main_process:
@@ -98,20 +95,22 @@ def main(cfg: Config) -> dict:
     metrics_file = out / "metrics.jsonl"
     metrics_kept = metrics_file.stat().st_size if metrics_file.exists() else 0  # a resumed run's earlier lines
 
-    def fit_with(batch_size: int) -> dict:
+    def fit_batch_size(batch_size: int) -> dict:
         accelerator.free_memory()
         model.zero_grad(set_to_none=True)  # an attempt that ran out of memory may have left partial gradients
-        if batch_size != cfg.batch_size and accelerator.is_main_process:
-            print(f"out of memory: retrying with --batch-size {batch_size}", file=sys.stderr)
-            if metrics_file.exists():  # the failed attempt's lines: this attempt logs those steps again
+        if batch_size != cfg.batch_size:
+            accelerator.print(f"out of memory: retrying with --batch-size {batch_size}", file=sys.stderr)
+            if accelerator.is_main_process and metrics_file.exists():  # the failed attempt's lines: logged again
                 os.truncate(metrics_file, metrics_kept)
         return fit(cfg, accelerator, model, rows, collator, batch_size, out)
 
     if cfg.auto_batch_size:
-        fit_with = find_executable_batch_size(fit_with, starting_batch_size=cfg.batch_size)
-        summary = fit_with()
+        # Accelerate's decorator calls fit_batch_size(cfg.batch_size), then 0.9x that after each
+        # out-of-memory error; it supplies the batch size itself, so it is called with no arguments.
+        fit_shrinking_on_oom = find_executable_batch_size(fit_batch_size, starting_batch_size=cfg.batch_size)
+        summary = fit_shrinking_on_oom()
     else:
-        summary = fit_with(cfg.batch_size)
+        summary = fit_batch_size(cfg.batch_size)
 
     # Save: adapter (safetensors), tokenizer, resolved configuration.
     accelerator.wait_for_everyone()
@@ -187,7 +186,6 @@ def fit(
     cfg: Config, accelerator: Accelerator, model, rows: list[dict], collator: Collator, batch_size: int, out: Path
 ) -> dict:
     """Train `model` on `rows`; returns a summary. The loop: one iteration = one optimizer step."""
-    is_main = accelerator.is_main_process
     device = accelerator.device
     sampler = EpochSampler(len(rows), cfg.shuffle, cfg.seed)
     # generator=: each epoch's iterator draws a seed from it instead of from the global RNG that dropout uses,
@@ -214,7 +212,9 @@ def fit(
     stop = StopOnSignal()
 
     meter.reset_peaks(device)  # peaks from here on are the training loop's (the weights stay counted)
-    bar = tqdm(total=total_steps, initial=start_step, disable=not is_main, desc="training", unit="step")
+    bar = tqdm(
+        total=total_steps, initial=start_step, disable=not accelerator.is_main_process, desc="training", unit="step"
+    )
     window = new_window(device)
     logged, skipped = [], 0
     first_bad_step = torch.zeros((), dtype=torch.long, device=device)  # the NaN guard's flag: 0 while all is well
@@ -265,31 +265,28 @@ def fit(
             bar.update(1)
 
             # Log: the only host syncs of the loop (.item(), the clock) happen here and at checkpoints.
-            if step % cfg.logging_steps == 0 or step == total_steps or stop.requested:
+            is_logging_step = step % cfg.logging_steps == 0 or step == total_steps or stop.requested
+            if is_logging_step:
                 check_finite(first_bad_step, step)  # nothing is logged after a NaN
-                record = log_window(window, step, steps_per_epoch, lr, grad_norm, accelerator) | {
-                    "skipped_steps": skipped,
-                    "batch_size": batch_size,  # what --auto-batch-size settled on
-                }
+                record = log_window(window, step, steps_per_epoch, lr, grad_norm, accelerator)
+                record |= {"skipped_steps": skipped, "batch_size": batch_size}  # what --auto-batch-size settled on
                 logged.append(record)
-                if is_main:
-                    bar.set_postfix(
-                        {k: record[k] for k in ("loss", "lr", "tokens_per_s") if k in record} | _peak(record)
-                    )
-                    with open(out / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                accelerator.log(record, step=step)
+                write_record(record, accelerator, bar, out)
                 window = new_window(device)
-            # Checkpoint on schedule, or when asked to stop (Ctrl-C, SIGTERM; also during the logging above).
-            if (cfg.save_steps and step % cfg.save_steps == 0) or stop.requested:
+            # Checkpoint on schedule, or when asked to stop (Ctrl-C, SIGTERM; also during the logging above,
+            # which is why this condition is read after it).
+            is_saving_step = (cfg.save_steps and step % cfg.save_steps == 0) or stop.requested
+            if is_saving_step:
                 check_finite(first_bad_step, step)  # nothing is saved after a NaN
                 save_checkpoint(cfg, accelerator, out, step)
             if stop.requested:
                 break
     bar.close()
     stop.restore()
-    if stop.requested and is_main:
-        print(f"stopped at step {step}; continue with --resume {out / f'checkpoint-{step}'}", file=sys.stderr)
+    if stop.requested:
+        accelerator.print(
+            f"stopped at step {step}; continue with --resume {out / f'checkpoint-{step}'}", file=sys.stderr
+        )
     return {
         "steps": step,
         "total_steps": total_steps,
@@ -371,8 +368,10 @@ def forward_backward(accelerator: Accelerator, model, micro_batches: list[dict],
     """
     step_loss = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(micro_batches):
-        is_last = i == len(micro_batches) - 1
-        with contextlib.nullcontext() if is_last else accelerator.no_sync(model):
+        is_accumulating = i < len(micro_batches) - 1
+        # no_sync: skip DDP's all-reduce, one pass over every LoRA gradient between the processes,
+        # until the step's last micro-batch (a no-op on one process).
+        with accelerator.no_sync(model) if is_accumulating else contextlib.nullcontext():
             loss_sum = token_loss_sum(model, batch)  # (,) summed over supervised tokens
             accelerator.backward(loss_sum * accelerator.num_processes / n_supervised)
         step_loss += loss_sum.detach()
@@ -431,8 +430,16 @@ def log_window(window: dict, step: int, steps_per_epoch: int, lr: float, grad_no
     } | meter.memory_gib(accelerator.device)
 
 
-def _peak(record: dict) -> dict:
-    return {"peak_gib": record["peak_allocated_gib"]} if "peak_allocated_gib" in record else {}
+def write_record(record: dict, accelerator: Accelerator, bar: tqdm, out: Path) -> None:
+    """Show a logged record on the progress bar, append it to metrics.jsonl, pass it to the trackers."""
+    if accelerator.is_main_process:
+        shown = {key: record[key] for key in ("loss", "lr", "tokens_per_s") if key in record}
+        if "peak_allocated_gib" in record:
+            shown["peak_gib"] = record["peak_allocated_gib"]
+        bar.set_postfix(shown)
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+    accelerator.log(record, step=record["step"])
 
 
 def push_to_hub(cfg: Config, out: Path) -> None:
