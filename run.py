@@ -9,32 +9,28 @@ import sys
 
 import torch
 
+from yoda_raw.cli import run_command
 from yoda_raw.config import parse_config
 from yoda_raw.errors import YodaError
 
 
 def main(argv: list[str]) -> int:
-    debug = "--debug" in argv
-    try:
-        cfg = parse_config(argv, description=__doc__.splitlines()[0])
-        from yoda_raw.train import main as train  # heavy imports after the options are known good
+    """A mistake in the options or data is one line `error: ...` and exit status 2 (yoda_raw/cli.py)."""
+    return run_command(train_command, argv)
 
+
+def train_command(argv: list[str]) -> int:
+    cfg = parse_config(argv, description=__doc__.splitlines()[0])
+    from yoda_raw.train import main as train  # heavy imports after the options are known good
+
+    try:
         summary = train(cfg)
-    except torch.cuda.OutOfMemoryError:
-        if debug:
-            raise
-        print(
-            "error: out of GPU memory; lower it with --auto-batch-size (on by default), a smaller --batch-size "
+    except torch.cuda.OutOfMemoryError as err:
+        raise YodaError(
+            "out of GPU memory; lower it with --auto-batch-size (on by default), a smaller --batch-size "
             "(with --grad-accum to keep the step size), --gradient-checkpointing, a shorter --max-length, "
-            "or --optim paged_adamw_8bit",
-            file=sys.stderr,
-        )
-        return 2
-    except YodaError as err:
-        if debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+            "or --optim paged_adamw_8bit"
+        ) from err
     if summary["is_main_process"]:
         print(f"saved the adapter to {summary['output_dir']} after {summary['steps']} steps")
     return 0

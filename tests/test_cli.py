@@ -106,3 +106,28 @@ def test_report_to_tensorboard_without_the_package_says_how_to_get_it():
         pytest.skip("tensorboard is installed here")
     with pytest.raises(YodaError, match="pip install tensorboard"):
         make_accelerator(Config(report_to="tensorboard"))
+
+
+def _mistakes(tmp_path):
+    """One input mistake for each command of yoda_raw: (command's main, its argv)."""
+    import run
+    from yoda_raw import evaluate, generate, inspect
+
+    missing = str(tmp_path / "missing")
+    return {
+        "run.py": (run.main, ["--preset", "no-such-preset"]),
+        "generate": (generate.main, ["--adapter", missing, "some sentence"]),
+        "evaluate": (evaluate.main, ["--adapter", missing]),
+        "inspect": (inspect.main, ["--tokenizer", "tiny", "--dataset", missing + ".jsonl"]),
+    }
+
+
+@pytest.mark.parametrize("command", ["run.py", "generate", "evaluate", "inspect"])
+def test_every_command_reports_a_mistake_as_one_line_and_debug_shows_the_traceback(command, tmp_path, capsys):
+    """All four commands share cli.run_command: a YodaError is `error: ...` and status 2; --debug re-raises."""
+    main, argv = _mistakes(tmp_path)[command]
+    assert main(argv) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+    with pytest.raises(YodaError):
+        main([*argv, "--debug"])

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from yoda_raw.cli import run_command
 from yoda_raw.errors import YodaError
 from yoda_raw.generate import SAMPLE_SENTENCE, translate
 from yoda_raw.loss import supervised_count, token_loss_sum
@@ -279,23 +280,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    """`python -m yoda_raw.evaluate`: a mistake in the input is one line `error: ...`, status 2 (cli.py)."""
+    return run_command(evaluate_command, argv)
+
+
+def evaluate_command(argv: list[str]) -> int:
+    args = parse_args(argv)
     from yoda_raw.generate import load_for_inference, read_run_config
 
-    try:
-        if args.limit is not None and args.limit < 1:
-            raise YodaError(f"--limit must be at least 1, got {args.limit}")
-        _sacrebleu()
-        cfg = read_run_config(args.adapter)
-        conversations, described = conversations_to_score(
-            cfg, args.dataset, args.split, args.prompt_field, args.response_field, args.limit
-        )
-        model, tokenizer, cfg = load_for_inference(args.adapter, args.device, args.quant)
-    except YodaError as err:
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.limit is not None and args.limit < 1:
+        raise YodaError(f"--limit must be at least 1, got {args.limit}")
+    _sacrebleu()
+    cfg = read_run_config(args.adapter)
+    conversations, described = conversations_to_score(
+        cfg, args.dataset, args.split, args.prompt_field, args.response_field, args.limit
+    )
+    model, tokenizer, cfg = load_for_inference(args.adapter, args.device, args.quant)
     results = compare(model, tokenizer, conversations, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     table = markdown_table(results)
     out = Path(args.output_dir or args.adapter)

@@ -30,6 +30,7 @@ import torch
 import transformers
 
 from yoda_raw.chat import common_prefix_length, load_tokenizer, render
+from yoda_raw.cli import run_command
 from yoda_raw.config import Config
 from yoda_raw.errors import YodaError
 
@@ -334,21 +335,20 @@ def read_sentences(args: argparse.Namespace, stdin) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        if args.merge:
-            out = merge(args.adapter, args.merge, args.device)
-            print(f"merged {args.adapter} into {out} (full precision: merging into 4-bit weights would round)")
-            return 0
-        check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.batch_size)
-        read_run_config(args.adapter)  # a wrong folder is reported before any waiting on stdin
-        sentences = read_sentences(args, sys.stdin)
-        model, tokenizer, _cfg = load_for_inference(args.adapter, args.device, args.quant)
-    except YodaError as err:
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    """`python -m yoda_raw.generate`: a mistake in the input is one line `error: ...`, status 2 (cli.py)."""
+    return run_command(generate_command, argv)
+
+
+def generate_command(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if args.merge:
+        out = merge(args.adapter, args.merge, args.device)
+        print(f"merged {args.adapter} into {out} (full precision: merging into 4-bit weights would round)")
+        return 0
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.batch_size)
+    read_run_config(args.adapter)  # a wrong folder is reported before any waiting on stdin
+    sentences = read_sentences(args, sys.stdin)
+    model, tokenizer, _cfg = load_for_inference(args.adapter, args.device, args.quant)
     # Blank input lines give blank output lines, so output line i answers input line i.
     todo = [i for i, s in enumerate(sentences) if s.strip()]
     answers = translate(

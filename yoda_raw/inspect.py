@@ -14,15 +14,15 @@ import json
 import sys
 
 from yoda_raw.chat import IGNORE, load_tokenizer
+from yoda_raw.cli import run_command
 from yoda_raw.config import TUTORIAL_DATASET, TUTORIAL_MODEL
 from yoda_raw.data import load_conversations
-from yoda_raw.errors import YodaError
 from yoda_raw.packing import build_rows, count_tokens
 
 GREEN, RESET = "\033[1;32m", "\033[0m"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m yoda_raw.inspect", description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", default=TUTORIAL_MODEL, help="Hub id, local folder, or 'tiny'.")
     parser.add_argument("--dataset", default=TUTORIAL_DATASET, help="Hub id, data file, or save_to_disk folder.")
@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-invalid", action="store_true", help="Drop invalid rows instead of stopping.")
     parser.add_argument("--json", action="store_true", help="One JSON object per row, nothing else.")
     parser.add_argument("--limit", type=int, default=None, help="Show only the first N rows (totals still cover all).")
+    parser.add_argument("--debug", action="store_true", help="Show full tracebacks.")
     return parser.parse_args(argv)
 
 
@@ -56,16 +57,17 @@ def row_as_text(tokenizer, row: dict, colour: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m yoda_raw.inspect`: a mistake in the input is one line `error: ...`, status 2 (cli.py)."""
+    return run_command(inspect_command, argv)
+
+
+def inspect_command(argv: list[str]) -> int:
     args = parse_args(argv)
-    try:
-        conversations = load_conversations(
-            args.dataset, args.prompt_field, args.response_field, skip_invalid=args.skip_invalid
-        )
-        tokenizer = load_tokenizer(args.tokenizer)
-        rows = build_rows(tokenizer, conversations, args.max_length, args.train_on, args.packing)
-    except YodaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    conversations = load_conversations(
+        args.dataset, args.prompt_field, args.response_field, skip_invalid=args.skip_invalid
+    )
+    tokenizer = load_tokenizer(args.tokenizer)
+    rows = build_rows(tokenizer, conversations, args.max_length, args.train_on, args.packing)
     shown = rows if args.limit is None else rows[: args.limit]
 
     if args.json:
