@@ -6,8 +6,9 @@ import json
 import datasets
 import pytest
 
-from yoda_raw.data import load_conversations, looks_like_local_path, split_conversations
+from yoda_raw.data import load_conversations, split_conversations
 from yoda_raw.errors import YodaError
+from yoda_raw.sources import looks_like_local_path
 
 ROWS = [
     {

@@ -22,8 +22,8 @@ import transformers
 
 from yoda_raw import tiny
 from yoda_raw.config import TINY
-from yoda_raw.data import looks_like_local_path
 from yoda_raw.errors import YodaError
+from yoda_raw.sources import looks_like_local_path
 
 IGNORE = -100  # the label cross-entropy skips (torch's ignore_index default)
 

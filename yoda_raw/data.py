@@ -18,30 +18,13 @@ and what is wrong: a run that silently trains on half the data is worse than one
 import csv
 import json
 import random
-import re
 import sys
 from pathlib import Path
 
 from yoda_raw.errors import YodaError
+from yoda_raw.sources import DATA_SUFFIXES, looks_like_local_path
 
-DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 ROLES = ("system", "user", "assistant")
-
-# A Hub repository id: "name" or "namespace/name", letters, digits and - _ . only.
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
-
-
-def looks_like_local_path(source: str) -> bool:
-    """True when `source` can only mean a local path, never a Hub id.
-
-    >>> [looks_like_local_path(s) for s in ["dvgodoy/yoda_sentences", "data.jsonl", "./data", "a/b/c"]]
-    [False, True, True, True]
-    """
-    return (
-        source.startswith((".", "/", "~"))
-        or Path(source).suffix.lower() in DATA_SUFFIXES
-        or _HUB_ID.fullmatch(source) is None  # two slashes, a backslash, a space...
-    )
 
 
 # --- reading rows ------------------------------------------------------------------------------

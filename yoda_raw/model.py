@@ -30,9 +30,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
 from yoda_raw import tiny
 from yoda_raw.config import TINY, Config
-from yoda_raw.data import looks_like_local_path
 from yoda_raw.errors import YodaError
 from yoda_raw.precision import Precision
+from yoda_raw.sources import looks_like_local_path
 
 
 def quantization_config(compute_dtype: torch.dtype) -> BitsAndBytesConfig:
