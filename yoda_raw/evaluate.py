@@ -30,10 +30,13 @@ from pathlib import Path
 
 import torch
 
+from yoda_raw.chat import tokenize_conversations
 from yoda_raw.cli import run_command
+from yoda_raw.data import load_conversations, split_conversations
 from yoda_raw.errors import YodaError
-from yoda_raw.generate import SAMPLE_SENTENCE, translate
+from yoda_raw.generate import SAMPLE_SENTENCE, load_for_inference, read_run_config, translate
 from yoda_raw.loss import supervised_count, token_loss_sum
+from yoda_raw.packing import Collator
 
 METRICS = ("loss", "perplexity", "exact_match", "chrf", "bleu")  # the table's rows, in order
 
@@ -65,9 +68,6 @@ def supervised_loss(model, tokenizer, conversations: list[list[dict]], batch_siz
     conversation is its own right-padded row (padding has label -100 and attention 0). The model
     is put in eval mode (no dropout) and given back in the mode it came in.
     """
-    from yoda_raw.chat import tokenize_conversations
-    from yoda_raw.packing import Collator
-
     examples = tokenize_conversations(tokenizer, conversations, train_on="assistant")
     collate = Collator(tokenizer.pad_token_id)
     device = next(model.parameters()).device
@@ -234,8 +234,6 @@ def conversations_to_score(
     limit: int | None = None,
 ) -> tuple[list, str]:
     """(conversations, a description): the run's held-out split, or all of another dataset."""
-    from yoda_raw.data import load_conversations, split_conversations
-
     prompt_field = prompt_field or cfg.prompt_field
     response_field = response_field or cfg.response_field
     if dataset is None or dataset == cfg.dataset:
@@ -286,8 +284,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def evaluate_command(argv: list[str]) -> int:
     args = parse_args(argv)
-    from yoda_raw.generate import load_for_inference, read_run_config
-
     if args.limit is not None and args.limit < 1:
         raise YodaError(f"--limit must be at least 1, got {args.limit}")
     _sacrebleu()

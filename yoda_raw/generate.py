@@ -33,6 +33,7 @@ from yoda_raw.chat import common_prefix_length, load_tokenizer, render
 from yoda_raw.cli import run_command
 from yoda_raw.config import Config
 from yoda_raw.errors import YodaError
+from yoda_raw.precision import choose_precision
 
 ADAPTER_CONFIG = "adapter_config.json"
 RUN_CONFIG = "run_config.json"
@@ -80,10 +81,11 @@ def load_for_inference(
     base into full-precision weights equal to its dequantized NF4 values (the weights the adapter
     was trained against) before the adapter is applied; `merge` needs that.
     """
+    # peft and the model stage (which loads bitsandbytes) take seconds to import: importing them
+    # here lets a wrong --adapter or option be reported at once, before that wait.
     from peft import PeftModel
 
     from yoda_raw.model import load_base_model
-    from yoda_raw.precision import choose_precision
 
     cfg = read_run_config(adapter_dir)
     if quant is not None:
