@@ -82,3 +82,16 @@ def _fresh_accelerate_state():
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(True)
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """Make a Config of the tiny preset as `run.py --preset tiny` resolves it, then `options` (a
+    test module's own choices, as a dict) and keyword overrides on top, later winning:
+    `tiny_config(RESUME_OPTIONS, output_dir=str(tmp_path), resume=...)`."""
+    from yoda_raw.config import PRESETS, Config
+
+    def make(options: dict | None = None, /, **overrides) -> Config:
+        return Config(**{"preset": "tiny", **PRESETS["tiny"], **(options or {}), **overrides})
+
+    return make

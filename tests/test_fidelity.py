@@ -40,33 +40,30 @@ PHI3_VOCAB = 32064  # Phi-3-mini's embedding rows (len(tokenizer) is 32011; the 
 EPOCHS = 3
 
 
-def tiny_config(tmp_path: Path, **overrides) -> Config:
-    """Our side of a parity run: the tutorial's loss and schedule on the tiny model, fp32, in order."""
-    return Config(
-        **{
-            "model": "tiny",
-            "tokenizer": "tiny",
-            "dataset": TINY_DATASET,
-            "init": "random",
-            "quant": "none",
-            "precision": "fp32",
-            "optim": "adamw",
-            "train_on": "all",
-            "packing": "wrapped",
-            "max_length": 64,
-            "batch_size": 16,
-            "lr": 3e-4,
-            "epochs": EPOCHS,
-            "shuffle": False,
-            "eval_fraction": 0.0,
-            "lora_dropout": 0.0,
-            "auto_batch_size": False,
-            "samples": False,
-            "logging_steps": 1,
-            "output_dir": str(tmp_path / "ours"),
-            **overrides,
-        }
-    )
+# Our side of a parity run, on top of the tiny preset (the tiny_config fixture): the tutorial's
+# loss and schedule on the tiny model, fp32, in order. Every field the comparison depends on is
+# spelled out, whatever the preset says; cli_args below is the same run as a command line.
+PARITY_OPTIONS = {
+    "model": "tiny",
+    "tokenizer": "tiny",
+    "dataset": TINY_DATASET,
+    "init": "random",
+    "quant": "none",
+    "precision": "fp32",
+    "optim": "adamw",
+    "train_on": "all",
+    "packing": "wrapped",
+    "max_length": 64,
+    "batch_size": 16,
+    "lr": 3e-4,
+    "epochs": EPOCHS,
+    "shuffle": False,
+    "eval_fraction": 0.0,
+    "lora_dropout": 0.0,
+    "auto_batch_size": False,
+    "samples": False,
+    "logging_steps": 1,
+}
 
 
 def logged_losses(output_dir: str | Path) -> list[float]:
@@ -185,7 +182,7 @@ def assert_same_losses(ours: list[float], reference: list[float]) -> float:
 # --- 1. adapter init --------------------------------------------------------------------------------
 
 
-def test_seed_gives_peft_adapter_init(tmp_path, monkeypatch):
+def test_seed_gives_peft_adapter_init(tmp_path, monkeypatch, tiny_config):
     """The LoRA weights `main` starts from are exactly `set_seed(seed); get_peft_model(base, config)`'s
     on the same base, and another seed gives others. Catches seeding only once at start: building the
     random base consumes random numbers, so the adapters would depend on how the base was loaded."""
@@ -199,9 +196,10 @@ def test_seed_gives_peft_adapter_init(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "add_lora", add_lora_and_record)
     for seed in (42, 7):
         AcceleratorState._reset_state(True)
-        train.main(tiny_config(tmp_path, seed=seed, max_steps=1, output_dir=str(tmp_path / f"seed{seed}")))
+        train.main(tiny_config(PARITY_OPTIONS, seed=seed, max_steps=1, output_dir=str(tmp_path / f"seed{seed}")))
     ours, other_seed = created
-    reference = lora_state(peft_model(tiny_config(tmp_path), len(load_tokenizer("tiny")), tmp_path / "base"))
+    cfg = tiny_config(PARITY_OPTIONS, output_dir=str(tmp_path / "ours"))
+    reference = lora_state(peft_model(cfg, len(load_tokenizer("tiny")), tmp_path / "base"))
     assert ours.keys() == reference.keys() and len(ours) > 0
     for name in ours:
         assert torch.equal(ours[name], reference[name]), name
@@ -235,7 +233,7 @@ def load_run_py():
 
 
 def cli_args(cfg: Config) -> list[str]:
-    """The command line that means `cfg` (for the fields tiny_config sets)."""
+    """The command line that means `cfg` (for the fields PARITY_OPTIONS sets)."""
     return [
         "--model",
         cfg.model,
@@ -278,14 +276,14 @@ def cli_args(cfg: Config) -> list[str]:
 
 
 @pytest.mark.parametrize("entry", ["api", "cli"])
-def test_parity_with_sfttrainer(entry, tmp_path, sfttrainer, capsys):
+def test_parity_with_sfttrainer(entry, tmp_path, sfttrainer, capsys, tiny_config):
     """Unquantized fp32 base: our loop (train.main, and `python run.py ...` in-process) and SFTTrainer
     give the same loss at every step, over 3 epochs. Catches any drift from the tutorial's
     semantics: rows packed or ordered differently, a loss normalised otherwise (per row, or counting
     position 0), another schedule (off by one step, warm-up), clipping or weight decay, an adapter
     initialised differently. Our run keeps gradient checkpointing on (its default), SFTTrainer's
     is off: recomputation must not change a number."""
-    cfg = tiny_config(tmp_path)
+    cfg = tiny_config(PARITY_OPTIONS, output_dir=str(tmp_path / "ours"))
     tokenizer = load_tokenizer("tiny")
     conversations = load_conversations(TINY_DATASET)
     reference, packed = sfttrainer("tiny-none", cfg, conversations, len(tokenizer))
@@ -300,14 +298,14 @@ def test_parity_with_sfttrainer(entry, tmp_path, sfttrainer, capsys):
     print(f"max |delta loss| {entry}: {delta:.2e}")
 
 
-def test_parity_with_sfttrainer_4bit(tmp_path, sfttrainer, monkeypatch):
+def test_parity_with_sfttrainer_4bit(tmp_path, sfttrainer, monkeypatch, tiny_config):
     """4-bit NF4 base: the same losses as SFTTrainer on a base loaded with the tutorial's own
     BitsAndBytesConfig and prepare_model_for_kbit_training. TRL 1.16 casts the LoRA weights of a
     quantized model to bf16 (so its LoRA matmuls and AdamW updates run in bf16, and its losses differ
     from an fp32 adapter's by ~2e-4); our side does the same here, through `add_lora`. Catches a
     4-bit recipe that differs from the tutorial's (quant type, double quant, compute dtype, which
     layers are quantized, which weights are frozen) or LoRA on 4-bit layers that computes otherwise."""
-    cfg = tiny_config(tmp_path, quant="nf4")
+    cfg = tiny_config(PARITY_OPTIONS, output_dir=str(tmp_path / "ours"), quant="nf4")
     reference, _ = sfttrainer("tiny-nf4", cfg, load_conversations(TINY_DATASET), len(load_tokenizer("tiny")))
     monkeypatch.setattr(train, "add_lora", lambda model, cfg: cast_lora(add_lora(model, cfg), torch.bfloat16))
     summary = train.main(cfg)
@@ -316,12 +314,12 @@ def test_parity_with_sfttrainer_4bit(tmp_path, sfttrainer, monkeypatch):
     print(f"max |delta loss| nf4: {delta:.2e}")
 
 
-def test_parity_with_sfttrainer_paged_adamw_8bit(tmp_path, sfttrainer):
+def test_parity_with_sfttrainer_paged_adamw_8bit(tmp_path, sfttrainer, tiny_config):
     """The tutorial's optimizer on both sides: our `--optim paged_adamw_8bit` and the Trainer's
     `optim="paged_adamw_8bit"` (both unpaged on a CPU). The tiny model's largest LoRA matrices
     (gate_up_proj.lora_B, 512 x 8) are just big enough for 8-bit state. Catches bitsandbytes'
     own weight decay default (0.01) leaking in, or other betas/eps than the Trainer's."""
-    cfg = tiny_config(tmp_path, optim="paged_adamw_8bit")
+    cfg = tiny_config(PARITY_OPTIONS, output_dir=str(tmp_path / "ours"), optim="paged_adamw_8bit")
     conversations = load_conversations(TINY_DATASET)
     reference, _ = sfttrainer("tiny-paged8", cfg, conversations, len(load_tokenizer("tiny")), "paged_adamw_8bit")
     train.main(cfg)
@@ -329,14 +327,16 @@ def test_parity_with_sfttrainer_paged_adamw_8bit(tmp_path, sfttrainer):
     print(f"max |delta loss| paged_adamw_8bit: {delta:.2e}")
 
 
-def test_parity_with_sfttrainer_phi3_tokenizer(tmp_path, sfttrainer, monkeypatch, phi3_path, yoda_conversations):
+def test_parity_with_sfttrainer_phi3_tokenizer(
+    tmp_path, sfttrainer, monkeypatch, phi3_path, yoda_conversations, tiny_config
+):
     """The real Phi-3 tokenizer and vocabulary (32064 rows) on the tiny architecture, on the first
     45 yoda conversations (22 wrapped rows: 2 steps an epoch). Catches what the tiny tokenizer
     cannot show: a difference in how the real template or its special tokens are packed."""
     conversations = yoda_conversations[:45]
     dataset = tmp_path / "yoda45.jsonl"
     dataset.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations))
-    cfg = tiny_config(tmp_path, tokenizer=str(phi3_path), dataset=str(dataset))
+    cfg = tiny_config(PARITY_OPTIONS, output_dir=str(tmp_path / "ours"), tokenizer=str(phi3_path), dataset=str(dataset))
     reference, _ = sfttrainer("phi3-none", cfg, conversations, PHI3_VOCAB)
     # main sizes the tiny model's vocabulary by len(tokenizer) (32011); give it Phi-3's 32064.
     monkeypatch.setattr(
@@ -387,7 +387,7 @@ def randomize_lora_b(model, seed: int = 0):
 
 
 @pytest.mark.parametrize("packing", ["none", "wrapped"])
-def test_accumulation_is_exact(packing, tmp_path, monkeypatch):
+def test_accumulation_is_exact(packing, tmp_path, monkeypatch, tiny_config):
     """16 rows a step as 1 x 16, 2 x 8 and 4 x 4 (micro-batch x accumulation): the same loss at each of
     two steps, and the same gradients. With assistant-only labels and one conversation per row,
     micro-batches hold different numbers of supervised tokens (and differ in padding), so averaging
@@ -404,7 +404,7 @@ def test_accumulation_is_exact(packing, tmp_path, monkeypatch):
     for batch_size, grad_accum in [(16, 1), (8, 2), (4, 4)]:
         AcceleratorState._reset_state(True)
         cfg = tiny_config(
-            tmp_path,
+            PARITY_OPTIONS,
             train_on="assistant",
             packing=packing,
             batch_size=batch_size,

@@ -15,7 +15,7 @@ import transformers
 from accelerate.state import AcceleratorState
 
 from yoda_raw import generate
-from yoda_raw.config import PRESETS, TINY_DATASET, Config
+from yoda_raw.config import TINY_DATASET
 from yoda_raw.generate import end_token_ids, generate_ids, main, translate
 
 N_PAIRS = 8
@@ -27,11 +27,6 @@ MEMORISED_AT_LEAST = 0.75
 UNSEEN = ["The Force is strong in you!", "Hi"]  # different lengths from the training sentences
 
 
-def tiny_config(**overrides) -> Config:
-    """The tiny preset as run.py resolves it, with overrides."""
-    return Config(**{"preset": "tiny", **PRESETS["tiny"], **overrides})
-
-
 def write_pairs(path: Path, n: int) -> list[dict]:
     rows = [json.loads(line) for line in Path(TINY_DATASET).read_text().splitlines()[:n]]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -39,7 +34,7 @@ def write_pairs(path: Path, n: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def memorised(tmp_path_factory):
+def memorised(tmp_path_factory, tiny_config):
     """Train the tiny preset (4-bit NF4 base, LoRA) on 8 pairs for 60 epochs of one step: one
     conversation per row, so training sees exactly the context generation sees."""
     from yoda_raw.train import main as train
@@ -186,15 +181,14 @@ def test_merged_model_computes_what_base_plus_adapter_computes(memorised, tmp_pa
 # --- generation must not break training (DESIGN.md, CPU pitfalls) ---------------------------------
 
 
-def lora_grads_after(action, seed: int = 3) -> dict[str, torch.Tensor]:
-    """LoRA gradients of one training forward/backward on a fresh 4-bit tiny model, after `action(model)`."""
+def lora_grads_after(cfg, action, seed: int = 3) -> dict[str, torch.Tensor]:
+    """LoRA gradients of one training forward/backward on a fresh model built as `cfg` says, after `action(model)`."""
     from yoda_raw.chat import load_tokenizer, tokenize_conversation
     from yoda_raw.model import add_lora, load_base_model
     from yoda_raw.packing import Collator
     from yoda_raw.precision import choose_precision
     from yoda_raw.train import token_loss_sum
 
-    cfg = tiny_config(quant="nf4", lora_dropout=0.0)
     tokenizer = load_tokenizer("tiny")
     cpu = torch.device("cpu")
     model = add_lora(load_base_model(cfg, choose_precision("fp32", cpu), cpu, len(tokenizer)), cfg)
@@ -210,13 +204,14 @@ def lora_grads_after(action, seed: int = 3) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_training_after_generation_gets_the_same_gradients():
+def test_training_after_generation_gets_the_same_gradients(tiny_config):
     """LoRA gradients after a generation equal those of an identical model that never generated.
     Catches bitsandbytes' AVX512-BF16 repacking of 4-bit weights in an eval-mode forward (the
     `support_avx512bf16_for_cpu = False` line in model.py): without it the gradients are wrong by
     ~76% on CPUs with AVX512-BF16. (On other CPUs and on GPUs this test cannot fail that way.)"""
-    untouched = lora_grads_after(lambda model, tokenizer: None)
-    after = lora_grads_after(lambda model, tokenizer: translate(model, tokenizer, UNSEEN, max_new_tokens=3))
+    cfg = tiny_config(quant="nf4", lora_dropout=0.0)
+    untouched = lora_grads_after(cfg, lambda model, tokenizer: None)
+    after = lora_grads_after(cfg, lambda model, tokenizer: translate(model, tokenizer, UNSEEN, max_new_tokens=3))
     assert untouched.keys() == after.keys() and len(untouched) > 0
     for name in untouched:
         torch.testing.assert_close(after[name], untouched[name], msg=name)

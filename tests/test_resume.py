@@ -9,33 +9,25 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from yoda_raw import checkpoint, train
-from yoda_raw.config import PRESETS, Config
 
 # The tiny set packs into 29 rows: 4 steps an epoch at batch 8 (8, 8, 8, 5 rows); 2 epochs = 8 steps.
 STEPS_PER_EPOCH = 4
 
 
-def tiny_config(output_dir: Path, **overrides) -> Config:
-    """The tiny preset with what makes a resume hard to get right: shuffled rows (a new order each
-    epoch), LoRA dropout (random masks every step), the 4-bit base and the 8-bit optimizer (state
-    to save and restore)."""
-    return Config(
-        **{
-            "preset": "tiny",
-            **PRESETS["tiny"],
-            "precision": "fp32",
-            "epochs": 2,
-            "eval_fraction": 0.0,
-            "lora_dropout": 0.1,
-            "lr": 3e-3,
-            "logging_steps": 1,
-            "save_steps": 2,
-            "auto_batch_size": False,
-            "samples": False,
-            "output_dir": str(output_dir),
-            **overrides,
-        }
-    )
+# On top of the tiny preset (the tiny_config fixture), what makes a resume hard to get right:
+# shuffled rows (a new order each epoch), LoRA dropout (random masks every step), the 4-bit base
+# and the 8-bit optimizer (state to save and restore).
+RESUME_OPTIONS = {
+    "precision": "fp32",
+    "epochs": 2,
+    "eval_fraction": 0.0,
+    "lora_dropout": 0.1,
+    "lr": 3e-3,
+    "logging_steps": 1,
+    "save_steps": 2,
+    "auto_batch_size": False,
+    "samples": False,
+}
 
 
 def logged(output_dir: Path) -> dict[int, float]:
@@ -44,17 +36,17 @@ def logged(output_dir: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
+def straight(tmp_path_factory, tiny_config):
     """One uninterrupted run of 8 steps, checkpointing every 2."""
     out = tmp_path_factory.mktemp("straight")
     AcceleratorState._reset_state(True)
-    train.main(tiny_config(out))
+    train.main(tiny_config(RESUME_OPTIONS, output_dir=str(out)))
     AcceleratorState._reset_state(True)
     return out
 
 
 @pytest.mark.parametrize("k", [2, STEPS_PER_EPOCH, 6], ids=["mid-epoch-1", "epoch-boundary", "mid-epoch-2"])
-def test_resumed_run_equals_straight_run(k, straight, tmp_path):
+def test_resumed_run_equals_straight_run(k, straight, tmp_path, tiny_config):
     """Resumed from checkpoint-k into a fresh output folder: the same loss at every later step and the
     same final adapter as the straight run. Catches a resume that restarts the epoch (rows seen
     twice), reshuffles it, replays the learning-rate schedule from 0, loses the optimizer's moments,
@@ -62,7 +54,7 @@ def test_resumed_run_equals_straight_run(k, straight, tmp_path):
     expected = logged(straight)
     assert sorted(expected) == list(range(1, 2 * STEPS_PER_EPOCH + 1))
     out = tmp_path / "resumed"
-    train.main(tiny_config(out, resume=str(straight / f"checkpoint-{k}")))
+    train.main(tiny_config(RESUME_OPTIONS, output_dir=str(out), resume=str(straight / f"checkpoint-{k}")))
     resumed = logged(out)
     assert sorted(resumed) == list(range(k + 1, 2 * STEPS_PER_EPOCH + 1))
     delta = max(abs(resumed[step] - expected[step]) for step in resumed)

@@ -17,32 +17,25 @@ from safetensors.torch import load_file
 
 import run
 from yoda_raw import checkpoint, train
-from yoda_raw.config import PRESETS, Config
 from yoda_raw.errors import YodaError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FAKE_TOKEN = "hf_testtoken123"
 
 
-def tiny_config(output_dir: Path, **overrides) -> Config:
-    """Tiny preset, fp32, no quantization, no held-out set, a loss logged every step, 4 steps."""
-    return Config(
-        **{
-            "preset": "tiny",
-            **PRESETS["tiny"],
-            "tokenizer": "tiny",
-            "quant": "none",
-            "precision": "fp32",
-            "eval_fraction": 0.0,
-            "lora_dropout": 0.0,
-            "samples": False,
-            "auto_batch_size": False,
-            "logging_steps": 1,
-            "max_steps": 4,
-            "output_dir": str(output_dir),
-            **overrides,
-        }
-    )
+# On top of the tiny preset (the tiny_config fixture): fp32, no quantization, no held-out set, a
+# loss logged every step, 4 steps.
+RUN_OPTIONS = {
+    "tokenizer": "tiny",
+    "quant": "none",
+    "precision": "fp32",
+    "eval_fraction": 0.0,
+    "lora_dropout": 0.0,
+    "samples": False,
+    "auto_batch_size": False,
+    "logging_steps": 1,
+    "max_steps": 4,
+}
 
 
 def logged(output_dir: Path) -> dict[int, float]:
@@ -154,17 +147,17 @@ def test_resume_of_a_non_checkpoint_is_one_line(tmp_path, capsys):
 # --- 2. an existing adapter is not overwritten ----------------------------------------------------
 
 
-def test_existing_adapter_is_refused_unless_overwrite(tmp_path):
+def test_existing_adapter_is_refused_unless_overwrite(tmp_path, tiny_config):
     """Catches a run that silently writes over an adapter already in --output-dir (losing a finished
     training), and an --overwrite that does not actually allow it."""
     adapter = tmp_path / checkpoint.ADAPTER_FILE
     adapter.write_bytes(b"an earlier run's adapter")
     before = adapter.stat().st_mtime_ns
     with pytest.raises(YodaError, match="already holds an adapter.*--overwrite"):
-        train.main(tiny_config(tmp_path, max_steps=1))
+        train.main(tiny_config(RUN_OPTIONS, output_dir=str(tmp_path), max_steps=1))
     assert adapter.read_bytes() == b"an earlier run's adapter"
     assert adapter.stat().st_mtime_ns == before
-    train.main(tiny_config(tmp_path, max_steps=1, overwrite=True))
+    train.main(tiny_config(RUN_OPTIONS, output_dir=str(tmp_path), max_steps=1, overwrite=True))
     assert adapter.read_bytes() != b"an earlier run's adapter"
     assert load_file(adapter)  # a real safetensors adapter now
 
@@ -173,7 +166,7 @@ def test_existing_adapter_is_refused_unless_overwrite(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
+def straight(tmp_path_factory, tiny_config):
     """One uninterrupted 4-step run with a checkpoint every step and HF_TOKEN set to a fake token."""
     from accelerate.state import AcceleratorState
 
@@ -182,7 +175,7 @@ def straight(tmp_path_factory):
     os.environ["HF_TOKEN"] = FAKE_TOKEN
     try:
         AcceleratorState._reset_state(True)
-        train.main(tiny_config(out, save_steps=1))
+        train.main(tiny_config(RUN_OPTIONS, output_dir=str(out), save_steps=1))
     finally:
         AcceleratorState._reset_state(True)
         if old is None:
@@ -195,11 +188,13 @@ def straight(tmp_path_factory):
 # --- 3. resuming with other settings --------------------------------------------------------------
 
 
-def test_resume_with_other_settings_names_the_fields(straight, tmp_path):
+def test_resume_with_other_settings_names_the_fields(straight, tmp_path, tiny_config):
     """Catches a resume that loads a checkpoint made with another lora_r / max_length (a shape error
     deep in peft, or worse a silent run on differently cut data) instead of refusing up front and
     naming the fields that differ."""
-    cfg = tiny_config(tmp_path, resume=str(straight / "checkpoint-2"), lora_r=4, max_length=32)
+    cfg = tiny_config(
+        RUN_OPTIONS, output_dir=str(tmp_path), resume=str(straight / "checkpoint-2"), lora_r=4, max_length=32
+    )
     with pytest.raises(YodaError, match="other settings") as info:
         train.main(cfg)
     message = str(info.value)
@@ -211,7 +206,7 @@ def test_resume_with_other_settings_names_the_fields(straight, tmp_path):
 # --- 4. Ctrl-C saves a checkpoint that resumes exactly --------------------------------------------
 
 
-def test_sigint_saves_a_checkpoint_that_resumes_exactly(straight, tmp_path, monkeypatch):
+def test_sigint_saves_a_checkpoint_that_resumes_exactly(straight, tmp_path, monkeypatch, tiny_config):
     """Catches Ctrl-C killing the run mid-step with nothing saved (or a half-written checkpoint), a
     summary that does not say it was interrupted, and a checkpoint whose resume does not continue
     with the straight run's losses. SIGINT is sent to this process from inside the loop (at the
@@ -226,7 +221,7 @@ def test_sigint_saves_a_checkpoint_that_resumes_exactly(straight, tmp_path, monk
 
     monkeypatch.setattr(train, "log_window", log_window_then_sigint)
     interrupted = tmp_path / "interrupted"
-    summary = train.main(tiny_config(interrupted))
+    summary = train.main(tiny_config(RUN_OPTIONS, output_dir=str(interrupted)))
     monkeypatch.setattr(train, "log_window", real_log_window)
     assert summary["interrupted"] is True and summary["steps"] == 2
     checkpoint = interrupted / "checkpoint-2"
@@ -238,7 +233,7 @@ def test_sigint_saves_a_checkpoint_that_resumes_exactly(straight, tmp_path, monk
 
     AcceleratorState._reset_state(True)
     resumed_out = tmp_path / "resumed"
-    summary = train.main(tiny_config(resumed_out, resume=str(checkpoint)))
+    summary = train.main(tiny_config(RUN_OPTIONS, output_dir=str(resumed_out), resume=str(checkpoint)))
     assert summary["steps"] == 4 and summary["interrupted"] is False
     expected, got = logged(straight), logged(resumed_out)
     assert sorted(got) == [3, 4]
@@ -249,7 +244,7 @@ def test_sigint_saves_a_checkpoint_that_resumes_exactly(straight, tmp_path, monk
 # --- 5. a non-finite loss stops the run, keeping earlier checkpoints --------------------------------
 
 
-def test_nan_loss_stops_with_step_and_keeps_checkpoints(tmp_path, monkeypatch):
+def test_nan_loss_stops_with_step_and_keeps_checkpoints(tmp_path, monkeypatch, tiny_config):
     """Catches a NaN loss that trains on (NaN weights saved as the adapter and in checkpoints), an
     error that does not name the step, and a stop that writes a checkpoint of the poisoned step."""
     real_loss = train.token_loss_sum
@@ -262,7 +257,7 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoints(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train, "token_loss_sum", nan_at_step_3)
     with pytest.raises(train.NonFiniteLoss, match="step 3"):
-        train.main(tiny_config(tmp_path, save_steps=1))
+        train.main(tiny_config(RUN_OPTIONS, output_dir=str(tmp_path), save_steps=1))
     assert isinstance(train.NonFiniteLoss(3), YodaError)
     assert sorted(p.name for p in tmp_path.glob("*checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     adapter = load_file(tmp_path / "checkpoint-2" / checkpoint.ADAPTER_FILE)
@@ -273,10 +268,11 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoints(tmp_path, monkeypatch):
 # --- 6. save_total_limit ----------------------------------------------------------------------------
 
 
-def test_save_total_limit_keeps_newest_complete_checkpoints(tmp_path):
+def test_save_total_limit_keeps_newest_complete_checkpoints(tmp_path, tiny_config):
     """Catches save_total_limit deleting the newest checkpoints instead of the oldest, sorting
     checkpoint-10 before checkpoint-9 as text, or leaving .partial folders behind."""
-    train.main(tiny_config(tmp_path, max_steps=10, save_steps=1, save_total_limit=2, logging_steps=5))
+    options = dict(max_steps=10, save_steps=1, save_total_limit=2, logging_steps=5)
+    train.main(tiny_config(RUN_OPTIONS, output_dir=str(tmp_path), **options))
     assert sorted(p.name for p in tmp_path.iterdir() if "checkpoint" in p.name) == ["checkpoint-10", "checkpoint-9"]
     for folder in tmp_path.glob("checkpoint-*"):
         for name in ("trainer_state.json", "run_config.json", checkpoint.ADAPTER_FILE, "optimizer.bin"):
