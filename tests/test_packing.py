@@ -159,15 +159,6 @@ def test_collator():
     assert batch["labels"].tolist() == [[IGNORE, 6, 7], [8, IGNORE, IGNORE], [IGNORE, IGNORE, IGNORE]]
 
 
-def test_collator_pad_to_multiple_of():
-    batch = Collator(pad_id=3, pad_to_multiple_of=8)([{"input_ids": [1] * 9, "labels": [1] * 9}])
-    assert batch["input_ids"].shape == (1, 16)
-    assert batch["input_ids"][0, 9:].tolist() == [3] * 7
-    assert batch["attention_mask"].sum() == 9 and (batch["labels"] != IGNORE).sum() == 9
-    # Already a multiple: no extra padding.
-    assert Collator(0, pad_to_multiple_of=4)([{"input_ids": [1] * 8, "labels": [1] * 8}])["input_ids"].shape == (1, 8)
-
-
 def test_collated_rows_conserve_tokens(tiny_tokenizer):
     """Batches of packed rows, minus padding, give back the joined conversations."""
     conversations = [

@@ -29,9 +29,9 @@ def test_auto_on_cpu_is_fp32():
 
 def test_explicit_choices_set_dtype_and_accelerate_together():
     fp16 = choose_precision("fp16", CUDA)
-    assert (fp16.dtype, fp16.mixed_precision, fp16.needs_grad_scaler) == (torch.float16, "fp16", True)
+    assert (fp16.dtype, fp16.mixed_precision) == (torch.float16, "fp16")
     bf16 = choose_precision("bf16", torch.device("cpu"))
-    assert (bf16.dtype, bf16.mixed_precision, bf16.needs_grad_scaler) == (torch.bfloat16, "bf16", False)
+    assert (bf16.dtype, bf16.mixed_precision) == (torch.bfloat16, "bf16")
 
 
 def test_fp16_on_cpu_is_refused():

@@ -111,8 +111,7 @@ class Collator:
     """Rows of different lengths -> one batch of LongTensors (B, T), padded on the right.
 
     Padding gets `pad_id` in input_ids, 0 in attention_mask and -100 in labels, so it is neither
-    attended to nor trained on. T is the longest row, rounded up to a multiple of
-    `pad_to_multiple_of` when given (fixed shapes help some kernels and compilers).
+    attended to nor trained on. T is the longest row.
 
     >>> Collator(pad_id=0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}])
     {'input_ids': tensor([[5, 6, 7],
@@ -124,14 +123,11 @@ class Collator:
     rows do not keep conversation boundaries, and SFTTrainer's wrapped packing does not either.
     """
 
-    def __init__(self, pad_id: int, pad_to_multiple_of: int | None = None):
+    def __init__(self, pad_id: int):
         self.pad_id = pad_id
-        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         length = max(len(row["input_ids"]) for row in rows)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of  # round up
         input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)  # (B, T)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)  # (B, T)
         labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)  # (B, T)

@@ -23,12 +23,7 @@ from yoda_raw.errors import YodaError
 class Precision:
     name: str  # "bf16" | "fp16" | "fp32"
     dtype: torch.dtype  # autocast dtype and 4-bit compute dtype
-    mixed_precision: str  # what accelerate.Accelerator(mixed_precision=...) gets
-
-    @property
-    def needs_grad_scaler(self) -> bool:
-        # fp16 has a 5-bit exponent: small gradients underflow to zero without loss scaling.
-        return self.name == "fp16"
+    mixed_precision: str  # what accelerate.Accelerator(mixed_precision=...) gets (fp16 brings a loss scaler)
 
 
 _PRECISIONS = {
