@@ -39,7 +39,9 @@ def supervised_runs(tokenizer, example) -> list[str]:
 
 
 def test_hand_worked_phi3(phi3_tokenizer):
-    """The DESIGN.md example, ids and labels written out."""
+    """One yoda exchange in Phi-3's template, ids and labels written out. The special tokens swallow
+    the newline after them (no 13 follows 32010, 32007 or 32001), which is why masks are built
+    from ids, never by searching decoded text."""
     example = tokenize_conversation(phi3_tokenizer, FORCE)
     #        <|user|> The  Force   is  strong in  you   !    <|end|>
     user = [32010, 450, 11004, 338, 4549, 297, 366, 29991, 32007]

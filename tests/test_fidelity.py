@@ -33,7 +33,7 @@ CPU = torch.device("cpu")
 TOLERANCE = 1e-5
 PHI3_VOCAB = 32064  # Phi-3-mini's embedding rows (len(tokenizer) is 32011; the rest is padding)
 
-# The tutorial's SFTConfig, as far as a CPU parity run allows (DESIGN.md, "Parity with SFTTrainer"):
+# The tutorial's SFTConfig, as far as a CPU parity run allows:
 # wrapped packing, max_length 64, batch 16, lr 3e-4, linear decay, clip 1.0, no weight decay,
 # loss on every token; plus what makes the two runs comparable: sequential rows, fp32, no dropout.
 # 29 wrapped rows of the tiny set = 2 steps an epoch (16 + 13 rows); 3 epochs = 6 steps.
@@ -490,8 +490,8 @@ def test_4bit_model_equals_its_dequantized_oracle(tiny_tokenizer):
 def test_4bit_gradients_survive_an_evaluation(tiny_tokenizer):
     """Evaluate (yoda_raw.evaluate: eval mode, no grad), then train: the gradients still equal the
     oracle's. On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights in place during the first
-    eval-mode forward, and from then on no gradient flows through the 4-bit layers (DESIGN.md, CPU
-    pitfalls); model.load_base_model turns that path off. Catches losing that guard, or any other
+    eval-mode forward, and from then on no gradient flows through the 4-bit layers (see
+    model._keep_cpu_4bit_gradients); model.load_base_model turns that path off. Catches losing that guard, or any other
     eval or generation path that leaves a 4-bit model changed for training."""
     from yoda_raw.evaluate import supervised_loss
 

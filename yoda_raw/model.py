@@ -129,8 +129,9 @@ def _random_checkpoint(cfg: Config, vocab_size: int, dtype: torch.dtype):
 
 def _keep_cpu_4bit_gradients(model) -> None:
     """bitsandbytes on CPUs with AVX512-BF16 repacks 4-bit weights in place during the first
-    eval-mode forward, after which no gradient flows through the 4-bit layers (DESIGN.md, CPU
-    pitfalls). Turning that path off on every 4-bit layer keeps training correct after an
+    eval-mode forward, after which no gradient flows through the 4-bit layers (measured with
+    bitsandbytes 0.50.2: LoRA gradients ~76% wrong, and the only sign is a UserWarning that
+    `gemv_4bit` has no autograd kernel). Turning that path off on every 4-bit layer keeps training correct after an
     evaluation or a generation. GPUs never take that path."""
     try:
         import bitsandbytes as bnb
