@@ -178,14 +178,17 @@ def test_end_of_run_report(short_run):
     assert SAMPLE_SENTENCE in evaluate.format_report(report)
 
 
-def test_training_after_evaluation_gets_the_same_gradients():
+def test_training_after_evaluation_gets_the_same_gradients(tiny_config):
     """Evaluating (an eval-mode, no-grad forward) on a 4-bit base must not change later LoRA
     gradients. Catches losing model.py's `support_avx512bf16_for_cpu = False` on CPUs with
-    AVX512-BF16 (DESIGN.md, CPU pitfalls)."""
+    AVX512-BF16 (see model._keep_cpu_4bit_gradients)."""
     from test_generate import lora_grads_after
 
-    untouched = lora_grads_after(lambda model, tokenizer: None)
-    after = lora_grads_after(lambda model, tokenizer: evaluate.supervised_loss(model, tokenizer, CONVERSATIONS))
+    def evaluate_once(model, tokenizer):
+        evaluate.supervised_loss(model, tokenizer, CONVERSATIONS)
+
+    untouched = lora_grads_after(tiny_config, lambda model, tokenizer: None)
+    after = lora_grads_after(tiny_config, evaluate_once)
     assert untouched.keys() == after.keys() and len(untouched) > 0
     for name in untouched:
         torch.testing.assert_close(after[name], untouched[name], msg=name)

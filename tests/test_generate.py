@@ -106,8 +106,9 @@ def test_end_tokens_of_the_tiny_tokenizer(memorised):
 
 
 def test_end_tokens_of_phi3_are_32000_32001_32007(phi3_path):
-    """DESIGN.md: generation stops on 32000, 32001, 32007, with or without Phi-3's generation
-    config (a random-init base has none). Catches a derivation that only works on the tiny tokenizer."""
+    """Generation stops on Phi-3's <|endoftext|> 32000, <|assistant|> 32001 and <|end|> 32007, with
+    or without its generation config (a random-init base has none). Catches a derivation that only
+    works on the tiny tokenizer."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(phi3_path))
     assert end_token_ids(tokenizer) == [32000, 32001, 32007]
     generation_config = transformers.GenerationConfig.from_pretrained(str(phi3_path))
@@ -178,17 +179,19 @@ def test_merged_model_computes_what_base_plus_adapter_computes(memorised, tmp_pa
     assert set(end_token_ids(tokenizer)) <= set(merged.generation_config.eos_token_id)
 
 
-# --- generation must not break training (DESIGN.md, CPU pitfalls) ---------------------------------
+# --- generation must not break training (bitsandbytes on AVX512-BF16 CPUs) ----------------------
 
 
-def lora_grads_after(cfg, action, seed: int = 3) -> dict[str, torch.Tensor]:
-    """LoRA gradients of one training forward/backward on a fresh model built as `cfg` says, after `action(model)`."""
+def lora_grads_after(tiny_config, action, seed: int = 3) -> dict[str, torch.Tensor]:
+    """LoRA gradients of one training forward/backward on a fresh 4-bit tiny model, after `action(model)`.
+    `tiny_config` is the conftest fixture."""
     from yoda_raw.chat import load_tokenizer, tokenize_conversation
     from yoda_raw.model import add_lora, load_base_model
     from yoda_raw.packing import Collator
     from yoda_raw.precision import choose_precision
     from yoda_raw.train import token_loss_sum
 
+    cfg = tiny_config(quant="nf4", lora_dropout=0.0)
     tokenizer = load_tokenizer("tiny")
     cpu = torch.device("cpu")
     model = add_lora(load_base_model(cfg, choose_precision("fp32", cpu), cpu, len(tokenizer)), cfg)
@@ -209,9 +212,12 @@ def test_training_after_generation_gets_the_same_gradients(tiny_config):
     Catches bitsandbytes' AVX512-BF16 repacking of 4-bit weights in an eval-mode forward (the
     `support_avx512bf16_for_cpu = False` line in model.py): without it the gradients are wrong by
     ~76% on CPUs with AVX512-BF16. (On other CPUs and on GPUs this test cannot fail that way.)"""
-    cfg = tiny_config(quant="nf4", lora_dropout=0.0)
-    untouched = lora_grads_after(cfg, lambda model, tokenizer: None)
-    after = lora_grads_after(cfg, lambda model, tokenizer: translate(model, tokenizer, UNSEEN, max_new_tokens=3))
+
+    def generate_once(model, tokenizer):
+        translate(model, tokenizer, UNSEEN, max_new_tokens=3)
+
+    untouched = lora_grads_after(tiny_config, lambda model, tokenizer: None)
+    after = lora_grads_after(tiny_config, generate_once)
     assert untouched.keys() == after.keys() and len(untouched) > 0
     for name in untouched:
         torch.testing.assert_close(after[name], untouched[name], msg=name)
