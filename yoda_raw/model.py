@@ -77,6 +77,8 @@ def load_base_model(cfg: Config, precision: Precision, device: torch.device, voc
         except OSError as err:
             raise YodaError(_not_found(cfg.model, "model", err)) from None
     if cfg.fp32_frozen:
+        # Cost: 2 bytes more per frozen weight. On Phi-3-mini the embeddings and LM head are
+        # 2 x 32064 x 3072 = 197M weights, so 394 MB more than in bf16 (the 65 norms add 0.4 MB).
         for param in model.parameters():
             if param.dtype in (torch.float16, torch.bfloat16):
                 param.data = param.data.float()
