@@ -289,11 +289,6 @@ def test_paged_adamw_8bit_is_paged_and_equals_bitsandbytes_own():
 # --- 3. bf16 and fp16 train; resume; auto batch size ------------------------------------------------------
 
 
-def tiny_gpu(tmp_path, **overrides) -> Config:
-    """The tiny preset (4-bit NF4 base, LoRA) on the GPU."""
-    return Config(**{"preset": "tiny", **PRESETS["tiny"], "samples": False, "output_dir": str(tmp_path), **overrides})
-
-
 def train(cfg: Config):
     from yoda_raw.train import main
 
@@ -305,11 +300,12 @@ def train(cfg: Config):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_bf16_and_fp16_train(tmp_path, precision, report):
+def test_bf16_and_fp16_train(tmp_path, precision, report, tiny_config):
     """30 steps on the tiny preset: the loss falls by a quarter in either format (bf16 measured:
     6.23 -> 4.24 over the first and last 5 steps). fp16 runs with Accelerate's loss scaler; the steps
     it skipped on overflow are counted in every record."""
-    train(tiny_gpu(tmp_path, precision=precision, max_steps=30, logging_steps=1, eval_fraction=0.0))
+    options = {"precision": precision, "max_steps": 30, "logging_steps": 1, "eval_fraction": 0.0}
+    train(tiny_config(output_dir=str(tmp_path), samples=False, **options))
     records = metrics(tmp_path)
     losses = [r["loss"] for r in records]
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
@@ -320,7 +316,7 @@ def test_bf16_and_fp16_train(tmp_path, precision, report):
     assert skipped < 30 if precision == "fp16" else skipped == 0
 
 
-def test_resume_on_the_gpu_gives_the_straight_runs_losses(tmp_path, report):
+def test_resume_on_the_gpu_gives_the_straight_runs_losses(tmp_path, report, tiny_config):
     """Stopped at step 4 and resumed, the run logs the straight run's losses at steps 5-12. bf16
     rounding is deterministic for the same kernels on the same shapes; what can differ is the order
     of atomic additions in some backward kernels, a rounding-level effect: 1e-3 relative allows
@@ -328,9 +324,9 @@ def test_resume_on_the_gpu_gives_the_straight_runs_losses(tmp_path, report):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     # LoRA dropout on: the resumed run must draw the straight run's masks (the CUDA graph is on, auto).
     common = {"precision": "bf16", "max_steps": 12, "save_steps": 4, "logging_steps": 1, "eval_fraction": 0.0}
-    common |= {"lora_dropout": 0.05}
-    train(tiny_gpu(straight, **common))
-    train(tiny_gpu(resumed, **common, resume=str(straight / "checkpoint-4")))
+    common |= {"lora_dropout": 0.05, "samples": False}
+    train(tiny_config(common, output_dir=str(straight)))
+    train(tiny_config(common, output_dir=str(resumed), resume=str(straight / "checkpoint-4")))
     worst = worst_relative(step_losses(resumed)[-8:], step_losses(straight)[-8:])
     report["resume_worst_rel"] = worst
     assert worst <= 1e-3, (step_losses(resumed), step_losses(straight))
@@ -364,7 +360,7 @@ def test_auto_batch_size_settles_under_a_memory_cap(
 # --- 4. generation ------------------------------------------------------------------------------------------
 
 
-def test_batched_generation_from_a_4bit_adapter_equals_one_by_one(tmp_path, report):
+def test_batched_generation_from_a_4bit_adapter_equals_one_by_one(tmp_path, report, tiny_config):
     """A tiny 4-bit model memorises 8 pairs on the GPU; loaded back from its adapter folder, greedy
     generation of a left-padded batch gives the same tokens as one sentence at a time, and gives
     most pairs back. Catches right padding or a lost attention mask on the GPU's kernels."""
@@ -373,7 +369,8 @@ def test_batched_generation_from_a_4bit_adapter_equals_one_by_one(tmp_path, repo
     rows = [json.loads(line) for line in Path(PRESETS["tiny"]["dataset"]).read_text().splitlines()[:8]]
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = tiny_gpu(tmp_path / "adapter", dataset=str(pairs), eval_fraction=0.0, packing="none", batch_size=8)
+    options = {"dataset": str(pairs), "eval_fraction": 0.0, "packing": "none", "batch_size": 8, "samples": False}
+    cfg = tiny_config(options, output_dir=str(tmp_path / "adapter"))
     train(dataclasses.replace(cfg, epochs=60, lr=1e-2, lora_r=16, lora_alpha=16, logging_steps=50))
     model, tokenizer, _ = load_for_inference(tmp_path / "adapter", device="cuda")
     sentences = [r["sentence"] for r in rows] + ["The Force is strong in you!", "Hi"]

@@ -77,12 +77,11 @@ def test_cuda_graph_on_a_cpu_is_one_clear_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_auto_resolves_to_what_the_run_does(tmp_path):
+def test_auto_resolves_to_what_the_run_does(tmp_path, tiny_config):
     """The default, auto, is saved as what it became: off on a CPU, so run_config.json tells the truth."""
-    from yoda_raw.config import PRESETS, Config
     from yoda_raw.train import main
 
-    main(Config(**{**PRESETS["tiny"], "max_steps": 1, "samples": False, "output_dir": str(tmp_path)}))
+    main(tiny_config(max_steps=1, samples=False, output_dir=str(tmp_path)))
     saved = json.loads((tmp_path / "run_config.json").read_text())
     assert saved["cuda_graph"] == ("on" if torch.cuda.is_available() else "off")
 
