@@ -111,7 +111,7 @@ def test_report_to_tensorboard_without_the_package_says_how_to_get_it():
 def _mistakes(tmp_path):
     """One input mistake for each command of yoda_raw: (command's main, its argv)."""
     import run
-    from yoda_raw import evaluate, generate, inspect
+    from yoda_raw import evaluate, generate, inspect, trace
 
     missing = str(tmp_path / "missing")
     return {
@@ -119,12 +119,13 @@ def _mistakes(tmp_path):
         "generate": (generate.main, ["--adapter", missing, "some sentence"]),
         "evaluate": (evaluate.main, ["--adapter", missing]),
         "inspect": (inspect.main, ["--tokenizer", "tiny", "--dataset", missing + ".jsonl"]),
+        "trace": (trace.main, ["--preset", "no-such-preset"]),
     }
 
 
-@pytest.mark.parametrize("command", ["run.py", "generate", "evaluate", "inspect"])
+@pytest.mark.parametrize("command", ["run.py", "generate", "evaluate", "inspect", "trace"])
 def test_every_command_reports_a_mistake_as_one_line_and_debug_shows_the_traceback(command, tmp_path, capsys):
-    """All four commands share cli.run_command: a YodaError is `error: ...` and status 2; --debug re-raises."""
+    """All five commands share cli.run_command: a YodaError is `error: ...` and status 2; --debug re-raises."""
     main, argv = _mistakes(tmp_path)[command]
     assert main(argv) == 2
     stderr = capsys.readouterr().err

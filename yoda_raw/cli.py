@@ -1,7 +1,7 @@
 """What every command of yoda_raw does with a mistake in its input: one line, exit status 2.
 
-`run.py`, `python -m yoda_raw.generate`, `python -m yoda_raw.evaluate` and
-`python -m yoda_raw.inspect` each hand their work to `run_command`. A `YodaError` (a path, a field,
+`run.py`, `python -m yoda_raw.generate`, `python -m yoda_raw.evaluate`, `python -m yoda_raw.inspect`
+and `python -m yoda_raw.trace` each hand their work to `run_command`. A `YodaError` (a path, a field,
 an option the user can fix) is printed as `error: ...` on stderr, without a traceback, and the
 command exits with status 2; with `--debug` on the command line the traceback is shown instead.
 Any other exception is a bug in yoda_raw and keeps its traceback.

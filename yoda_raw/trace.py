@@ -24,6 +24,7 @@ from accelerate.utils import set_seed
 
 from yoda_raw import meter
 from yoda_raw.chat import IGNORE, load_tokenizer, tokenize_conversation
+from yoda_raw.cli import run_command
 from yoda_raw.config import Config, parse_config
 from yoda_raw.data import load_conversations, split_conversations
 from yoda_raw.errors import YodaError
@@ -510,18 +511,16 @@ def preview(values: list, limit: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        # --preset tiny first, so that a --preset given on the command line wins.
-        cfg = parse_config(
-            ["--preset", "tiny", *argv], prog="python -m yoda_raw.trace", description=__doc__.splitlines()[0]
-        )
-        trace(cfg)
-    except YodaError as err:
-        if "--debug" in argv:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    """`python -m yoda_raw.trace`: a mistake in the input is one line `error: ...`, status 2 (cli.py)."""
+    return run_command(trace_command, argv)
+
+
+def trace_command(argv: list[str]) -> int:
+    # --preset tiny first, so that a --preset given on the command line wins.
+    cfg = parse_config(
+        ["--preset", "tiny", *argv], prog="python -m yoda_raw.trace", description=__doc__.splitlines()[0]
+    )
+    trace(cfg)
     return 0
 
 
