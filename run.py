@@ -19,7 +19,7 @@ def main(argv: list[str]) -> int:
         cfg = parse_config(argv, description=__doc__.splitlines()[0])
         from yoda_raw.train import main as train  # heavy imports after the options are known good
 
-        summary = train(cfg)
+        result = train(cfg)
     except torch.cuda.OutOfMemoryError:
         if debug:
             raise
@@ -35,8 +35,8 @@ def main(argv: list[str]) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if summary["is_main_process"]:
-        print(f"saved the adapter to {summary['output_dir']} after {summary['steps']} steps")
+    if result.is_main_process:
+        print(f"saved the adapter to {result.output_dir} after {result.fit.steps} steps")
     return 0
 
 

@@ -190,13 +190,13 @@ def measure(cfg, args, name: str, timed: int, budget: dict | None = None) -> dic
             auto_batch_size=budget is not None,  # only a budget search may change the batch
         )
         allocated_at_start = torch.cuda.memory_allocated() / common.GIB if on_cuda else None
-        with tap_optimizer(train) as tap, memory_history(args.snapshot, args.snapshot_entries):
-            summary = train.main(cfg)
+        with memory_history(args.snapshot, args.snapshot_entries):
+            run = train.main(cfg)
         records = last_attempt(common.read_jsonl(Path(cfg.output_dir) / "metrics.jsonl"))
-        breakdown = memory_breakdown(summary["model"], tap, records[-1]) if args.breakdown else None
-    del summary["model"], summary["tokenizer"]
-    tap.clear()  # drop our reference to the optimizer (and its state) before release()
-    rows = summary["batch_size"]  # may differ from cfg.batch_size after a budget search
+        tap = {"optimizer": run.fit.optimizer, "allocated_before_fit": run.fit.allocated_before_loop_bytes}
+        breakdown = memory_breakdown(run.live.model, tap, records[-1]) if args.breakdown else None
+    trainable, total = run.trainable_params, run.total_params
+    rows = run.fit.batch_size  # may differ from cfg.batch_size after a budget search
     steps = [step_reading(r, rows * cfg.max_length) for r in records]
     result = {"name": name, "pipeline": "yoda_raw", "device": common.device_name()}
     result["config"] = {
@@ -217,8 +217,8 @@ def measure(cfg, args, name: str, timed: int, budget: dict | None = None) -> dic
     result |= common.summarise(steps, args.warmup)
     result |= common.flops_figures(
         result["tokens_per_s"],
-        summary["trainable_params"],
-        summary["total_params"],
+        trainable,
+        total,
         common.peak_flops_for("cuda" if on_cuda else "cpu", args.peak_tflops),
     )
     last = records[-1]
@@ -226,8 +226,8 @@ def measure(cfg, args, name: str, timed: int, budget: dict | None = None) -> dic
         "peak_allocated_gib": last.get("peak_allocated_gib"),
         "peak_reserved_gib": last.get("peak_reserved_gib"),
         "device_used_gib": max((r["device_used_gib"] for r in records if "device_used_gib" in r), default=None),
-        "trainable_params": summary["trainable_params"],
-        "total_params": summary["total_params"],
+        "trainable_params": trainable,
+        "total_params": total,
         "loss_first": records[0]["loss"],
         "loss_last": last["loss"],
         "wall_s": round(time.perf_counter() - started, 1),
@@ -243,6 +243,7 @@ def measure(cfg, args, name: str, timed: int, budget: dict | None = None) -> dic
         result["memory_breakdown"] = breakdown
     if args.snapshot:
         result["snapshot"] = str(args.snapshot)
+    del run, tap  # the model and the optimizer with its state, before release()
     release()
     return result
 

@@ -58,6 +58,11 @@ def memory_gib(device: torch.device) -> dict:
     return reading
 
 
+def allocated_bytes(device: torch.device) -> int | None:
+    """What torch's tensors hold on the device now (CUDA), None on CPU."""
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+
+
 def reset_peaks(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -50,8 +50,46 @@ from yoda_raw.packing import Collator, build_rows
 from yoda_raw.precision import Precision, choose_precision
 
 
-def main(cfg: Config) -> dict:
-    """Data, model, fit, save: what `accelerate launch run.py` runs. Returns a summary."""
+@dataclasses.dataclass
+class FitResult:
+    """What `fit` did."""
+
+    steps: int  # optimizer steps done (less than total_steps when interrupted)
+    total_steps: int
+    steps_per_epoch: int
+    batch_size: int  # rows per micro-batch: what --auto-batch-size settled on
+    skipped_steps: int  # fp16: updates the loss scaler skipped because gradients overflowed
+    interrupted: bool  # stopped by Ctrl-C or SIGTERM (a checkpoint was saved)
+    log: list[dict]  # one record per logging step, as written to metrics.jsonl
+    allocated_before_loop_bytes: int | None  # torch's allocated memory with the model alone (CUDA; None on CPU)
+    optimizer: torch.optim.Optimizer  # live, with its state: what a memory breakdown counts
+
+
+@dataclasses.dataclass
+class Live:
+    """The objects a run leaves in memory, for code that goes on using them (tests, benchmarks)."""
+
+    model: torch.nn.Module  # the trained LoRA model, unwrapped from DDP
+    tokenizer: object
+    held_out: list[dict]  # the conversations the run did not train on
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What `main` returns: the run's figures, and apart from them the live objects."""
+
+    fit: FitResult
+    report: dict | None  # the end-of-run held-out report (None without --samples or held-out data)
+    trainable_params: int
+    total_params: int
+    output_dir: str
+    precision: str  # what --precision resolved to on this device
+    is_main_process: bool
+    live: Live
+
+
+def main(cfg: Config) -> RunResult:
+    """Data, model, fit, save: what `accelerate launch run.py` runs."""
     accelerator, precision = make_accelerator(cfg)
     check_device(cfg, accelerator)
     # auto -> on or off, so that the printed and saved config say what this run does.
@@ -98,7 +136,7 @@ def main(cfg: Config) -> dict:
     metrics_file = out / "metrics.jsonl"
     metrics_kept = metrics_file.stat().st_size if metrics_file.exists() else 0  # a resumed run's earlier lines
 
-    def fit_with(batch_size: int) -> dict:
+    def fit_with(batch_size: int) -> FitResult:
         accelerator.free_memory()
         model.zero_grad(set_to_none=True)  # an attempt that ran out of memory may have left partial gradients
         if batch_size != cfg.batch_size and accelerator.is_main_process:
@@ -109,12 +147,13 @@ def main(cfg: Config) -> dict:
 
     if cfg.auto_batch_size:
         fit_with = find_executable_batch_size(fit_with, starting_batch_size=cfg.batch_size)
-        summary = fit_with()
+        fitted = fit_with()
     else:
-        summary = fit_with(cfg.batch_size)
+        fitted = fit_with(cfg.batch_size)
 
     # Save: adapter (safetensors), tokenizer, resolved configuration.
     accelerator.wait_for_everyone()
+    report = None
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(out)
         tokenizer.save_pretrained(out)
@@ -124,19 +163,20 @@ def main(cfg: Config) -> dict:
             report = end_of_run_report(accelerator.unwrap_model(model), tokenizer, held_out)
             print(format_report(report))
             with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": summary["steps"], **report}) + "\n")
-            summary["report"] = report
+                f.write(json.dumps({"step": fitted.steps, **report}) + "\n")
         if cfg.push_to_hub:
             push_to_hub(cfg, out)
     accelerator.end_training()
-    summary |= {
-        "trainable_params": trainable,
-        "total_params": total,
-        "output_dir": str(out),
-        "precision": precision.name,
-        "is_main_process": accelerator.is_main_process,
-    }
-    return summary | {"model": accelerator.unwrap_model(model), "tokenizer": tokenizer, "held_out": held_out}
+    return RunResult(
+        fit=fitted,
+        report=report,
+        trainable_params=trainable,
+        total_params=total,
+        output_dir=str(out),
+        precision=precision.name,
+        is_main_process=accelerator.is_main_process,
+        live=Live(accelerator.unwrap_model(model), tokenizer, held_out),
+    )
 
 
 def make_accelerator(cfg: Config) -> tuple[Accelerator, Precision]:
@@ -185,8 +225,8 @@ def check_output_dir(cfg: Config) -> Path:
 
 def fit(
     cfg: Config, accelerator: Accelerator, model, rows: list[dict], collator: Collator, batch_size: int, out: Path
-) -> dict:
-    """Train `model` on `rows`; returns a summary. The loop: one iteration = one optimizer step."""
+) -> FitResult:
+    """Train `model` on `rows`. The loop: one iteration = one optimizer step."""
     is_main = accelerator.is_main_process
     device = accelerator.device
     sampler = EpochSampler(len(rows), cfg.shuffle, cfg.seed)
@@ -195,6 +235,7 @@ def fit(
     loader = torch.utils.data.DataLoader(
         rows, batch_size=batch_size, sampler=sampler, collate_fn=collator, generator=torch.Generator()
     )
+    allocated_before_loop = meter.allocated_bytes(device)  # the model alone, before any optimizer state
     optimizer = build_optimizer(model.parameters(), cfg.optim, cfg.lr, cfg.weight_decay, device)
     # Accelerate shards the loader across processes (each row once per epoch), moves batches to
     # the device, wraps the model for DDP and autocast, and the optimizer for fp16 loss scaling.
@@ -290,15 +331,17 @@ def fit(
     stop.restore()
     if stop.requested and is_main:
         print(f"stopped at step {step}; continue with --resume {out / f'checkpoint-{step}'}", file=sys.stderr)
-    return {
-        "steps": step,
-        "total_steps": total_steps,
-        "steps_per_epoch": steps_per_epoch,
-        "batch_size": batch_size,
-        "skipped_steps": skipped,
-        "interrupted": stop.requested,
-        "log": logged,
-    }
+    return FitResult(
+        steps=step,
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        batch_size=batch_size,
+        skipped_steps=skipped,
+        interrupted=stop.requested,
+        log=logged,
+        allocated_before_loop_bytes=allocated_before_loop,
+        optimizer=optimizer,
+    )
 
 
 class EpochSampler(torch.utils.data.Sampler):
