@@ -4,10 +4,10 @@ import doctest
 
 import pytest
 
-from yoda_raw import data, evaluate, generate, packing, precision, tiny
+from yoda_raw import data, evaluate, generate, meter, packing, precision, tiny
 
 # Only modules that hold examples: a module with none would pass whatever its code did.
-MODULES = [data, packing, tiny, precision, generate, evaluate]
+MODULES = [data, packing, tiny, precision, generate, evaluate, meter]
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)

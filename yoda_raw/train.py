@@ -236,6 +236,8 @@ def fit(
         rows, batch_size=batch_size, sampler=sampler, collate_fn=collator, generator=torch.Generator()
     )
     allocated_before_loop = meter.allocated_bytes(device)  # the model alone, before any optimizer state
+    trainable, total = parameter_counts(model)
+    flops_per_token = meter.flops_per_token(total - trainable, trainable)  # for MFU in the log
     optimizer = build_optimizer(model.parameters(), cfg.optim, cfg.lr, cfg.weight_decay, device)
     # Accelerate shards the loader across processes (each row once per epoch), moves batches to
     # the device, wraps the model for DDP and autocast, and the optimizer for fp16 loss scaling.
@@ -308,15 +310,20 @@ def fit(
             # Log: the only host syncs of the loop (.item(), the clock) happen here and at checkpoints.
             if step % cfg.logging_steps == 0 or step == total_steps or stop.requested:
                 check_finite(first_bad_step, step)  # nothing is logged after a NaN
-                record = log_window(window, step, steps_per_epoch, lr, grad_norm, accelerator) | {
+                record = log_window(window, step, steps_per_epoch, lr, grad_norm, flops_per_token, accelerator) | {
                     "skipped_steps": skipped,
                     "batch_size": batch_size,  # what --auto-batch-size settled on
                 }
                 logged.append(record)
                 if is_main:
                     bar.set_postfix(
-                        {k: record[k] for k in ("loss", "lr", "tokens_per_s") if k in record} | _peak(record)
+                        {k: record[k] for k in ("loss", "lr", "tokens_per_s", "mfu") if k in record} | _peak(record)
                     )
+                    if len(logged) == 1 and device.type == "cuda":
+                        # Once a run: where the memory went, counted tensor by tensor (meter.py).
+                        unwrapped = accelerator.unwrap_model(model)
+                        breakdown = meter.memory_breakdown(unwrapped, optimizer, allocated_before_loop, record, device)
+                        tqdm.write(meter.format_breakdown(breakdown))
                     with open(out / "metrics.jsonl", "a") as f:
                         f.write(json.dumps(record) + "\n")
                 accelerator.log(record, step=step)
@@ -454,13 +461,21 @@ class NonFiniteLoss(YodaError):
         )
 
 
-def log_window(window: dict, step: int, steps_per_epoch: int, lr: float, grad_norm, accelerator: Accelerator) -> dict:
+def log_window(
+    window: dict,
+    step: int,
+    steps_per_epoch: int,
+    lr: float,
+    grad_norm,
+    flops_per_token: float,
+    accelerator: Accelerator,
+) -> dict:
     """Average one logging window into a record. Sync point: .item() waits for the device."""
     tokens = accelerator.reduce(torch.as_tensor(window["tokens"], device=accelerator.device), "sum").item()
     supervised = accelerator.reduce(torch.as_tensor(window["supervised"], device=accelerator.device), "sum").item()
     loss = accelerator.reduce(window["loss"], "sum").item() / window["steps"]
     seconds = time.perf_counter() - window["start"]  # read after .item(), so the device work is done
-    return {
+    record = {
         "step": step,
         "epoch": round(step / steps_per_epoch, 3),
         "loss": round(loss, 6),
@@ -471,7 +486,9 @@ def log_window(window: dict, step: int, steps_per_epoch: int, lr: float, grad_no
         "tokens_per_s": round(tokens / seconds, 1),
         "supervised_tokens_per_s": round(supervised / seconds, 1),
         "step_s": round(seconds / window["steps"], 4),
-    } | meter.memory_gib(accelerator.device)
+    }
+    mfu = meter.mfu(tokens / seconds, flops_per_token, accelerator.device, accelerator.num_processes)
+    return record | mfu | meter.memory_gib(accelerator.device)
 
 
 def _peak(record: dict) -> dict:
