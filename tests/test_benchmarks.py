@@ -41,6 +41,7 @@ def test_bench_loop_output_is_complete_and_well_formed(loop_result):
     assert r["name"] == "tiny-test" and r["pipeline"] == "yoda_raw"
     assert r["config"]["rows"] == 4 and r["config"]["tokens_per_row"] == 32
     assert r["config"]["precision"] == "fp32", "the resolved precision, not 'auto'"
+    assert r["config"]["cuda_graph"] == "off", "the resolved --cuda-graph: auto is off on a CPU"
     assert (r["warmup_steps"], r["timed_steps"]) == (1, 3)
     for key, value in r.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -230,8 +230,8 @@ def memory_breakdown(model, optimizer, allocated_before_loop: int | None, peaks:
     allocator beyond = peak reserved - peak allocated (torch's cache and fragmentation).
     Check: the persistent parts are compared with torch.cuda.memory_allocated() at two quiet
     moments, before the loop (weights + LoRA: `allocated_before_loop`) and now (weights + LoRA +
-    optimizer state; zero_grad(set_to_none=True) freed the gradients); `adds_up` says whether both
-    agree within TOLERANCE_GIB.
+    optimizer state + the gradients that exist now: zero_grad(set_to_none=True) frees them, a CUDA
+    graph keeps them); `adds_up` says whether both agree within TOLERANCE_GIB.
     """
     parts = count_model(model, device.type)
     parts["lora_grads"] = parts["lora_params"]
@@ -245,8 +245,9 @@ def memory_breakdown(model, optimizer, allocated_before_loop: int | None, peaks:
     peak_allocated = peaks["peak_allocated_gib"] * GIB
     peak_reserved = peaks["peak_reserved_gib"] * GIB
     now = torch.cuda.memory_allocated(device)
+    grads_now = tensor_bytes([p.grad for p in model.parameters()], set(), device.type)
     mismatch_before = (allocated_before_loop - persistent) / GIB if allocated_before_loop is not None else None
-    mismatch_now = (now - persistent - parts["optimizer_state"]) / GIB
+    mismatch_now = (now - persistent - parts["optimizer_state"] - grads_now) / GIB
     checks = [m for m in (mismatch_before, mismatch_now) if m is not None]
     out |= {
         "activations_at_peak_gib": round((peak_allocated - at_peak) / GIB, 4),

@@ -79,6 +79,7 @@ class RunResult:
     """What `main` returns: the run's figures, and apart from them the live objects."""
 
     fit: FitResult
+    config: Config  # the configuration as run: --cuda-graph auto resolved
     report: dict | None  # the end-of-run held-out report (None without --samples or held-out data)
     trainable_params: int
     total_params: int
@@ -169,6 +170,7 @@ def main(cfg: Config) -> RunResult:
     accelerator.end_training()
     return RunResult(
         fit=fitted,
+        config=cfg,
         report=report,
         trainable_params=trainable,
         total_params=total,
