@@ -70,6 +70,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     add("--max-rows", type=int, default=64, help="The most rows a card search tries (default 64).")
     add("--max-probes", type=int, default=5, help="Runs a card search may spend on one card and length (default 5).")
     add("--card-prior", default=None, help="A,B: first guess device GiB = A + B x tokens per step.")
+    add("--known-fit", default=None, help="TOKENS:ROWS,...: rows that fit a smaller card (the search starts there).")
     add("--time-budget-s", type=float, default=None, help="Start no card search after this many seconds.")
     add("--breakdown", action="store_true", help="Also report where the peak memory went (yoda_raw/meter.py).")
     add("--snapshot", default=None, help="Write a torch CUDA memory snapshot (pickle) here.")
@@ -291,18 +292,21 @@ def search_card(cfg, args, card_gib: float, tokens: int, history: list, prior) -
         a, b = common.line_fit(history) or prior or (PRIOR_A_GIB, PRIOR_B_GIB_PER_TOKEN)
         return max(1, math.floor((usable_gib - a) / b / tokens))
 
-    rows_fit, rows_not_fit = common.search_rows(fits, guess, args.max_rows, args.max_probes)
+    known = dict(tuple(int(n) for n in pair.split(":")) for pair in args.known_fit.split(",")) if args.known_fit else {}
+    rows_known = min(known.get(tokens, 0), args.max_rows)
+    rows_fit, rows_not_fit = common.search_rows(fits, guess, args.max_rows, args.max_probes, lo=rows_known)
     best = next((p["result"] for p in probes if p["rows"] == rows_fit), None)
-    nothing = {"pipeline": "yoda_raw", "config": {"rows": 0, "tokens_per_row": tokens}}
-    result = best or dict.fromkeys(common.RESULT_KEYS) | nothing  # not even one row fits
+    not_run = {"pipeline": "yoda_raw", "config": {"rows": rows_fit, "tokens_per_row": tokens}}
+    result = best or dict.fromkeys(common.RESULT_KEYS) | not_run  # none fits, or the smaller card's answer
     result["name"] = f"{args.name or 'card'}-{card_gib:g}gib-{tokens}"
     result["card"] = {
         "card_gib": card_gib,
         "margin_gib": args.margin_gib,
         "usable_gib": usable_gib,
-        "precision": probes[0]["precision"],
+        "precision": resolved_precision(cfg.precision),
         "tokens_per_row": tokens,
         "rows_fit": rows_fit,  # 0: not even one row
+        "rows_known_to_fit": rows_known,  # fitted a smaller card in the same precision: not run again
         "rows_not_fit": rows_not_fit,  # the fewest rows measured not to fit; None: none tried
         "max_rows": args.max_rows,
         "probes": [{k: v for k, v in p.items() if k != "result"} for p in probes],
@@ -329,7 +333,6 @@ def probe(cfg, args, card_gib: float, rows: int, tokens: int) -> dict:
     torch.cuda.set_per_process_memory_fraction(limit_gib / (total / common.GIB))
     reading = {
         "rows": rows,
-        "precision": resolved_precision(cfg.precision),
         "device_used_at_start_gib": round((total - free) / common.GIB, 3),
         "allocator_limit_gib": round(limit_gib, 3),
     }

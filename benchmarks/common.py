@@ -211,11 +211,14 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def search_rows(fits, guess, max_rows: int, max_probes: int, within: float = 1.1) -> tuple[int, int | None]:
+def search_rows(
+    fits, guess, max_rows: int, max_probes: int, lo: int = 0, within: float = 1.1
+) -> tuple[int, int | None]:
     """The most rows that fit, by measuring: `fits(rows)` runs one configuration, `guess()` says
-    where the answer may be (asked again after every run, as the runs teach it). Returns (most rows
-    measured to fit, 0 if none; fewest measured not to, None if none was too many); stops when those
-    are within 10% or one row of each other, at max_rows, or after max_probes runs.
+    where the answer may be (asked again before every run, as the runs teach it), `lo` rows are
+    known to fit already (on a smaller card). Returns (most rows known to fit, 0 if none; fewest
+    measured not to, None if none was too many); stops when those are within 10% or one row of
+    each other, at max_rows, or after max_probes runs.
 
     >>> search_rows(lambda rows: rows <= 35, lambda: 30, max_rows=64, max_probes=6)
     (33, 37)
@@ -223,20 +226,19 @@ def search_rows(fits, guess, max_rows: int, max_probes: int, within: float = 1.1
     30 fits; the guess says no more, so half as many again: 45 does not fit; halfway, 37 does not
     either; halfway again, 33 fits, and 37 is within 10% of it.
     """
-    lo, hi = 0, None
-    rows = min(max(guess(), 1), max_rows)
+    hi = None
     for _ in range(max_probes):
-        if fits(rows):
-            lo = rows
-        else:
-            hi = rows
-        if lo == max_rows or hi == 1 or (hi is not None and hi <= max(lo + 1, math.ceil(lo * within))):
+        if lo >= max_rows or hi == 1 or (hi is not None and hi <= max(lo + 1, math.ceil(lo * within))):
             break
         g = guess()
         if hi is None:  # nothing too many yet: up to the guess, or by half when the guess is stale
             rows = min(max(g if g > lo else math.ceil(lo * 1.5), math.ceil(lo * within)), max_rows)
         else:  # between the two: the guess where it lies inside, else halfway
             rows = g if lo < g < hi else (lo + hi) // 2
+        if fits(rows):
+            lo = rows
+        else:
+            hi = rows
     return lo, hi
 
 

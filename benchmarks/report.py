@@ -219,7 +219,8 @@ def cards_table(cards: list[dict]) -> list[str]:
         f"A configuration fits a card when it trains and the most device memory NVML saw in use (loading "
         f"included, sampled every 10 ms) stays at or below the card's size less {first['margin_gib']:g} GiB for the "
         'display and other programs. Measured on the H200 (benchmarks/README.md, "Card budgets"); up to '
-        f"{first['max_rows']} rows tried. tokens/s is the **H200's** speed at that configuration, not the card's.",
+        f"{first['max_rows']} rows tried; what fits a smaller card in the same precision is not run again on a larger "
+        "one. tokens/s is the **H200's** speed at that configuration, not the card's.",
         "",
         "| card | computes in | tokens per row | most rows that fit | device used, NVML (GiB) | fewest rows that "
         "did not fit | tokens/s on the H200 |",
@@ -227,19 +228,33 @@ def cards_table(cards: list[dict]) -> list[str]:
     ]
     for r in sorted(cards, key=lambda r: (r["card"]["precision"], r["card"]["card_gib"], r["card"]["tokens_per_row"])):
         c = r["card"]
-        found = next((p for p in c["probes"] if p["rows"] == c["rows_fit"]), {})
-        most = f"{c['rows_fit']}" + (" (the most tried)" if c["rows_fit"] == c["max_rows"] else "")
+        probe, run = run_of(cards, c["precision"], c["tokens_per_row"], c["rows_fit"])
+        notes = [note for note, holds in (("the most tried", c["rows_fit"] == c["max_rows"]),
+                 ("run on a smaller card", c["rows_fit"] == c.get("rows_known_to_fit"))) if holds]  # fmt: skip
         cells = [
             f"{c['card_gib']:g} GiB",
             CARD_KINDS.get(c["precision"], c["precision"]),
             str(c["tokens_per_row"]),
-            most if c["rows_fit"] else "none",
-            fmt(found.get("device_used_peak_gib")),
+            (f"{c['rows_fit']}" + (f" ({'; '.join(notes)})" if notes else "")) if c["rows_fit"] else "none",
+            fmt(probe.get("device_used_peak_gib")),
             fmt(c["rows_not_fit"]),
-            fmt(r.get("tokens_per_s"), 0),
+            fmt(run.get("tokens_per_s"), 0),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+def run_of(cards: list[dict], precision: str, tokens: int, rows: int) -> tuple[dict, dict]:
+    """The run of `rows` x `tokens` in `precision` that fitted, on whichever card it ran: its probe
+    record and its result ({} and {} when none did)."""
+    for r in cards:
+        c = r["card"]
+        if (c["precision"], c["tokens_per_row"]) != (precision, tokens):
+            continue
+        for probe in c["probes"]:
+            if probe["rows"] == rows and probe["fits"] and r["config"].get("rows") == rows:
+                return probe, r
+    return {}, {}
 
 
 def short_table(suite: dict) -> str:

@@ -199,6 +199,18 @@ def card_prior(results: list[dict]) -> tuple[float, float] | None:
     return common.line_fit(card_runs) or common.line_fit(defaults)
 
 
+def known_fit(results: list[dict], job: Job) -> str:
+    """TOKENS:ROWS,... the most rows a smaller card in the same precision fitted, for each length:
+    they fit this card too, so its search starts above them."""
+    card_gib = float(job.args[job.args.index("--cards") + 1])
+    precision = job.args[job.args.index("--precision") + 1]
+    most: dict[int, int] = {}
+    for c in (r["card"] for r in results if r.get("card")):
+        if c["precision"] == precision and c["card_gib"] < card_gib:
+            most[c["tokens_per_row"]] = max(most.get(c["tokens_per_row"], 0), c["rows_fit"])
+    return ",".join(f"{tokens}:{rows}" for tokens, rows in sorted(most.items()) if rows)
+
+
 # --- running -------------------------------------------------------------------------------------
 
 
@@ -216,6 +228,8 @@ def run_job(
             prior = card_prior(results)
             extra += ["--time-budget-s", f"{card_time_s:.0f}"]
             extra += ["--card-prior", f"{prior[0]:g},{prior[1]:g}"] if prior else []
+            known = known_fit(results, job)
+            extra += ["--known-fit", known] if known else []
         if job.name == "snapshot":
             extra += ["--snapshot", str(Path(args.out) / f"{args.name}_memory_snapshot.pickle")]
         command = [sys.executable, str(HERE / job.script), *model_args(job, args, checkpoint), *job.args, *extra]

@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -100,7 +101,13 @@ def fake_card(loop_result: dict, card_gib: float, precision: str, tokens: int, r
     ]
     card = {"card_gib": card_gib, "margin_gib": 0.3, "usable_gib": card_gib - 0.3, "precision": precision}
     card |= {"tokens_per_row": tokens, "rows_fit": rows_fit, "rows_not_fit": rows_fit + 1, "max_rows": 64}
-    return loop_result | {"job": f"budgets-{card_gib:g}gib", "section": "budgets", "card": card | {"probes": probes}}
+    config = (loop_result["config"] or {}) | {"rows": rows_fit, "tokens_per_row": tokens}
+    return loop_result | {
+        "job": f"budgets-{card_gib:g}",
+        "section": "budgets",
+        "config": config,
+        "card": card | {"probes": probes},
+    }
 
 
 def fake_gpu_suite(loop_result: dict) -> dict:
@@ -123,8 +130,11 @@ def fake_gpu_suite(loop_result: dict) -> dict:
     sft |= {"tokens_per_s": loop_result["tokens_per_s"] / 2, "peak_allocated_gib": 5.8}
     grid = loop_result | gpu | {"job": "grid", "label": "rows x tokens", "section": "grid"}
     cards = [fake_card(loop_result | gpu, 6, "bf16", 512, 5), fake_card(loop_result | gpu, 16, "fp16", 64, 64)]
-    nothing = dict.fromkeys(common.RESULT_KEYS) | {"config": {"rows": 0, "tokens_per_row": 512}, "name": "none"}
+    nothing = dict.fromkeys(common.RESULT_KEYS) | {"config": None, "name": "none"}
     cards.append(fake_card(nothing, 4, "bf16", 512, 0))
+    carried = fake_card(nothing, 8, "bf16", 512, 5)  # 5 rows fitted the 6 GiB card: not run again
+    carried["card"] |= {"rows_known_to_fit": 5, "probes": [{"rows": 6, "fits": False, "device_used_peak_gib": 7.8}]}
+    cards.append(carried)
     suite = {
         "name": "test",
         "command": "python benchmarks/run_all.py",
@@ -162,7 +172,13 @@ def test_suite_tables_render_from_results(loop_result):
     assert "| 6 GiB | bf16 (compute capability 8.0+) | 512 | 5 | 5.50 | 6 |" in text
     assert "| 16 GiB | fp16 (no bf16: a T4 and older cards) | 64 | 64 (the most tried) |" in text
     assert "| 4 GiB | bf16 (compute capability 8.0+) | 512 | none |" in text
+    six = f"{cards_of(suite, 6)['tokens_per_s']:,.0f}"
+    assert f"| 8 GiB | bf16 (compute capability 8.0+) | 512 | 5 (run on a smaller card) | 5.50 | 6 | {six} |" in text
     assert "x2.00" in report.short_table(suite)
+
+
+def cards_of(suite: dict, card_gib: float) -> dict:
+    return next(r for r in suite["results"] if r.get("card", {}).get("card_gib") == card_gib)
 
 
 def test_the_committed_h200_suite_renders_again(tmp_path):
@@ -207,6 +223,25 @@ def test_card_search_answers_only_what_it_measured(first_guess, most_that_fit):
         assert lo == 64, "without a measured failure the search must have reached max_rows"
 
 
+def test_card_search_starts_above_what_a_smaller_card_fitted():
+    tried = []
+    assert common.search_rows(lambda rows: tried.append(rows) or False, lambda: 3, 64, 5, lo=64) == (64, None)
+    assert tried == [], "64 rows fitted a smaller card: nothing left to try"
+    lo, hi = common.search_rows(lambda rows: tried.append(rows) or rows <= 12, lambda: 3, 64, 5, lo=10)
+    assert min(tried) > 10 and (lo, hi) == (12, 13)
+
+
+def test_known_fit_comes_from_smaller_cards_of_the_same_precision(loop_result):
+    results = [
+        fake_card(loop_result, 6, "bf16", 512, 5),
+        fake_card(loop_result, 6, "bf16", 64, 40),
+        fake_card(loop_result, 16, "fp16", 512, 30),  # another precision
+        fake_card(loop_result, 12, "bf16", 512, 20),  # a larger card
+    ]
+    job = next(j for j in run_all.plan(run_all.parse_args(["--out", "x"])) if j.name == "budgets-8gib")
+    assert run_all.known_fit(results, job) == "64:40,512:5"
+
+
 def test_card_search_stops_after_max_probes():
     calls = []
     lo, hi = common.search_rows(lambda rows: calls.append(rows) or True, lambda: 1, max_rows=64, max_probes=3)
@@ -227,7 +262,7 @@ def test_search_card_result_names_what_fitted(loop_result, monkeypatch):
     monkeypatch.setattr(bench_loop, "probe", fake_probe)
     args, _ = bench_loop.parse_args(["--cards", "6", "--margin-gib", "0.3"])
     history = []
-    result = bench_loop.search_card(None, args, 6.0, 256, history, prior=None)
+    result = bench_loop.search_card(types.SimpleNamespace(precision="bf16"), args, 6.0, 256, history, prior=None)
     card = result["card"]
     assert card["rows_fit"] == 10 and card["rows_not_fit"] == 11  # 3 + 0.256 x 10 = 5.56 <= 5.7 < 5.816
     assert result["config"]["rows"] == 10 and result["name"] == "card-6gib-256"
