@@ -1,10 +1,14 @@
 """Render a saved suite (NAME.json from run_all.py) as Markdown tables and plots.
 
     python benchmarks/report.py benchmarks/results/h200/h200.json --out /tmp/h200   # re-render a suite
+    python benchmarks/report.py a/h200.json b/h200.json --out results/h200 --name h200   # several as one
 
 run_all.py calls it after every job; run by hand it re-renders a saved suite without a GPU
-(NAME.md, NAME_sweep.png and NAME_memory.png into --out, by default the JSON's folder). The rules
-every figure is measured by are in benchmarks/README.md; the tables only say which figure is which.
+(NAME.md, NAME_sweep.png and NAME_memory.png into --out, by default the JSON's folder). Several
+suites (parts of one run with `run_all.py --only`) are rendered as one, and written as one NAME.json
+too: their results together (a later measurement replaces an earlier one of the same name), each
+part's command and date kept. The rules every figure is measured by are in benchmarks/README.md;
+the tables only say which figure is which.
 """
 
 import argparse
@@ -24,17 +28,40 @@ FIGURES_HEADER = (
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="report.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("suite", help="A NAME.json that run_all.py wrote.")
-    parser.add_argument("--out", default=None, help="Folder for NAME.md and the plots (default: the JSON's).")
+    parser.add_argument("suites", nargs="+", help="NAME.json files that run_all.py wrote.")
+    parser.add_argument("--out", default=None, help="Folder for NAME.md and the plots (default: the first JSON's).")
+    parser.add_argument("--name", default=None, help="Base name of the files (default: the first suite's).")
     parser.add_argument("--no-plots", action="store_true", help="Markdown only.")
     args = parser.parse_args(argv)
-    path = Path(args.suite)
-    suite = json.loads(path.read_text())
-    out = Path(args.out) if args.out else path.parent
+    paths = [Path(p) for p in args.suites]
+    suite = merge([json.loads(p.read_text()) for p in paths])
+    name = args.name or suite.get("name") or paths[0].stem
+    out = Path(args.out) if args.out else paths[0].parent
     out.mkdir(parents=True, exist_ok=True)
-    write_report(suite, out, suite.get("name") or path.stem, plots=not args.no_plots)
-    print(f"wrote {out / ((suite.get('name') or path.stem) + '.md')}")
+    if len(paths) > 1:
+        (out / f"{name}.json").write_text(json.dumps(suite, indent=1) + "\n")
+    write_report(suite, out, name, plots=not args.no_plots)
+    print(f"wrote {out / (name + '.md')}")
     return 0
+
+
+def merge(suites: list[dict]) -> dict:
+    """Several suites as one: the first's facts, everyone's results (by name, the later wins),
+    commands and dates; failures and skips only of jobs that have no result."""
+    if len(suites) == 1:
+        return suites[0]
+    by_name = {r["name"]: r for suite in suites for r in suite["results"]}
+    done = {r.get("job") for r in by_name.values()}
+    merged = suites[0] | {
+        "results": list(by_name.values()),
+        "command": " ; ".join(suite["command"] for suite in suites),
+        "date_utc": " ; ".join(suite["date_utc"] for suite in suites),
+        "wall_s": sum(suite.get("wall_s", 0) for suite in suites),
+        "quick": any(suite["quick"] for suite in suites),
+    }
+    for key in ("failed", "skipped"):
+        merged[key] = [item for suite in suites for item in suite[key] if item["job"] not in done]
+    return merged
 
 
 def write_report(suite: dict, out: Path, name: str, plots: bool = True) -> None:

@@ -215,10 +215,9 @@ def known_fit(results: list[dict], job: Job) -> str:
 
 
 def run_job(
-    job: Job, args, checkpoint: str | None, results: list[dict], timeout_s: float, card_time_s: float, log
+    job: Job, args, checkpoint: str | None, results: list[dict], timeout_s: float, log
 ) -> tuple[list[dict], str | None]:
-    """One job in its own process; returns its results and an error (or None). A card search
-    starts no new search after `card_time_s`."""
+    """One job in its own process; returns its results and an error (or None)."""
     with tempfile.TemporaryDirectory(prefix="run_all_") as tmp:
         out_json = Path(tmp) / "result.jsonl"
         extra = ["--name", job.name, "--json", str(out_json)]
@@ -226,7 +225,9 @@ def run_job(
             extra += ["--peak-tflops", str(args.peak_tflops)]
         if job.section == "budgets":
             prior = card_prior(results)
-            extra += ["--time-budget-s", f"{card_time_s:.0f}"]
+            # Cards come smallest and commonest first: each may use what is left of the suite's time,
+            # less about one search, which it may still finish; later cards are skipped, and said so.
+            extra += ["--time-budget-s", f"{max(timeout_s - 60, 0):.0f}"]
             extra += ["--card-prior", f"{prior[0]:g},{prior[1]:g}"] if prior else []
             known = known_fit(results, job)
             extra += ["--known-fit", known] if known else []
@@ -335,10 +336,7 @@ def main(argv: list[str]) -> int:
                     )
                     say(started, f"{job.name}: skipped, time budget spent")
                     continue
-                # A card search may take its share of what is left, less one search (~40 s) it may finish.
-                cards_left = sum(j.section == "budgets" for j in jobs[jobs.index(job) :])
-                card_time_s = max(0.0, (left - 20) / max(cards_left, 1) - 40)
-                found, error = run_job(job, args, checkpoint, suite["results"], left, card_time_s, log)
+                found, error = run_job(job, args, checkpoint, suite["results"], left, log)
                 suite["results"] += found
                 if error:
                     suite["failed"].append({"job": job.name, "error": error})
@@ -359,7 +357,7 @@ def say(started: float, message: str) -> None:
 
 def short(result: dict) -> str:
     memory = f", {result['peak_allocated_gib']:.2f} GiB" if result.get("peak_allocated_gib") is not None else ""
-    return f"{result['name']} {result['tokens_per_s']:.0f} tokens/s{memory}"
+    return f"{result['name']} {report.fmt(result['tokens_per_s'], 0)} tokens/s{memory}"
 
 
 # --- outputs -------------------------------------------------------------------------------------

@@ -103,6 +103,7 @@ def fake_card(loop_result: dict, card_gib: float, precision: str, tokens: int, r
     card |= {"tokens_per_row": tokens, "rows_fit": rows_fit, "rows_not_fit": rows_fit + 1, "max_rows": 64}
     config = (loop_result["config"] or {}) | {"rows": rows_fit, "tokens_per_row": tokens}
     return loop_result | {
+        "name": f"card-{card_gib:g}gib-{precision}-{tokens}",
         "job": f"budgets-{card_gib:g}",
         "section": "budgets",
         "config": config,
@@ -113,7 +114,7 @@ def fake_card(loop_result: dict, card_gib: float, precision: str, tokens: int, r
 def fake_gpu_suite(loop_result: dict) -> dict:
     """A suite shaped like the H200's, built from a CPU result with GPU fields filled in."""
     gpu = {"peak_allocated_gib": 2.9, "peak_reserved_gib": 3.3, "device_used_gib": 4.0, "mfu": 0.02}
-    ours = loop_result | gpu | {"job": "ours", "label": "yoda_raw, our defaults", "section": "headline"}
+    ours = loop_result | gpu | {"name": "ours", "job": "ours", "label": "yoda_raw, our defaults", "section": "headline"}
     ours["memory_breakdown"] = ours["memory_breakdown"] | {
         "activations_at_peak_gib": 0.4,
         "allocator_beyond_allocated_gib": 0.4,
@@ -126,9 +127,9 @@ def fake_gpu_suite(loop_result: dict) -> dict:
         "tolerance_gib": 0.1,
         "adds_up": True,
     }
-    sft = loop_result | gpu | {"job": "sft", "label": "TRL SFTTrainer", "section": "headline", "pipeline": "trl_sft"}
-    sft |= {"tokens_per_s": loop_result["tokens_per_s"] / 2, "peak_allocated_gib": 5.8}
-    grid = loop_result | gpu | {"job": "grid", "label": "rows x tokens", "section": "grid"}
+    sft = loop_result | gpu | {"name": "sft", "job": "sft", "label": "TRL SFTTrainer", "section": "headline"}
+    sft |= {"pipeline": "trl_sft", "tokens_per_s": loop_result["tokens_per_s"] / 2, "peak_allocated_gib": 5.8}
+    grid = loop_result | gpu | {"name": "grid-4x32", "job": "grid", "label": "rows x tokens", "section": "grid"}
     cards = [fake_card(loop_result | gpu, 6, "bf16", 512, 5), fake_card(loop_result | gpu, 16, "fp16", 64, 64)]
     nothing = dict.fromkeys(common.RESULT_KEYS) | {"config": None, "name": "none"}
     cards.append(fake_card(nothing, 4, "bf16", 512, 0))
@@ -190,6 +191,24 @@ def test_the_committed_h200_suite_renders_again(tmp_path):
     assert "| 4 | 528 (2.42) | 2,544 (2.81) | 8,307 (4.55) |" in text
     assert "| **peak reserved** (= the sum) | **3.201** |" in text
     assert "yoda_raw, our defaults / SFTTrainer: tokens/s x0.95, peak allocated x0.84" in text
+
+
+def test_parts_of_a_suite_render_as_one(loop_result, tmp_path):
+    """Two `--only` runs, the second re-measuring one job: one table, the later figure, and a job
+    that failed in the first but ran in the second no longer listed as not measured."""
+    first, second = fake_gpu_suite(loop_result), fake_gpu_suite(loop_result)
+    first["failed"] = [{"job": "grid", "error": "time"}]
+    second["results"] = [r | {"tokens_per_s": 12345.0} for r in second["results"] if r.get("job") == "grid"]
+    second |= {"command": "python benchmarks/run_all.py --only grid", "skipped": []}
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, suite in zip(paths, (first, second), strict=True):
+        path.write_text(json.dumps(suite))
+    assert report.main([*map(str, paths), "--out", str(tmp_path / "out"), "--name", "both", "--no-plots"]) == 0
+    merged = json.loads((tmp_path / "out" / "both.json").read_text())
+    assert len(merged["results"]) == len(first["results"])
+    assert next(r for r in merged["results"] if r["job"] == "grid")["tokens_per_s"] == 12345.0
+    assert merged["failed"] == [] and merged["command"].endswith("--only grid")
+    assert "12,345" in (tmp_path / "out" / "both.md").read_text()
 
 
 def test_plots_are_written(loop_result, tmp_path):
