@@ -266,19 +266,23 @@ def measure_cards(cfg, args) -> None:
         common.fail("--cards measures with NVML: pip install nvidia-ml-py")
     idle_bytes = meter.nvml_used_bytes(torch.device("cuda", 0))  # before this process's CUDA context
     prior = tuple(float(x) for x in args.card_prior.split(",")) if args.card_prior else None
+    # tokens -> rows that fit a card already measured (cards come smallest first): they fit larger ones.
+    known = dict(tuple(int(n) for n in pair.split(":")) for pair in args.known_fit.split(",")) if args.known_fit else {}
     history: list[tuple[int, float]] = []  # (tokens per step, device used peak GiB) of every run that trained
     for card_gib in (float(c) for c in args.cards.split(",")):
         for tokens in (int(t) for t in args.card_tokens.split(",")):
             if args.time_budget_s is not None and time.perf_counter() - started > args.time_budget_s:
                 print(f"card {card_gib:g} GiB x {tokens} tokens: not searched, time budget spent", flush=True)
                 continue
-            result = search_card(cfg, args, card_gib, tokens, history, prior)
+            result = search_card(cfg, args, card_gib, tokens, history, prior, known.get(tokens, 0))
+            known[tokens] = max(known.get(tokens, 0), result["card"]["rows_fit"])
             result["card"]["device_used_idle_gib"] = round(idle_bytes / common.GIB, 3) if idle_bytes else None
             common.write_result(result, args.json)
 
 
-def search_card(cfg, args, card_gib: float, tokens: int, history: list, prior) -> dict:
-    """The most rows of `tokens` that fit on a card of `card_gib`, and the result of that run."""
+def search_card(cfg, args, card_gib: float, tokens: int, history: list, prior, rows_known: int = 0) -> dict:
+    """The most rows of `tokens` that fit on a card of `card_gib`, and the result of that run;
+    `rows_known` fit a smaller card, and are not run again."""
     usable_gib = card_gib - args.margin_gib
     probes: list[dict] = []
 
@@ -292,8 +296,7 @@ def search_card(cfg, args, card_gib: float, tokens: int, history: list, prior) -
         a, b = common.line_fit(history) or prior or (PRIOR_A_GIB, PRIOR_B_GIB_PER_TOKEN)
         return max(1, math.floor((usable_gib - a) / b / tokens))
 
-    known = dict(tuple(int(n) for n in pair.split(":")) for pair in args.known_fit.split(",")) if args.known_fit else {}
-    rows_known = min(known.get(tokens, 0), args.max_rows)
+    rows_known = min(rows_known, args.max_rows)
     rows_fit, rows_not_fit = common.search_rows(fits, guess, args.max_rows, args.max_probes, lo=rows_known)
     best = next((p["result"] for p in probes if p["rows"] == rows_fit), None)
     not_run = {"pipeline": "yoda_raw", "config": {"rows": rows_fit, "tokens_per_row": tokens}}

@@ -165,7 +165,7 @@ def markdown(suite: dict, name: str) -> str:
         lines += [row_of(r) for r in variants] + [""]
     if ours and "activations_at_peak_gib" in (ours.get("memory_breakdown") or {}):
         lines += breakdown_table(ours["memory_breakdown"]) + [""]
-    lines += cards_table([r for r in results if r.get("card")])
+    lines += cards_table([r for r in results if r.get("card")], (suite.get("gpu") or "CPU").replace("NVIDIA ", ""))
     if suite["failed"] or suite["skipped"]:
         lines += ["## Not measured", ""]
         lines += [f"- {f['job']}: failed, {f['error']}" for f in suite["failed"]]
@@ -235,8 +235,8 @@ def breakdown_table(b: dict) -> list[str]:
 CARD_KINDS = {"bf16": "bf16 (compute capability 8.0+)", "fp16": "fp16 (no bf16: a T4 and older cards)"}
 
 
-def cards_table(cards: list[dict]) -> list[str]:
-    """One line per card, precision and tokens per row: the most rows measured to fit."""
+def cards_table(cards: list[dict], gpu: str) -> list[str]:
+    """One line per card, precision and tokens per row: the most rows measured to fit on `gpu`."""
     if not cards:
         return []
     first = cards[0]["card"]
@@ -245,12 +245,12 @@ def cards_table(cards: list[dict]) -> list[str]:
         "",
         f"A configuration fits a card when it trains and the most device memory NVML saw in use (loading "
         f"included, sampled every 10 ms) stays at or below the card's size less {first['margin_gib']:g} GiB for the "
-        'display and other programs. Measured on the H200 (benchmarks/README.md, "Card budgets"); up to '
+        f'display and other programs. Measured on the {gpu} (benchmarks/README.md, "Card budgets"); up to '
         f"{first['max_rows']} rows tried; what fits a smaller card in the same precision is not run again on a larger "
-        "one. tokens/s is the **H200's** speed at that configuration, not the card's.",
+        f"one. tokens/s is the **{gpu}'s** speed at that configuration, not the card's.",
         "",
         "| card | computes in | tokens per row | most rows that fit | device used, NVML (GiB) | fewest rows that "
-        "did not fit | tokens/s on the H200 |",
+        f"did not fit | tokens/s on the {gpu} |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in sorted(cards, key=lambda r: (r["card"]["precision"], r["card"]["card_gib"], r["card"]["tokens_per_row"])):
