@@ -138,7 +138,8 @@ def plan(args) -> list[Job]:
     tokens = "64,512" if quick else ",".join(str(t) for t in CARD_TOKENS)
     for gib, precision in cards:
         name = f"budgets-{gib}gib" + ("-fp16" if precision == "fp16" else "")
-        card_args = f"--cards {gib} --card-tokens {tokens} --precision {precision} --warmup 1 --steps 2".split()
+        # 2 warm-up steps: with the CUDA graph, the first runs eagerly and the second records the graph.
+        card_args = f"--cards {gib} --card-tokens {tokens} --precision {precision} --warmup 2 --steps 2".split()
         jobs.append(Job(name, f"{gib} GiB card, {precision}", "budgets", "bench_loop.py", card_args, True))
     jobs += [
         Job("no-checkpointing", "no gradient checkpointing", "variants", "bench_loop.py",
