@@ -82,7 +82,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def parse_config(rest: list[str]):
     """run.py's own parser, with the benchmark's defaults for model and data: the Phi-3-mini
     architecture with random weights, and the yoda set from the local data folder."""
-    from run import parse_config as run_parse_config
+    from yoda_raw.config import parse_config as run_parse_config
 
     preset = next((rest[i + 1] for i, a in enumerate(rest[:-1]) if a == "--preset"), "tutorial")
     defaults = []
