@@ -24,15 +24,15 @@ def train_command(argv: list[str]) -> int:
     from yoda_raw.train import main as train  # heavy imports after the options are known good
 
     try:
-        summary = train(cfg)
+        result = train(cfg)
     except torch.cuda.OutOfMemoryError as err:
         raise YodaError(
             "out of GPU memory; lower it with --auto-batch-size (on by default), a smaller --batch-size "
             "(with --grad-accum to keep the step size), --gradient-checkpointing, a shorter --max-length, "
             "or --optim paged_adamw_8bit"
         ) from err
-    if summary["is_main_process"]:
-        print(f"saved the adapter to {summary['output_dir']} after {summary['steps']} steps")
+    if result.is_main_process:
+        print(f"saved the adapter to {result.output_dir} after {result.fit.steps} steps")
     return 0
 
 

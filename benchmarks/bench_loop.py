@@ -3,6 +3,7 @@ function run.py calls (`yoda_raw.train.main`), not a copy of it.
 
     python benchmarks/bench_loop.py                          # Phi-3-mini-4k, random weights, 16 x 64
     python benchmarks/bench_loop.py --batch-size 64 --max-length 256 --optim adamw
+    python benchmarks/bench_loop.py --cards 6,8,12 --card-tokens 64,512   # what fits on those cards
     python benchmarks/bench_loop.py --preset tiny --warmup 1 --steps 3   # a tiny model, on a CPU
 
 Every option of run.py is accepted (same parser) and sets the configuration; this script adds
@@ -10,18 +11,10 @@ its own (--warmup, --steps, --json, ...). By default the model is the Phi-3-mini
 built from its config.json ($YODA_RAW_DATA/phi3-mini-4k-instruct) with random weights: speed and
 memory are the real model's, nothing is downloaded, the losses mean nothing.
 
-How it measures: `main(cfg)` runs with logging_steps=1 and max_steps=warmup+steps, so the loop
-writes one line per step to metrics.jsonl; each line's tokens/s covers exactly one step, from the
-end of the previous step's log to the end of its own (a host sync), and its peak memory is the
-loop's (peaks are reset when fit() starts). Medians are taken over the steps after warm-up
-(benchmarks/common.py has the rules, shared with bench_sft.py). The data set is repeated as often
-as needed so that every measured step is a full batch of full rows (wrapped packing).
-
-Several measurements in one process (--grid, --budget-gib) reload the model for each, free
-everything between them and record `allocated_at_start_gib` to show they started clean.
-`--breakdown` adds where the peak memory went; `--snapshot` records a torch memory snapshot for
-https://pytorch.org/memory_viz. One JSON line per measurement goes to --json (and to stdout
-after "RESULT ").
+`main(cfg)` runs with logging_steps=1, so the records it returns are one per step; the measuring
+rules are in benchmarks/README.md. Several measurements in one process (--grid, --cards) reload
+the model for each and free everything between them. One JSON line per measurement goes to
+--json (and to stdout after "RESULT ").
 """
 
 import argparse
@@ -38,6 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run.py, yoda_
 
 from benchmarks import common  # noqa: E402
 
+# Prior for the first guess of a card search, from the H200's rows x tokens grid (our defaults):
+# NVML device memory in use ~ A + B x tokens per step. Later guesses fit a line to the runs so far.
+PRIOR_A_GIB, PRIOR_B_GIB_PER_TOKEN = 3.7, 0.00088
+
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
@@ -48,56 +45,44 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # leave run.py's options (--warmup-steps, ...) to run.py's parser
     )
-    parser.add_argument("--warmup", type=int, default=3, help="Steps run before timing starts (default 3).")
-    parser.add_argument("--steps", type=int, default=8, help="Timed optimizer steps (default 8).")
-    parser.add_argument("--min-steps", type=int, default=3, help="With --timed-tokens: at least this many timed steps.")
-    parser.add_argument(
+    add = parser.add_argument
+    add("--warmup", type=int, default=3, help="Steps run before timing starts (default 3).")
+    add("--steps", type=int, default=8, help="Timed optimizer steps (default 8).")
+    add("--min-steps", type=int, default=3, help="With --timed-tokens: at least this many timed steps.")
+    add(
         "--timed-tokens",
         type=int,
         default=0,
         help="Time only as many steps (at least --min-steps, at most --steps) as this many tokens need: "
         "keeps large configurations short. 0: always --steps.",
     )
-    parser.add_argument("--name", default=None, help="Label of the measurement in the output.")
-    parser.add_argument("--json", default=None, help="Append one JSON line per measurement to this file.")
-    parser.add_argument(
-        "--grid",
+    add("--name", default=None, help="Label of the measurement in the output.")
+    add("--json", default=None, help="Append one JSON line per measurement to this file.")
+    add("--grid", default=None, help="Measure several ROWSxTOKENS points in this process, e.g. 4x64,16x256.")
+    add(
+        "--cards",
         default=None,
-        help="Measure several ROWSxTOKENS points in this process, e.g. 4x64,16x256 (rows per step x tokens per row).",
+        help="Card sizes in GiB, e.g. 6,8,24: for each, and each of --card-tokens, the most rows that train with "
+        "NVML's device memory in use at most the card less --margin-gib (CUDA only).",
     )
-    parser.add_argument(
-        "--budget-gib",
-        default=None,
-        help="Emulate cards of these sizes (GiB, e.g. 6,8,24) with torch.cuda.set_per_process_memory_fraction "
-        "and find the most rows of --budget-tokens that fit (CUDA only).",
-    )
-    parser.add_argument(
-        "--budget-tokens", type=int, default=512, help="Tokens per row when searching a budget (default 512)."
-    )
-    parser.add_argument(
-        "--budget-start-rows",
-        default=None,
-        help="Rows to start each budget's search from (one per budget; default 4 rows per GiB). "
-        "Start above the answer: the search only goes down.",
-    )
-    parser.add_argument("--breakdown", action="store_true", help="Also report where the peak memory went.")
-    parser.add_argument("--snapshot", default=None, help="Write a torch CUDA memory snapshot (pickle) here.")
-    parser.add_argument(
-        "--snapshot-entries", type=int, default=8000, help="Allocation events the snapshot keeps (default 8000)."
-    )
-    parser.add_argument(
-        "--peak-tflops",
-        type=float,
-        default=None,
-        help="Peak FLOP/s (in TFLOP/s) for MFU; default: the GPU's bf16 dense peak from yoda_raw/meter.py.",
-    )
+    add("--card-tokens", default="64,256,512", help="Tokens per row to search the rows of (default 64,256,512).")
+    add("--margin-gib", type=float, default=0.3, help="Memory a card keeps for the display and such (default 0.3).")
+    add("--max-rows", type=int, default=64, help="The most rows a card search tries (default 64).")
+    add("--max-probes", type=int, default=5, help="Runs a card search may spend on one card and length (default 5).")
+    add("--card-prior", default=None, help="A,B: first guess device GiB = A + B x tokens per step.")
+    add("--known-fit", default=None, help="TOKENS:ROWS,...: rows that fit a smaller card (the search starts there).")
+    add("--time-budget-s", type=float, default=None, help="Start no card search after this many seconds.")
+    add("--breakdown", action="store_true", help="Also report where the peak memory went (yoda_raw/meter.py).")
+    add("--snapshot", default=None, help="Write a torch CUDA memory snapshot (pickle) here.")
+    add("--snapshot-entries", type=int, default=8000, help="Allocation events the snapshot keeps (default 8000).")
+    add("--peak-tflops", type=float, default=None, help="Peak TFLOP/s for MFU (default: yoda_raw/meter.py's).")
     return parser.parse_known_args(argv)
 
 
 def parse_config(rest: list[str]):
     """run.py's own parser, with the benchmark's defaults for model and data: the Phi-3-mini
     architecture with random weights, and the yoda set from the local data folder."""
-    from run import parse_config as run_parse_config
+    from yoda_raw.config import parse_config as run_parse_config
 
     preset = next((rest[i + 1] for i, a in enumerate(rest[:-1]) if a == "--preset"), "tutorial")
     defaults = []
@@ -110,12 +95,6 @@ def parse_config(rest: list[str]):
     return run_parse_config(defaults + rest)
 
 
-def timed_steps_for(args, tokens_per_step: int) -> int:
-    if not args.timed_tokens:
-        return args.steps
-    return min(args.steps, max(args.min_steps, math.ceil(args.timed_tokens / tokens_per_step)))
-
-
 def main(argv: list[str]) -> int:
     args, rest = parse_args(argv)
     if args.warmup < 1 or args.steps < 1:
@@ -123,26 +102,11 @@ def main(argv: list[str]) -> int:
     cfg = parse_config(rest)
     import torch
 
-    if args.budget_gib and not torch.cuda.is_available():
-        common.fail("--budget-gib needs a CUDA GPU")
-    if args.snapshot and not torch.cuda.is_available():
-        common.fail("--snapshot needs a CUDA GPU")
-
-    if args.budget_gib:
-        budgets = [float(b) for b in args.budget_gib.split(",")]
-        starts = (
-            [int(r) for r in args.budget_start_rows.split(",")]
-            if args.budget_start_rows
-            else [max(1, round(4 * b)) for b in budgets]
-        )
-        if len(starts) != len(budgets):
-            common.fail("--budget-start-rows needs one value per --budget-gib value")
-        context_gib = cuda_context_gib()
-        for budget, start in zip(budgets, starts, strict=True):
-            result = measure_budget(cfg, args, budget, start, context_gib)
-            common.write_result(result, args.json)
+    if (args.cards or args.snapshot) and not torch.cuda.is_available():
+        common.fail("--cards and --snapshot need a CUDA GPU")
+    if args.cards:
+        measure_cards(cfg, args)
         return 0
-
     points = parse_grid(args.grid) if args.grid else [(cfg.batch_size, cfg.max_length)]
     for rows, tokens in points:
         point = dataclasses.replace(cfg, batch_size=rows, max_length=tokens)
@@ -164,21 +128,27 @@ def parse_grid(text: str) -> list[tuple[int, int]]:
         common.fail(f"--grid {text}: expected ROWSxTOKENS[,ROWSxTOKENS...], e.g. 4x64,16x256")
 
 
-def measure(cfg, args, name: str, timed: int, budget: dict | None = None) -> dict:
-    """Run the real loop once for `cfg` and return one result (common.RESULT_KEYS and more)."""
+def timed_steps_for(args, tokens_per_step: int) -> int:
+    if not args.timed_tokens:
+        return args.steps
+    return min(args.steps, max(args.min_steps, math.ceil(args.timed_tokens / tokens_per_step)))
+
+
+def measure(cfg, args, name: str, timed: int, watch_device: bool = False) -> dict:
+    """Run the real loop once for `cfg` and return one result (common.RESULT_KEYS and more).
+    `watch_device`: also sample NVML's device memory in use all through (loading included)."""
     import torch
 
-    from yoda_raw import train
+    from yoda_raw import meter, train
 
-    on_cuda = torch.cuda.is_available()
-    total_steps = args.warmup + timed
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="yoda_raw_bench_") as tmp:
         cfg = dataclasses.replace(
             cfg,
-            dataset=str(enough_data(cfg, tmp, total_steps)),
-            max_steps=total_steps,
-            logging_steps=1,  # one metrics line per step
+            dataset=str(enough_data(cfg, tmp, args.warmup + timed)),
+            max_steps=args.warmup + timed,
+            logging_steps=1,  # one record per step
             eval_fraction=0.0,
             packing="wrapped",
             save_steps=0,
@@ -187,26 +157,24 @@ def measure(cfg, args, name: str, timed: int, budget: dict | None = None) -> dic
             overwrite=True,
             samples=False,
             report_to="none",
-            auto_batch_size=budget is not None,  # only a budget search may change the batch
+            auto_batch_size=False,  # the batch measured is the batch asked for
         )
-        allocated_at_start = torch.cuda.memory_allocated() / common.GIB if on_cuda else None
-        with tap_optimizer(train) as tap, memory_history(args.snapshot, args.snapshot_entries):
-            summary = train.main(cfg)
-        records = last_attempt(common.read_jsonl(Path(cfg.output_dir) / "metrics.jsonl"))
-        breakdown = memory_breakdown(summary["model"], tap, records[-1]) if args.breakdown else None
-    del summary["model"], summary["tokenizer"]
-    tap.clear()  # drop our reference to the optimizer (and its state) before release()
-    rows = summary["batch_size"]  # may differ from cfg.batch_size after a budget search
-    steps = [step_reading(r, rows * cfg.max_length) for r in records]
+        allocated_at_start = meter.allocated_bytes(device)
+        with meter.DeviceUsedPeak(device if watch_device else None) as device_peak:
+            with memory_history(args.snapshot, args.snapshot_entries):
+                run = train.main(cfg)
+    records = run.fit.log  # one a step: step_s, tokens, supervised_tokens, memory
+    rows = run.fit.batch_size
     result = {"name": name, "pipeline": "yoda_raw", "device": common.device_name()}
     result["config"] = {
         "rows": rows,
         "tokens_per_row": cfg.max_length,
         "quant": cfg.quant,
-        "precision": resolved_precision(cfg.precision),
+        "precision": run.precision,
         "quant_compute_dtype": cfg.quant_compute_dtype,
         "fp32_frozen": cfg.fp32_frozen,
         "gradient_checkpointing": cfg.gradient_checkpointing,
+        "cuda_graph": run.config.cuda_graph,
         "optim": cfg.optim,
         "lora_r": cfg.lora_r,
         "train_on": cfg.train_on,
@@ -214,61 +182,35 @@ def measure(cfg, args, name: str, timed: int, budget: dict | None = None) -> dic
         "model": cfg.model,
         "init": cfg.init,
     }
-    result |= common.summarise(steps, args.warmup)
-    result |= common.flops_figures(
-        result["tokens_per_s"],
-        summary["trainable_params"],
-        summary["total_params"],
-        common.peak_flops_for("cuda" if on_cuda else "cpu", args.peak_tflops),
-    )
+    result |= common.summarise(records, args.warmup)
+    peak = common.peak_flops_for(device.type, args.peak_tflops)
+    result |= common.flops_figures(result["tokens_per_s"], run.trainable_params, run.total_params, peak)
     last = records[-1]
     result |= {
         "peak_allocated_gib": last.get("peak_allocated_gib"),
         "peak_reserved_gib": last.get("peak_reserved_gib"),
         "device_used_gib": max((r["device_used_gib"] for r in records if "device_used_gib" in r), default=None),
-        "trainable_params": summary["trainable_params"],
-        "total_params": summary["total_params"],
+        "trainable_params": run.trainable_params,
+        "total_params": run.total_params,
         "loss_first": records[0]["loss"],
         "loss_last": last["loss"],
         "wall_s": round(time.perf_counter() - started, 1),
-        "allocated_at_start_gib": round(allocated_at_start, 3) if on_cuda else None,
-        "full_step_share": common.full_step_share(steps[args.warmup :], rows * cfg.max_length),
-        "step_s_source": "metrics.jsonl" if "step_s" in last else "rows x tokens / tokens_per_s",
+        "allocated_at_start_gib": round(allocated_at_start / common.GIB, 3) if allocated_at_start is not None else None,
+        "full_step_share": common.full_step_share(records[args.warmup :], rows * cfg.max_length),
     }
-    if on_cuda and "device_used_gib" not in last:
+    if device_peak.peak_bytes is not None:
+        result["device_used_peak_gib"] = round(device_peak.peak_bytes / common.GIB, 3)
+    if device.type == "cuda" and "device_used_gib" not in last:
         result["device_used_gib_note"] = "NVML unavailable (pip install nvidia-ml-py)"
-    if budget:
-        result["budget"] = budget | {"rows_found": rows}
-    if breakdown:
+    if args.breakdown:
+        fit = run.fit
+        breakdown = meter.memory_breakdown(run.live.model, fit.optimizer, fit.allocated_before_loop_bytes, last, device)
         result["memory_breakdown"] = breakdown
     if args.snapshot:
         result["snapshot"] = str(args.snapshot)
+    del run  # the model, and the optimizer with its state
     release()
     return result
-
-
-def resolved_precision(requested: str) -> str:
-    """What --precision auto became on this device (the same decision the loop made)."""
-    import torch
-
-    from yoda_raw.precision import choose_precision
-
-    return choose_precision(requested, torch.device("cuda" if torch.cuda.is_available() else "cpu")).name
-
-
-def step_reading(record: dict, full_step_tokens: int) -> dict:
-    """One metrics.jsonl line -> step_s, tokens, supervised_tokens of that step.
-
-    The loop's record has step_s and the two throughputs; tokens are throughput x time. (A loop
-    without step_s in its record: the step is taken to be `full_step_tokens` non-pad tokens,
-    which holds for wrapped packing with enough data: `full_step_share` in the result checks it.)
-    """
-    step_s = record.get("step_s") or full_step_tokens / record["tokens_per_s"]
-    return {
-        "step_s": step_s,
-        "tokens": record["tokens_per_s"] * step_s,
-        "supervised_tokens": record["supervised_tokens_per_s"] * step_s,
-    }
 
 
 def enough_data(cfg, folder: str, steps: int) -> str:
@@ -280,15 +222,6 @@ def enough_data(cfg, folder: str, steps: int) -> str:
     return str(common.repeat_jsonl(cfg.dataset, copies, folder)) if copies > 1 else cfg.dataset
 
 
-def last_attempt(records: list[dict]) -> list[dict]:
-    """The records of the run that finished: after an out-of-memory retry (budget search) the
-    file also holds the first steps of the attempts that failed; the last one starts at step 1."""
-    starts = [i for i, r in enumerate(records) if r["step"] == 1]
-    if not starts:
-        raise RuntimeError("metrics.jsonl holds no step 1: was logging_steps 1?")
-    return records[starts[-1] :]
-
-
 def release() -> None:
     """Free what the last run left, so the next measurement in this process starts clean."""
     import torch
@@ -298,74 +231,6 @@ def release() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-# --- budgets --------------------------------------------------------------------------------------
-
-
-def cuda_context_gib() -> float:
-    """Device memory this process uses outside torch's allocator: the CUDA context (~0.5 GiB)."""
-    import torch
-
-    torch.zeros(1, device="cuda")  # creates the context
-    free, total = torch.cuda.mem_get_info()
-    return (total - free - torch.cuda.memory_reserved()) / common.GIB
-
-
-def measure_budget(cfg, args, budget_gib: float, start_rows: int, context_gib: float) -> dict:
-    """The most rows of --budget-tokens that train within `budget_gib` GiB, and the speed there.
-
-    The card is emulated: torch's allocator may hold at most budget - CUDA context, via
-    torch.cuda.set_per_process_memory_fraction. The search is the loop's own --auto-batch-size
-    (accelerate's find_executable_batch_size): start at `start_rows`, and on out-of-memory retry
-    with 0.9x the rows, in the same process with the model loaded once. So the answer is within
-    10% of the true limit, and only if the start was above it (`start_fit` says when it was not).
-    """
-    import torch
-
-    total_gib = torch.cuda.get_device_properties(0).total_memory / common.GIB
-    allocator_gib = budget_gib - context_gib
-    torch.cuda.set_per_process_memory_fraction(allocator_gib / total_gib)
-    point = dataclasses.replace(cfg, batch_size=start_rows, max_length=args.budget_tokens)
-    budget = {
-        "budget_gib": budget_gib,
-        "emulation": "torch.cuda.set_per_process_memory_fraction",
-        "allocator_limit_gib": round(allocator_gib, 3),
-        "cuda_context_gib": round(context_gib, 3),
-        "start_rows": start_rows,
-    }
-    result = measure(
-        point, args, f"budget-{budget_gib:g}gib", timed_steps_for(args, start_rows * args.budget_tokens), budget
-    )
-    result["budget"]["start_fit"] = result["config"]["rows"] == start_rows
-    torch.cuda.set_per_process_memory_fraction(1.0)
-    return result
-
-
-# --- memory breakdown and snapshot ----------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def tap_optimizer(train_module):
-    """Keep a reference to the optimizer fit() builds, and read torch's allocated memory just
-    before it is built (the model alone). It wraps `train.build_optimizer` for the duration of
-    the run and returns exactly what the original returns: the loop runs unchanged."""
-    import torch
-
-    tap = {"optimizer": None, "allocated_before_fit": None}
-    original = train_module.build_optimizer
-
-    def build_and_keep(*a, **k):
-        if torch.cuda.is_available():
-            tap["allocated_before_fit"] = torch.cuda.memory_allocated()
-        tap["optimizer"] = original(*a, **k)
-        return tap["optimizer"]
-
-    train_module.build_optimizer = build_and_keep
-    try:
-        yield tap
-    finally:
-        train_module.build_optimizer = original
 
 
 @contextlib.contextmanager
@@ -385,127 +250,118 @@ def memory_history(path: str | None, entries: int):
         torch.cuda.memory._record_memory_history(enabled=None)
 
 
-def tensor_bytes(tensors, seen: set, device_type: str | None = None) -> int:
-    """Bytes of the tensors not counted yet (by storage address), on `device_type` (or any)."""
-    total = 0
-    for t in tensors:
-        if t is None or not hasattr(t, "untyped_storage"):
-            continue
-        if device_type is not None and t.device.type != device_type:
-            continue
-        key = (t.device, t.untyped_storage().data_ptr())
-        if key in seen:
-            continue
-        seen.add(key)
-        total += t.untyped_storage().nbytes()
-    return total
+# --- what fits on a card -------------------------------------------------------------------------
 
 
-def quant_state_tensors(state) -> list:
-    """The tensors of a bitsandbytes QuantState: absmax (8-bit with double quant), the code book,
-    the offset, and the nested state's fp32 absmax and code book."""
-    if state is None:
-        return []
-    found = [state.absmax, state.code, getattr(state, "offset", None)]
-    return found + quant_state_tensors(getattr(state, "state2", None))
+def measure_cards(cfg, args) -> None:
+    """For each card and tokens per row, the most rows that fit (see `probe`): one result each.
+    The runs of this process share one line fit of device memory against tokens per step, which
+    guesses where each search goes next."""
+    import torch
+
+    from yoda_raw import meter
+
+    started = time.perf_counter()
+    if meter.nvml_reader(torch.device("cuda", 0)) is None:
+        common.fail("--cards measures with NVML: pip install nvidia-ml-py")
+    idle_bytes = meter.nvml_used_bytes(torch.device("cuda", 0))  # before this process's CUDA context
+    prior = tuple(float(x) for x in args.card_prior.split(",")) if args.card_prior else None
+    # tokens -> rows that fit a card already measured (cards come smallest first): they fit larger ones.
+    known = dict(tuple(int(n) for n in pair.split(":")) for pair in args.known_fit.split(",")) if args.known_fit else {}
+    history: list[tuple[int, float]] = []  # (tokens per step, device used peak GiB) of every run that trained
+    for card_gib in (float(c) for c in args.cards.split(",")):
+        for tokens in (int(t) for t in args.card_tokens.split(",")):
+            if args.time_budget_s is not None and time.perf_counter() - started > args.time_budget_s:
+                print(f"card {card_gib:g} GiB x {tokens} tokens: not searched, time budget spent", flush=True)
+                continue
+            result = search_card(cfg, args, card_gib, tokens, history, prior, known.get(tokens, 0))
+            known[tokens] = max(known.get(tokens, 0), result["card"]["rows_fit"])
+            result["card"]["device_used_idle_gib"] = round(idle_bytes / common.GIB, 3) if idle_bytes else None
+            common.write_result(result, args.json)
 
 
-def count_model(model, device_type: str) -> dict:
-    """Bytes of the model's tensors on `device_type`, by kind, counted one by one."""
-    try:
-        from bitsandbytes.nn import Params4bit
-    except ImportError:
-        Params4bit = None  # noqa: N806
-    seen: set = set()
-    parts = {"weights_4bit": 0, "quant_state": 0, "weights_other": 0, "lora_params": 0}
-    for param in model.parameters():
-        if Params4bit is not None and isinstance(param, Params4bit):
-            parts["weights_4bit"] += tensor_bytes([param], seen, device_type)
-            parts["quant_state"] += tensor_bytes(quant_state_tensors(param.quant_state), seen, device_type)
-        elif param.requires_grad:
-            parts["lora_params"] += tensor_bytes([param], seen, device_type)
-        else:
-            parts["weights_other"] += tensor_bytes([param], seen, device_type)
-    parts["weights_other"] += tensor_bytes(model.buffers(), seen, device_type)  # rotary tables and such
-    return parts
+def search_card(cfg, args, card_gib: float, tokens: int, history: list, prior, rows_known: int = 0) -> dict:
+    """The most rows of `tokens` that fit on a card of `card_gib`, and the result of that run;
+    `rows_known` fit a smaller card, and are not run again."""
+    usable_gib = card_gib - args.margin_gib
+    probes: list[dict] = []
 
+    def fits(rows: int) -> bool:
+        probes.append(probe(cfg, args, card_gib, rows, tokens))
+        if probes[-1]["result"] is not None:
+            history.append((rows * tokens, probes[-1]["device_used_peak_gib"]))
+        return probes[-1]["fits"]
 
-def count_optimizer(optimizer, device_type: str) -> dict:
-    """Bytes of optimizer state: in device memory, and paged. bitsandbytes' paged buffers are
-    CUDA unified memory wrapped as CPU tensors (`is_paged`), so they are told apart by that flag."""
-    seen: set = set()
-    tensors = [t for state in optimizer.state.values() for t in state.values() if hasattr(t, "untyped_storage")]
-    paged = [t for t in tensors if getattr(t, "is_paged", False)]
-    plain = [t for t in tensors if not getattr(t, "is_paged", False)]
-    return {
-        "optimizer_state": tensor_bytes(plain, seen, device_type),
-        "optimizer_state_paged": tensor_bytes(paged, seen),
+    def guess() -> int:
+        a, b = common.line_fit(history) or prior or (PRIOR_A_GIB, PRIOR_B_GIB_PER_TOKEN)
+        return max(1, math.floor((usable_gib - a) / b / tokens))
+
+    rows_known = min(rows_known, args.max_rows)
+    rows_fit, rows_not_fit = common.search_rows(fits, guess, args.max_rows, args.max_probes, lo=rows_known)
+    best = next((p["result"] for p in probes if p["rows"] == rows_fit), None)
+    not_run = {"pipeline": "yoda_raw", "config": {"rows": rows_fit, "tokens_per_row": tokens}}
+    result = best or dict.fromkeys(common.RESULT_KEYS) | not_run  # none fits, or the smaller card's answer
+    result["name"] = f"{args.name or 'card'}-{card_gib:g}gib-{tokens}"
+    result["card"] = {
+        "card_gib": card_gib,
+        "margin_gib": args.margin_gib,
+        "usable_gib": usable_gib,
+        "precision": resolved_precision(cfg.precision),
+        "tokens_per_row": tokens,
+        "rows_fit": rows_fit,  # 0: not even one row
+        "rows_known_to_fit": rows_known,  # fitted a smaller card in the same precision: not run again
+        "rows_not_fit": rows_not_fit,  # the fewest rows measured not to fit; None: none tried
+        "max_rows": args.max_rows,
+        "probes": [{k: v for k, v in p.items() if k != "result"} for p in probes],
     }
+    return result
 
 
-TOLERANCE_GIB = 0.1  # counted persistent parts vs torch's allocated memory at rest
+def probe(cfg, args, card_gib: float, rows: int, tokens: int) -> dict:
+    """One run of `rows` x `tokens` as on a card of `card_gib`. It fits when it trains and the
+    most device memory NVML saw in use, loading included, stays within the card less the margin.
 
-
-def memory_breakdown(model, tap: dict, last_record: dict) -> dict:
-    """Where the loop's peak memory went, in GiB.
-
-    Counted tensor by tensor: 4-bit weights (packed, 0.5 byte a weight) and their quantization
-    state, the other (non-quantized) weights and buffers, the LoRA parameters, their gradients
-    (one per LoRA parameter, same dtype), and the optimizer state (paged state apart: it lives in
-    unified memory, outside torch's counters, and NVML shows it).
-    Derived: activations at peak = peak allocated - (weights + LoRA + gradients + optimizer
-    state), i.e. everything else alive at the peak: saved activations, recomputed blocks, logits,
-    loss buffers, dequantized weight tiles, cuBLAS workspaces. Gradients are counted whole, though
-    at the peak (usually early in backward) only part of them exists, so activations may be
-    understated by up to the gradients' size. Allocator beyond = peak reserved - peak allocated.
-    Check: the counted persistent parts are compared with torch.cuda.memory_allocated() at two
-    quiet moments, after loading (weights + LoRA) and after the loop (weights + LoRA + optimizer
-    state; gradients are freed by zero_grad(set_to_none=True)); `adds_up` says whether both agree
-    within TOLERANCE_GIB.
+    On the H200, torch's allocator would cache freely where a small card makes it free its cache
+    and retry; so it is capped (set_per_process_memory_fraction) at what the card would leave it:
+    the card less the margin less what this process holds outside torch now (CUDA context,
+    loaded kernels). The cap only shapes the allocator; the verdict is NVML's.
     """
     import torch
 
-    gib = common.GIB
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    parts = count_model(model, device_type)
-    parts["lora_grads"] = parts["lora_params"]
-    parts |= (
-        count_optimizer(tap["optimizer"], device_type)
-        if tap["optimizer"] is not None
-        else {"optimizer_state": 0, "optimizer_state_paged": 0}
-    )
-    out = {f"{k}_gib": round(v / gib, 6) for k, v in parts.items()}
-    if tap["optimizer"] is None:  # train.fit no longer calls train.build_optimizer: nothing to count
-        out["optimizer_note"] = "optimizer not observed: optimizer state not counted"
-    out["weights_4bit_gib"] = round((parts["weights_4bit"] + parts["quant_state"]) / gib, 6)  # incl. quant state
-    if not torch.cuda.is_available():
-        return out | {"note": "CPU: counted parts only; torch's memory counters are CUDA's"}
-    persistent = parts["weights_4bit"] + parts["quant_state"] + parts["weights_other"] + parts["lora_params"]
-    at_peak = persistent + parts["lora_grads"] + parts["optimizer_state"]
-    peak_allocated = last_record["peak_allocated_gib"] * gib
-    peak_reserved = last_record["peak_reserved_gib"] * gib
-    after_load = tap["allocated_before_fit"]
-    after_loop = torch.cuda.memory_allocated()
-    mismatch_load = (after_load - persistent) / gib if after_load is not None else None
-    mismatch_loop = (after_loop - persistent - parts["optimizer_state"]) / gib
-    checks = [m for m in (mismatch_load, mismatch_loop) if m is not None]
-    out |= {
-        "activations_at_peak_gib": round((peak_allocated - at_peak) / gib, 4),
-        "allocator_beyond_allocated_gib": round((peak_reserved - peak_allocated) / gib, 4),
-        "peak_allocated_gib": last_record["peak_allocated_gib"],
-        "peak_reserved_gib": last_record["peak_reserved_gib"],
-        "device_used_gib": last_record.get("device_used_gib"),
-        "allocated_after_load_gib": round(after_load / gib, 4) if after_load is not None else None,
-        "allocated_after_loop_gib": round(after_loop / gib, 4),
-        "mismatch_after_load_gib": round(mismatch_load, 4) if mismatch_load is not None else None,
-        "mismatch_after_loop_gib": round(mismatch_loop, 4),
-        "tolerance_gib": TOLERANCE_GIB,
-        "adds_up": all(abs(m) <= TOLERANCE_GIB for m in checks),
+    usable_gib = card_gib - args.margin_gib
+    torch.zeros(1, device="cuda")  # the CUDA context exists from here on, so the reading below counts it
+    free, total = torch.cuda.mem_get_info()
+    outside_gib = (total - free - torch.cuda.memory_reserved()) / common.GIB
+    limit_gib = max(usable_gib - outside_gib, 0.1)
+    torch.cuda.set_per_process_memory_fraction(limit_gib / (total / common.GIB))
+    reading = {
+        "rows": rows,
+        "device_used_at_start_gib": round((total - free) / common.GIB, 3),
+        "allocator_limit_gib": round(limit_gib, 3),
     }
-    if out["device_used_gib"] is not None:
-        # NVML's view minus torch's: CUDA context, paged optimizer state, library workspaces.
-        out["outside_torch_gib"] = round(out["device_used_gib"] - last_record["peak_reserved_gib"], 4)
-    return out
+    point = dataclasses.replace(cfg, batch_size=rows, max_length=tokens)
+    try:
+        result = measure(point, args, f"card-{card_gib:g}gib-{rows}x{tokens}", args.steps, watch_device=True)
+    except RuntimeError as err:  # out of memory is an answer here; anything else is raised again
+        if "out of memory" not in str(err) and "CUBLAS_STATUS_ALLOC_FAILED" not in str(err):
+            raise
+        result = None
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    if result is None:
+        release()
+        return reading | {"fits": False, "device_used_peak_gib": None, "error": "out of memory", "result": None}
+    peak_gib = result["device_used_peak_gib"]
+    return reading | {"fits": peak_gib <= usable_gib, "device_used_peak_gib": peak_gib, "result": result}
+
+
+def resolved_precision(requested: str) -> str:
+    """What --precision auto becomes on this device (the same decision the loop makes)."""
+    import torch
+
+    from yoda_raw.precision import choose_precision
+
+    return choose_precision(requested, torch.device("cuda" if torch.cuda.is_available() else "cpu")).name
 
 
 if __name__ == "__main__":

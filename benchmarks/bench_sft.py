@@ -1,6 +1,6 @@
 """The reference: the same configuration through TRL's SFTTrainer, set up as the tutorial does
 (4-bit NF4 with fp32 compute dtype, prepare_model_for_kbit_training, LoRA r=8 on the same four
-modules, the tutorial's SFTConfig), timed by the rules bench_loop.py follows (benchmarks/common.py).
+modules, the tutorial's SFTConfig), measured by the rules of benchmarks/README.md, as bench_loop.py is.
 
     python benchmarks/bench_sft.py                      # Phi-3-mini-4k, random weights, 16 x 64
     python benchmarks/bench_sft.py --model CHECKPOINT   # a saved checkpoint (run_all.py shares one)

@@ -1,18 +1,6 @@
 """What bench_loop.py (ours) and bench_sft.py (TRL SFTTrainer) share: data, the random model,
-and one function that turns per-step timings into the figures both report, so that the two
-pipelines are measured by the same rules.
-
-The rules:
-- a *step* is one optimizer update; its time runs from the end of the previous step to the end of
-  this one, read after the GPU has finished (a host sync), so it covers data loading, forward,
-  backward, clipping, the optimizer and the loop's own bookkeeping;
-- *tokens* are non-pad input positions; *supervised tokens* are positions whose next-token label is
-  not -100 (what the loss averages over);
-- the first `warmup` steps are dropped (kernel selection, allocator growth, optimizer state
-  creation); every figure is the median over the timed steps that follow;
-- memory: torch's peak allocated and peak reserved since the loop started, and the most device
-  memory NVML saw in use at any step end (that also counts the CUDA context and the paged
-  optimizer state in unified memory, which torch's counters do not see).
+and one function that turns per-step readings into the figures both report, so that the two
+pipelines are measured by the same rules (benchmarks/README.md, "How it measures").
 """
 
 import datetime
@@ -221,3 +209,49 @@ def write_result(result: dict, path: str | None) -> None:
 def fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def search_rows(
+    fits, guess, max_rows: int, max_probes: int, lo: int = 0, within: float = 1.1
+) -> tuple[int, int | None]:
+    """The most rows that fit, by measuring: `fits(rows)` runs one configuration, `guess()` says
+    where the answer may be (asked again before every run, as the runs teach it), `lo` rows are
+    known to fit already (on a smaller card). Returns (most rows known to fit, 0 if none; fewest
+    measured not to, None if none was too many); stops when those are within 10% or one row of
+    each other, at max_rows, or after max_probes runs.
+
+    >>> search_rows(lambda rows: rows <= 35, lambda: 30, max_rows=64, max_probes=6)
+    (33, 37)
+
+    30 fits; the guess says no more, so half as many again: 45 does not fit; halfway, 37 does not
+    either; halfway again, 33 fits, and 37 is within 10% of it.
+    """
+    hi = None
+    for _ in range(max_probes):
+        if lo >= max_rows or hi == 1 or (hi is not None and hi <= max(lo + 1, math.ceil(lo * within))):
+            break
+        g = guess()
+        if hi is None:  # nothing too many yet: up to the guess, or by half when the guess is stale
+            rows = min(max(g if g > lo else math.ceil(lo * 1.5), math.ceil(lo * within)), max_rows)
+        else:  # between the two: the guess where it lies inside, else halfway
+            rows = g if lo < g < hi else (lo + hi) // 2
+        if fits(rows):
+            lo = rows
+        else:
+            hi = rows
+    return lo, hi
+
+
+def line_fit(points: list[tuple[int, float]]) -> tuple[float, float] | None:
+    """Least-squares line y = a + b x through the points; None until two x differ (or if b <= 0).
+
+    >>> line_fit([(1000, 4.0), (3000, 6.0)])
+    (3.0, 0.001)
+    """
+    xs = {x for x, _ in points}
+    if len(xs) < 2:
+        return None
+    n = len(points)
+    mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+    b = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    return (my - b * mx, b) if b > 0 else None

@@ -2,10 +2,12 @@
 real loop and its output is complete and well-formed; the suite's tables render from such output.
 Speed is never asserted (benchmarks report, they do not judge). GPU-only figures are None here."""
 
+import doctest
 import json
 import math
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import bench_loop, common, run_all  # noqa: E402
+from benchmarks import bench_loop, common, report, run_all  # noqa: E402
 
 # Every number a result carries names its unit, or is a ratio, a count or a loss.
 UNIT_SUFFIXES = ("_s", "_gib", "_per_s", "_per_token", "_per_step", "_params", "_steps", "_tflops", "_share")
@@ -40,6 +42,7 @@ def test_bench_loop_output_is_complete_and_well_formed(loop_result):
     assert r["name"] == "tiny-test" and r["pipeline"] == "yoda_raw"
     assert r["config"]["rows"] == 4 and r["config"]["tokens_per_row"] == 32
     assert r["config"]["precision"] == "fp32", "the resolved precision, not 'auto'"
+    assert r["config"]["cuda_graph"] == "off", "the resolved --cuda-graph: auto is off on a CPU"
     assert (r["warmup_steps"], r["timed_steps"]) == (1, 3)
     for key, value in r.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -90,10 +93,28 @@ def test_memory_breakdown_counts_the_tiny_model(loop_result):
     assert all(k.endswith("_gib") for k, v in b.items() if isinstance(v, float))
 
 
+def fake_card(loop_result: dict, card_gib: float, precision: str, tokens: int, rows_fit: int) -> dict:
+    """A card search's result as bench_loop.py --cards writes it (GPU figures made up)."""
+    probes = [
+        {"rows": rows_fit, "fits": True, "device_used_peak_gib": card_gib - 0.5, "error": None},
+        {"rows": rows_fit + 1, "fits": False, "device_used_peak_gib": None, "error": "out of memory"},
+    ]
+    card = {"card_gib": card_gib, "margin_gib": 0.3, "usable_gib": card_gib - 0.3, "precision": precision}
+    card |= {"tokens_per_row": tokens, "rows_fit": rows_fit, "rows_not_fit": rows_fit + 1, "max_rows": 64}
+    config = (loop_result["config"] or {}) | {"rows": rows_fit, "tokens_per_row": tokens}
+    return loop_result | {
+        "name": f"card-{card_gib:g}gib-{precision}-{tokens}",
+        "job": f"budgets-{card_gib:g}",
+        "section": "budgets",
+        "config": config,
+        "card": card | {"probes": probes},
+    }
+
+
 def fake_gpu_suite(loop_result: dict) -> dict:
     """A suite shaped like the H200's, built from a CPU result with GPU fields filled in."""
     gpu = {"peak_allocated_gib": 2.9, "peak_reserved_gib": 3.3, "device_used_gib": 4.0, "mfu": 0.02}
-    ours = loop_result | gpu | {"job": "ours", "label": "yoda_raw, our defaults", "section": "headline"}
+    ours = loop_result | gpu | {"name": "ours", "job": "ours", "label": "yoda_raw, our defaults", "section": "headline"}
     ours["memory_breakdown"] = ours["memory_breakdown"] | {
         "activations_at_peak_gib": 0.4,
         "allocator_beyond_allocated_gib": 0.4,
@@ -106,29 +127,15 @@ def fake_gpu_suite(loop_result: dict) -> dict:
         "tolerance_gib": 0.1,
         "adds_up": True,
     }
-    sft = (
-        loop_result
-        | gpu
-        | {
-            "job": "sft",
-            "label": "TRL SFTTrainer",
-            "section": "headline",
-            "pipeline": "trl_sft",
-            "tokens_per_s": loop_result["tokens_per_s"] / 2,
-            "peak_allocated_gib": 5.8,
-        }
-    )
-    grid = loop_result | gpu | {"job": "grid", "label": "rows x tokens", "section": "grid"}
-    budget = (
-        loop_result
-        | gpu
-        | {
-            "job": "budgets",
-            "label": "emulated cards",
-            "section": "budgets",
-            "budget": {"budget_gib": 6.0, "cuda_context_gib": 0.5, "start_rows": 9, "start_fit": False},
-        }
-    )
+    sft = loop_result | gpu | {"name": "sft", "job": "sft", "label": "TRL SFTTrainer", "section": "headline"}
+    sft |= {"pipeline": "trl_sft", "tokens_per_s": loop_result["tokens_per_s"] / 2, "peak_allocated_gib": 5.8}
+    grid = loop_result | gpu | {"name": "grid-4x32", "job": "grid", "label": "rows x tokens", "section": "grid"}
+    cards = [fake_card(loop_result | gpu, 6, "bf16", 512, 5), fake_card(loop_result | gpu, 16, "fp16", 64, 64)]
+    nothing = dict.fromkeys(common.RESULT_KEYS) | {"config": None, "name": "none"}
+    cards.append(fake_card(nothing, 4, "bf16", 512, 0))
+    carried = fake_card(nothing, 8, "bf16", 512, 5)  # 5 rows fitted the 6 GiB card: not run again
+    carried["card"] |= {"rows_known_to_fit": 5, "probes": [{"rows": 6, "fits": False, "device_used_peak_gib": 7.8}]}
+    cards.append(carried)
     suite = {
         "name": "test",
         "command": "python benchmarks/run_all.py",
@@ -138,55 +145,158 @@ def fake_gpu_suite(loop_result: dict) -> dict:
         "preset": "tutorial",
         "quick": False,
         "wall_s": 1.0,
-        "results": [ours, sft, grid, budget],
+        "results": [ours, sft, grid, *cards],
         "failed": [],
         "skipped": [{"job": "fp16", "reason": "test"}],
     }
-    suite["comparison"] = run_all.comparison(suite["results"])
+    suite["comparison"] = report.comparison(suite["results"])
     return suite
 
 
 def test_suite_tables_render_from_results(loop_result):
-    """run_all's Markdown and summary table from results shaped like the H200's."""
+    """report.py's Markdown and summary table from results shaped like the H200's."""
     suite = fake_gpu_suite(loop_result)
     assert suite["comparison"]["ours"]["tokens_per_s_ratio"] == pytest.approx(2.0, rel=0.01)
     assert suite["comparison"]["ours"]["peak_allocated_ratio"] == pytest.approx(0.5)
-    text = run_all.markdown(suite, "test")
+    text = report.markdown(suite, "test")
     for heading in (
         "Ours vs TRL SFTTrainer",
         "Rows x tokens per step",
         "Where the memory goes",
-        "What fits on a smaller card",
+        "What fits on a card",
         "Not measured",
     ):
         assert heading in text
-    assert "set_per_process_memory_fraction" in text, "the budget table says the cards are emulated"
     assert "tokens/s x2.00" in text
-    assert "x2.00" in run_all.short_table(suite)
+    assert "benchmarks/README.md" in text, "the measuring rules are written once, there"
+    assert "**H200's** speed" in text and "less 0.3 GiB" in text
+    assert "| 6 GiB | bf16 (compute capability 8.0+) | 512 | 5 | 5.50 | 6 |" in text
+    assert "| 16 GiB | fp16 (no bf16: a T4 and older cards) | 64 | 64 (the most tried) |" in text
+    assert "| 4 GiB | bf16 (compute capability 8.0+) | 512 | none |" in text
+    six = f"{cards_of(suite, 6)['tokens_per_s']:,.0f}"
+    assert f"| 8 GiB | bf16 (compute capability 8.0+) | 512 | 5 (run on a smaller card) | 5.50 | 6 | {six} |" in text
+    assert "x2.00" in report.short_table(suite)
+
+
+def cards_of(suite: dict, card_gib: float) -> dict:
+    return next(r for r in suite["results"] if r.get("card", {}).get("card_gib") == card_gib)
+
+
+def test_the_committed_h200_suite_renders_again(tmp_path):
+    """report.py re-renders a saved suite: the tables of benchmarks/results/h200 come out with the
+    figures they were published with."""
+    assert report.main([str(ROOT / "benchmarks/results/h200/h200.json"), "--out", str(tmp_path), "--no-plots"]) == 0
+    text = (tmp_path / "h200.md").read_text()
+    assert "| yoda_raw, our defaults | 16 x 64 | 0.518 | 1,978 | 1,086 | 3.1% | 2.81 | 3.20 | 4.68 |" in text
+    assert "| 4 | 528 (2.42) | 2,544 (2.81) | 8,307 (4.55) |" in text
+    assert "| **peak reserved** (= the sum) | **3.201** |" in text
+    assert "yoda_raw, our defaults / SFTTrainer: tokens/s x0.95, peak allocated x0.84" in text
+
+
+def test_parts_of_a_suite_render_as_one(loop_result, tmp_path):
+    """Two `--only` runs, the second re-measuring one job: one table, the later figure, and a job
+    that failed in the first but ran in the second no longer listed as not measured."""
+    first, second = fake_gpu_suite(loop_result), fake_gpu_suite(loop_result)
+    first["failed"] = [{"job": "grid", "error": "time"}]
+    second["results"] = [r | {"tokens_per_s": 12345.0} for r in second["results"] if r.get("job") == "grid"]
+    second |= {"command": "python benchmarks/run_all.py --only grid", "skipped": []}
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, suite in zip(paths, (first, second), strict=True):
+        path.write_text(json.dumps(suite))
+    assert report.main([*map(str, paths), "--out", str(tmp_path / "out"), "--name", "both", "--no-plots"]) == 0
+    merged = json.loads((tmp_path / "out" / "both.json").read_text())
+    assert len(merged["results"]) == len(first["results"])
+    assert next(r for r in merged["results"] if r["job"] == "grid")["tokens_per_s"] == 12345.0
+    assert merged["failed"] == [] and merged["command"].endswith("--only grid")
+    assert "12,345" in (tmp_path / "out" / "both.md").read_text()
 
 
 def test_plots_are_written(loop_result, tmp_path):
     pytest.importorskip("matplotlib")
-    run_all.write_plots(fake_gpu_suite(loop_result), tmp_path, "test")
+    report.write_plots(fake_gpu_suite(loop_result), tmp_path, "test")
     assert (tmp_path / "test_sweep.png").stat().st_size > 0
     assert (tmp_path / "test_memory.png").stat().st_size > 0
 
 
-def test_budget_search_starts_above_a_straight_line_fit():
+@pytest.mark.parametrize("first_guess", [1, 9, 30, 64])
+@pytest.mark.parametrize("most_that_fit", [0, 1, 5, 37, 63, 64, 200])
+def test_card_search_answers_only_what_it_measured(first_guess, most_that_fit):
+    """A simulated card where rows fit up to `most_that_fit`: whatever the first guess, the answer
+    is a measured fit, the next is a measured failure, and the two are within 10% (or one row)
+    unless the search reached max_rows. Catches a search that reports an untried row count, stops
+    short, or climbs past max_rows."""
+    tried = {}
+
+    def fits(rows):
+        assert 1 <= rows <= 64 and rows not in tried, "each row count once, within max_rows"
+        tried[rows] = rows <= most_that_fit
+        return tried[rows]
+
+    lo, hi = common.search_rows(fits, lambda: first_guess, max_rows=64, max_probes=12)
+    assert lo <= min(most_that_fit, 64) < (hi or 65), "the true answer lies between the two measured ones"
+    if lo:
+        assert tried[lo] is True
+    if hi is not None:
+        assert tried[hi] is False and hi <= max(lo + 1, math.ceil(lo * 1.1))
+    else:
+        assert lo == 64, "without a measured failure the search must have reached max_rows"
+
+
+def test_card_search_starts_above_what_a_smaller_card_fitted():
+    tried = []
+    assert common.search_rows(lambda rows: tried.append(rows) or False, lambda: 3, 64, 5, lo=64) == (64, None)
+    assert tried == [], "64 rows fitted a smaller card: nothing left to try"
+    lo, hi = common.search_rows(lambda rows: tried.append(rows) or rows <= 12, lambda: 3, 64, 5, lo=10)
+    assert min(tried) > 10 and (lo, hi) == (12, 13)
+
+
+def test_known_fit_comes_from_smaller_cards_of_the_same_precision(loop_result):
     results = [
-        {
-            "section": "grid",
-            "pipeline": "yoda_raw",
-            "tokens_per_step": t,
-            "peak_reserved_gib": 2.0 + 0.001 * t,
-            "config": {"fp32_frozen": False, "quant_compute_dtype": "auto"},
-        }
-        for t in (1024, 4096, 16384)
+        fake_card(loop_result, 6, "bf16", 512, 5),
+        fake_card(loop_result, 6, "bf16", 64, 40),
+        fake_card(loop_result, 16, "fp16", 512, 30),  # another precision
+        fake_card(loop_result, 12, "bf16", 512, 20),  # a larger card
     ]
-    starts = run_all.budget_start_rows(results, [6, 24])
-    fits = [(b - run_all.CUDA_CONTEXT_GIB - 2.0) / 0.001 / run_all.BUDGET_TOKENS for b in (6, 24)]
-    assert all(start > fit for start, fit in zip(starts, fits, strict=True))
-    assert starts[0] < starts[1]
+    job = next(j for j in run_all.plan(run_all.parse_args(["--out", "x"])) if j.name == "budgets-8gib")
+    assert run_all.known_fit(results, job) == "64:40,512:5"
+
+
+def test_card_search_stops_after_max_probes():
+    calls = []
+    lo, hi = common.search_rows(lambda rows: calls.append(rows) or True, lambda: 1, max_rows=64, max_probes=3)
+    assert len(calls) == 3 and lo == calls[-1] and hi is None
+
+
+def test_search_card_result_names_what_fitted(loop_result, monkeypatch):
+    """search_card (bench_loop.py --cards) with runs faked by a memory line: its result is the run
+    that fitted, and its `card` record lists every run. Catches a result taken from a run that did
+    not fit, or probes lost."""
+
+    def fake_probe(cfg, args, card_gib, rows, tokens):
+        used = 3.0 + 0.001 * rows * tokens
+        result = loop_result | {"config": loop_result["config"] | {"rows": rows}}
+        return {"rows": rows, "precision": "bf16", "fits": used <= card_gib - 0.3, "device_used_peak_gib": used,
+                "result": result}  # fmt: skip
+
+    monkeypatch.setattr(bench_loop, "probe", fake_probe)
+    args, _ = bench_loop.parse_args(["--cards", "6", "--margin-gib", "0.3"])
+    history = []
+    result = bench_loop.search_card(types.SimpleNamespace(precision="bf16"), args, 6.0, 256, history, prior=None)
+    card = result["card"]
+    assert card["rows_fit"] == 10 and card["rows_not_fit"] == 11  # 3 + 0.256 x 10 = 5.56 <= 5.7 < 5.816
+    assert result["config"]["rows"] == 10 and result["name"] == "card-6gib-256"
+    assert [p["rows"] * 256 for p in card["probes"]] == [tokens for tokens, _ in history], "every run in the fit"
+    assert all("result" not in p for p in card["probes"])
+
+
+def test_card_prior_prefers_card_runs(loop_result):
+    suite = fake_gpu_suite(loop_result)
+    runs = [fake_card(loop_result, 8, "bf16", 256, rows) for rows in (10, 20)]
+    for r in runs:
+        r["card"]["probes"][0]["device_used_peak_gib"] = 3.0 + 0.001 * r["card"]["rows_fit"] * 256
+    a, b = run_all.card_prior(runs)
+    assert (a, b) == (pytest.approx(3.0), pytest.approx(0.001))
+    assert run_all.card_prior(suite["results"][:3]) is None, "one tokens-per-step point: no line"
 
 
 @pytest.mark.parametrize("script", ["bench_loop.py", "bench_sft.py", "run_all.py"])
@@ -206,15 +316,20 @@ def test_run_all_lists_the_suite():
     )
     jobs = [line.split()[0] for line in done.stdout.splitlines()]
     assert done.returncode == 0
-    assert {
-        "ours",
-        "sft",
-        "grid",
-        "budgets",
-        "no-checkpointing",
-        "bf16-base",
-        "adamw-8bit",
-        "adamw",
-        "fp32",
-        "fp16",
-    } <= set(jobs)
+    names = {"ours", "sft", "grid", "grid-64x1024", "no-checkpointing", "bf16-base", "adamw-8bit", "adamw", "fp32"}
+    assert names | {"fp16", "budgets-6gib", "budgets-16gib-fp16", "budgets-24gib"} <= set(jobs)
+
+
+def test_only_takes_job_and_section_names():
+    args = run_all.parse_args(["--out", "unused", "--only", "budgets,adamw"])
+    jobs = run_all.plan(args)
+    assert {j.name for j in jobs} == {"adamw"} | {
+        f"budgets-{gib}gib" + ("-fp16" if precision == "fp16" else "") for gib, precision in run_all.CARDS
+    }
+    card = next(j for j in jobs if j.name == "budgets-16gib-fp16")
+    assert card.args[card.args.index("--precision") + 1] == "fp16"
+
+
+def test_common_examples_hold():
+    result = doctest.testmod(common, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 3 and result.failed == 0

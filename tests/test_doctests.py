@@ -4,10 +4,10 @@ import doctest
 
 import pytest
 
-from yoda_raw import data, evaluate, generate, packing, precision, sources, tiny
+from yoda_raw import data, evaluate, generate, graphs, meter, packing, precision, sources, tiny
 
 # Only modules that hold examples: a module with none would pass whatever its code did.
-MODULES = [sources, data, packing, tiny, precision, generate, evaluate]
+MODULES = [sources, data, packing, tiny, precision, generate, evaluate, meter, graphs]
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)

@@ -121,13 +121,13 @@ def short_run(tmp_path_factory):
         }
     )
     AcceleratorState._reset_state(True)
-    summary = train(cfg)
+    live = train(cfg).live
     return {
         "cfg": cfg,
         "adapter": folder / "adapter",
-        "model": summary["model"],
-        "tokenizer": summary["tokenizer"],
-        "held_out": summary["held_out"],
+        "model": live.model,
+        "tokenizer": live.tokenizer,
+        "held_out": live.held_out,
     }
 
 

@@ -308,8 +308,8 @@ def test_parity_with_sfttrainer_4bit(tmp_path, sfttrainer, monkeypatch, tiny_con
     cfg = tiny_config(PARITY_OPTIONS, output_dir=str(tmp_path / "ours"), quant="nf4")
     reference, _ = sfttrainer("tiny-nf4", cfg, load_conversations(TINY_DATASET), len(load_tokenizer("tiny")))
     monkeypatch.setattr(train, "add_lora", lambda model, cfg: cast_lora(add_lora(model, cfg), torch.bfloat16))
-    summary = train.main(cfg)
-    assert {p.dtype for p in summary["model"].parameters() if p.requires_grad} == {torch.bfloat16}
+    result = train.main(cfg)
+    assert {p.dtype for p in result.live.model.parameters() if p.requires_grad} == {torch.bfloat16}
     delta = assert_same_losses(logged_losses(cfg.output_dir), reference)
     print(f"max |delta loss| nf4: {delta:.2e}")
 
@@ -344,8 +344,8 @@ def test_parity_with_sfttrainer_phi3_tokenizer(
         "load_base_model",
         lambda cfg, precision, device, vocab_size: load_base_model(cfg, precision, device, PHI3_VOCAB),
     )
-    summary = train.main(cfg)
-    assert summary["model"].get_base_model().lm_head.out_features == PHI3_VOCAB
+    result = train.main(cfg)
+    assert result.live.model.get_base_model().lm_head.out_features == PHI3_VOCAB
     delta = assert_same_losses(logged_losses(cfg.output_dir), reference)
     print(f"max |delta loss| phi3 vocab: {delta:.2e}")
 
@@ -413,8 +413,8 @@ def test_accumulation_is_exact(packing, tmp_path, monkeypatch, tiny_config):
             max_grad_norm=0.0,
             output_dir=str(tmp_path / f"{batch_size}x{grad_accum}"),
         )
-        summary = train.main(cfg)
-        runs[batch_size, grad_accum] = [record["loss"] for record in summary["log"]], grads[-2]
+        result = train.main(cfg)
+        runs[batch_size, grad_accum] = [record["loss"] for record in result.fit.log], grads[-2]
 
     if packing == "none":  # the micro-batches of 4 really differ in supervised tokens
         rows = build_rows(load_tokenizer("tiny"), load_conversations(TINY_DATASET), 64, "assistant", "none")

@@ -54,8 +54,8 @@ def memorised(tmp_path_factory, tiny_config):
         output_dir=str(folder / "adapter"),
     )
     AcceleratorState._reset_state(True)
-    summary = train(cfg)
-    return {"model": summary["model"], "tokenizer": summary["tokenizer"], "pairs": pairs, "adapter": folder / "adapter"}
+    live = train(cfg).live
+    return {"model": live.model, "tokenizer": live.tokenizer, "pairs": pairs, "adapter": folder / "adapter"}
 
 
 def test_memorised_pairs_come_back_exactly(memorised):

@@ -221,9 +221,9 @@ def test_sigint_saves_a_checkpoint_that_resumes_exactly(straight, tmp_path, monk
 
     monkeypatch.setattr(train, "log_window", log_window_then_sigint)
     interrupted = tmp_path / "interrupted"
-    summary = train.main(tiny_config(RUN_OPTIONS, output_dir=str(interrupted)))
+    result = train.main(tiny_config(RUN_OPTIONS, output_dir=str(interrupted)))
     monkeypatch.setattr(train, "log_window", real_log_window)
-    assert summary["interrupted"] is True and summary["steps"] == 2
+    assert result.fit.interrupted is True and result.fit.steps == 2
     checkpoint = interrupted / "checkpoint-2"
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 2
     assert not list(interrupted.glob(".checkpoint-*"))
@@ -233,8 +233,8 @@ def test_sigint_saves_a_checkpoint_that_resumes_exactly(straight, tmp_path, monk
 
     AcceleratorState._reset_state(True)
     resumed_out = tmp_path / "resumed"
-    summary = train.main(tiny_config(RUN_OPTIONS, output_dir=str(resumed_out), resume=str(checkpoint)))
-    assert summary["steps"] == 4 and summary["interrupted"] is False
+    result = train.main(tiny_config(RUN_OPTIONS, output_dir=str(resumed_out), resume=str(checkpoint)))
+    assert result.fit.steps == 4 and result.fit.interrupted is False
     expected, got = logged(straight), logged(resumed_out)
     assert sorted(got) == [3, 4]
     assert all(abs(got[step] - expected[step]) <= 1e-6 for step in got), (got, expected)

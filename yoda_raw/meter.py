@@ -4,6 +4,8 @@ Vocabulary: a *token* is a non-pad input position; a *supervised token* is one w
 label is not -100 (what the loss is averaged over). Throughput is per second of step time.
 """
 
+import threading
+
 import torch
 
 GIB = 1024**3
@@ -29,6 +31,19 @@ def flops_per_token(frozen_params: int, trainable_params: int) -> float:
     (MFU measures useful work). Phi-3-mini: 4 * 3.82e9 + 6 * 1.26e7 = 1.53e10 FLOPs per token.
     """
     return 4 * frozen_params + 6 * trainable_params
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, device: torch.device, n_devices: int = 1) -> dict:
+    """Model FLOPs utilisation, {"mfu": fraction}, where the GPU's peak is known; {} elsewhere.
+    `tokens_per_s` are those of all `n_devices` together, so the peak is theirs together.
+
+    >>> mfu(1000.0, 1.53e10, torch.device("cpu"))
+    {}
+    """
+    peak = peak_flops(device)
+    if peak is None:
+        return {}
+    return {"mfu": float(f"{flops_per_token * tokens_per_s / (peak * n_devices):.4g}")}  # 4 significant digits
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -58,6 +73,11 @@ def memory_gib(device: torch.device) -> dict:
     return reading
 
 
+def allocated_bytes(device: torch.device) -> int | None:
+    """What torch's tensors hold on the device now (CUDA), None on CPU."""
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+
+
 def reset_peaks(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -65,6 +85,12 @@ def reset_peaks(device: torch.device) -> None:
 
 def nvml_used_bytes(device: torch.device) -> int | None:
     """Device memory in use as the driver sees it (nvidia-ml-py), or None where NVML is missing."""
+    read = nvml_reader(device)
+    return read() if read else None
+
+
+def nvml_reader(device: torch.device):
+    """A function that reads the device memory in use (bytes), or None where NVML is missing."""
     try:
         import pynvml
     except ImportError:
@@ -72,6 +98,210 @@ def nvml_used_bytes(device: torch.device) -> int | None:
     try:
         pynvml.nvmlInit()
         index = device.index if device.index is not None else torch.cuda.current_device()
-        return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).used
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        pynvml.nvmlDeviceGetMemoryInfo(handle)
     except pynvml.NVMLError:
         return None
+    return lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used
+
+
+class DeviceUsedPeak:
+    """The most device memory in use while the `with` block runs, read every `interval_s` by a
+    background thread: what a card's size has to cover, loading and every step included.
+
+    A reading after each step can miss what a step frees before it ends (library workspaces,
+    memory torch hands back after an out-of-memory retry); a thread sees those too, at a cost of
+    one driver call every 10 ms. `read` returns bytes (default: NVML for `device`); without it,
+    `peak_bytes` stays None.
+    """
+
+    def __init__(self, device: torch.device | None = None, interval_s: float = 0.01, read=None):
+        self.read = read or (nvml_reader(device) if device is not None and device.type == "cuda" else None)
+        self.interval_s = interval_s
+        self.peak_bytes = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self):
+        while not self._stop.wait(self.interval_s):
+            self.peak_bytes = max(self.peak_bytes, self.read())
+
+    def __enter__(self):
+        if self.read:
+            self.peak_bytes = self.read()
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.read:
+            self._stop.set()
+            self._thread.join()
+            self.peak_bytes = max(self.peak_bytes, self.read())
+
+
+# --- Where the memory goes, counted tensor by tensor -----------------------------------------------
+#
+# torch.cuda.memory_allocated() says how much torch's tensors hold, not whose they are. Counting
+# the tensors themselves splits it into parts: the 4-bit weights and their quantization state, the
+# other weights, the LoRA parameters and their gradients, and the optimizer state. What the peak
+# holds beyond those parts is activations and temporaries. The counting works on any device (the
+# tests run it on CPU tensors); the check against torch's counters needs CUDA.
+
+TOLERANCE_GIB = 0.1  # counted persistent parts vs torch's allocated memory at rest
+
+
+def tensor_bytes(tensors, seen: set, device_type: str | None = None) -> int:
+    """Bytes of the tensors not counted yet, on `device_type` (or any). Tensors that share
+    storage (views, tied weights) are counted once, by the storage's address in `seen`.
+
+    >>> w = torch.zeros(4, 8)  # 32 fp32 = 128 bytes
+    >>> seen = set()
+    >>> tensor_bytes([w, w[:2], w.t()], seen), tensor_bytes([w], seen)
+    (128, 0)
+    """
+    total = 0
+    for t in tensors:
+        if t is None or not hasattr(t, "untyped_storage"):
+            continue
+        if device_type is not None and t.device.type != device_type:
+            continue
+        key = (t.device, t.untyped_storage().data_ptr())
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+def quant_state_tensors(state) -> list:
+    """The tensors of a bitsandbytes QuantState: absmax (8-bit with double quant), the code book,
+    the offset, and the nested state's fp32 absmax and code book."""
+    if state is None:
+        return []
+    found = [state.absmax, state.code, getattr(state, "offset", None)]
+    return found + quant_state_tensors(getattr(state, "state2", None))
+
+
+def count_model(model, device_type: str | None = None) -> dict:
+    """Bytes of the model's tensors, by part: weights_4bit (packed NF4, 0.5 byte a weight),
+    quant_state, weights_other (not quantized, and buffers such as rotary tables), lora_params
+    (whatever trains)."""
+    try:
+        from bitsandbytes.nn import Params4bit
+    except ImportError:
+        Params4bit = None  # noqa: N806
+    seen: set = set()
+    parts = {"weights_4bit": 0, "quant_state": 0, "weights_other": 0, "lora_params": 0}
+    for param in model.parameters():
+        if Params4bit is not None and isinstance(param, Params4bit):
+            parts["weights_4bit"] += tensor_bytes([param], seen, device_type)
+            parts["quant_state"] += tensor_bytes(quant_state_tensors(param.quant_state), seen, device_type)
+        elif param.requires_grad:
+            parts["lora_params"] += tensor_bytes([param], seen, device_type)
+        else:
+            parts["weights_other"] += tensor_bytes([param], seen, device_type)
+    parts["weights_other"] += tensor_bytes(model.buffers(), seen, device_type)
+    return parts
+
+
+def count_optimizer(optimizer, device_type: str | None = None) -> dict:
+    """Bytes of optimizer state: in device memory, and paged. bitsandbytes' paged buffers are CUDA
+    unified memory wrapped as CPU tensors (`is_paged`): told apart by that flag, counted on any
+    device, and invisible to torch's counters (NVML sees them)."""
+    seen: set = set()
+    tensors = [t for state in optimizer.state.values() for t in state.values() if hasattr(t, "untyped_storage")]
+    paged = [t for t in tensors if getattr(t, "is_paged", False)]
+    plain = [t for t in tensors if not getattr(t, "is_paged", False)]
+    return {
+        "optimizer_state": tensor_bytes(plain, seen, device_type),
+        "optimizer_state_paged": tensor_bytes(paged, seen),
+    }
+
+
+def memory_breakdown(model, optimizer, allocated_before_loop: int | None, peaks: dict, device: torch.device) -> dict:
+    """Where the loop's peak memory went, in GiB. Call it between steps (gradients freed).
+
+    Counted tensor by tensor: 4-bit weights (with their quantization state), other weights and
+    buffers, LoRA parameters, their gradients (one per LoRA parameter, same dtype; counted whole,
+    though at the peak, usually early in backward, only part of them may exist) and the optimizer
+    state. On CUDA, derived from `peaks` (a `memory_gib` reading):
+    activations at peak = peak allocated - (weights + LoRA + gradients + optimizer state), i.e.
+    saved activations, recomputed blocks, logits, loss buffers, dequantized tiles, workspaces;
+    allocator beyond = peak reserved - peak allocated (torch's cache and fragmentation).
+    Check: the persistent parts are compared with torch.cuda.memory_allocated() at two quiet
+    moments, before the loop (weights + LoRA: `allocated_before_loop`) and now (weights + LoRA +
+    optimizer state + the gradients that exist now: zero_grad(set_to_none=True) frees them, a CUDA
+    graph keeps them); `adds_up` says whether both agree within TOLERANCE_GIB.
+    """
+    parts = count_model(model, device.type)
+    parts["lora_grads"] = parts["lora_params"]
+    parts |= count_optimizer(optimizer, device.type)
+    out = {f"{k}_gib": round(v / GIB, 6) for k, v in parts.items()}
+    out["weights_4bit_gib"] = round((parts["weights_4bit"] + parts["quant_state"]) / GIB, 6)  # incl. quant state
+    if device.type != "cuda":
+        return out | {"note": "counted parts only: torch's memory counters are CUDA's"}
+    persistent = parts["weights_4bit"] + parts["quant_state"] + parts["weights_other"] + parts["lora_params"]
+    at_peak = persistent + parts["lora_grads"] + parts["optimizer_state"]
+    peak_allocated = peaks["peak_allocated_gib"] * GIB
+    peak_reserved = peaks["peak_reserved_gib"] * GIB
+    now = torch.cuda.memory_allocated(device)
+    grads_now = tensor_bytes([p.grad for p in model.parameters()], set(), device.type)
+    mismatch_before = (allocated_before_loop - persistent) / GIB if allocated_before_loop is not None else None
+    mismatch_now = (now - persistent - parts["optimizer_state"] - grads_now) / GIB
+    checks = [m for m in (mismatch_before, mismatch_now) if m is not None]
+    out |= {
+        "activations_at_peak_gib": round((peak_allocated - at_peak) / GIB, 4),
+        "allocator_beyond_allocated_gib": round((peak_reserved - peak_allocated) / GIB, 4),
+        "peak_allocated_gib": peaks["peak_allocated_gib"],
+        "peak_reserved_gib": peaks["peak_reserved_gib"],
+        "device_used_gib": peaks.get("device_used_gib"),
+        "allocated_after_load_gib": round(allocated_before_loop / GIB, 4)
+        if allocated_before_loop is not None
+        else None,
+        "allocated_after_loop_gib": round(now / GIB, 4),
+        "mismatch_after_load_gib": round(mismatch_before, 4) if mismatch_before is not None else None,
+        "mismatch_after_loop_gib": round(mismatch_now, 4),
+        "tolerance_gib": TOLERANCE_GIB,
+        "adds_up": all(abs(m) <= TOLERANCE_GIB for m in checks),
+    }
+    if out["device_used_gib"] is not None:
+        # NVML's view minus torch's: CUDA context, paged optimizer state, library workspaces.
+        out["outside_torch_gib"] = round(out["device_used_gib"] - peaks["peak_reserved_gib"], 4)
+    return out
+
+
+# The parts of a breakdown that add up to peak reserved, in order, with how each is known.
+BREAKDOWN_PARTS = [
+    ("weights_4bit_gib", "4-bit weights (NF4, 0.5 byte each) and their quantization state", "counted"),
+    ("weights_other_gib", "other weights and buffers (embeddings, LM head, norms; not quantized)", "counted"),
+    ("lora_params_gib", "LoRA parameters", "counted"),
+    ("lora_grads_gib", "their gradients", "counted"),
+    ("optimizer_state_gib", "optimizer state in device memory", "counted"),
+    ("activations_at_peak_gib", "activations and temporaries at the peak", "peak allocated - the above"),
+    (
+        "allocator_beyond_allocated_gib",
+        "held by torch's allocator beyond that (cache, fragmentation)",
+        "peak reserved - peak allocated",
+    ),
+]
+
+
+def format_breakdown(b: dict) -> str:
+    """A CUDA breakdown as the few lines the loop prints once, e.g.
+
+    memory at the peak so far (GiB):
+      1.741  4-bit weights (NF4, 0.5 byte each) and their quantization state
+      ...
+      3.201  = peak reserved (torch); 0.008 paged optimizer state and 1.475 more outside torch: 4.676 device used (NVML)
+    """
+    lines = ["memory at the peak so far (GiB):"]
+    lines += [f"  {b[key]:6.3f}  {label}" for key, label, _ in BREAKDOWN_PARTS]
+    total = f"  {b['peak_reserved_gib']:6.3f}  = peak reserved (torch)"
+    if b.get("outside_torch_gib") is not None:
+        total += (
+            f"; {b['optimizer_state_paged_gib']:.3f} of paged optimizer state and more outside torch "
+            f"(CUDA context, libraries): {b['device_used_gib']:.3f} device used (NVML)"
+        )
+    check = "add up" if b["adds_up"] else f"do NOT add up within {b['tolerance_gib']} GiB"
+    lines += [total, f"  the counted parts {check} against torch.cuda.memory_allocated()"]
+    return "\n".join(lines)

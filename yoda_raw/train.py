@@ -50,8 +50,47 @@ from yoda_raw.packing import Collator, build_rows
 from yoda_raw.precision import Precision, choose_precision
 
 
-def main(cfg: Config) -> dict:
-    """Data, model, fit, save: what `accelerate launch run.py` runs. Returns a summary."""
+@dataclasses.dataclass
+class FitResult:
+    """What `fit` did."""
+
+    steps: int  # optimizer steps done (less than total_steps when interrupted)
+    total_steps: int
+    steps_per_epoch: int
+    batch_size: int  # rows per micro-batch: what --auto-batch-size settled on
+    skipped_steps: int  # fp16: updates the loss scaler skipped because gradients overflowed
+    interrupted: bool  # stopped by Ctrl-C or SIGTERM (a checkpoint was saved)
+    log: list[dict]  # one record per logging step, as written to metrics.jsonl
+    allocated_before_loop_bytes: int | None  # torch's allocated memory with the model alone (CUDA; None on CPU)
+    optimizer: torch.optim.Optimizer  # live, with its state: what a memory breakdown counts
+
+
+@dataclasses.dataclass
+class Live:
+    """The objects a run leaves in memory, for code that goes on using them (tests, benchmarks)."""
+
+    model: torch.nn.Module  # the trained LoRA model, unwrapped from DDP
+    tokenizer: object
+    held_out: list[dict]  # the conversations the run did not train on
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What `main` returns: the run's figures, and apart from them the live objects."""
+
+    fit: FitResult
+    config: Config  # the configuration as run: --cuda-graph auto resolved
+    report: dict | None  # the end-of-run held-out report (None without --samples or held-out data)
+    trainable_params: int
+    total_params: int
+    output_dir: str
+    precision: str  # what --precision resolved to on this device
+    is_main_process: bool
+    live: Live
+
+
+def main(cfg: Config) -> RunResult:
+    """Data, model, fit, save: what `accelerate launch run.py` runs."""
     accelerator, precision = make_accelerator(cfg)
     check_device(cfg, accelerator)
     # auto -> on or off, so that the printed and saved config say what this run does.
@@ -95,7 +134,7 @@ def main(cfg: Config) -> dict:
     metrics_file = out / "metrics.jsonl"
     metrics_kept = metrics_file.stat().st_size if metrics_file.exists() else 0  # a resumed run's earlier lines
 
-    def fit_batch_size(batch_size: int) -> dict:
+    def fit_batch_size(batch_size: int) -> FitResult:
         accelerator.free_memory()
         model.zero_grad(set_to_none=True)  # an attempt that ran out of memory may have left partial gradients
         if batch_size != cfg.batch_size:
@@ -108,12 +147,13 @@ def main(cfg: Config) -> dict:
         # Accelerate's decorator calls fit_batch_size(cfg.batch_size), then 0.9x that after each
         # out-of-memory error; it supplies the batch size itself, so it is called with no arguments.
         fit_shrinking_on_oom = find_executable_batch_size(fit_batch_size, starting_batch_size=cfg.batch_size)
-        summary = fit_shrinking_on_oom()
+        fitted = fit_shrinking_on_oom()
     else:
-        summary = fit_batch_size(cfg.batch_size)
+        fitted = fit_batch_size(cfg.batch_size)
 
     # Save: adapter (safetensors), tokenizer, resolved configuration.
     accelerator.wait_for_everyone()
+    report = None
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(out)
         tokenizer.save_pretrained(out)
@@ -123,19 +163,21 @@ def main(cfg: Config) -> dict:
             report = end_of_run_report(accelerator.unwrap_model(model), tokenizer, held_out)
             print(format_report(report))
             with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": summary["steps"], **report}) + "\n")
-            summary["report"] = report
+                f.write(json.dumps({"step": fitted.steps, **report}) + "\n")
         if cfg.push_to_hub:
             push_to_hub(cfg, out)
     accelerator.end_training()
-    summary |= {
-        "trainable_params": trainable,
-        "total_params": total,
-        "output_dir": str(out),
-        "precision": precision.name,
-        "is_main_process": accelerator.is_main_process,
-    }
-    return summary | {"model": accelerator.unwrap_model(model), "tokenizer": tokenizer, "held_out": held_out}
+    return RunResult(
+        fit=fitted,
+        config=cfg,
+        report=report,
+        trainable_params=trainable,
+        total_params=total,
+        output_dir=str(out),
+        precision=precision.name,
+        is_main_process=accelerator.is_main_process,
+        live=Live(accelerator.unwrap_model(model), tokenizer, held_out),
+    )
 
 
 def make_accelerator(cfg: Config) -> tuple[Accelerator, Precision]:
@@ -184,8 +226,8 @@ def check_output_dir(cfg: Config) -> Path:
 
 def fit(
     cfg: Config, accelerator: Accelerator, model, rows: list[dict], collator: Collator, batch_size: int, out: Path
-) -> dict:
-    """Train `model` on `rows`; returns a summary. The loop: one iteration = one optimizer step."""
+) -> FitResult:
+    """Train `model` on `rows`. The loop: one iteration = one optimizer step."""
     device = accelerator.device
     sampler = EpochSampler(len(rows), cfg.shuffle, cfg.seed)
     # generator=: each epoch's iterator draws a seed from it instead of from the global RNG that dropout uses,
@@ -193,6 +235,9 @@ def fit(
     loader = torch.utils.data.DataLoader(
         rows, batch_size=batch_size, sampler=sampler, collate_fn=collator, generator=torch.Generator()
     )
+    allocated_before_loop = meter.allocated_bytes(device)  # the model alone, before any optimizer state
+    trainable, total = parameter_counts(model)
+    flops_per_token = meter.flops_per_token(total - trainable, trainable)  # for MFU in the log
     optimizer = build_optimizer(model.parameters(), cfg.optim, cfg.lr, cfg.weight_decay, device)
     # Accelerate shards the loader across processes (each row once per epoch), moves batches to
     # the device, wraps the model for DDP and autocast, and the optimizer for fp16 loss scaling.
@@ -268,10 +313,15 @@ def fit(
             is_logging_step = step % cfg.logging_steps == 0 or step == total_steps or stop.requested
             if is_logging_step:
                 check_finite(first_bad_step, step)  # nothing is logged after a NaN
-                record = log_window(window, step, steps_per_epoch, lr, grad_norm, accelerator)
+                record = log_window(window, step, steps_per_epoch, lr, grad_norm, flops_per_token, accelerator)
                 record |= {"skipped_steps": skipped, "batch_size": batch_size}  # what --auto-batch-size settled on
                 logged.append(record)
                 write_record(record, accelerator, bar, out)
+                if len(logged) == 1 and device.type == "cuda" and accelerator.is_main_process:
+                    # Once a run: where the memory went, counted tensor by tensor (meter.py).
+                    unwrapped = accelerator.unwrap_model(model)
+                    breakdown = meter.memory_breakdown(unwrapped, optimizer, allocated_before_loop, record, device)
+                    tqdm.write(meter.format_breakdown(breakdown))
                 window = new_window(device)
             # Checkpoint on schedule, or when asked to stop (Ctrl-C, SIGTERM; also during the logging above,
             # which is why this condition is read after it).
@@ -287,15 +337,17 @@ def fit(
         accelerator.print(
             f"stopped at step {step}; continue with --resume {out / f'checkpoint-{step}'}", file=sys.stderr
         )
-    return {
-        "steps": step,
-        "total_steps": total_steps,
-        "steps_per_epoch": steps_per_epoch,
-        "batch_size": batch_size,
-        "skipped_steps": skipped,
-        "interrupted": stop.requested,
-        "log": logged,
-    }
+    return FitResult(
+        steps=step,
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        batch_size=batch_size,
+        skipped_steps=skipped,
+        interrupted=stop.requested,
+        log=logged,
+        allocated_before_loop_bytes=allocated_before_loop,
+        optimizer=optimizer,
+    )
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -410,13 +462,21 @@ class NonFiniteLoss(YodaError):
         )
 
 
-def log_window(window: dict, step: int, steps_per_epoch: int, lr: float, grad_norm, accelerator: Accelerator) -> dict:
+def log_window(
+    window: dict,
+    step: int,
+    steps_per_epoch: int,
+    lr: float,
+    grad_norm,
+    flops_per_token: float,
+    accelerator: Accelerator,
+) -> dict:
     """Average one logging window into a record. Sync point: .item() waits for the device."""
     tokens = accelerator.reduce(torch.as_tensor(window["tokens"], device=accelerator.device), "sum").item()
     supervised = accelerator.reduce(torch.as_tensor(window["supervised"], device=accelerator.device), "sum").item()
     loss = accelerator.reduce(window["loss"], "sum").item() / window["steps"]
     seconds = time.perf_counter() - window["start"]  # read after .item(), so the device work is done
-    return {
+    record = {
         "step": step,
         "epoch": round(step / steps_per_epoch, 3),
         "loss": round(loss, 6),
@@ -427,13 +487,15 @@ def log_window(window: dict, step: int, steps_per_epoch: int, lr: float, grad_no
         "tokens_per_s": round(tokens / seconds, 1),
         "supervised_tokens_per_s": round(supervised / seconds, 1),
         "step_s": round(seconds / window["steps"], 4),
-    } | meter.memory_gib(accelerator.device)
+    }
+    mfu = meter.mfu(tokens / seconds, flops_per_token, accelerator.device, accelerator.num_processes)
+    return record | mfu | meter.memory_gib(accelerator.device)
 
 
 def write_record(record: dict, accelerator: Accelerator, bar: tqdm, out: Path) -> None:
     """Show a logged record on the progress bar, append it to metrics.jsonl, pass it to the trackers."""
     if accelerator.is_main_process:
-        shown = {key: record[key] for key in ("loss", "lr", "tokens_per_s") if key in record}
+        shown = {key: record[key] for key in ("loss", "lr", "tokens_per_s", "mfu") if key in record}
         if "peak_allocated_gib" in record:
             shown["peak_gib"] = record["peak_allocated_gib"]
         bar.set_postfix(shown)

@@ -1,0 +1,148 @@
+"""Measuring: the memory breakdown counted tensor by tensor (on CPU tensors, which count the same
+way as CUDA ones), the NVML peak sampler, and MFU in the loop's own records."""
+
+import threading
+import types
+
+import pytest
+import torch
+from bitsandbytes.nn import Linear4bit
+
+from yoda_raw import meter
+from yoda_raw.config import PRESETS, Config
+from yoda_raw.model import add_lora, load_base_model, parameter_counts
+from yoda_raw.optim import build_optimizer
+from yoda_raw.precision import choose_precision
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def tiny_qlora(tiny_tokenizer):
+    """The tiny preset's model as the loop builds it on a CPU: 4-bit NF4 base + fp32 LoRA."""
+    cfg = Config(**{"preset": "tiny", **PRESETS["tiny"], "gradient_checkpointing": False})
+    model = load_base_model(cfg, choose_precision("fp32", CPU), CPU, vocab_size=len(tiny_tokenizer))
+    return add_lora(model, cfg)
+
+
+def test_count_model_splits_a_4bit_lora_model(tiny_qlora):
+    """Hand-counted: a 4-bit weight is half a byte, LoRA is fp32, everything else is counted
+    once. Catches a 4-bit weight counted as frozen fp32, LoRA counted as frozen, tied or shared
+    storage counted twice, or a part left out."""
+    parts = meter.count_model(tiny_qlora, "cpu")
+    layers = [m for m in tiny_qlora.modules() if isinstance(m, Linear4bit)]
+    assert layers
+    assert parts["weights_4bit"] == sum(m.in_features * m.out_features for m in layers) // 2
+    trainable, _ = parameter_counts(tiny_qlora)
+    assert parts["lora_params"] == trainable * 4
+    assert parts["quant_state"] > 0
+    storages = {}  # every distinct storage the model holds, by address
+    tensors = [*tiny_qlora.parameters(), *tiny_qlora.buffers()]
+    tensors += [t for p in tiny_qlora.parameters() for t in meter.quant_state_tensors(getattr(p, "quant_state", None))]
+    for t in tensors:
+        if t is not None:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    assert sum(parts.values()) == sum(storages.values())
+    assert meter.count_model(tiny_qlora, "cuda") == dict.fromkeys(parts, 0), "nothing on a GPU here"
+
+
+def test_count_optimizer_after_one_step():
+    """torch's AdamW keeps two fp32 moments and a step counter a parameter; paged tensors (bitsandbytes
+    marks them `is_paged`) go to their own part. Catches paged state counted as device memory."""
+    weight = torch.nn.Parameter(torch.randn(64, 32))
+    optimizer = build_optimizer([weight], "adamw", 1e-3, 0.0, CPU)
+    weight.grad = torch.ones_like(weight)
+    optimizer.step()
+    assert meter.count_optimizer(optimizer, "cpu") == {
+        "optimizer_state": 2 * 64 * 32 * 4 + 4,
+        "optimizer_state_paged": 0,
+    }
+    paged = torch.zeros(1000, dtype=torch.uint8)
+    paged.is_paged = True
+    fake = types.SimpleNamespace(state={weight: {"state1": paged, "state2": torch.zeros(10)}})
+    assert meter.count_optimizer(fake, "cpu") == {"optimizer_state": 40, "optimizer_state_paged": 1000}
+
+
+def test_memory_breakdown_on_cpu_counts_the_parts(tiny_qlora):
+    optimizer = build_optimizer([p for p in tiny_qlora.parameters() if p.requires_grad], "adamw", 1e-3, 0.0, CPU)
+    b = meter.memory_breakdown(tiny_qlora, optimizer, None, {}, CPU)
+    assert b["lora_grads_gib"] == b["lora_params_gib"] > 0
+    assert b["optimizer_state_gib"] == 0, "no state before the first step"
+    assert "activations_at_peak_gib" not in b and "torch's memory counters are CUDA's" in b["note"]
+
+
+H200_BREAKDOWN = {  # benchmarks/results/h200: ours at 16 x 64
+    "weights_4bit_gib": 1.741,
+    "weights_other_gib": 0.367,
+    "lora_params_gib": 0.047,
+    "lora_grads_gib": 0.047,
+    "optimizer_state_gib": 0.016,
+    "optimizer_state_paged_gib": 0.008,
+    "activations_at_peak_gib": 0.592,
+    "allocator_beyond_allocated_gib": 0.391,
+    "peak_reserved_gib": 3.201,
+    "device_used_gib": 4.676,
+    "outside_torch_gib": 1.475,
+    "tolerance_gib": 0.1,
+    "adds_up": True,
+}
+
+
+def test_format_breakdown_names_every_part():
+    text = meter.format_breakdown(H200_BREAKDOWN)
+    for _, label, _ in meter.BREAKDOWN_PARTS:
+        assert label in text
+    assert "3.201  = peak reserved" in text and "4.676 device used (NVML)" in text
+    assert "add up" in text and "NOT" not in text
+    assert "do NOT add up within 0.1 GiB" in meter.format_breakdown(H200_BREAKDOWN | {"adds_up": False})
+
+
+def test_device_used_peak_sees_what_is_freed_before_the_end():
+    """The sampler keeps the highest reading, not the last. No clock in the assertion: the block
+    waits until the thread has read the high value."""
+    readings = iter([100, 700, 300, 200])
+    read_three = threading.Event()
+    calls = []
+
+    def read():
+        calls.append(1)
+        if len(calls) >= 3:
+            read_three.set()
+        return next(readings, 200)
+
+    with meter.DeviceUsedPeak(read=read, interval_s=0.001) as peak:
+        assert read_three.wait(timeout=60)
+    assert peak.peak_bytes == 700
+    with meter.DeviceUsedPeak(CPU) as nothing:
+        pass
+    assert nothing.peak_bytes is None, "no NVML for a CPU"
+
+
+def test_mfu_is_per_device(monkeypatch):
+    monkeypatch.setattr(meter, "peak_flops", lambda device: 1e12)
+    assert meter.mfu(1000.0, 1e9, CPU) == {"mfu": 1.0}
+    assert meter.mfu(1000.0, 1e9, CPU, n_devices=4) == {"mfu": 0.25}
+
+
+def test_the_loop_logs_mfu_where_the_peak_is_known(monkeypatch, tmp_path):
+    """Each record's MFU is that step window's tokens/s x FLOPs a token over the peak. Catches a
+    record without MFU, or one computed from the wrong tokens or parameter counts."""
+    from yoda_raw import train
+
+    monkeypatch.setattr(meter, "peak_flops", lambda device: 1e12)
+    cfg = Config(
+        **{
+            "preset": "tiny",
+            **PRESETS["tiny"],
+            "eval_fraction": 0.0,
+            "samples": False,
+            "logging_steps": 1,
+            "max_steps": 2,
+            "output_dir": str(tmp_path),
+        }
+    )
+    result = train.main(cfg)
+    per_token = meter.flops_per_token(result.total_params - result.trainable_params, result.trainable_params)
+    assert len(result.fit.log) == 2
+    for record in result.fit.log:
+        assert record["mfu"] == pytest.approx(per_token * record["tokens_per_s"] / 1e12, rel=1e-3)
