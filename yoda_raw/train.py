@@ -141,7 +141,8 @@ def main(cfg: Config) -> RunResult:
             accelerator.print(f"out of memory: retrying with --batch-size {batch_size}", file=sys.stderr)
             if accelerator.is_main_process and metrics_file.exists():  # the failed attempt's lines: logged again
                 os.truncate(metrics_file, metrics_kept)
-        return fit(cfg, accelerator, model, rows, collator, batch_size, out)
+        with signal_handlers_restored():  # also when fit raises (a NaN, out of memory)
+            return fit(cfg, accelerator, model, rows, collator, batch_size, out)
 
     if cfg.auto_batch_size:
         # Accelerate's decorator calls fit_batch_size(cfg.batch_size), then 0.9x that after each
@@ -371,6 +372,17 @@ class EpochSampler(torch.utils.data.Sampler):
             return iter(range(self.n_rows))
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         return iter(torch.randperm(self.n_rows, generator=generator).tolist())
+
+
+@contextlib.contextmanager
+def signal_handlers_restored():
+    """Give back the SIGINT and SIGTERM handlers that StopOnSignal installs, however fit ends."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 class StopOnSignal:
