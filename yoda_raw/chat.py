@@ -23,6 +23,7 @@ import transformers
 from yoda_raw import tiny
 from yoda_raw.config import TINY
 from yoda_raw.errors import YodaError
+from yoda_raw.fetch import offline_hint
 from yoda_raw.sources import looks_like_local_path
 
 IGNORE = -100  # the label cross-entropy skips (torch's ignore_index default)
@@ -52,7 +53,7 @@ def load_tokenizer(source: str, trust_remote_code: bool = False) -> transformers
                 raise YodaError(f"cannot load a tokenizer from {source}: {reason}") from None
             raise YodaError(
                 f"cannot load tokenizer {source!r} from the Hugging Face Hub ({reason}); "
-                f"pass a local folder instead, e.g. --tokenizer path/to/Phi-3-mini-4k-instruct"
+                f"pass a local folder that holds it instead (--tokenizer PATH, or --model PATH){offline_hint(source)}"
             ) from None
 
     if not tokenizer.chat_template:
