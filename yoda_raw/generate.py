@@ -295,7 +295,7 @@ def merge(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, device: st
     model, tokenizer, cfg = load_for_inference(adapter_dir, device, dequantize_base=True)
     merged = model.merge_and_unload()  # W <- W + (alpha / r) B A in every adapted layer; LoRA removed
     merged.config.use_cache = True  # a deployed model generates
-    # So that a plain `merged.generate(...)` stops where translate() does (<|end|> included).
+    # So that a plain `merged.generate(...)` stops where translate() does (the end-of-turn marker included).
     merged.generation_config.eos_token_id = end_token_ids(tokenizer, merged.generation_config)
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out)
