@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from run import parse_config
 from yoda_raw import fetch
-from yoda_raw.config import SMOL_SYSTEM_PROMPT, TINY_DATASET, Config
+from yoda_raw.config import SMOL_SYSTEM_PROMPT, TINY_DATASET, Config, parse_config
 from yoda_raw.errors import YodaError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
