@@ -24,7 +24,7 @@ The cache is `$YODA_RAW_CACHE`, or `~/.cache/yoda_raw`; the model goes to its
 exist or is whole: an interrupted fetch never leaves a half folder that looks done, and a second
 fetch finds the folder and does nothing.
 
-The weights are saved in fp32, 517 MiB (bf16 would be 260 MiB): a Q4_1 weight is
+The weights are saved in fp32, 513 MiB (bf16 would take half): a Q4_1 weight is
 scale * q + offset with fp16 scale and offset, which takes up to 15 significant bits, more than
 bf16's 8, so bf16 would round the dequantized weights a second time. A CPU trains in fp32
 anyway, and on a GPU `from_pretrained(dtype=...)` casts them when loading.
