@@ -25,8 +25,9 @@ exist or is whole: an interrupted fetch never leaves a half folder that looks do
 fetch finds the folder and does nothing.
 
 The weights are saved in fp32, 513 MiB (bf16 would take half): a Q4_1 weight is
-scale * q + offset with fp16 scale and offset, which takes up to 15 significant bits, more than
-bf16's 8, so bf16 would round the dequantized weights a second time. A CPU trains in fp32
+scale * q + offset with fp16 scale and offset (11 significant bits each) and a 4-bit q, which
+generally needs more significant bits than bf16's 8, so bf16 would round the dequantized weights
+a second time. A CPU trains in fp32
 anyway, and on a GPU `from_pretrained(dtype=...)` casts them when loading.
 """
 
