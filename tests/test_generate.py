@@ -243,7 +243,7 @@ def test_generation_prompt_is_the_training_rendering_up_to_the_answer(tiny_token
     assert len(prompt) > len(generate.prompt_ids(tiny_tokenizer, "The stars are bright."))  # the system turn is in
 
 
-def test_cli_prompts_carry_the_runs_system_prompt(tmp_path, monkeypatch, capsys):
+def test_cli_prompts_carry_the_runs_system_prompt(tiny_config, tmp_path, monkeypatch, capsys):
     """run_config.json records --system-prompt, and generate and evaluate of that adapter render
     every prompt with it, as training did, without being told again."""
     from yoda_raw import evaluate
