@@ -124,14 +124,14 @@ def test_smol_learns_yoda_speak_it_was_not_shown(smol_folder, tmp_path):
         ]
     )
     assert cfg.lr == 2e-3 and cfg.system_prompt == SMOL_SYSTEM_PROMPT  # the preset's own
-    summary = train(cfg)
-    losses = [record["loss"] for record in summary["log"]]
-    assert summary["steps"] == 10 and losses[-1] < losses[0] / 2
+    result = train(cfg)
+    losses = [record["loss"] for record in result.fit.log]
+    assert result.fit.steps == 10 and losses[-1] < losses[0] / 2
 
-    held_out = summary["held_out"]
+    held_out = result.live.held_out
     assert len(held_out) == 13 and all(c[0] == {"role": "system", "content": SMOL_SYSTEM_PROMPT} for c in held_out)
     results = compare(
-        summary["model"], summary["tokenizer"], held_out, max_new_tokens=32, system_prompt=cfg.system_prompt
+        result.live.model, result.live.tokenizer, held_out, max_new_tokens=32, system_prompt=cfg.system_prompt
     )
     base, adapter = results["base"], results["adapter"]
     assert adapter["loss"] < base["loss"]
