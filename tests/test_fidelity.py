@@ -71,13 +71,14 @@ def logged_losses(output_dir: str | Path) -> list[float]:
 
 
 def lora_config(cfg: Config) -> LoraConfig:
-    """What the tutorial passes to SFTTrainer (with cfg's rank, alpha, dropout and targets)."""
+    """What the tutorial passes to SFTTrainer (with cfg's rank, alpha, dropout and targets; when cfg
+    names none, the tutorial's four, which yoda_raw's default must come to on Phi-3)."""
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         bias="none",
-        target_modules=list(cfg.lora_targets),
+        target_modules=list(cfg.lora_targets) or ["o_proj", "qkv_proj", "gate_up_proj", "down_proj"],
         task_type="CAUSAL_LM",
     )
 

@@ -221,3 +221,57 @@ def test_training_after_generation_gets_the_same_gradients(tiny_config):
     assert untouched.keys() == after.keys() and len(untouched) > 0
     for name in untouched:
         torch.testing.assert_close(after[name], untouched[name], msg=name)
+
+
+# --- the system prompt --------------------------------------------------------------------------
+
+SYSTEM_PROMPT = "Speak like Yoda."
+
+
+def test_generation_prompt_is_the_training_rendering_up_to_the_answer(tiny_tokenizer):
+    """With --system-prompt, generation starts from exactly the ids that preceded the answer in
+    training: the system message, the user turn and the assistant header. Catches a prompt built
+    without the system message (a context the model never trained on)."""
+    from yoda_raw.chat import IGNORE, tokenize_conversation
+    from yoda_raw.data import with_system_prompt
+
+    pair = [{"role": "user", "content": "The stars are bright."}, {"role": "assistant", "content": "Bright, they are."}]
+    example = tokenize_conversation(tiny_tokenizer, with_system_prompt(pair, SYSTEM_PROMPT))
+    answer_start = next(t for t, label in enumerate(example["labels"]) if label != IGNORE)
+    prompt = generate.prompt_ids(tiny_tokenizer, "The stars are bright.", SYSTEM_PROMPT)
+    assert prompt == example["input_ids"][:answer_start]
+    assert len(prompt) > len(generate.prompt_ids(tiny_tokenizer, "The stars are bright."))  # the system turn is in
+
+
+def test_cli_prompts_carry_the_runs_system_prompt(tiny_config, tmp_path, monkeypatch, capsys):
+    """run_config.json records --system-prompt, and generate and evaluate of that adapter render
+    every prompt with it, as training did, without being told again."""
+    from yoda_raw import evaluate
+    from yoda_raw.train import main as train
+
+    write_pairs(tmp_path / "pairs.jsonl", 10)
+    out = tmp_path / "adapter"
+    cfg = tiny_config(
+        dataset=str(tmp_path / "pairs.jsonl"),
+        system_prompt=SYSTEM_PROMPT,
+        eval_fraction=0.3,
+        max_steps=2,
+        samples=False,
+        output_dir=str(out),
+    )
+    AcceleratorState._reset_state(True)
+    train(cfg)
+    assert json.loads((out / "run_config.json").read_text())["system_prompt"] == SYSTEM_PROMPT
+
+    seen = []
+    real_prompt_ids = generate.prompt_ids
+
+    def spy(tokenizer, sentence, system_prompt=None):
+        seen.append(system_prompt)
+        return real_prompt_ids(tokenizer, sentence, system_prompt)
+
+    monkeypatch.setattr(generate, "prompt_ids", spy)
+    assert main(["--adapter", str(out), "--max-new-tokens", "2", "Hi"]) == 0
+    assert evaluate.main(["--adapter", str(out), "--max-new-tokens", "2"]) == 0
+    assert len(seen) == 1 + 2 * 3  # one sentence; 3 held-out ones, base and adapter
+    assert set(seen) == {SYSTEM_PROMPT}

@@ -1,5 +1,7 @@
 """The model stage: parameter counts on the real architecture, freezing, LoRA placement."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
@@ -46,3 +48,47 @@ def test_random_model_has_no_zero_embedding_row(tiny_tokenizer):
     embeddings = model.get_input_embeddings()
     assert embeddings.padding_idx == config.pad_token_id  # the row that init zeroes
     assert (embeddings.weight.abs().sum(dim=1) > 0).all()
+
+
+SMALL_LLAMA = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+
+
+def test_default_lora_targets_fit_the_architecture():
+    """The default (no --lora-targets) is every linear layer but the head, read from the config's
+    skeleton: on Phi-3 exactly the tutorial's four, on a Llama-style model (SmolLM2) the seven
+    attention and MLP projections. Catches the head being adapted, or Phi-3's names forced on Llama."""
+    from yoda_raw.model import choose_lora_targets, skeleton
+
+    phi3 = skeleton(transformers.Phi3Config())  # full size, but on the meta device: no memory
+    assert set(choose_lora_targets([], phi3, "phi3")) == {"o_proj", "qkv_proj", "gate_up_proj", "down_proj"}
+    llama = skeleton(transformers.LlamaConfig(**SMALL_LLAMA))
+    assert choose_lora_targets([], llama, "llama") == [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ]
+
+
+def test_wrong_lora_target_is_found_before_the_weights_load(tmp_path):
+    """A model folder with a Llama config.json and no weights at all: if --lora-targets were checked
+    only after loading (as it was: ~20 s into a SmolLM2 run), this would fail on the missing weights
+    instead, without naming the layers to choose from."""
+    from yoda_raw.train import main
+
+    folder = tmp_path / "llama"
+    transformers.LlamaConfig(**SMALL_LLAMA, vocab_size=600).save_pretrained(folder)
+    cfg = Config(
+        model=str(folder),
+        tokenizer="tiny",
+        dataset=str(Path(__file__).parent.parent / "yoda_raw" / "tiny_yoda.jsonl"),
+        quant="none",
+        lora_targets=["qkv_proj"],
+        output_dir=str(tmp_path / "out"),
+    )
+    with pytest.raises(YodaError, match=r"--lora-targets qkv_proj: no such module.* q_proj k_proj v_proj o_proj"):
+        main(cfg)
+    assert not (tmp_path / "out").exists()

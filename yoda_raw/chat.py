@@ -10,7 +10,9 @@ the text is encoded without adding any special token (the template writes its ow
 Phi-3's markers swallow the newline after them (`<|end|>\\n` is the one token 32007), so text
 positions and token positions do not line up: searching the decoded text for "<|assistant|>" to
 build the mask goes wrong. Instead we find every boundary in token ids, by rendering prefixes of
-the conversation with the same template. Nothing here knows Phi-3's strings.
+the conversation with the same template. Nothing here knows Phi-3's strings, and the same code
+masks other templates: SmolLM2's ChatML (`<|im_start|>assistant\n` ... `<|im_end|>\n`, where the
+newline after the marker is a token of its own) is tested too.
 
 Labels follow the Hugging Face convention: `labels[t]` is the token at position t, or -100 where
 there is no loss; the model shifts them itself (position t predicts token t + 1).
@@ -23,6 +25,7 @@ import transformers
 from yoda_raw import tiny
 from yoda_raw.config import TINY
 from yoda_raw.errors import YodaError
+from yoda_raw.fetch import offline_hint
 from yoda_raw.sources import looks_like_local_path
 
 IGNORE = -100  # the label cross-entropy skips (torch's ignore_index default)
@@ -52,7 +55,7 @@ def load_tokenizer(source: str, trust_remote_code: bool = False) -> transformers
                 raise YodaError(f"cannot load a tokenizer from {source}: {reason}") from None
             raise YodaError(
                 f"cannot load tokenizer {source!r} from the Hugging Face Hub ({reason}); "
-                f"pass a local folder instead, e.g. --tokenizer path/to/Phi-3-mini-4k-instruct"
+                f"pass a local folder that holds it instead (--tokenizer PATH, or --model PATH){offline_hint(source)}"
             ) from None
 
     if not tokenizer.chat_template:
@@ -94,14 +97,14 @@ def tokenize_conversation(tokenizer, messages: list[dict], train_on: str = "assi
     The rule, driven only by the template:
 
     1. `ids` = render(messages). The tail the template adds after the last message (Phi-3's
-       `<|endoftext|>`) is where render(messages) and render(messages, add_generation_prompt=True)
+       `<|endoftext|>`; ChatML adds none) is where render(messages) and render(messages, add_generation_prompt=True)
        part ways.
     2. Message k ends where render(messages[:k]), minus that tail, ends. Each such rendering
        must be a prefix of `ids` (the template is "prefix-stable"), else YodaError.
     3. An assistant message's content starts where render(messages[:k], add_generation_prompt=True)
        ends: that rendering is everything before the content, header included.
     4. Supervised: from the content start to the end of the message, stopping after the last
-       special token in it (the end-of-turn marker, Phi-3's `<|end|>`) so that a plain-text
+       special token in it (the end-of-turn marker: Phi-3's `<|end|>`, ChatML's `<|im_end|>`) so that a plain-text
        separator the template writes after the marker (ChatML's "\\n") is not trained on; when
        the message holds no special token, all of it. Plus the tail of step 1 when the
        conversation ends with an assistant message: the model learns to emit end-of-text.

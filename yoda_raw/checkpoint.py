@@ -57,6 +57,7 @@ RESUME_MUST_MATCH = (
     "dataset",
     "prompt_field",
     "response_field",
+    "system_prompt",
     "eval_fraction",
     "train_on",
     "packing",

@@ -10,6 +10,9 @@ templates take. Two row shapes are accepted:
 Sources: a Hub id (`dvgodoy/yoda_sentences`), a local .jsonl/.json/.csv/.parquet file, or a folder
 written by `datasets.Dataset.save_to_disk`.
 
+A system prompt (`--system-prompt`) goes in front of every conversation that has no system
+message of its own (`with_system_prompt`); generation builds its prompts with the same function.
+
 Every row is checked, and a bad row stops the run with a message that names the file, the row
 and what is wrong: a run that silently trains on half the data is worse than one that stops.
 `skip_invalid=True` drops bad rows instead, and says how many on stderr.
@@ -181,14 +184,31 @@ def _check_messages(messages: object) -> list[dict]:
     return conversation
 
 
+def with_system_prompt(conversation: list[dict], system_prompt: str | None) -> list[dict]:
+    """The conversation with a system message in front, unless it has one already or there is no
+    prompt. Without one, some chat templates write their own (SmolLM2's: 21 tokens of "You are a
+    helpful AI assistant named SmolLM, ..." in every conversation).
+
+    >>> with_system_prompt([{"role": "user", "content": "Hi."}], "Speak like Yoda.")
+    [{'role': 'system', 'content': 'Speak like Yoda.'}, {'role': 'user', 'content': 'Hi.'}]
+    >>> with_system_prompt([{"role": "user", "content": "Hi."}], None)
+    [{'role': 'user', 'content': 'Hi.'}]
+    """
+    if system_prompt is None or conversation[0]["role"] == "system":
+        return conversation
+    return [{"role": "system", "content": system_prompt}, *conversation]
+
+
 def load_conversations(
     source: str,
     prompt_field: str = "sentence",
     response_field: str = "translation_extra",
     split: str = "train",
     skip_invalid: bool = False,
+    system_prompt: str | None = None,
 ) -> list[list[dict]]:
-    """Read a dataset and return its conversations, in the order of the file.
+    """Read a dataset and return its conversations, in the order of the file, each with
+    `system_prompt` in front unless it has a system message (see with_system_prompt).
 
     `split` applies to Hub ids and save_to_disk folders of several splits; a file is one split.
     A bad row raises YodaError("data.jsonl, line 7: field 'sentence' is empty"); with
@@ -199,7 +219,7 @@ def load_conversations(
     conversations, problems = [], []
     for where, row in rows:
         try:
-            conversations.append(_to_conversation(row, prompt_field, response_field))
+            conversations.append(with_system_prompt(_to_conversation(row, prompt_field, response_field), system_prompt))
         except ValueError as e:
             if not skip_invalid:
                 raise YodaError(f"{where}: {e}") from None

@@ -8,14 +8,17 @@ with the run's seed and --eval-fraction (both read from run_config.json), so it 
 conversations the adapter never saw. Another --dataset is scored whole.
 
 Metrics, for the base model (adapter disabled) and with the adapter, side by side:
-- loss: cross-entropy on the supervised tokens (the same assistant-only labels as training:
-  the answer, its `<|end|>` and the final `<|endoftext|>`), summed over all held-out
+- loss: cross-entropy on the supervised tokens (the same assistant-only labels as training: the
+  answer and the template's end-of-turn token after it, for Phi-3 `<|end|>` and the final
+  `<|endoftext|>`, for SmolLM2 `<|im_end|>`), summed over all held-out
   conversations and divided by their number of supervised tokens; one conversation per row,
   no packing, so each answer is predicted from its own prompt only (as in generation);
 - perplexity: exp(loss);
 - exact match: share of greedy translations equal to the reference (surrounding whitespace ignored);
 - chrF and BLEU: sacrebleu's corpus scores (0-100) against the reference, the response field
   (translation_extra for the yoda set). sacrebleu is an optional extra: `pip install -e .[eval]`.
+
+Conversations and generation prompts get the run's --system-prompt, as in training.
 
 Results go to eval.json (all numbers and every translation) and eval.md (the table), in the
 adapter folder unless --output-dir says otherwise.
@@ -130,11 +133,13 @@ def evaluate(
     batch_size: int = 16,
     max_new_tokens: int = 64,
     require_sacrebleu: bool = True,
+    system_prompt: str | None = None,
 ) -> dict:
     """Loss, perplexity, exact match, chrF and BLEU of `model` on `conversations`, with its translations.
 
     Returns {"conversations", "supervised_tokens", "loss", "perplexity", "exact_match", "chrf",
-    "bleu", "translations": [{"sentence", "translation", "reference"}, ...]}.
+    "bleu", "translations": [{"sentence", "translation", "reference"}, ...]}. The translations are
+    generated with `system_prompt` in front, as `conversations` carry it (data.load_conversations).
     """
     if not conversations:
         raise YodaError("nothing to evaluate: no conversations")
@@ -143,7 +148,9 @@ def evaluate(
     loss_sum, n_tokens = supervised_loss(model, tokenizer, conversations, batch_size)
     loss = loss_sum / n_tokens
     prompts, references = zip(*(prompt_and_reference(c) for c in conversations), strict=True)
-    predictions = translate(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size)
+    predictions = translate(
+        model, tokenizer, list(prompts), max_new_tokens, batch_size=batch_size, system_prompt=system_prompt
+    )
     return {
         "conversations": len(conversations),
         "supervised_tokens": n_tokens,
@@ -186,7 +193,13 @@ def _cell(value, name: str) -> str:
 
 
 def end_of_run_report(
-    model, tokenizer, held_out: list[list[dict]], n_samples: int = 3, max_new_tokens: int = 64, batch_size: int = 16
+    model,
+    tokenizer,
+    held_out: list[list[dict]],
+    n_samples: int = 3,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    system_prompt: str | None = None,
 ) -> dict:
     """A short evaluation for the end of train.main: held-out metrics and a few sample translations.
 
@@ -200,10 +213,12 @@ def end_of_run_report(
     report = {f"eval_{name}": None for name in ("conversations", *METRICS)}
     samples = [{"sentence": SAMPLE_SENTENCE, "translation": None, "reference": None}]
     if held_out:
-        metrics = evaluate(model, tokenizer, held_out, batch_size, max_new_tokens, require_sacrebleu=False)
+        metrics = evaluate(model, tokenizer, held_out, batch_size, max_new_tokens, False, system_prompt)
         report |= {f"eval_{name}": metrics[name] for name in ("conversations", *METRICS)}
         samples += metrics["translations"][:n_samples]
-    samples[0]["translation"] = translate(model, tokenizer, [SAMPLE_SENTENCE], max_new_tokens=max_new_tokens)[0]
+    samples[0]["translation"] = translate(
+        model, tokenizer, [SAMPLE_SENTENCE], max_new_tokens=max_new_tokens, system_prompt=system_prompt
+    )[0]
     return report | {"samples": samples}
 
 
@@ -242,12 +257,16 @@ def conversations_to_score(
                 f"the run held nothing out (eval_fraction 0): it trained on all of {cfg.dataset}; "
                 "pass --dataset with other data"
             )
-        conversations = load_conversations(cfg.dataset, prompt_field, response_field, split, cfg.skip_invalid)
+        conversations = load_conversations(
+            cfg.dataset, prompt_field, response_field, split, cfg.skip_invalid, cfg.system_prompt
+        )
         _, held_out = split_conversations(conversations, cfg.eval_fraction, cfg.seed)
         described = f"held-out split of {cfg.dataset} (eval_fraction {cfg.eval_fraction}, seed {cfg.seed})"
         conversations = held_out
     else:
-        conversations = load_conversations(dataset, prompt_field, response_field, split)
+        conversations = load_conversations(
+            dataset, prompt_field, response_field, split, system_prompt=cfg.system_prompt
+        )
         described = f"all of {dataset} ({split})"
     if limit is not None:
         conversations = conversations[:limit]
@@ -292,7 +311,14 @@ def evaluate_command(argv: list[str]) -> int:
         cfg, args.dataset, args.split, args.prompt_field, args.response_field, args.limit
     )
     model, tokenizer, cfg = load_for_inference(args.adapter, args.device, args.quant)
-    results = compare(model, tokenizer, conversations, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    results = compare(
+        model,
+        tokenizer,
+        conversations,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        system_prompt=cfg.system_prompt,
+    )
     table = markdown_table(results)
     out = Path(args.output_dir or args.adapter)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,18 +5,21 @@
     python -m yoda_raw.generate --adapter out --merge out-merged     # one model, no peft needed
 
 What happens to one sentence, in order:
-1. the chat template renders it as a user turn plus the generation prompt, exactly as in training:
-   `<|user|>` sentence `<|end|>` `<|assistant|>` (add_generation_prompt=True);
+1. the chat template renders it as a user turn (after the run's --system-prompt, if it had one)
+   plus the generation prompt, exactly as in training. Phi-3: `<|user|>` sentence `<|end|>`
+   `<|assistant|>`; SmolLM2 (ChatML): `<|im_start|>system` ... `<|im_end|>` `<|im_start|>user`
+   sentence `<|im_end|>` `<|im_start|>assistant`;
 2. prompts of a batch are padded on the LEFT, so every prompt ends at the last column and the first
    new token of every row is predicted from its own last prompt token (right padding would make
    short prompts continue after pad tokens);
 3. `model.generate` decodes greedily (or samples, with --temperature) with the KV cache, and stops
-   a row at the first end token: the eos ids, the token that closes an assistant turn (`<|end|>`)
-   and the one that would open a new one (`<|assistant|>`): 32000, 32007, 32001 on Phi-3;
+   a row at the first end token: the eos ids, the token that closes an assistant turn and the one
+   that would open a new one, all read from the template (Phi-3: `<|endoftext|>`, `<|end|>`,
+   `<|assistant|>`; SmolLM2: `<|im_end|>`, `<|im_start|>`);
 4. only the new tokens are decoded: the prompt is cut off at its (shared) width.
 
 The base model is rebuilt the way the adapter was trained (run_config.json: model, init, seed,
-quant, precision), then the adapter is applied with peft.
+quant, precision, system prompt), then the adapter is applied with peft.
 """
 
 import argparse
@@ -32,6 +35,7 @@ import transformers
 from yoda_raw.chat import common_prefix_length, load_tokenizer, render
 from yoda_raw.cli import run_command
 from yoda_raw.config import Config
+from yoda_raw.data import with_system_prompt
 from yoda_raw.errors import YodaError
 from yoda_raw.precision import choose_precision
 
@@ -104,11 +108,13 @@ def load_for_inference(
 # --- prompts and end tokens ---------------------------------------------------------------------
 
 
-def prompt_ids(tokenizer, sentence: str) -> list[int]:
-    """The user turn and the generation prompt, as in training: `<|user|>` ... `<|end|>` `<|assistant|>`."""
-    # chat.render: the same rendering and encoding as the training rows, so the prompt's ids are
-    # exactly those the model learned to continue.
-    return render(tokenizer, [{"role": "user", "content": sentence}], add_generation_prompt=True)
+def prompt_ids(tokenizer, sentence: str, system_prompt: str | None = None) -> list[int]:
+    """The (system prompt and) user turn and the generation prompt, as in training.
+    Phi-3: `<|user|>` ... `<|end|>` `<|assistant|>`."""
+    # data.with_system_prompt and chat.render: the same conversation and the same rendering and
+    # encoding as the training rows, so the prompt's ids are exactly those the model learned to continue.
+    conversation = with_system_prompt([{"role": "user", "content": sentence}], system_prompt)
+    return render(tokenizer, conversation, add_generation_prompt=True)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +132,8 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 
 def template_markers(tokenizer) -> list[int]:
     """Special tokens the chat template puts around an assistant answer: the one that opens it
-    (what add_generation_prompt adds) and the one that closes it. Phi-3: [32001, 32007].
+    (what add_generation_prompt adds) and the one that closes it. Phi-3: [32001, 32007]
+    (`<|assistant|>`, `<|end|>`); SmolLM2: [1, 2] (`<|im_start|>`, `<|im_end|>`).
 
     Found by comparing token ids of renderings, never by searching text:
     - opening: the first id where `user turn + generation prompt` departs from `user turn` alone;
@@ -136,11 +143,11 @@ def template_markers(tokenizer) -> list[int]:
     user = [{"role": "user", "content": "Hi"}]
     prompt, no_prompt = render(tokenizer, user, add_generation_prompt=True), render(tokenizer, user)
     same = common_prefix_length(prompt, no_prompt)
-    opening = prompt[same : same + 1]  # [<|assistant|>]
+    opening = prompt[same : same + 1]  # Phi-3: [<|assistant|>]
     yes = render(tokenizer, user + [{"role": "assistant", "content": "Yes"}])
     no = render(tokenizer, user + [{"role": "assistant", "content": "No."}])
     same = common_prefix_length(yes[::-1], no[::-1])
-    closing = yes[len(yes) - same :][:1]  # [<|end|>] of [<|end|>, <|endoftext|>]
+    closing = yes[len(yes) - same :][:1]  # Phi-3: [<|end|>] of [<|end|>, <|endoftext|>]
     special = set(tokenizer.added_tokens_decoder)  # ids of added tokens (chat markers, eos, ...)
     return [token for token in opening + closing if token in special]
 
@@ -149,7 +156,8 @@ def end_token_ids(tokenizer, generation_config=None) -> list[int]:
     """Where an answer ends: eos (tokenizer and generation config) and the template's markers.
 
     On Phi-3 this is [32000, 32001, 32007]: `<|endoftext|>`, `<|assistant|>`, `<|end|>`, the
-    same list as its generation_config.json; on the tiny tokenizer [3, 4, 10].
+    same list as its generation_config.json; on SmolLM2 [1, 2] (`<|im_start|>`, `<|im_end|>`,
+    which is also its eos); on the tiny tokenizer [3, 4, 10].
     """
     ids = set(template_markers(tokenizer))
     for eos in (tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None)):
@@ -185,6 +193,7 @@ def generate_ids(
     top_p: float = 1.0,
     seed: int | None = None,
     batch_size: int = 16,
+    system_prompt: str | None = None,
 ) -> list[list[int]]:
     """The new token ids for each sentence, ending with the end token that stopped it (if any).
 
@@ -205,7 +214,7 @@ def generate_ids(
     try:
         results = []
         for start in range(0, len(sentences), batch_size):
-            prompts = [prompt_ids(tokenizer, s) for s in sentences[start : start + batch_size]]
+            prompts = [prompt_ids(tokenizer, s, system_prompt) for s in sentences[start : start + batch_size]]
             input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id)
             generated = model.generate(
                 input_ids=input_ids.to(device),
@@ -240,14 +249,18 @@ def translate(
     top_p: float = 1.0,
     seed: int | None = None,
     batch_size: int = 16,
+    system_prompt: str | None = None,
 ) -> list[str]:
     """English sentences -> Yoda speak, one string each (greedy unless temperature > 0).
+    `system_prompt`: the one the adapter was trained with (run_config.json's system_prompt).
 
     >>> translate(model, tokenizer, ["The Force is strong in you!"])  # doctest: +SKIP
     ['Strong in you, the Force is. Yes, hrrmmm.']
     """
     check_sampling(max_new_tokens, temperature, top_p, batch_size)
-    rows = generate_ids(model, tokenizer, sentences, max_new_tokens, temperature, top_p, seed, batch_size)
+    rows = generate_ids(
+        model, tokenizer, sentences, max_new_tokens, temperature, top_p, seed, batch_size, system_prompt
+    )
     end_ids = end_token_ids(tokenizer, getattr(model, "generation_config", None))
     return [decode_answer(tokenizer, ids, end_ids) for ids in rows]
 
@@ -282,7 +295,7 @@ def merge(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, device: st
     model, tokenizer, cfg = load_for_inference(adapter_dir, device, dequantize_base=True)
     merged = model.merge_and_unload()  # W <- W + (alpha / r) B A in every adapted layer; LoRA removed
     merged.config.use_cache = True  # a deployed model generates
-    # So that a plain `merged.generate(...)` stops where translate() does (<|end|> included).
+    # So that a plain `merged.generate(...)` stops where translate() does (the end-of-turn marker included).
     merged.generation_config.eos_token_id = end_token_ids(tokenizer, merged.generation_config)
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out)
@@ -350,7 +363,7 @@ def generate_command(argv: list[str]) -> int:
     check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.batch_size)
     read_run_config(args.adapter)  # a wrong folder is reported before any waiting on stdin
     sentences = read_sentences(args, sys.stdin)
-    model, tokenizer, _cfg = load_for_inference(args.adapter, args.device, args.quant)
+    model, tokenizer, cfg = load_for_inference(args.adapter, args.device, args.quant)
     # Blank input lines give blank output lines, so output line i answers input line i.
     todo = [i for i, s in enumerate(sentences) if s.strip()]
     answers = translate(
@@ -362,6 +375,7 @@ def generate_command(argv: list[str]) -> int:
         args.top_p,
         args.seed,
         args.batch_size,
+        cfg.system_prompt,
     )
     lines = [""] * len(sentences)
     for i, answer in zip(todo, answers, strict=True):

@@ -2,6 +2,8 @@
 
     python -m yoda_raw.inspect --tokenizer tiny --dataset yoda_raw/tiny_yoda.jsonl --limit 2
     python -m yoda_raw.inspect --tokenizer path/to/Phi-3-mini-4k-instruct --dataset yoda.jsonl --json
+    python -m yoda_raw.inspect --tokenizer ~/.cache/yoda_raw/SmolLM2-135M-Instruct --dataset yoda.jsonl \
+        --system-prompt "Translate into Yoda speak."
 
 The rows are built by the same functions the training run uses (data.load_conversations,
 packing.build_rows), over the whole dataset in file order: no held-out split, no shuffling.
@@ -24,13 +26,18 @@ GREEN, RESET = "\033[1;32m", "\033[0m"
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m yoda_raw.inspect", description=__doc__.splitlines()[0])
-    parser.add_argument("--tokenizer", default=TUTORIAL_MODEL, help="Hub id, local folder, or 'tiny'.")
+    parser.add_argument(
+        "--tokenizer", default=TUTORIAL_MODEL, help="Hub id, local folder, or 'tiny' (default: the tutorial's model)."
+    )
     parser.add_argument("--dataset", default=TUTORIAL_DATASET, help="Hub id, data file, or save_to_disk folder.")
     parser.add_argument("--max-length", type=int, default=64, help="Tokens per row.")
     parser.add_argument("--train-on", choices=["assistant", "all"], default="assistant")
     parser.add_argument("--packing", choices=["wrapped", "none"], default="wrapped")
     parser.add_argument("--prompt-field", default="sentence", help="Column that becomes the user turn.")
     parser.add_argument("--response-field", default="translation_extra", help="Column that becomes the assistant turn.")
+    parser.add_argument(
+        "--system-prompt", default=None, help="System message in front of each conversation without one, as run.py's."
+    )
     parser.add_argument("--skip-invalid", action="store_true", help="Drop invalid rows instead of stopping.")
     parser.add_argument("--json", action="store_true", help="One JSON object per row, nothing else.")
     parser.add_argument("--limit", type=int, default=None, help="Show only the first N rows (totals still cover all).")
@@ -64,7 +71,11 @@ def main(argv: list[str] | None = None) -> int:
 def inspect_command(argv: list[str]) -> int:
     args = parse_args(argv)
     conversations = load_conversations(
-        args.dataset, args.prompt_field, args.response_field, skip_invalid=args.skip_invalid
+        args.dataset,
+        args.prompt_field,
+        args.response_field,
+        skip_invalid=args.skip_invalid,
+        system_prompt=args.system_prompt,
     )
     tokenizer = load_tokenizer(args.tokenizer)
     rows = build_rows(tokenizer, conversations, args.max_length, args.train_on, args.packing)

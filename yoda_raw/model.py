@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from accelerate import PartialState
+from accelerate import PartialState, init_empty_weights
 from accelerate.utils import broadcast_object_list
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
@@ -31,6 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 from yoda_raw import tiny
 from yoda_raw.config import TINY, Config
 from yoda_raw.errors import YodaError
+from yoda_raw.fetch import offline_hint
 from yoda_raw.precision import Precision
 from yoda_raw.sources import looks_like_local_path
 
@@ -55,10 +56,57 @@ def load_model_config(cfg: Config, vocab_size: int) -> transformers.PretrainedCo
         raise YodaError(_not_found(cfg.model, "model", err)) from None
 
 
+def resolve_quant(quant: str, device: torch.device) -> str:
+    """`--quant auto`: 4-bit NF4 on a CUDA GPU; unquantized elsewhere, where bitsandbytes' 4-bit
+    layers save memory a small model does not need and cost time.
+
+    >>> resolve_quant("auto", torch.device("cpu")), resolve_quant("nf4", torch.device("cpu"))
+    ('none', 'nf4')
+    """
+    if quant != "auto":
+        return quant
+    return "nf4" if torch.device(device).type == "cuda" else "none"
+
+
+def skeleton(model_config: transformers.PretrainedConfig, trust_remote_code: bool = False):
+    """The model's modules on the meta device, with no memory behind their weights: built from the
+    config in a fraction of a second, so layer names can be checked before loading the weights
+    (which takes seconds to minutes)."""
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+
+
+def linear_layer_names(model) -> list[str]:
+    """Names of the linear layers except the LM head, each once, in the order the model holds them:
+    the default LoRA targets. Phi-3: qkv_proj, o_proj, gate_up_proj, down_proj (the tutorial's
+    four); Llama and SmolLM2: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj.
+    (A 4-bit bnb.nn.Linear4bit is an nn.Linear too.)"""
+    head = model.get_output_embeddings()
+    names = [n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    return list(dict.fromkeys(names))
+
+
+def choose_lora_targets(requested: list[str], model, model_name: str) -> list[str]:
+    """The modules LoRA wraps: `requested`, each checked to name a module of `model` (a skeleton
+    will do), or every linear layer but the head when nothing is requested."""
+    if not requested:
+        return linear_layer_names(model)
+    names = {n.split(".")[-1] for n, _ in model.named_modules()}
+    missing = [name for name in requested if name not in names]
+    if missing:
+        raise YodaError(
+            f"--lora-targets {' '.join(missing)}: no such module in {model_name}; "
+            f"its linear layers are named {' '.join(linear_layer_names(model))} "
+            "(leave --lora-targets out to adapt them all)"
+        )
+    return list(requested)
+
+
 def load_base_model(cfg: Config, precision: Precision, device: torch.device, vocab_size: int):
-    """Load (or build, with --init random) the base model on `device`, 4-bit unless --quant none."""
+    """Load (or build, with --init random) the base model on `device`, 4-bit unless --quant none
+    (or auto, off a GPU)."""
     compute_dtype = torch.float32 if cfg.quant_compute_dtype == "float32" else precision.dtype
-    quant = quantization_config(compute_dtype) if cfg.quant == "nf4" else None
+    quant = quantization_config(compute_dtype) if resolve_quant(cfg.quant, device) == "nf4" else None
     # Non-quantized weights (norms, embeddings, head, or everything with --quant none) in the
     # compute dtype; fp32 when asked, or when computing in fp32.
     dtype = torch.float32 if cfg.fp32_frozen else precision.dtype
@@ -145,25 +193,21 @@ def _keep_cpu_4bit_gradients(model) -> None:
 
 
 def add_lora(model, cfg: Config):
-    """Freeze the base, turn on gradient checkpointing, and wrap target linears with LoRA."""
+    """Freeze the base, turn on gradient checkpointing, and wrap target linears with LoRA
+    (--lora-targets, or every linear layer but the head)."""
     for param in model.parameters():
         param.requires_grad_(False)
     if cfg.gradient_checkpointing:
         # use_reentrant=False: the checkpointed blocks get gradients even though their inputs
         # (frozen embeddings) do not require grad, so no enable_input_require_grads() hack is needed.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    missing = [name for name in cfg.lora_targets if not any(n.split(".")[-1] == name for n, _ in model.named_modules())]
-    if missing:
-        raise YodaError(
-            f"--lora-targets {' '.join(missing)}: no such module in {cfg.model}; "
-            f"its linear layers are named {', '.join(_linear_names(model))}"
-        )
+    targets = choose_lora_targets(cfg.lora_targets, model, cfg.model)
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         bias="none",
-        target_modules=list(cfg.lora_targets),
+        target_modules=targets,
         task_type="CAUSAL_LM",
     )
     # Seed right before the adapters are created: the same --seed then gives the same initial
@@ -175,10 +219,6 @@ def add_lora(model, cfg: Config):
         # Name the base by its source (with a local folder peft would record the same path anyway).
         model.peft_config["default"].base_model_name_or_path = cfg.model
     return model
-
-
-def _linear_names(model) -> list[str]:
-    return sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
 
 
 def parameter_counts(model) -> tuple[int, int]:
@@ -198,4 +238,5 @@ def _not_found(source: str, what: str, err: Exception) -> str:
     return (
         f"cannot load {what} {source!r} from the Hugging Face Hub ({type(err).__name__}); "
         f"without network access, download it elsewhere and pass the local folder with --{what} PATH"
+        f"{offline_hint(source)}"
     )

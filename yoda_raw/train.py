@@ -44,7 +44,16 @@ from yoda_raw.evaluate import end_of_run_report, format_report
 from yoda_raw.graphs import CapturedStep
 from yoda_raw.graphs import resolve as resolve_cuda_graph
 from yoda_raw.loss import supervised_count, token_loss_sum
-from yoda_raw.model import add_lora, load_base_model, load_model_config, parameter_counts, parameter_line
+from yoda_raw.model import (
+    add_lora,
+    choose_lora_targets,
+    load_base_model,
+    load_model_config,
+    parameter_counts,
+    parameter_line,
+    resolve_quant,
+    skeleton,
+)
 from yoda_raw.optim import build_optimizer, learning_rate
 from yoda_raw.packing import Collator, build_rows
 from yoda_raw.precision import Precision, choose_precision
@@ -98,12 +107,24 @@ def main(cfg: Config) -> RunResult:
     cfg = dataclasses.replace(cfg, cuda_graph=graph)
     check_hub_token(cfg)
     out = check_output_dir(cfg)
+
+    # What this machine and this architecture decide (--quant auto, the default LoRA targets),
+    # settled from the model's config before any weights load, so that a wrong --lora-targets
+    # stops the run at once and the config printed and saved is the one that runs.
+    tokenizer = load_tokenizer(cfg.tokenizer_source, trust_remote_code=cfg.trust_remote_code)
+    model_config = load_model_config(cfg, len(tokenizer))
+    cfg = dataclasses.replace(
+        cfg,
+        quant=resolve_quant(cfg.quant, accelerator.device),
+        lora_targets=choose_lora_targets(cfg.lora_targets, skeleton(model_config, cfg.trust_remote_code), cfg.model),
+    )
     accelerator.print(f"config:\n{cfg.to_json()}\nprecision: {precision.name}, device: {accelerator.device}")
     set_seed(cfg.seed)
 
-    # Data: conversations -> held-out split -> token rows with labels.
-    tokenizer = load_tokenizer(cfg.tokenizer_source, trust_remote_code=cfg.trust_remote_code)
-    conversations = load_conversations(cfg.dataset, cfg.prompt_field, cfg.response_field, skip_invalid=cfg.skip_invalid)
+    # Data: conversations (with the system prompt) -> held-out split -> token rows with labels.
+    conversations = load_conversations(
+        cfg.dataset, cfg.prompt_field, cfg.response_field, "train", cfg.skip_invalid, cfg.system_prompt
+    )
     train_conversations, held_out = split_conversations(conversations, cfg.eval_fraction, cfg.seed)
     rows = build_rows(tokenizer, train_conversations, cfg.max_length, cfg.train_on, cfg.packing, cfg.shuffle, cfg.seed)
     collator = Collator(tokenizer.pad_token_id)
@@ -112,7 +133,7 @@ def main(cfg: Config) -> RunResult:
     )
 
     # Model: 4-bit base + LoRA.
-    context = load_model_config(cfg, len(tokenizer)).max_position_embeddings
+    context = model_config.max_position_embeddings
     if cfg.max_length > context:
         raise YodaError(f"--max-length {cfg.max_length} is longer than the model's context of {context} tokens")
     model = load_base_model(cfg, precision, accelerator.device, vocab_size=len(tokenizer))
@@ -161,7 +182,9 @@ def main(cfg: Config) -> RunResult:
         (out / "run_config.json").write_text(cfg.to_json())
         if cfg.samples and held_out:
             # A short evaluation and a few translations of sentences it did not train on.
-            report = end_of_run_report(accelerator.unwrap_model(model), tokenizer, held_out)
+            report = end_of_run_report(
+                accelerator.unwrap_model(model), tokenizer, held_out, system_prompt=cfg.system_prompt
+            )
             print(format_report(report))
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": fitted.steps, **report}) + "\n")
@@ -203,11 +226,12 @@ def make_accelerator(cfg: Config) -> tuple[Accelerator, Precision]:
 
 
 def check_device(cfg: Config, accelerator: Accelerator) -> None:
-    """3.8B parameters on a CPU would take days: stop at once and point to the tiny preset."""
+    """3.8B parameters on a CPU would take days: stop at once and point to the smol preset."""
     if accelerator.device.type == "cpu" and cfg.model == TUTORIAL_MODEL:
         raise YodaError(
             f"no CUDA GPU found: {TUTORIAL_MODEL} (3.8B parameters) is no real option on a CPU; "
-            "try `python run.py --preset tiny`, or pass a small --model"
+            "`python run.py --preset smol` teaches the pretrained SmolLM2-135M-Instruct Yoda speak in minutes "
+            "on a CPU (without the Hub, first `python -m yoda_raw.fetch smol`), or pass a small --model"
         )
 
 
