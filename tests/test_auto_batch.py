@@ -5,10 +5,9 @@ import json
 import torch
 
 from yoda_raw import train
-from yoda_raw.config import PRESETS, Config
 
 
-def test_a_retry_keeps_one_metrics_line_per_step_and_no_stale_gradients(tmp_path, monkeypatch, capsys):
+def test_a_retry_keeps_one_metrics_line_per_step_and_no_stale_gradients(tmp_path, monkeypatch, capsys, tiny_config):
     """Out of memory at the second step while a micro-batch has more than 4 rows (as the CUDA graph's
     capture does at the edge of a card): the run retries with 0.9x the rows down to 4. metrics.jsonl
     then holds steps 1, 2, 3 once each, all at 4 rows (not the failed attempts' step-1 lines), and
@@ -28,7 +27,7 @@ def test_a_retry_keeps_one_metrics_line_per_step_and_no_stale_gradients(tmp_path
 
     monkeypatch.setattr(train, "forward_backward", tight_memory)
     overrides = {"batch_size": 6, "auto_batch_size": True, "max_steps": 3, "logging_steps": 1, "samples": False}
-    train.main(Config(**{**PRESETS["tiny"], **overrides, "output_dir": str(tmp_path)}))
+    train.main(tiny_config(overrides, output_dir=str(tmp_path)))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert {r["batch_size"] for r in records} == {4}

@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from yoda_raw import train
-from yoda_raw.config import PRESETS, Config
 
 
-def test_a_nan_between_log_lines_stops_at_the_next_one_with_finite_weights(tmp_path, monkeypatch):
+def test_a_nan_between_log_lines_stops_at_the_next_one_with_finite_weights(tmp_path, monkeypatch, tiny_config):
     """NaN loss at step 3 of 8, logging every 5 steps, no checkpoints: the run stops at step 5 naming
     step 3, its metrics hold nothing past the bad step, no adapter is written, and the LoRA weights
     it leaves are finite. Catches a guard that lets NaN gradients into the optimizer (NaN weights), one
@@ -25,9 +24,7 @@ def test_a_nan_between_log_lines_stops_at_the_next_one_with_finite_weights(tmp_p
         return loss * float("nan") if len(calls) == 3 else loss
 
     monkeypatch.setattr(train, "token_loss_sum", nan_at_step_3)
-    cfg = Config(
-        **{**PRESETS["tiny"], "max_steps": 8, "logging_steps": 5, "samples": False, "output_dir": str(tmp_path)}
-    )
+    cfg = tiny_config(max_steps=8, logging_steps=5, samples=False, output_dir=str(tmp_path))
     with pytest.raises(train.NonFiniteLoss, match="step 3: .* stopped at step 5"):
         train.main(cfg)
     assert not (tmp_path / "adapter_model.safetensors").exists()
