@@ -14,6 +14,7 @@ import torch
 
 from yoda_raw import tiny, trace
 from yoda_raw.config import parse_config
+from yoda_raw.model import choose_lora_targets, skeleton
 from yoda_raw.train import main as train
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -150,14 +151,16 @@ def test_logits_gradients_and_optimizer_state(traced):
     b, t = cfg.batch_size, cfg.max_length
     assert forward.count(f"logits ({b}, {t}, {vocab}) = (B, T, V) torch.float32") == cfg.grad_accum
     assert forward.count(f"as float32 ({b}, {t - 1}, {vocab})") == cfg.grad_accum
-    n_trainable = tiny.model_config(vocab).num_hidden_layers * len(cfg.lora_targets) * 2  # A and B
+    config = tiny.model_config(vocab)
+    targets = choose_lora_targets(cfg.lora_targets, skeleton(config), cfg.model)  # the default: every linear
+    n_trainable = config.num_hidden_layers * len(targets) * 2  # A and B
     assert f"{n_trainable} of the {n_trainable} trainable tensors have one, 0 of the" in forward
     norms = dict(re.findall(r"(lora_[AB])\.default\.weight\s+\([\d, ]+\)\s+grad norm ([\d.e-]+)", forward))
     assert float(norms["lora_A"]) == 0 and float(norms["lora_B"]) > 0  # B = 0 at step 1: no gradient reaches A
 
     update = stage(out, 9)
     state_rows = re.findall(r"\.weight\s+([\d,]+)\s+(8|32)-bit\s+([\d,]+) B\s+not paged", update)
-    assert len(state_rows) == len(cfg.lora_targets) * 2  # the first block's tensors
+    assert len(state_rows) == len(targets) * 2  # the first block's tensors
     for elements, bits, size in state_rows:
         elements, size = int(elements.replace(",", "")), int(size.replace(",", ""))
         # bitsandbytes: 8-bit moments (plus one fp32 scale per 256) from 4096 elements, else fp32 moments

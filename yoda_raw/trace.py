@@ -32,7 +32,15 @@ from yoda_raw.graphs import CapturedStep
 from yoda_raw.graphs import resolve as resolve_cuda_graph
 from yoda_raw.inspect import row_as_text
 from yoda_raw.loss import supervised_count
-from yoda_raw.model import add_lora, load_base_model, parameter_line
+from yoda_raw.model import (
+    add_lora,
+    choose_lora_targets,
+    load_base_model,
+    load_model_config,
+    parameter_line,
+    resolve_quant,
+    skeleton,
+)
 from yoda_raw.optim import build_optimizer, learning_rate
 from yoda_raw.packing import Collator, build_rows, count_tokens
 from yoda_raw.train import (
@@ -76,6 +84,10 @@ def trace(cfg: Config) -> dict:
 
     heading(2, "one conversation -> ids and labels", "data.load_conversations, chat.tokenize_conversation")
     tokenizer = load_tokenizer(cfg.tokenizer_source, trust_remote_code=cfg.trust_remote_code)
+    # --quant auto and the default LoRA targets, settled from the model's config as train.main does.
+    model_config = load_model_config(cfg, len(tokenizer))
+    targets = choose_lora_targets(cfg.lora_targets, skeleton(model_config, cfg.trust_remote_code), cfg.model)
+    cfg = dataclasses.replace(cfg, quant=resolve_quant(cfg.quant, device), lora_targets=targets)
     conversations = load_conversations(cfg.dataset, cfg.prompt_field, cfg.response_field, skip_invalid=cfg.skip_invalid)
     train_conversations, held_out = split_conversations(conversations, cfg.eval_fraction, cfg.seed)
     print(
