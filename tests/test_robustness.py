@@ -207,10 +207,10 @@ def test_resume_with_other_settings_names_the_fields(straight, tmp_path, tiny_co
 
 
 def test_sigint_saves_a_checkpoint_that_resumes_exactly(straight, tmp_path, monkeypatch, tiny_config):
-    """Catches Ctrl-C killing the run mid-step with nothing saved (or a half-written checkpoint), a
-    summary that does not say it was interrupted, and a checkpoint whose resume does not continue
-    with the straight run's losses. SIGINT is sent to this process from inside the loop (at the
-    step-2 log); fit's handler, installed in the main thread, turns it into a stop after the step."""
+    """Catches Ctrl-C killing the run mid-step with nothing saved (or a half-written checkpoint), a run
+    that does not say it was interrupted, and a checkpoint whose resume does not continue with the
+    straight run's losses. SIGINT is sent to this process from inside the loop (at the step-2 log);
+    fit's handler, installed in the main thread, turns it into a stop after the step."""
     real_log_window = train.log_window
 
     def log_window_then_sigint(window, step, *args, **kwargs):
@@ -221,9 +221,10 @@ def test_sigint_saves_a_checkpoint_that_resumes_exactly(straight, tmp_path, monk
 
     monkeypatch.setattr(train, "log_window", log_window_then_sigint)
     interrupted = tmp_path / "interrupted"
-    result = train.main(tiny_config(RUN_OPTIONS, output_dir=str(interrupted)))
+    with pytest.raises(train.Interrupted, match="SIGINT: stopped after step 2") as info:
+        train.main(tiny_config(RUN_OPTIONS, output_dir=str(interrupted)))
+    assert info.value.exit_code == 130
     monkeypatch.setattr(train, "log_window", real_log_window)
-    assert result.fit.interrupted is True and result.fit.steps == 2
     checkpoint = interrupted / "checkpoint-2"
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 2
     assert not list(interrupted.glob(".checkpoint-*"))
@@ -234,7 +235,7 @@ def test_sigint_saves_a_checkpoint_that_resumes_exactly(straight, tmp_path, monk
     AcceleratorState._reset_state(True)
     resumed_out = tmp_path / "resumed"
     result = train.main(tiny_config(RUN_OPTIONS, output_dir=str(resumed_out), resume=str(checkpoint)))
-    assert result.fit.steps == 4 and result.fit.interrupted is False
+    assert result.fit.steps == 4
     expected, got = logged(straight), logged(resumed_out)
     assert sorted(got) == [3, 4]
     assert all(abs(got[step] - expected[step]) <= 1e-6 for step in got), (got, expected)

@@ -11,6 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import extract_model_from_parallel
 from peft import set_peft_model_state_dict
@@ -18,29 +19,41 @@ from safetensors.torch import load_file
 
 from yoda_raw.config import Config
 from yoda_raw.errors import YodaError
-
-ADAPTER_FILE = "adapter_model.safetensors"
+from yoda_raw.output import ADAPTER_FILE, WRITE_ERRORS, run_checkpoints, write_failed
 
 
 def save_checkpoint(cfg: Config, accelerator: Accelerator, out: Path, step: int) -> None:
     """A resumable checkpoint: adapter (safetensors), optimizer and RNG states (Accelerate's
     save_state), the step (which fixes the data position and the learning rate) and the config.
-    Written into a temporary folder, then renamed: a crash mid-save leaves the last one whole."""
+    Written into a temporary folder, then renamed: a crash or a full disk mid-save leaves the
+    checkpoints before it whole, and no half-written one."""
     final = out / f"checkpoint-{step}"
     partial = out / f".checkpoint-{step}.partial"
-    accelerator.save_state(str(partial))
-    # Every process writes its own random states into `partial`: wait for all before renaming it.
-    accelerator.wait_for_everyone()
+    failure = None
+    try:
+        accelerator.save_state(str(partial))
+        if accelerator.is_main_process:
+            # num_processes: the data position of a step depends on it (rows are dealt to processes).
+            state = {"step": step, "num_processes": accelerator.num_processes}
+            (partial / "trainer_state.json").write_text(json.dumps(state))
+            (partial / "run_config.json").write_text(cfg.to_json())
+    except WRITE_ERRORS as err:
+        failure = err
+    # Every process writes its own random states into `partial`: wait for all before renaming it, and
+    # learn whether any of them failed (one all-reduce), so that all stop together, not one alone.
+    failed = accelerator.reduce(torch.tensor(int(failure is not None), device=accelerator.device), "sum")
+    if failed.item():
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise write_failed(final.name, out, failure) from failure
     if accelerator.is_main_process:
-        # num_processes: the data position of a step depends on it (rows are dealt to processes).
-        state = {"step": step, "num_processes": accelerator.num_processes}
-        (partial / "trainer_state.json").write_text(json.dumps(state))
-        (partial / "run_config.json").write_text(cfg.to_json())
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         if cfg.save_total_limit:
-            checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-            for old in checkpoints[: -cfg.save_total_limit]:
+            # The newest up to this step: checkpoints numbered higher are left from before a resume
+            # from an older one, and this run replaces them as it gets there.
+            own = [path for n, path in sorted(run_checkpoints(out).items()) if n <= step]
+            for old in own[: -cfg.save_total_limit]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
 

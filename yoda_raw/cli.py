@@ -1,12 +1,14 @@
-"""What every command of yoda_raw does with a mistake in its input: one line, exit status 2.
+"""What every command of yoda_raw does with a mistake in its input: one line, and a non-zero exit status.
 
 `run.py`, `python -m yoda_raw.generate`, `python -m yoda_raw.evaluate`, `python -m yoda_raw.inspect`
 and `python -m yoda_raw.trace` each hand their work to `run_command`. A `YodaError` (a path, a field,
 an option the user can fix) is printed as `error: ...` on stderr, without a traceback, and the
-command exits with status 2; with `--debug` on the command line the traceback is shown instead.
-Any other exception is a bug in yoda_raw and keeps its traceback.
+command exits with the error's `exit_code`: 2, or 128 + the signal's number (130, 143) for a run
+stopped by SIGINT or SIGTERM (train.Interrupted). With `--debug` on the command line the traceback
+is shown instead. Any other exception is a bug in yoda_raw and keeps its traceback.
 """
 
+import gc
 import sys
 from collections.abc import Callable
 
@@ -14,12 +16,17 @@ from yoda_raw.errors import YodaError
 
 
 def run_command(command: Callable[[list[str]], int], argv: list[str] | None = None) -> int:
-    """`command(argv)`'s exit status, or 2 after printing a YodaError as one line."""
+    """`command(argv)`'s exit status, or the error's exit status after printing a YodaError as one line."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         return command(argv)
     except YodaError as err:
         if "--debug" in argv:
             raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        failure = f"error: {err}", err.exit_code
+    # Free the failed run first, outside the except block (which holds the traceback): its progress
+    # bar redraws as it closes, and the error is to be the last line. (Frames in the traceback refer
+    # to each other: only the collector frees them.)
+    gc.collect()
+    print(failure[0], file=sys.stderr)
+    return failure[1]

@@ -15,9 +15,7 @@ What `with accelerator.accumulate(model)` would hide is written out in `fit` ins
 import contextlib
 import dataclasses
 import itertools
-import json
 import math
-import os
 import signal
 import sys
 import time
@@ -34,9 +32,9 @@ from accelerate.utils import (
 )
 from tqdm.auto import tqdm
 
-from yoda_raw import meter
+from yoda_raw import meter, output
 from yoda_raw.chat import IGNORE, load_tokenizer
-from yoda_raw.checkpoint import ADAPTER_FILE, load_adapter_only, resume_from, save_adapter_only, save_checkpoint
+from yoda_raw.checkpoint import load_adapter_only, resume_from, save_adapter_only, save_checkpoint
 from yoda_raw.config import TUTORIAL_MODEL, Config
 from yoda_raw.data import load_conversations, split_conversations
 from yoda_raw.errors import YodaError
@@ -63,12 +61,11 @@ from yoda_raw.precision import Precision, choose_precision
 class FitResult:
     """What `fit` did."""
 
-    steps: int  # optimizer steps done (less than total_steps when interrupted)
+    steps: int  # optimizer steps done (all of total_steps: a run stopped by a signal raises Interrupted instead)
     total_steps: int
     steps_per_epoch: int
     batch_size: int  # rows per micro-batch: what --auto-batch-size settled on
     skipped_steps: int  # fp16: updates the loss scaler skipped because gradients overflowed
-    interrupted: bool  # stopped by Ctrl-C or SIGTERM (a checkpoint was saved)
     log: list[dict]  # one record per logging step, as written to metrics.jsonl
     allocated_before_loop_bytes: int | None  # torch's allocated memory with the model alone (CUDA; None on CPU)
     optimizer: torch.optim.Optimizer  # live, with its state: what a memory breakdown counts
@@ -106,8 +103,13 @@ def main(cfg: Config) -> RunResult:
     graph = resolve_cuda_graph(cfg.cuda_graph, accelerator.device, accelerator.num_processes, precision.name)
     cfg = dataclasses.replace(cfg, cuda_graph=graph)
     check_hub_token(cfg)
-    out = check_output_dir(cfg)
+    # The output folder is checked and locked before anything is loaded (yoda_raw/output.py).
+    with output.owned(cfg, accelerator) as out:
+        return train_and_save(cfg, accelerator, precision, out)
 
+
+def train_and_save(cfg: Config, accelerator: Accelerator, precision: Precision, out: Path) -> RunResult:
+    """The run, in a folder it owns: data, model, fit, save."""
     # What this machine and this architecture decide (--quant auto, the default LoRA targets),
     # settled from the model's config before any weights load, so that a wrong --lora-targets
     # stops the run at once and the config printed and saved is the one that runs.
@@ -141,28 +143,22 @@ def main(cfg: Config) -> RunResult:
     trainable, total = parameter_counts(model)
     accelerator.print(parameter_line(model))
 
-    # Only now, with the data and model known good, touch the output folder.
+    # Only now, with the data and model known good, clear what --overwrite replaces.
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        if not cfg.resume:
-            (out / "metrics.jsonl").unlink(missing_ok=True)
+        output.start(cfg, out)
     if cfg.report_to != "none":
         # Trackers take flat scalars: the list of LoRA targets goes in as one string.
         hparams = {k: " ".join(v) if isinstance(v, list) else v for k, v in dataclasses.asdict(cfg).items()}
         accelerator.init_trackers("yoda_raw", config={k: v for k, v in hparams.items() if v is not None})
 
     # Fit, retrying with 0.9x the batch on out-of-memory when --auto-batch-size (as the Trainer).
-    metrics_file = out / "metrics.jsonl"
-    metrics_kept = metrics_file.stat().st_size if metrics_file.exists() else 0  # a resumed run's earlier lines
-
+    # (fit cuts metrics.jsonl back to the step it starts from: a failed attempt's lines go.)
     def fit_batch_size(batch_size: int) -> FitResult:
         accelerator.free_memory()
         model.zero_grad(set_to_none=True)  # an attempt that ran out of memory may have left partial gradients
         if batch_size != cfg.batch_size:
             accelerator.print(f"out of memory: retrying with --batch-size {batch_size}", file=sys.stderr)
-            if accelerator.is_main_process and metrics_file.exists():  # the failed attempt's lines: logged again
-                os.truncate(metrics_file, metrics_kept)
-        with signal_handlers_restored():  # also when fit raises (a NaN, out of memory)
+        with signal_handlers_restored():  # also when fit raises (a NaN, out of memory, a full disk)
             return fit(cfg, accelerator, model, rows, collator, batch_size, out)
 
     if cfg.auto_batch_size:
@@ -173,21 +169,18 @@ def main(cfg: Config) -> RunResult:
     else:
         fitted = fit_batch_size(cfg.batch_size)
 
-    # Save: adapter (safetensors), tokenizer, resolved configuration.
+    # Save: adapter (safetensors), tokenizer, resolved configuration; whole or not at all.
     accelerator.wait_for_everyone()
     report = None
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        (out / "run_config.json").write_text(cfg.to_json())
+        output.save_final(cfg, accelerator.unwrap_model(model), tokenizer, out)
         if cfg.samples and held_out:
             # A short evaluation and a few translations of sentences it did not train on.
             report = end_of_run_report(
                 accelerator.unwrap_model(model), tokenizer, held_out, system_prompt=cfg.system_prompt
             )
             print(format_report(report))
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": fitted.steps, **report}) + "\n")
+            output.append_metrics(out, {"step": fitted.steps, **report})
         if cfg.push_to_hub:
             push_to_hub(cfg, out)
     accelerator.end_training()
@@ -242,13 +235,6 @@ def check_hub_token(cfg: Config) -> None:
         raise YodaError(f"--push-to-hub {cfg.push_to_hub}: no Hugging Face token; set HF_TOKEN or run `hf auth login`")
 
 
-def check_output_dir(cfg: Config) -> Path:
-    out = Path(cfg.output_dir)
-    if (out / ADAPTER_FILE).exists() and not cfg.overwrite and not cfg.resume:
-        raise YodaError(f"{out} already holds an adapter; choose another --output-dir or pass --overwrite")
-    return out
-
-
 def fit(
     cfg: Config, accelerator: Accelerator, model, rows: list[dict], collator: Collator, batch_size: int, out: Path
 ) -> FitResult:
@@ -279,6 +265,10 @@ def fit(
     if cfg.cuda_graph == "on":
         # Rows of the graph: a batch, or all the rows when there are fewer (no rows of padding only).
         captured = CapturedStep(model, min(batch_size, len(rows)), cfg.max_length, collator.pad_id, device)
+    if accelerator.is_main_process:
+        # From here on metrics.jsonl holds each step once: lines after start_step are from the run
+        # before a resume from an older checkpoint, or from an --auto-batch-size attempt that failed.
+        output.keep_metrics_until(out, start_step)
     stop = StopOnSignal()
 
     meter.reset_peaks(device)  # peaks from here on are the training loop's (the weights stay counted)
@@ -358,17 +348,15 @@ def fit(
                 break
     bar.close()
     stop.restore()
-    if stop.requested:
-        accelerator.print(
-            f"stopped at step {step}; continue with --resume {out / f'checkpoint-{step}'}", file=sys.stderr
-        )
+    if stop.requested and step < total_steps:
+        # Not a finished run: no final adapter, no evaluation, and a non-zero exit status.
+        raise Interrupted(stop.signum, step, out / f"checkpoint-{step}")
     return FitResult(
         steps=step,
         total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
         batch_size=batch_size,
         skipped_steps=skipped,
-        interrupted=stop.requested,
         log=logged,
         allocated_before_loop_bytes=allocated_before_loop,
         optimizer=optimizer,
@@ -414,13 +402,13 @@ class StopOnSignal:
     run can save a resumable checkpoint instead of dying mid-step. A second Ctrl-C stops at once."""
 
     def __init__(self):
-        self.requested = False
+        self.requested, self.signum = False, None
         self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, signum
         print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint", file=sys.stderr)
 
     def restore(self):
@@ -488,6 +476,18 @@ def check_finite(first_bad_step: torch.Tensor, step: int) -> None:
         raise NonFiniteLoss(first_bad_step.item(), step)
 
 
+class Interrupted(YodaError):
+    """Stopped by SIGINT or SIGTERM after saving a checkpoint. The exit status is 128 + the signal's
+    number (130, 143), as shells report a process killed by it: a scheduler must not see success."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        self.exit_code = 128 + signum
+        super().__init__(
+            f"{signal.Signals(signum).name}: stopped after step {step} and saved {checkpoint}; "
+            f"continue with --resume {checkpoint} (and the same options)"
+        )
+
+
 class NonFiniteLoss(YodaError):
     def __init__(self, bad_step: int, stopped_at: int | None = None):
         stopped_at = bad_step if stopped_at is None else stopped_at
@@ -535,13 +535,12 @@ def write_record(record: dict, accelerator: Accelerator, bar: tqdm, out: Path) -
         if "peak_allocated_gib" in record:
             shown["peak_gib"] = record["peak_allocated_gib"]
         bar.set_postfix(shown)
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        output.append_metrics(out, record)
     accelerator.log(record, step=record["step"])
 
 
 def push_to_hub(cfg: Config, out: Path) -> None:
     api = huggingface_hub.HfApi()
     api.create_repo(cfg.push_to_hub, exist_ok=True, private=True)
-    api.upload_folder(repo_id=cfg.push_to_hub, folder_path=out, ignore_patterns=["checkpoint-*", ".checkpoint-*"])
+    api.upload_folder(repo_id=cfg.push_to_hub, folder_path=out, ignore_patterns=["checkpoint-*", ".*"])
     print(f"pushed {out} to https://huggingface.co/{cfg.push_to_hub}")
