@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,6 +81,8 @@ def owned(cfg: Config, accelerator: Accelerator) -> Iterator[Path]:
             lock = claim(cfg, out)
         except YodaError as err:
             problem = str(err)
+        except OSError as err:  # a folder that cannot even be listed
+            problem = f"--output-dir {out}: cannot use it ({err.strerror}); choose a folder you can write to"
     problem = broadcast_object_list([problem])[0]
     if problem:
         raise YodaError(problem)
@@ -139,11 +142,9 @@ def claim(cfg: Config, out: Path) -> Lock:
         )
 
     made = [p for p in [out, *out.parents] if not p.exists()]
-    probe = out / f".write-test-{os.getpid()}"  # the lock file may exist already: try a new file
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe.touch()
-        probe.unlink()
+        tempfile.TemporaryFile(dir=out).close()  # the lock file may exist already: try a new file
     except OSError as err:
         raise YodaError(
             f"--output-dir {out}: cannot write there ({err.strerror}); choose a folder you can write to"
@@ -158,9 +159,13 @@ def claim(cfg: Config, out: Path) -> Lock:
     return lock
 
 
+def continues_here(cfg: Config, out: Path) -> bool:
+    """Whether this run resumes a checkpoint of `out` itself, continuing the run that made it."""
+    return cfg.resume is not None and Path(cfg.resume).resolve().parent == out.resolve()
+
+
 def check_run_state(cfg: Config, out: Path) -> None:
     """Refuse to replace a finished adapter without --overwrite, and to start over a stopped run."""
-    continuing = cfg.resume is not None and Path(cfg.resume).resolve().parent == out.resolve()
     if cfg.overwrite:
         return
     if (out / ADAPTER_FILE).exists():
@@ -169,7 +174,7 @@ def check_run_state(cfg: Config, out: Path) -> None:
             "(which replaces it, and deletes the checkpoints of its run unless you --resume one of them)"
         )
     left = left_by_a_run(out)
-    if left and not continuing:
+    if left and not continues_here(cfg, out):
         newest = max(run_checkpoints(out).items(), default=(0, None))[1]
         resume = f"continue it with --resume {newest}, or " if newest else ""
         raise YodaError(
@@ -186,11 +191,10 @@ def start(cfg: Config, out: Path) -> None:
     (a save cut short) go in any case. Tokenizer files are replaced by the final save; a README.md
     already there is kept.
     """
-    continuing = cfg.resume is not None and Path(cfg.resume).resolve().parent == out.resolve()
     doomed = [p for p in out.iterdir() if PARTIAL_NAME.fullmatch(p.name)]
     if cfg.overwrite:
         doomed += [out / name for name in (ADAPTER_FILE, "adapter_config.json", RUN_CONFIG) if (out / name).exists()]
-        if not continuing:
+        if not continues_here(cfg, out):
             doomed += list(run_checkpoints(out).values())
             doomed += [out / METRICS_FILE] if (out / METRICS_FILE).exists() else []
     # The adapter first: once it is gone the folder no longer looks finished, whatever else remains.
