@@ -77,16 +77,16 @@ def fake_finished_run(folder: Path) -> None:
 
 
 def send_signal_at(monkeypatch, step: int, signum: int = signal.SIGINT) -> None:
-    """Send `signum` to this process from inside the loop, at the log of `step`."""
-    real_log_window = train.log_window
+    """Send `signum` to this process from inside the loop, in the forward and backward of `step`."""
+    real_forward_backward, calls = train.forward_backward, []
 
-    def log_window_then_signal(window, at, *args, **kwargs):
-        record = real_log_window(window, at, *args, **kwargs)
-        if at == step:
+    def forward_backward_then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
             os.kill(os.getpid(), signum)
-        return record
+        return real_forward_backward(*args, **kwargs)
 
-    monkeypatch.setattr(train, "log_window", log_window_then_signal)
+    monkeypatch.setattr(train, "forward_backward", forward_backward_then_signal)
 
 
 def disk_full_at_adapter_write(monkeypatch, n: int) -> None:
@@ -347,3 +347,21 @@ def test_resume_from_an_older_checkpoint_keeps_one_line_per_step(tmp_path, monke
     AcceleratorState._reset_state(True)
     train.main(tiny_config(tmp_path, save_steps=2, resume=str(tmp_path / "checkpoint-2")))
     assert steps(tmp_path) == [1, 2, 3, 4]
+
+
+def test_a_signal_during_logging_saves_the_checkpoint_it_names(tmp_path, monkeypatch):
+    """Catches a signal that comes while a step logs ending the run with no checkpoint of that step,
+    and a resume hint naming a checkpoint that does not exist."""
+    real_log_window = train.log_window
+
+    def log_window_then_sigint(window, step, *args, **kwargs):
+        record = real_log_window(window, step, *args, **kwargs)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return record
+
+    monkeypatch.setattr(train, "log_window", log_window_then_sigint)
+    with pytest.raises(train.Interrupted, match=f"--resume {tmp_path / 'checkpoint-2'}"):
+        train.main(tiny_config(tmp_path))
+    assert (tmp_path / "checkpoint-2" / "trainer_state.json").is_file()
+    assert steps(tmp_path) == [1, 2]

@@ -209,22 +209,22 @@ def test_resume_with_other_settings_names_the_fields(straight, tmp_path, tiny_co
 def test_sigint_saves_a_checkpoint_that_resumes_exactly(straight, tmp_path, monkeypatch, tiny_config):
     """Catches Ctrl-C killing the run mid-step with nothing saved (or a half-written checkpoint), a run
     that does not say it was interrupted, and a checkpoint whose resume does not continue with the
-    straight run's losses. SIGINT is sent to this process from inside the loop (at the step-2 log);
+    straight run's losses. SIGINT is sent to this process from inside the loop (in step 2's backward);
     fit's handler, installed in the main thread, turns it into a stop after the step."""
-    real_log_window = train.log_window
+    real_forward_backward, calls = train.forward_backward, []
 
-    def log_window_then_sigint(window, step, *args, **kwargs):
-        record = real_log_window(window, step, *args, **kwargs)
-        if step == 2:
+    def forward_backward_then_sigint(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGINT)
-        return record
+        return real_forward_backward(*args, **kwargs)
 
-    monkeypatch.setattr(train, "log_window", log_window_then_sigint)
+    monkeypatch.setattr(train, "forward_backward", forward_backward_then_sigint)
     interrupted = tmp_path / "interrupted"
     with pytest.raises(train.Interrupted, match="SIGINT: stopped after step 2") as info:
         train.main(tiny_config(RUN_OPTIONS, output_dir=str(interrupted)))
     assert info.value.exit_code == 130
-    monkeypatch.setattr(train, "log_window", real_log_window)
+    monkeypatch.setattr(train, "forward_backward", real_forward_backward)
     checkpoint = interrupted / "checkpoint-2"
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 2
     assert not list(interrupted.glob(".checkpoint-*"))

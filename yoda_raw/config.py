@@ -169,7 +169,13 @@ class Config:
     save_total_limit: int = field(default=0, metadata={"help": "Keep only the newest N checkpoints (0: keep all)."})
     resume: str | None = field(default=None, metadata={"help": "Checkpoint folder to continue from."})
     output_dir: str = field(default="out", metadata={"help": "Where the adapter, logs and checkpoints go."})
-    overwrite: bool = field(default=False, metadata={"help": "Allow writing over an adapter already in output_dir."})
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace the run already in output_dir: its adapter, and its checkpoints and metrics "
+            "unless --resume continues one of them. Never files that no run wrote."
+        },
+    )
     report_to: Literal["none", "tensorboard"] = field(
         default="none", metadata={"help": "Also log through Accelerate's tracker."}
     )

@@ -279,8 +279,8 @@ def fit(
     logged, skipped = [], 0
     first_bad_step = torch.zeros((), dtype=torch.long, device=device)  # the NaN guard's flag: 0 while all is well
     model.train()
-    step = start_step
-    while step < total_steps and not stop.requested:
+    step, stopping = start_step, False
+    while step < total_steps and not stopping:
         epoch = step // steps_per_epoch
         loader.set_epoch(epoch)
         # On resume, skip the micro-batches this epoch already trained on.
@@ -339,16 +339,18 @@ def fit(
                     tqdm.write(meter.format_breakdown(breakdown))
                 window = new_window(device)
             # Checkpoint on schedule, or when asked to stop (Ctrl-C, SIGTERM; also during the logging above,
-            # which is why this condition is read after it).
-            is_saving_step = (cfg.save_steps and step % cfg.save_steps == 0) or stop.requested
+            # which is why this condition is read after it). The stop is read once, here: a signal that
+            # comes after it stops the next step, which saves.
+            stopping = stop.requested
+            is_saving_step = (cfg.save_steps and step % cfg.save_steps == 0) or stopping
             if is_saving_step:
                 check_finite(first_bad_step, step)  # nothing is saved after a NaN
                 save_checkpoint(cfg, accelerator, out, step)
-            if stop.requested:
+            if stopping:
                 break
     bar.close()
     stop.restore()
-    if stop.requested and step < total_steps:
+    if stopping and step < total_steps:
         # Not a finished run: no final adapter, no evaluation, and a non-zero exit status.
         raise Interrupted(stop.signum, step, out / f"checkpoint-{step}")
     return FitResult(
