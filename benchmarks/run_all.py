@@ -127,6 +127,8 @@ def plan(args) -> list[Job]:
             f"{base} --quant-compute-dtype float32 --fp32-frozen".split()),
         Job("ours-eager", "yoda_raw, eager loop (--cuda-graph off)", "headline", "bench_loop.py",
             f"{base} --cuda-graph off".split()),
+        Job("ours-compiled", "yoda_raw, decoder layers compiled (--compile-layers)", "headline", "bench_loop.py",
+            f"{base} --compile-layers".split()),
         Job("ours-512", "yoda_raw, our defaults, 16 x 512", "headline", "bench_loop.py",
             f"--batch-size 16 --max-length 512 {steps}".split()),
         Job("ours-eager-512", "yoda_raw, eager loop, 16 x 512", "headline", "bench_loop.py",

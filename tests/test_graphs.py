@@ -6,6 +6,7 @@ attention mask gives the eager loss and gradients exactly.
 """
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -42,7 +43,10 @@ def test_padded_maskless_batch_gives_the_eager_loss_and_gradients(tiny_model, ti
 
     captured = CapturedStep(tiny_model, batch_size=5, max_length=12, pad_id=tiny_tokenizer.pad_token_id, device="cpu")
     captured._load(batch)
-    assert set(captured.batch) == {"input_ids", "labels"}  # no attention mask reaches the model
+    # The mask that reaches the model is plain causal attention, the same for every row: it says
+    # nothing about padding (that is what makes it fixed, and the point of the test).
+    causal = torch.ones(12, 12, dtype=torch.bool).tril()
+    assert all(torch.equal(m, causal) for m in captured.batch["attention_mask"][:, 0])
     assert (captured.batch["labels"][3:] == IGNORE).all() and (captured.batch["labels"][:, 8:] == IGNORE).all()
     loss = token_loss_sum(tiny_model, captured.batch)
     loss.backward()
@@ -56,7 +60,9 @@ def test_padded_maskless_batch_gives_the_eager_loss_and_gradients(tiny_model, ti
 def test_a_full_batch_after_a_short_one_leaves_no_stale_padding(tiny_tokenizer):
     """The buffers are reused: a short batch pads them, and the next full batch must overwrite
     every position (no labels of an earlier batch survive)."""
-    captured = CapturedStep(torch.nn.Identity(), batch_size=2, max_length=4, pad_id=0, device="cpu")
+    model = torch.nn.Identity()
+    model.config = SimpleNamespace(_attn_implementation="sdpa")
+    captured = CapturedStep(model, batch_size=2, max_length=4, pad_id=0, device="cpu")
     captured._load({"input_ids": torch.tensor([[1, 2]]), "labels": torch.tensor([[1, 2]])})
     full = {"input_ids": torch.arange(8).view(2, 4), "labels": torch.arange(8).view(2, 4) + 10}
     captured._load(full)

@@ -127,6 +127,14 @@ class Config:
             "(one CUDA GPU, bf16 or fp32), off elsewhere. off: the plain eager loop."
         },
     )
+    compile_layers: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile each decoder layer: fused kernels for the norms, rotary embeddings, "
+            "activations and LoRA's element-wise work, at the price of compiling at the first step. "
+            "With --cuda-graph the compiled layers are recorded in the graph."
+        },
+    )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})

@@ -27,6 +27,7 @@ from accelerate import PartialState, init_empty_weights
 from accelerate.utils import broadcast_object_list
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from yoda_raw import tiny
 from yoda_raw.config import TINY, Config
@@ -219,6 +220,18 @@ def add_lora(model, cfg: Config):
         # Name the base by its source (with a local folder peft would record the same path anyway).
         model.peft_config["default"].base_model_name_or_path = cfg.model
     return model
+
+
+def compile_layers(model) -> None:
+    """--compile-layers: torch.compile every decoder layer on its own (they share one compiled
+    code, all 32 of Phi-3's being alike). A layer is where the many small element-wise kernels are
+    (norms, rotary embeddings, the MLP's activation, LoRA's dropout, scaling and add); compiling it
+    fuses them, while the 4-bit matmuls stay bitsandbytes' own. One layer compiles in seconds; the
+    whole model would take minutes. dynamic=False: the shapes are fixed (wrapped packing, and the
+    CUDA graph's buffers), and a short last batch compiles once more."""
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module.compile(dynamic=False)
 
 
 def parameter_counts(model) -> tuple[int, int]:

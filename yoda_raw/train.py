@@ -45,6 +45,7 @@ from yoda_raw.loss import supervised_count, token_loss_sum
 from yoda_raw.model import (
     add_lora,
     choose_lora_targets,
+    compile_layers,
     load_base_model,
     load_model_config,
     parameter_counts,
@@ -140,6 +141,8 @@ def train_and_save(cfg: Config, accelerator: Accelerator, precision: Precision, 
         raise YodaError(f"--max-length {cfg.max_length} is longer than the model's context of {context} tokens")
     model = load_base_model(cfg, precision, accelerator.device, vocab_size=len(tokenizer))
     model = add_lora(model, cfg)
+    if cfg.compile_layers:
+        compile_layers(model)  # compiled lazily, at the first step
     trainable, total = parameter_counts(model)
     accelerator.print(parameter_line(model))
 
