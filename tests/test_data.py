@@ -205,6 +205,10 @@ def test_row_that_is_not_an_object(tmp_path):
         ),
         ([{"role": "user", "content": "Hi."}], "the conversation has no assistant turn"),
         ([{"role": "assistant", "content": "Hm."}], "the conversation opens with an assistant message"),
+        (  # trained fine, then failed the end-of-run evaluation, which needs a prompt for each answer
+            [{"role": "system", "content": "Be Yoda."}, {"role": "assistant", "content": "Hm."}],
+            "the conversation has no user message before its first assistant message",
+        ),
         ([{"role": "user", "content": "Hi."}, {"role": "assistant", "content": ""}], "message 2 content is empty"),
         (
             [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": 7}],

@@ -18,6 +18,8 @@ Labels follow the Hugging Face convention: `labels[t]` is the token at position 
 there is no loss; the model shifts them itself (position t predicts token t + 1).
 """
 
+import hashlib
+import json
 from pathlib import Path
 
 import transformers
@@ -65,6 +67,15 @@ def load_tokenizer(source: str, trust_remote_code: bool = False) -> transformers
     elif tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    """What identifies a tokenizer's ids: its whole definition (vocabulary, merges, normalisation,
+    added tokens: tokenizer.json) where it has one, its chat template and its pad token."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    identity = json.dumps([definition, tokenizer.chat_template, tokenizer.pad_token])
+    return hashlib.sha256(identity.encode()).hexdigest()
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:

@@ -6,8 +6,10 @@ from its source), the optimizer state and every process's random states (Acceler
 the step (which fixes both the data position and the learning rate) and the resolved config.
 """
 
+import hashlib
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -15,9 +17,10 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import extract_model_from_parallel
 from peft import set_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from yoda_raw.config import Config
+from yoda_raw.config import Config, read_json
 from yoda_raw.errors import YodaError
 from yoda_raw.output import ADAPTER_FILE, WRITE_ERRORS, run_checkpoints, write_failed
 
@@ -29,23 +32,38 @@ def save_checkpoint(cfg: Config, accelerator: Accelerator, out: Path, step: int)
     checkpoints before it whole, and no half-written one."""
     final = out / f"checkpoint-{step}"
     partial = out / f".checkpoint-{step}.partial"
+
+    def stop_if_any_failed(failure: Exception | None) -> None:
+        # One all-reduce: every process learns whether any of them failed, so that all stop together
+        # (one alone would leave the others waiting for it in their next collective).
+        failed = accelerator.reduce(torch.tensor(int(failure is not None), device=accelerator.device), "sum")
+        if failed.item():
+            if accelerator.is_main_process:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise write_failed(final.name, out, failure) from failure
+
     failure = None
     try:
         accelerator.save_state(str(partial))
         if accelerator.is_main_process:
-            # num_processes: the data position of a step depends on it (rows are dealt to processes).
-            state = {"step": step, "num_processes": accelerator.num_processes}
-            (partial / "trainer_state.json").write_text(json.dumps(state))
             (partial / "run_config.json").write_text(cfg.to_json())
     except WRITE_ERRORS as err:
         failure = err
-    # Every process writes its own random states into `partial`: wait for all before renaming it, and
-    # learn whether any of them failed (one all-reduce), so that all stop together, not one alone.
-    failed = accelerator.reduce(torch.tensor(int(failure is not None), device=accelerator.device), "sum")
-    if failed.item():
-        if accelerator.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)
-        raise write_failed(final.name, out, failure) from failure
+    # Every process writes its own random states into `partial`: the all-reduce also waits for all
+    # of them, so that the hashes below cover every file.
+    stop_if_any_failed(failure)
+    if accelerator.is_main_process:
+        try:
+            # num_processes: the data position of a step depends on it (rows are dealt to processes).
+            # files: a sha256 of every file, so that a resume can refuse a truncated or damaged one
+            # instead of failing deep inside torch, or (RNG states) silently resuming inexactly.
+            # Hashing costs a read of the adapter and optimizer state (~0.1 s for Phi-3-mini's LoRA).
+            files = {file.name: file_sha256(file) for file in sorted(partial.iterdir()) if file.is_file()}
+            state = {"step": step, "num_processes": accelerator.num_processes, "files": files}
+            (partial / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        except WRITE_ERRORS as err:
+            failure = err
+    stop_if_any_failed(failure)
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
@@ -58,7 +76,16 @@ def save_checkpoint(cfg: Config, accelerator: Accelerator, out: Path, step: int)
     accelerator.wait_for_everyone()
 
 
-# Options that must be the same to resume: the model, the adapter, the data and how it is cut.
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# Options that must be the same to resume: the model, the adapter, the data and how it is cut, and
+# the optimizer (another one has another state: AdamW's exp_avg is not 8-bit AdamW's state1).
 RESUME_MUST_MATCH = (
     "model",
     "init",
@@ -79,18 +106,31 @@ RESUME_MUST_MATCH = (
     "seed",
     "batch_size",
     "grad_accum",
+    "optim",
 )
 
 
-def resume_from(cfg: Config, accelerator: Accelerator) -> int:
-    """Load a checkpoint into the prepared model and optimizer; returns the step to continue from."""
+def check_checkpoint(cfg: Config, num_processes: int) -> None:
+    """Refuse, in one line and before the model loads, a --resume this run cannot continue exactly:
+    not a checkpoint, a missing or damaged file, other settings, another tokenizer or other data
+    behind the same path, another number of processes."""
     path = Path(cfg.resume)
     if not (path / "trainer_state.json").is_file() or not (path / ADAPTER_FILE).is_file():
         raise YodaError(
             f"--resume {path}: not a checkpoint (no trainer_state.json and {ADAPTER_FILE}); "
             "pass an OUTPUT_DIR/checkpoint-N folder"
         )
-    saved = json.loads((path / "run_config.json").read_text())
+    fix = "resume from another checkpoint-N, or start again without --resume"
+    state = read_json(path / "trainer_state.json", fix)
+    if not isinstance(state.get("step"), int) or state["step"] < 1:
+        raise YodaError(f"{path / 'trainer_state.json'} is damaged (no step number); {fix}")
+    for name, digest in state.get("files", {}).items():  # checkpoints from before hashes were saved: none
+        if not (path / name).is_file():
+            raise YodaError(f"--resume {path}: {name} is missing; {fix}")
+        if file_sha256(path / name) != digest:
+            raise YodaError(f"--resume {path}: {name} is damaged (it changed since it was saved); {fix}")
+
+    saved = read_json(path / "run_config.json", fix)
     differ = [
         f"{key} ({saved.get(key)!r} there, {getattr(cfg, key)!r} now)"
         for key in RESUME_MUST_MATCH
@@ -98,16 +138,52 @@ def resume_from(cfg: Config, accelerator: Accelerator) -> int:
     ]
     if differ:
         raise YodaError(f"--resume {path}: the checkpoint was made with other settings: {'; '.join(differ)}")
-    state = json.loads((path / "trainer_state.json").read_text())
+    # The same --tokenizer and --dataset can hold other contents; None: a checkpoint from before they were recorded.
+    if saved.get("tokenizer_sha256") not in (None, cfg.tokenizer_sha256):
+        raise YodaError(
+            f"--resume {path}: the tokenizer {cfg.tokenizer_source} is not the one the checkpoint was trained "
+            f"with (sha256 {saved['tokenizer_sha256'][:12]}... there, {cfg.tokenizer_sha256[:12]}... now); "
+            "pass the run's --tokenizer"
+        )
+    if saved.get("data_sha256") not in (None, cfg.data_sha256):
+        raise YodaError(
+            f"--resume {path}: {cfg.dataset} has changed since the checkpoint was trained on it (content sha256 "
+            f"{saved['data_sha256'][:12]}... there, {cfg.data_sha256[:12]}... now); restore that data, "
+            "or start a new run without --resume"
+        )
+
     saved_processes = state.get("num_processes", 1)  # checkpoints from before it was recorded: 1 process
-    if saved_processes != accelerator.num_processes:
+    if saved_processes != num_processes:
         raise YodaError(
             f"--resume {path}: the checkpoint was made on {saved_processes} process(es), this run has "
-            f"{accelerator.num_processes}; resume with "
-            f"`accelerate launch --num_processes {saved_processes}`"
+            f"{num_processes}; resume with `accelerate launch --num_processes {saved_processes}`"
         )
-    accelerator.load_state(str(path))
-    return state["step"]
+    # Accelerate skips an unreadable random-state file silently: the resume would not be exact.
+    for rank in range(num_processes):
+        if not (path / f"random_states_{rank}.pkl").is_file():
+            raise YodaError(f"--resume {path}: random_states_{rank}.pkl is missing; {fix}")
+
+
+def resume_from(cfg: Config, accelerator: Accelerator, total_steps: int) -> int:
+    """Load the checkpoint (checked by check_checkpoint) into the prepared model and optimizer;
+    returns the step to continue from."""
+    path = Path(cfg.resume)
+    step = read_json(path / "trainer_state.json", "resume from another checkpoint-N")["step"]
+    if step >= total_steps:
+        ends = f"--max-steps {cfg.max_steps}" if cfg.max_steps > 0 else f"--epochs {cfg.epochs}"
+        raise YodaError(
+            f"--resume {path}: the checkpoint is at step {step} and this run ends at step {total_steps} "
+            f"({ends}), so nothing is left to train; raise {ends.split()[0]} to train on"
+        )
+    try:
+        accelerator.load_state(str(path))
+    except (OSError, EOFError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError, SafetensorError) as err:
+        # What the hashes cannot catch: a checkpoint from before they were saved, or one from another version.
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise YodaError(
+            f"--resume {path}: cannot load it ({reason}); resume from another checkpoint-N, or start again"
+        ) from None
+    return step
 
 
 def save_adapter_only(models, weights, output_dir):

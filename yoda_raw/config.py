@@ -19,6 +19,9 @@ checkpoint and adapter, so a result can always be traced back to the settings th
 import argparse
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -194,7 +197,18 @@ class Config:
     samples: bool = field(default=True, metadata={"help": "Translate a few held-out sentences at the end."})
     debug: bool = field(default=False, metadata={"help": "Show full tracebacks."})
 
+    # --- filled in by the run, not options (init=False: the command line does not offer them) ---
+    # What identifies the tokenizer and the data a run trained on, so that a resume, or evaluate's
+    # held-out split, notices another tokenizer or a changed file behind the same path.
+    tokenizer_sha256: str | None = field(default=None, init=False)
+    data_sha256: str | None = field(default=None, init=False)
+
     def __post_init__(self):
+        # Types first, for every field, whatever filled it: the command line's parser checks types,
+        # but a YAML file or a run_config.json gives values as they are (`max_steps: 2.5`, `lr: [1, 2]`).
+        # (The annotations, not dataclasses.fields(): HfArgumentParser rewrites a field's `str | None` to `str`.)
+        for name, kind in typing.get_type_hints(Config).items():
+            setattr(self, name, _checked(name, getattr(self, name), kind))
         checks = [
             (self.max_length >= 2, f"--max-length must be at least 2, got {self.max_length}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
@@ -206,15 +220,25 @@ class Config:
             ),
             (0.0 <= self.eval_fraction < 1.0, f"--eval-fraction must be in [0, 1), got {self.eval_fraction}"),
             (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.weight_decay >= 0, f"--weight-decay must be 0 or more, got {self.weight_decay}"),
+            # A negative clip norm scales every gradient by a negative factor: the run trains backwards.
+            (self.max_grad_norm >= 0, f"--max-grad-norm must be 0 (no clipping) or more, got {self.max_grad_norm}"),
             (self.lora_r >= 1, f"--lora-r must be at least 1, got {self.lora_r}"),
+            (self.lora_alpha >= 1, f"--lora-alpha must be at least 1, got {self.lora_alpha}"),
             (0.0 <= self.lora_dropout < 1.0, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}"),
             (self.logging_steps >= 1, f"--logging-steps must be at least 1, got {self.logging_steps}"),
             (self.save_steps >= 0, f"--save-steps must be 0 or more, got {self.save_steps}"),
+            (
+                self.save_total_limit >= 0,
+                f"--save-total-limit must be 0 (keep all) or more, got {self.save_total_limit}",
+            ),
             (self.warmup_steps >= 0, f"--warmup-steps must be 0 or more, got {self.warmup_steps}"),
             (
                 self.system_prompt is None or bool(self.system_prompt.strip()),
                 "--system-prompt must not be empty; leave it out for no system message",
             ),
+            # numpy's seed, which set_seed also sets, takes 0 to 2**32 - 1.
+            (0 <= self.seed < 2**32, f"--seed must be in [0, 2**32), got {self.seed}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -226,6 +250,69 @@ class Config:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Config":
+        """A Config from a saved run_config.json's values (keys unknown here, e.g. from a newer
+        yoda_raw, are dropped); checked like any other."""
+        options = {f.name for f in dataclasses.fields(cls) if f.init}
+        cfg = cls(**{key: value for key, value in values.items() if key in options})
+        cfg.tokenizer_sha256, cfg.data_sha256 = values.get("tokenizer_sha256"), values.get("data_sha256")
+        return cfg
+
+
+def read_json(path: Path, fix: str) -> dict:
+    """The JSON object saved in `path` (run_config.json, trainer_state.json). Any damage (missing,
+    unreadable, empty, not JSON, not an object) is one YodaError line that ends with `fix`."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise YodaError(f"{path} is missing; {fix}") from None
+    except OSError as err:
+        raise YodaError(f"cannot read {path} ({err.strerror}); {fix}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise YodaError(f"{path} is damaged (not JSON); {fix}") from None
+    if not isinstance(value, dict):
+        raise YodaError(f"{path} is damaged (not a JSON object); {fix}")
+    return value
+
+
+def _checked(name: str, value, kind):
+    """`value` if it is of the field's type `kind` (an int where a float is expected becomes a float),
+    else YodaError naming the option as the command line spells it.
+
+    >>> _checked("lr", 1, float), _checked("tokenizer", None, str | None)
+    (1.0, None)
+    """
+    option = "--" + name.replace("_", "-")
+    if isinstance(kind, types.UnionType):  # `str | None`: None, or the other type
+        return (
+            None
+            if value is None
+            else _checked(name, value, next(k for k in typing.get_args(kind) if k is not type(None)))
+        )
+    if typing.get_origin(kind) is Literal:
+        choices = typing.get_args(kind)
+        if value not in choices:
+            raise YodaError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
+        return value
+    if typing.get_origin(kind) is list:
+        # A lone name in YAML (`lora_targets: o_proj`) would otherwise be taken as its letters.
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            raise YodaError(f"{option} must be a list of names (in YAML: [o_proj, qkv_proj]), got {value!r}")
+        return value
+    # bool is a subclass of int in Python: `epochs: true` must not pass as 1.
+    if kind is bool and not isinstance(value, bool):
+        raise YodaError(f"{option} must be true or false, got {value!r}")
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise YodaError(f"{option} must be a whole number, got {value!r}")
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise YodaError(f"{option} must be a finite number, got {value!r}")
+        return float(value)
+    if kind is str and not isinstance(value, str):
+        raise YodaError(f"{option} must be text, got {value!r}")
+    return value
 
 
 # What each preset changes; preset_defaults() fills in the smol model's location.

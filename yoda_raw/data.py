@@ -19,6 +19,7 @@ and what is wrong: a run that silently trains on half the data is worse than one
 """
 
 import csv
+import hashlib
 import json
 import random
 import sys
@@ -37,7 +38,7 @@ ROLES = ("system", "user", "assistant")
 
 def _read_jsonl(path: Path) -> list[tuple[str, object]]:
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue  # a blank line (often the last one) holds no row
@@ -51,7 +52,7 @@ def _read_jsonl(path: Path) -> list[tuple[str, object]]:
 
 def _read_json(path: Path) -> list[tuple[str, object]]:
     # A .json file is either one JSON array of rows or, as often, JSON Lines under another name.
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     if not text.lstrip().startswith("["):
         return _read_jsonl(path)
     try:
@@ -62,7 +63,8 @@ def _read_json(path: Path) -> list[tuple[str, object]]:
 
 
 def _read_csv(path: Path) -> list[tuple[str, object]]:
-    with open(path, encoding="utf-8", newline="") as f:
+    # utf-8-sig: a byte-order mark (Excel writes one) would otherwise become part of the first column's name.
+    with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
         # reader.line_num is the file line where the row ended (the header is line 1)
         return [(f"{path}, line {reader.line_num}", row) for row in reader]
@@ -120,7 +122,16 @@ def _read_rows(source: str, split: str) -> list[tuple[str, object]]:
         reader = readers.get(path.suffix.lower())
         if reader is None:
             raise YodaError(f"{path}: unsupported file type; use one of {', '.join(DATA_SUFFIXES)}")
-        return reader(path)
+        try:
+            return reader(path)
+        except UnicodeDecodeError as err:
+            raise YodaError(
+                f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                "save it as UTF-8, or check that it is the file you meant"
+            ) from None
+        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError: a damaged .parquet
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise YodaError(f"{path}: cannot read it as {path.suffix} ({reason})") from None
     if looks_like_local_path(source):
         raise YodaError(f"dataset file not found: {source}")
     return _read_hub(source, split)
@@ -179,6 +190,10 @@ def _check_messages(messages: object) -> list[dict]:
         conversation.append({"role": message["role"], "content": message["content"]})
     if conversation[0]["role"] == "assistant":
         raise ValueError("the conversation opens with an assistant message; start it with a user or system message")
+    # After any system messages, a user message: an answer needs a question, and evaluation and
+    # the end-of-run report take the user message before the last answer as its prompt.
+    if next(m["role"] for m in conversation if m["role"] != "system") != "user":
+        raise ValueError("the conversation has no user message before its first assistant message; add one")
     if not any(message["role"] == "assistant" for message in conversation):
         raise ValueError("the conversation has no assistant turn, so there is nothing to learn from it")
     return conversation
@@ -231,6 +246,12 @@ def load_conversations(
         reason = f"all {len(rows)} rows are invalid" if rows else "it has no rows"
         raise YodaError(f"dataset {source} is empty: {reason}")
     return conversations
+
+
+def content_sha256(conversations: list[list[dict]]) -> str:
+    """What identifies a data set: a hash of its conversations, in order (the held-out split depends
+    on the order). The same content read from .jsonl or .parquet has the same hash."""
+    return hashlib.sha256(json.dumps(conversations, ensure_ascii=False).encode()).hexdigest()
 
 
 def split_conversations(conversations: list, eval_fraction: float, seed: int) -> tuple[list, list]:

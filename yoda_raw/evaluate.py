@@ -35,9 +35,9 @@ import torch
 
 from yoda_raw.chat import tokenize_conversations
 from yoda_raw.cli import run_command
-from yoda_raw.data import load_conversations, split_conversations
+from yoda_raw.data import content_sha256, load_conversations, split_conversations
 from yoda_raw.errors import YodaError
-from yoda_raw.generate import SAMPLE_SENTENCE, load_for_inference, read_run_config, translate
+from yoda_raw.generate import SAMPLE_SENTENCE, check_sampling, load_for_inference, read_run_config, translate
 from yoda_raw.loss import supervised_count, token_loss_sum
 from yoda_raw.packing import Collator
 
@@ -260,6 +260,13 @@ def conversations_to_score(
         conversations = load_conversations(
             cfg.dataset, prompt_field, response_field, split, cfg.skip_invalid, cfg.system_prompt
         )
+        # The split is made again from the file: if its content changed (rows reordered, added, edited),
+        # the "held-out" rows would include rows the adapter trained on. None: an adapter from before it was recorded.
+        if cfg.data_sha256 not in (None, content_sha256(conversations)):
+            raise YodaError(
+                f"{cfg.dataset} has changed since the adapter was trained on it, so its held-out split would "
+                "include training rows; restore that data, or score other data with --dataset"
+            )
         _, held_out = split_conversations(conversations, cfg.eval_fraction, cfg.seed)
         described = f"held-out split of {cfg.dataset} (eval_fraction {cfg.eval_fraction}, seed {cfg.seed})"
         conversations = held_out
@@ -273,6 +280,18 @@ def conversations_to_score(
     if not conversations:
         raise YodaError(f"nothing to evaluate in the {described}")
     return conversations, described
+
+
+def check_writable_dir(path: Path, option: str) -> None:
+    """Make the folder `path` (or find it there) and check that files can be written into it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise YodaError(f"{option} {path}: a file is in the way; choose a folder") from None
+    except OSError as err:
+        raise YodaError(f"{option} {path}: cannot make the folder ({err.strerror}); choose another") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise YodaError(f"{option} {path}: cannot write there (permission denied); choose another folder")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -303,10 +322,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def evaluate_command(argv: list[str]) -> int:
     args = parse_args(argv)
+    out = Path(args.output_dir or args.adapter)
+    # Every check before the slow part: a bad number or output folder found after the
+    # evaluation would lose its results.
     if args.limit is not None and args.limit < 1:
         raise YodaError(f"--limit must be at least 1, got {args.limit}")
+    check_sampling(args.max_new_tokens, 0.0, 1.0, args.batch_size)
     _sacrebleu()
     cfg = read_run_config(args.adapter)
+    check_writable_dir(out, "--output-dir")
     conversations, described = conversations_to_score(
         cfg, args.dataset, args.split, args.prompt_field, args.response_field, args.limit
     )
@@ -320,8 +344,6 @@ def evaluate_command(argv: list[str]) -> int:
         system_prompt=cfg.system_prompt,
     )
     table = markdown_table(results)
-    out = Path(args.output_dir or args.adapter)
-    out.mkdir(parents=True, exist_ok=True)
     record = {"adapter": os.fspath(args.adapter), "data": described} | results
     (out / "eval.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / "eval.md").write_text(f"{described}: {len(conversations)} conversations\n\n{table}\n")

@@ -24,17 +24,18 @@ quant, precision, system prompt), then the adapter is applied with peft.
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
 
+import safetensors
 import torch
 import transformers
 
 from yoda_raw.chat import common_prefix_length, load_tokenizer, render
+from yoda_raw.checkpoint import ADAPTER_FILE
 from yoda_raw.cli import run_command
-from yoda_raw.config import Config
+from yoda_raw.config import Config, read_json
 from yoda_raw.data import with_system_prompt
 from yoda_raw.errors import YodaError
 from yoda_raw.precision import choose_precision
@@ -57,9 +58,18 @@ def read_run_config(adapter_dir: str | os.PathLike) -> Config:
         raise YodaError(f"--adapter {adapter_dir}: not an adapter (no {ADAPTER_CONFIG})")
     if not (path / RUN_CONFIG).is_file():
         raise YodaError(f"--adapter {adapter_dir}: no {RUN_CONFIG}, so the base model it was trained on is unknown")
-    values = json.loads((path / RUN_CONFIG).read_text())
-    known = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{key: value for key, value in values.items() if key in known})
+    # Without its weights peft would take the folder's name for a Hub id; a truncated file fails deep in safetensors.
+    weights = path / ADAPTER_FILE
+    if not weights.is_file():
+        raise YodaError(f"--adapter {adapter_dir}: no {ADAPTER_FILE}; pass a finished run's --output-dir")
+    try:
+        safetensors.safe_open(weights, "pt").keys()  # reads the header, checks the file is as long as it says
+    except (OSError, safetensors.SafetensorError):
+        raise YodaError(
+            f"--adapter {adapter_dir}: {ADAPTER_FILE} is damaged (cut short?); use a checkpoint-N folder, or retrain"
+        ) from None
+    values = read_json(path / RUN_CONFIG, "it is written by training: retrain, or restore the file from a backup")
+    return Config.from_dict(values)
 
 
 def load_tokenizer_for(adapter_dir: str | os.PathLike, cfg: Config):
@@ -71,6 +81,23 @@ def load_tokenizer_for(adapter_dir: str | os.PathLike, cfg: Config):
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """--device as a torch.device (None: cuda if there is one), or YodaError if there is no such device here."""
+    if name is None:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise YodaError(f"--device {name}: not a device name; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise YodaError(f"--device {name}: no CUDA GPU found; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise YodaError(f"--device {name}: there are only {torch.cuda.device_count()} GPU(s) (cuda:0 ...)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise YodaError(f"--device {name}: not supported here; use cpu, cuda or cuda:N")
+    return device
 
 
 def load_for_inference(
@@ -94,7 +121,7 @@ def load_for_inference(
     cfg = read_run_config(adapter_dir)
     if quant is not None:
         cfg = dataclasses.replace(cfg, quant=quant)
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     precision = choose_precision(cfg.precision, device)
     tokenizer = load_tokenizer_for(adapter_dir, cfg)
     base = load_base_model(cfg, precision, device, vocab_size=len(tokenizer))
@@ -202,6 +229,7 @@ def generate_ids(
     """
     end_ids = end_token_ids(tokenizer, getattr(model, "generation_config", None))
     device = next(model.parameters()).device
+    context = getattr(model.config, "max_position_embeddings", None)
     if temperature > 0:
         # top_k=0: no top-k cut (generate's default is 50); only --temperature and --top-p shape the draw.
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
@@ -215,6 +243,7 @@ def generate_ids(
         results = []
         for start in range(0, len(sentences), batch_size):
             prompts = [prompt_ids(tokenizer, s, system_prompt) for s in sentences[start : start + batch_size]]
+            check_fits(prompts, max_new_tokens, context, first_number=start + 1)
             input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id)
             generated = model.generate(
                 input_ids=input_ids.to(device),
@@ -230,6 +259,16 @@ def generate_ids(
     finally:
         model.train(was_training)
     return results
+
+
+def check_fits(prompts: list[list[int]], max_new_tokens: int, context: int | None, first_number: int = 1) -> None:
+    """Past its context a model computes garbage (or fails on position ids): refuse such a sentence."""
+    for number, prompt in enumerate(prompts, start=first_number):
+        if context is not None and len(prompt) + max_new_tokens > context:
+            raise YodaError(
+                f"sentence {number} is {len(prompt)} tokens with the chat template; with --max-new-tokens "
+                f"{max_new_tokens} that is more than the model's context of {context} tokens: shorten it"
+            )
 
 
 def decode_answer(tokenizer, ids: list[int], end_ids) -> str:
@@ -290,8 +329,12 @@ def merge(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, device: st
     full precision. The merged model is therefore full size (7.6 GB in bf16 for Phi-3-mini).
     """
     out = Path(out_dir)
-    if (out / "config.json").exists():
-        raise YodaError(f"--merge {out_dir}: already holds a model; choose an empty folder")
+    if out.exists() and not out.is_dir():
+        raise YodaError(f"--merge {out_dir}: is a file; choose a new or empty folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise YodaError(
+            f"--merge {out_dir}: is not empty (files there would be replaced); choose a new or empty folder"
+        )
     model, tokenizer, cfg = load_for_inference(adapter_dir, device, dequantize_base=True)
     merged = model.merge_and_unload()  # W <- W + (alpha / r) B A in every adapted layer; LoRA removed
     merged.config.use_cache = True  # a deployed model generates

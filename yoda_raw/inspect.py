@@ -19,6 +19,7 @@ from yoda_raw.chat import IGNORE, load_tokenizer
 from yoda_raw.cli import run_command
 from yoda_raw.config import TUTORIAL_DATASET, TUTORIAL_MODEL
 from yoda_raw.data import load_conversations
+from yoda_raw.errors import YodaError
 from yoda_raw.packing import build_rows, count_tokens
 
 GREEN, RESET = "\033[1;32m", "\033[0m"
@@ -70,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def inspect_command(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.limit is not None and args.limit < 0:
+        raise YodaError(f"--limit must be 0 or more, got {args.limit}")
+    if args.max_length < 2:
+        raise YodaError(f"--max-length must be at least 2, got {args.max_length}")
     conversations = load_conversations(
         args.dataset,
         args.prompt_field,

@@ -33,10 +33,10 @@ from accelerate.utils import (
 from tqdm.auto import tqdm
 
 from yoda_raw import meter, output
-from yoda_raw.chat import IGNORE, load_tokenizer
-from yoda_raw.checkpoint import load_adapter_only, resume_from, save_adapter_only, save_checkpoint
+from yoda_raw.chat import IGNORE, load_tokenizer, tokenizer_sha256
+from yoda_raw.checkpoint import check_checkpoint, load_adapter_only, resume_from, save_adapter_only, save_checkpoint
 from yoda_raw.config import TUTORIAL_MODEL, Config
-from yoda_raw.data import load_conversations, split_conversations
+from yoda_raw.data import content_sha256, load_conversations, split_conversations
 from yoda_raw.errors import YodaError
 from yoda_raw.evaluate import end_of_run_report, format_report
 from yoda_raw.graphs import CapturedStep
@@ -121,13 +121,17 @@ def train_and_save(cfg: Config, accelerator: Accelerator, precision: Precision, 
         quant=resolve_quant(cfg.quant, accelerator.device),
         lora_targets=choose_lora_targets(cfg.lora_targets, skeleton(model_config, cfg.trust_remote_code), cfg.model),
     )
-    accelerator.print(f"config:\n{cfg.to_json()}\nprecision: {precision.name}, device: {accelerator.device}")
     set_seed(cfg.seed)
 
     # Data: conversations (with the system prompt) -> held-out split -> token rows with labels.
     conversations = load_conversations(
         cfg.dataset, cfg.prompt_field, cfg.response_field, "train", cfg.skip_invalid, cfg.system_prompt
     )
+    # Recorded in run_config.json: a resume (and evaluate's held-out split) checks that both are the same.
+    cfg.tokenizer_sha256, cfg.data_sha256 = tokenizer_sha256(tokenizer), content_sha256(conversations)
+    if cfg.resume:
+        check_checkpoint(cfg, accelerator.num_processes)  # before the slow model load
+    accelerator.print(f"config:\n{cfg.to_json()}\nprecision: {precision.name}, device: {accelerator.device}")
     train_conversations, held_out = split_conversations(conversations, cfg.eval_fraction, cfg.seed)
     rows = build_rows(tokenizer, train_conversations, cfg.max_length, cfg.train_on, cfg.packing, cfg.shuffle, cfg.seed)
     collator = Collator(tokenizer.pad_token_id)
@@ -262,7 +266,7 @@ def fit(
     micro_per_process = math.ceil(math.ceil(len(rows) / batch_size) / accelerator.num_processes)
     steps_per_epoch = math.ceil(micro_per_process / cfg.grad_accum)
     total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps < 0 else cfg.max_steps
-    start_step = resume_from(cfg, accelerator) if cfg.resume else 0
+    start_step = resume_from(cfg, accelerator, total_steps) if cfg.resume else 0
     # --cuda-graph: the micro-batch's forward and backward replayed from a recording (graphs.py).
     captured = None
     if cfg.cuda_graph == "on":
