@@ -14,10 +14,16 @@ from yoda_raw.cli import run_command
 from yoda_raw.config import parse_config
 from yoda_raw.errors import YodaError
 
+# Ctrl-C while loading, or a second Ctrl-C / SIGTERM mid-step (the first one saves a checkpoint).
+INTERRUPTED = (
+    "interrupted; stopped at once without saving (checkpoints saved before are whole): "
+    "continue from the newest with --resume OUTPUT_DIR/checkpoint-N, or start again"
+)
+
 
 def main(argv: list[str]) -> int:
     """A mistake in the options or data is one line `error: ...` and exit status 2 (yoda_raw/cli.py)."""
-    return run_command(train_command, argv)
+    return run_command(train_command, argv, interrupted=INTERRUPTED)
 
 
 def train_command(argv: list[str]) -> int:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 import run
 from yoda_raw import checkpoint, output, train
-from yoda_raw.errors import YodaError
+from yoda_raw.errors import Interrupted, YodaError
 
 # On top of the tiny preset (the tiny_config fixture): fp32, no quantization, no held-out set, a
 # loss logged every step, 4 steps.
@@ -348,7 +348,7 @@ def test_resume_from_an_older_checkpoint_keeps_one_line_per_step(tmp_path, monke
     """Catches metrics.jsonl holding the same steps twice after a resume from an older checkpoint
     (issue 14, item 18)."""
     send_signal_at(monkeypatch, 3)
-    with pytest.raises(train.Interrupted):
+    with pytest.raises(Interrupted):
         train.main(tiny_config(RUN_OPTIONS, output_dir=str(tmp_path), save_steps=2))
     assert steps(tmp_path) == [1, 2, 3]
     monkeypatch.undo()
@@ -372,7 +372,7 @@ def test_a_signal_during_logging_saves_the_checkpoint_it_names(tmp_path, monkeyp
         return record
 
     monkeypatch.setattr(train, "log_window", log_window_then_sigint)
-    with pytest.raises(train.Interrupted, match=f"--resume {tmp_path / 'checkpoint-2'}"):
+    with pytest.raises(Interrupted, match=f"--resume {tmp_path / 'checkpoint-2'}"):
         train.main(tiny_config(RUN_OPTIONS, output_dir=str(tmp_path)))
     assert (tmp_path / "checkpoint-2" / "trainer_state.json").is_file()
     assert steps(tmp_path) == [1, 2]

@@ -402,3 +402,86 @@ def test_inspect_refuses_senseless_numbers(capsys, args, mention):
     assert inspect.main(["--tokenizer", "tiny", "--dataset", TINY_DATASET, *args]) == 2
     line = last_error_line(capsys)
     assert line.startswith("error:") and mention in line, line
+
+
+# --- Ctrl-C at any moment, and a Hub that cannot be reached: one line --------------------------------
+
+
+def run_argv(out: Path, *extra: str) -> list[str]:
+    return ["--preset", "tiny", "--quant", "none", "--precision", "fp32", "--max-steps", "2", "--logging-steps", "1",
+            "--output-dir", str(out), *extra]  # fmt: skip
+
+
+def test_ctrl_c_while_loading_is_one_line(tmp_path, capsys, monkeypatch):
+    """Catches Ctrl-C during the (slow) model load ending in a KeyboardInterrupt traceback."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "load_base_model", interrupted)
+    assert run.main(run_argv(tmp_path / "out", "--no-samples")) == 130
+    assert last_error_line(capsys).startswith("error: interrupted")
+
+
+def test_ctrl_c_during_the_end_of_run_evaluation_is_one_line(tmp_path, capsys, monkeypatch):
+    """Catches Ctrl-C during the end-of-run evaluation ending in a traceback; the line says the adapter is saved."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "end_of_run_report", interrupted)
+    out = tmp_path / "out"
+    assert run.main(run_argv(out, "--eval-fraction", "0.2")) == 130
+    line = last_error_line(capsys)
+    assert line.startswith("error: interrupted during the end-of-run evaluation") and str(out) in line
+    assert (out / ADAPTER_FILE).is_file()
+
+
+def test_second_ctrl_c_is_one_line(tmp_path, capsys, monkeypatch):
+    """Catches a second Ctrl-C (the first asks for a checkpoint after the step; the second stops at
+    once) ending in a KeyboardInterrupt traceback."""
+    import os
+    import signal
+
+    real_log_window = train.log_window
+
+    def two_sigints(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_log_window(*args, **kwargs)
+
+    monkeypatch.setattr(train, "log_window", two_sigints)
+    assert run.main(run_argv(tmp_path / "out", "--no-samples")) == 130
+    assert last_error_line(capsys).startswith("error: interrupted; stopped at once")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_push_to_hub_without_network_stops_before_training(tmp_path, capsys, monkeypatch):
+    """Catches --push-to-hub with a token but no Hub to reach (here: offline mode) training, saving,
+    then failing with a traceback: the Hub is asked once, before anything starts."""
+    monkeypatch.setenv("HF_TOKEN", "hf_testtoken123")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    assert run.main(run_argv(out, "--no-samples", "--push-to-hub", "user/repo")) == 2
+    line = last_error_line(capsys)
+    assert line.startswith("error: --push-to-hub user/repo: cannot reach the Hugging Face Hub"), line
+    assert "hf_testtoken123" not in line and not out.exists()
+
+
+def test_push_to_hub_failing_after_training_is_one_line(tmp_path, capsys, monkeypatch):
+    """Catches the network going away during the run: the upload fails with one line that says the
+    adapter is saved and how to upload it later."""
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_TOKEN", "hf_testtoken123")
+    monkeypatch.setattr(huggingface_hub, "whoami", lambda *args, **kwargs: {"name": "user"})
+
+    def no_network(*args, **kwargs):
+        raise ConnectionError("Connection refused")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", no_network)
+    out = tmp_path / "out"
+    assert run.main(run_argv(out, "--no-samples", "--push-to-hub", "user/repo")) == 2
+    line = last_error_line(capsys)
+    assert "the upload failed (Connection refused)" in line and f"hf upload user/repo {out}" in line, line
+    assert (out / ADAPTER_FILE).is_file()

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import run
 from yoda_raw import checkpoint, train
-from yoda_raw.errors import YodaError
+from yoda_raw.errors import Interrupted, YodaError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FAKE_TOKEN = "hf_testtoken123"
@@ -221,7 +221,7 @@ def test_sigint_saves_a_checkpoint_that_resumes_exactly(straight, tmp_path, monk
 
     monkeypatch.setattr(train, "forward_backward", forward_backward_then_sigint)
     interrupted = tmp_path / "interrupted"
-    with pytest.raises(train.Interrupted, match="SIGINT: stopped after step 2") as info:
+    with pytest.raises(Interrupted, match="SIGINT: stopped after step 2") as info:
         train.main(tiny_config(RUN_OPTIONS, output_dir=str(interrupted)))
     assert info.value.exit_code == 130
     monkeypatch.setattr(train, "forward_backward", real_forward_backward)

@@ -3,20 +3,29 @@
 `run.py`, `python -m yoda_raw.generate`, `python -m yoda_raw.evaluate`, `python -m yoda_raw.inspect`
 and `python -m yoda_raw.trace` each hand their work to `run_command`. A `YodaError` (a path, a field,
 an option the user can fix) is printed as `error: ...` on stderr, without a traceback, and the
-command exits with the error's `exit_code`: 2, or 128 + the signal's number (130, 143) for a run
-stopped by SIGINT or SIGTERM (train.Interrupted). With `--debug` on the command line the traceback
-is shown instead. Any other exception is a bug in yoda_raw and keeps its traceback.
+command exits with the error's `exit_code`: 2, or 128 + the signal's number (130, 143) for a command
+stopped by SIGINT or SIGTERM (`Interrupted`, whose message says what was kept). A Ctrl-C that stops
+a command at once (a KeyboardInterrupt: while loading, or a second one mid-step) is one line too, and
+exit status 130. With `--debug` on the command line the traceback is shown instead. Any other
+exception is a bug in yoda_raw and keeps its traceback.
 """
 
 import gc
+import signal
 import sys
 from collections.abc import Callable
 
 from yoda_raw.errors import YodaError
 
 
-def run_command(command: Callable[[list[str]], int], argv: list[str] | None = None) -> int:
-    """`command(argv)`'s exit status, or the error's exit status after printing a YodaError as one line."""
+def run_command(
+    command: Callable[[list[str]], int], argv: list[str] | None = None, interrupted: str = "interrupted"
+) -> int:
+    """`command(argv)`'s exit status, or the error's exit status after printing a YodaError as one line
+    (130 after a Ctrl-C that stopped it at once).
+
+    `interrupted`: the line printed (after `error: `) when Ctrl-C stops the command at once.
+    """
     argv = sys.argv[1:] if argv is None else argv
     try:
         return command(argv)
@@ -24,6 +33,10 @@ def run_command(command: Callable[[list[str]], int], argv: list[str] | None = No
         if "--debug" in argv:
             raise
         failure = f"error: {err}", err.exit_code
+    except KeyboardInterrupt:
+        if "--debug" in argv:
+            raise
+        failure = f"error: {interrupted}", 128 + signal.SIGINT
     # Free the failed run first, outside the except block (which holds the traceback): its progress
     # bar redraws as it closes, and the error is to be the last line. (Frames in the traceback refer
     # to each other: only the collector frees them.)

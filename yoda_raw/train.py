@@ -37,7 +37,7 @@ from yoda_raw.chat import IGNORE, load_tokenizer, tokenizer_sha256
 from yoda_raw.checkpoint import check_checkpoint, load_adapter_only, resume_from, save_adapter_only, save_checkpoint
 from yoda_raw.config import TUTORIAL_MODEL, Config
 from yoda_raw.data import content_sha256, load_conversations, split_conversations
-from yoda_raw.errors import YodaError
+from yoda_raw.errors import Interrupted, YodaError
 from yoda_raw.evaluate import end_of_run_report, format_report
 from yoda_raw.graphs import CapturedStep
 from yoda_raw.graphs import resolve as resolve_cuda_graph
@@ -183,9 +183,15 @@ def train_and_save(cfg: Config, accelerator: Accelerator, precision: Precision, 
         output.save_final(cfg, accelerator.unwrap_model(model), tokenizer, out)
         if cfg.samples and held_out:
             # A short evaluation and a few translations of sentences it did not train on.
-            report = end_of_run_report(
-                accelerator.unwrap_model(model), tokenizer, held_out, system_prompt=cfg.system_prompt
-            )
+            try:
+                report = end_of_run_report(
+                    accelerator.unwrap_model(model), tokenizer, held_out, system_prompt=cfg.system_prompt
+                )
+            except KeyboardInterrupt:
+                raise Interrupted(
+                    f"interrupted during the end-of-run evaluation; the adapter is saved in {out}: "
+                    f"evaluate it with `python -m yoda_raw.evaluate --adapter {out}`"
+                ) from None
             print(format_report(report))
             output.append_metrics(out, {"step": fitted.steps, **report})
         if cfg.push_to_hub:
@@ -238,8 +244,17 @@ def check_device(cfg: Config, accelerator: Accelerator) -> None:
 def check_hub_token(cfg: Config) -> None:
     """Fail before training, not after it, when --push-to-hub has no token to push with. The token
     comes from HF_TOKEN or `huggingface-cli login`; it is never printed, logged or saved."""
-    if cfg.push_to_hub and not huggingface_hub.get_token():
+    if not cfg.push_to_hub:
+        return
+    if not huggingface_hub.get_token():
         raise YodaError(f"--push-to-hub {cfg.push_to_hub}: no Hugging Face token; set HF_TOKEN or run `hf auth login`")
+    try:
+        huggingface_hub.whoami()  # the token is good and the Hub can be reached: a network call, once
+    except Exception as err:  # noqa: BLE001 - offline, no network, a bad token: all mean "cannot push"
+        raise YodaError(
+            f"--push-to-hub {cfg.push_to_hub}: cannot reach the Hugging Face Hub with this token ({_first_line(err)}); "
+            "check the network and token, or train without --push-to-hub and upload later with `hf upload`"
+        ) from None
 
 
 def fit(
@@ -287,79 +302,85 @@ def fit(
     first_bad_step = torch.zeros((), dtype=torch.long, device=device)  # the NaN guard's flag: 0 while all is well
     model.train()
     step, stopping = start_step, False
-    while step < total_steps and not stopping:
-        epoch = step // steps_per_epoch
-        loader.set_epoch(epoch)
-        # On resume, skip the micro-batches this epoch already trained on.
-        batches = iter(accelerator.skip_first_batches(loader, (step % steps_per_epoch) * cfg.grad_accum))
-        for _ in range(step % steps_per_epoch, min(steps_per_epoch, total_steps - epoch * steps_per_epoch)):
-            # Learning rate of this step (a plain function of the step: see optim.learning_rate).
-            lr = learning_rate(step, cfg.lr, cfg.warmup_steps, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+    # However the loop ends (done, a NaN, a second Ctrl-C), the bar is closed and the signal handlers
+    # are given back: left installed, they would swallow the next Ctrl-C of this process.
+    with stop, bar:
+        while step < total_steps and not stopping:
+            epoch = step // steps_per_epoch
+            loader.set_epoch(epoch)
+            # On resume, skip the micro-batches this epoch already trained on.
+            batches = iter(accelerator.skip_first_batches(loader, (step % steps_per_epoch) * cfg.grad_accum))
+            for _ in range(step % steps_per_epoch, min(steps_per_epoch, total_steps - epoch * steps_per_epoch)):
+                # Learning rate of this step (a plain function of the step: see optim.learning_rate).
+                lr = learning_rate(step, cfg.lr, cfg.warmup_steps, total_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
 
-            # The step's micro-batches, and its loss denominator: their supervised tokens, summed
-            # over all processes (an all-reduce on the device, not a host sync).
-            micro_batches = list(itertools.islice(batches, cfg.grad_accum))  # fewer at an epoch's end
-            if not micro_batches:
-                # Multi-process, last step of an epoch: this process's share of rows ran out. It still
-                # has to join DDP's gradient all-reduce, so it runs one row with nothing supervised
-                # (loss 0, gradient 0); the other processes' rows are normalised exactly as ever.
-                micro_batches = [unsupervised_batch(collator, rows, device)]
-            local_supervised = sum(supervised_count(b) for b in micro_batches)
-            n_supervised = accelerator.reduce(local_supervised, "sum").clamp(min=1)  # all masked: loss 0, not 0/0
+                # The step's micro-batches, and its loss denominator: their supervised tokens, summed
+                # over all processes (an all-reduce on the device, not a host sync).
+                micro_batches = list(itertools.islice(batches, cfg.grad_accum))  # fewer at an epoch's end
+                if not micro_batches:
+                    # Multi-process, last step of an epoch: this process's share of rows ran out. It still
+                    # has to join DDP's gradient all-reduce, so it runs one row with nothing supervised
+                    # (loss 0, gradient 0); the other processes' rows are normalised exactly as ever.
+                    micro_batches = [unsupervised_batch(collator, rows, device)]
+                local_supervised = sum(supervised_count(b) for b in micro_batches)
+                n_supervised = accelerator.reduce(local_supervised, "sum").clamp(min=1)  # all masked: loss 0, not 0/0
 
-            # Forward and backward, one micro-batch at a time.
-            if captured is None:
-                step_loss = forward_backward(accelerator, model, micro_batches, n_supervised)
-            else:
-                step_loss = captured.forward_backward(micro_batches, n_supervised)
-            window["tokens"] += sum(b["attention_mask"].sum() for b in micro_batches)
-            window["supervised"] += local_supervised
+                # Forward and backward, one micro-batch at a time.
+                if captured is None:
+                    step_loss = forward_backward(accelerator, model, micro_batches, n_supervised)
+                else:
+                    step_loss = captured.forward_backward(micro_batches, n_supervised)
+                window["tokens"] += sum(b["attention_mask"].sum() for b in micro_batches)
+                window["supervised"] += local_supervised
 
-            # Clip and update. The grad norm is non-finite when the loss or any gradient is; the NaN
-            # guard stays on the device (reading it here would make the CPU wait for the GPU every step).
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
-            if not accelerator.scaler:  # under fp16 the loss scaler skips such steps itself
-                first_bad_step = zero_nonfinite_grads(grad_norm, optimizer, first_bad_step, step + 1)
-            optimizer.step()
-            skipped += int(accelerator.optimizer_step_was_skipped)
-            # A captured graph adds into the same gradient tensors every replay: zero them, keep them.
-            optimizer.zero_grad(set_to_none=captured is None)
-            window["loss"] += step_loss / n_supervised  # this process's share; summed over processes at logging
-            window["steps"] += 1
-            step += 1
-            bar.update(1)
+                # Clip and update. The grad norm is non-finite when the loss or any gradient is; the NaN
+                # guard stays on the device (reading it here would make the CPU wait for the GPU every step).
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+                if not accelerator.scaler:  # under fp16 the loss scaler skips such steps itself
+                    first_bad_step = zero_nonfinite_grads(grad_norm, optimizer, first_bad_step, step + 1)
+                optimizer.step()
+                skipped += int(accelerator.optimizer_step_was_skipped)
+                # A captured graph adds into the same gradient tensors every replay: zero them, keep them.
+                optimizer.zero_grad(set_to_none=captured is None)
+                window["loss"] += step_loss / n_supervised  # this process's share; summed over processes at logging
+                window["steps"] += 1
+                step += 1
+                bar.update(1)
 
-            # Log: the only host syncs of the loop (.item(), the clock) happen here and at checkpoints.
-            is_logging_step = step % cfg.logging_steps == 0 or step == total_steps or stop.requested
-            if is_logging_step:
-                check_finite(first_bad_step, step)  # nothing is logged after a NaN
-                record = log_window(window, step, steps_per_epoch, lr, grad_norm, flops_per_token, accelerator)
-                record |= {"skipped_steps": skipped, "batch_size": batch_size}  # what --auto-batch-size settled on
-                logged.append(record)
-                write_record(record, accelerator, bar, out)
-                if len(logged) == 1 and device.type == "cuda" and accelerator.is_main_process:
-                    # Once a run: where the memory went, counted tensor by tensor (meter.py).
-                    unwrapped = accelerator.unwrap_model(model)
-                    breakdown = meter.memory_breakdown(unwrapped, optimizer, allocated_before_loop, record, device)
-                    tqdm.write(meter.format_breakdown(breakdown))
-                window = new_window(device)
-            # Checkpoint on schedule, or when asked to stop (Ctrl-C, SIGTERM; also during the logging above,
-            # which is why this condition is read after it). The stop is read once, here: a signal that
-            # comes after it stops the next step, which saves.
-            stopping = stop.requested
-            is_saving_step = (cfg.save_steps and step % cfg.save_steps == 0) or stopping
-            if is_saving_step:
-                check_finite(first_bad_step, step)  # nothing is saved after a NaN
-                save_checkpoint(cfg, accelerator, out, step)
-            if stopping:
-                break
-    bar.close()
-    stop.restore()
+                # Log: the only host syncs of the loop (.item(), the clock) happen here and at checkpoints.
+                is_logging_step = step % cfg.logging_steps == 0 or step == total_steps or stop.requested
+                if is_logging_step:
+                    check_finite(first_bad_step, step)  # nothing is logged after a NaN
+                    record = log_window(window, step, steps_per_epoch, lr, grad_norm, flops_per_token, accelerator)
+                    record |= {"skipped_steps": skipped, "batch_size": batch_size}  # what --auto-batch-size settled on
+                    logged.append(record)
+                    write_record(record, accelerator, bar, out)
+                    if len(logged) == 1 and device.type == "cuda" and accelerator.is_main_process:
+                        # Once a run: where the memory went, counted tensor by tensor (meter.py).
+                        unwrapped = accelerator.unwrap_model(model)
+                        breakdown = meter.memory_breakdown(unwrapped, optimizer, allocated_before_loop, record, device)
+                        tqdm.write(meter.format_breakdown(breakdown))
+                    window = new_window(device)
+                # Checkpoint on schedule, or when asked to stop (Ctrl-C, SIGTERM; also during the logging above,
+                # which is why this condition is read after it). The stop is read once, here: a signal that
+                # comes after it stops the next step, which saves.
+                stopping = stop.requested
+                is_saving_step = (cfg.save_steps and step % cfg.save_steps == 0) or stopping
+                if is_saving_step:
+                    check_finite(first_bad_step, step)  # nothing is saved after a NaN
+                    save_checkpoint(cfg, accelerator, out, step)
+                if stopping:
+                    break
     if stopping and step < total_steps:
         # Not a finished run: no final adapter, no evaluation, and a non-zero exit status.
-        raise Interrupted(stop.signum, step, out / f"checkpoint-{step}")
+        checkpoint = out / f"checkpoint-{step}"
+        raise Interrupted(
+            f"{signal.Signals(stop.signum).name}: stopped after step {step} and saved {checkpoint}; "
+            f"continue with --resume {checkpoint} (and the same options)",
+            stop.signum,
+        )
     return FitResult(
         steps=step,
         total_steps=total_steps,
@@ -424,6 +445,12 @@ class StopOnSignal:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.restore()
+
 
 def new_window(device: torch.device) -> dict:
     """Running sums of one logging window, kept on the device so that adding to them never syncs."""
@@ -485,18 +512,6 @@ def check_finite(first_bad_step: torch.Tensor, step: int) -> None:
         raise NonFiniteLoss(first_bad_step.item(), step)
 
 
-class Interrupted(YodaError):
-    """Stopped by SIGINT or SIGTERM after saving a checkpoint. The exit status is 128 + the signal's
-    number (130, 143), as shells report a process killed by it: a scheduler must not see success."""
-
-    def __init__(self, signum: int, step: int, checkpoint: Path):
-        self.exit_code = 128 + signum
-        super().__init__(
-            f"{signal.Signals(signum).name}: stopped after step {step} and saved {checkpoint}; "
-            f"continue with --resume {checkpoint} (and the same options)"
-        )
-
-
 class NonFiniteLoss(YodaError):
     def __init__(self, bad_step: int, stopped_at: int | None = None):
         stopped_at = bad_step if stopped_at is None else stopped_at
@@ -550,6 +565,16 @@ def write_record(record: dict, accelerator: Accelerator, bar: tqdm, out: Path) -
 
 def push_to_hub(cfg: Config, out: Path) -> None:
     api = huggingface_hub.HfApi()
-    api.create_repo(cfg.push_to_hub, exist_ok=True, private=True)
-    api.upload_folder(repo_id=cfg.push_to_hub, folder_path=out, ignore_patterns=["checkpoint-*", ".*"])
+    try:
+        api.create_repo(cfg.push_to_hub, exist_ok=True, private=True)
+        api.upload_folder(repo_id=cfg.push_to_hub, folder_path=out, ignore_patterns=["checkpoint-*", ".*"])
+    except Exception as err:  # noqa: BLE001 - the network went away, the Hub refused: the adapter is saved either way
+        raise YodaError(
+            f"--push-to-hub {cfg.push_to_hub}: the upload failed ({_first_line(err)}); the adapter is saved in {out}: "
+            f"upload it later with `hf upload {cfg.push_to_hub} {out} --private --exclude 'checkpoint-*'`"
+        ) from None
     print(f"pushed {out} to https://huggingface.co/{cfg.push_to_hub}")
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
