@@ -153,3 +153,92 @@ def test_resume_on_another_process_count_is_refused(tmp_path):
     with pytest.raises(YodaError, match=r"made on 2 process\(es\), this run has 1") as error:
         train.main(config(output_dir=str(tmp_path / "resumed"), resume=str(checkpoint)))
     assert "\n" not in str(error.value)
+
+
+def _launch(port: int, options: list[str]) -> list[str]:
+    if not ACCELERATE.exists() and shutil.which("accelerate") is None:
+        pytest.skip("the `accelerate` command is not installed next to this Python")
+    accelerate = str(ACCELERATE if ACCELERATE.exists() else shutil.which("accelerate"))
+    return ["env", "ACCELERATE_USE_CPU=1", accelerate, "launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1", *options]  # fmt: skip
+
+
+def _with(options: list[str], **changes) -> list[str]:
+    """`options` with the value after each --NAME replaced (NAME with _ for -), or added."""
+    options = list(options)
+    for name, value in changes.items():
+        flag = "--" + name.replace("_", "-")
+        if flag in options:
+            options[options.index(flag) + 1] = str(value)
+        else:
+            options += [flag, str(value)]
+    return options
+
+
+def test_each_process_draws_its_own_dropout_and_resumes_exactly(tmp_path):
+    """With LoRA dropout on 2 processes, each process's RNG (which dropout draws from) is its own:
+    the random states the checkpoint saves per process differ. Catches every process drawing the same
+    masks (seeded alike). A resume from step 2 then gives the straight run's losses at steps 3 and 4:
+    each process gets its own stream back. ~1 min on 2 cores."""
+    import torch
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    options = _with(_options(straight, 8), lora_dropout=0.1, save_steps=2)
+    _run(_launch(29610, options))
+    states = [
+        torch.load(straight / "checkpoint-2" / f"random_states_{rank}.pkl", weights_only=False)["torch_manual_seed"]
+        for rank in (0, 1)
+    ]
+    assert not torch.equal(states[0], states[1]), "both processes hold the same RNG state: the same dropout masks"
+    _run(_launch(29611, _with(options, output_dir=resumed, resume=straight / "checkpoint-2")))
+    expected, got = dict(_losses(straight)), dict(_losses(resumed))
+    assert sorted(got) == [3, 4]
+    assert all(abs(got[step] - expected[step]) <= TOLERANCE for step in got), (got, expected)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+    """A SIGTERM that reaches one process only (here rank 1, found by its RANK environment variable)
+    stops both processes after the same step, with one checkpoint holding both processes' random
+    states. Catches the signalled process stopping alone to save while the other waits for it in the
+    next all-reduce (a hang: here the 180 s timeout)."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    options = _with(_options(out, 8), max_steps=400, save_steps=0)
+    proc = subprocess.Popen(
+        _launch(29612, options), cwd=REPO_ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            time.sleep(0.5)
+        rank_1 = next(pid for pid in _descendants(proc.pid) if b"\0RANK=1\0" in _environ(pid))
+        os.kill(rank_1, signal.SIGTERM)
+        output = proc.communicate(timeout=180)[0]
+    finally:
+        proc.kill()
+    checkpoints = list(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1, output[-3000:]
+    step = json.loads((checkpoints[0] / "trainer_state.json").read_text())["step"]
+    assert 1 <= step < 400 and checkpoints[0].name == f"checkpoint-{step}"
+    assert sorted(p.name for p in checkpoints[0].glob("random_states_*.pkl")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
+    assert _losses(out)[-1][0] == step, "the last metrics line is the stopping step's"
+
+
+def _descendants(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return children + [d for c in children for d in _descendants(c)]
+
+
+def _environ(pid: int) -> bytes:
+    try:
+        return b"\0" + Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return b""

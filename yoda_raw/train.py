@@ -281,6 +281,10 @@ def fit(
     micro_per_process = math.ceil(math.ceil(len(rows) / batch_size) / accelerator.num_processes)
     steps_per_epoch = math.ceil(micro_per_process / cfg.grad_accum)
     total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps < 0 else cfg.max_steps
+    # LoRA dropout draws from the global RNG: seeded by seed and process index, so that each process
+    # draws its own masks (with one seed for all, every process would drop the same units of its rows).
+    # A resume then restores each process's own RNG state from the checkpoint (random_states_N.pkl).
+    set_seed((cfg.seed + accelerator.process_index) % 2**32)
     start_step = resume_from(cfg, accelerator, total_steps) if cfg.resume else 0
     # --cuda-graph: the micro-batch's forward and backward replayed from a recording (graphs.py).
     captured = None
@@ -350,8 +354,11 @@ def fit(
                 bar.update(1)
 
                 # Log: the only host syncs of the loop (.item(), the clock) happen here and at checkpoints.
-                is_logging_step = step % cfg.logging_steps == 0 or step == total_steps or stop.requested
-                if is_logging_step:
+                # A stop (Ctrl-C, SIGTERM) is read here; with several processes only at these sync points,
+                # where they agree on it (see StopOnSignal.agreed).
+                log_due = step % cfg.logging_steps == 0 or step == total_steps
+                save_due = cfg.save_steps > 0 and step % cfg.save_steps == 0
+                if log_due or stop.agreed(accelerator, at_sync_point=save_due):
                     check_finite(first_bad_step, step)  # nothing is logged after a NaN
                     record = log_window(window, step, steps_per_epoch, lr, grad_norm, flops_per_token, accelerator)
                     record |= {"skipped_steps": skipped, "batch_size": batch_size}  # what --auto-batch-size settled on
@@ -364,11 +371,10 @@ def fit(
                         tqdm.write(meter.format_breakdown(breakdown))
                     window = new_window(device)
                 # Checkpoint on schedule, or when asked to stop (Ctrl-C, SIGTERM; also during the logging above,
-                # which is why this condition is read after it). The stop is read once, here: a signal that
-                # comes after it stops the next step, which saves.
-                stopping = stop.requested
-                is_saving_step = (cfg.save_steps and step % cfg.save_steps == 0) or stopping
-                if is_saving_step:
+                # which is why this is read after it). The stop is read once, here: a signal that comes after
+                # it stops the next step (on several processes: the next log line or checkpoint), which saves.
+                stopping = stop.agreed(accelerator, at_sync_point=log_due or save_due)
+                if save_due or stopping:
                     check_finite(first_bad_step, step)  # nothing is saved after a NaN
                     save_checkpoint(cfg, accelerator, out, step)
                 if stopping:
@@ -444,6 +450,24 @@ class StopOnSignal:
     def restore(self):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    def agreed(self, accelerator: Accelerator, at_sync_point: bool) -> bool:
+        """Whether to stop after this step, the same answer on every process. A signal can reach one
+        process only (a scheduler, a `kill` by hand); if that one alone stopped to save, the others
+        would wait for it forever in their next all-reduce. So with several processes they agree
+        through an all-reduce, at the loop's sync points only (a log line, a checkpoint): a stop
+        comes at the next one of those, and the steps between stay free of host syncs. They agree on
+        the signal too, the largest number any of them got (SIGTERM, 15, over SIGINT, 2), so that
+        every process exits with the same status."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        if not at_sync_point:
+            return False
+        signum = torch.tensor(self.signum or 0, device=accelerator.device)
+        torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX)
+        if signum.item():
+            self.signum = int(signum.item())
+        return self.signum is not None
 
     def __enter__(self):
         return self
