@@ -179,12 +179,23 @@ def _with(options: list[str], **changes) -> list[str]:
 def test_each_process_draws_its_own_dropout_and_resumes_exactly(tmp_path):
     """With LoRA dropout on 2 processes, each process's RNG (which dropout draws from) is its own:
     the random states the checkpoint saves per process differ. Catches every process drawing the same
-    masks (seeded alike). A resume from step 2 then gives the straight run's losses at steps 3 and 4:
-    each process gets its own stream back. ~1 min on 2 cores."""
+    masks (seeded alike). A pretrained base (here the tiny model saved to a folder) is loaded alike by
+    every process, so nothing else sets their random states apart. A resume from step 2 then gives
+    the straight run's losses at steps 3 and 4: each process gets its own stream back. ~1 min on 2 cores."""
     import torch
+    import transformers
 
+    from yoda_raw import tiny
+    from yoda_raw.chat import load_tokenizer
+
+    base = tmp_path / "base"
+    transformers.set_seed(0)
+    config = tiny.model_config(len(load_tokenizer("tiny")))
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(base)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    options = _with(_options(straight, 8), lora_dropout=0.1, save_steps=2)
+    options = _with(
+        _options(straight, 8), lora_dropout=0.1, save_steps=2, model=base, init="pretrained", tokenizer="tiny"
+    )
     _run(_launch(29610, options))
     states = [
         torch.load(straight / "checkpoint-2" / f"random_states_{rank}.pkl", weights_only=False)["torch_manual_seed"]
@@ -207,8 +218,15 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
 
     out = tmp_path / "out"
     options = _with(_options(out, 8), max_steps=400, save_steps=0)
+    # A session of its own: on failure the launcher and both workers are killed together, not left behind.
     proc = subprocess.Popen(
-        _launch(29612, options), cwd=REPO_ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        _launch(29612, options),
+        cwd=REPO_ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     try:
         while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
@@ -218,7 +236,8 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
         os.kill(rank_1, signal.SIGTERM)
         output = proc.communicate(timeout=180)[0]
     finally:
-        proc.kill()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     checkpoints = list(out.glob("checkpoint-*"))
     assert len(checkpoints) == 1, output[-3000:]
     step = json.loads((checkpoints[0] / "trainer_state.json").read_text())["step"]

@@ -485,3 +485,31 @@ def test_push_to_hub_failing_after_training_is_one_line(tmp_path, capsys, monkey
     line = last_error_line(capsys)
     assert "the upload failed (Connection refused)" in line and f"hf upload user/repo {out}" in line, line
     assert (out / ADAPTER_FILE).is_file()
+
+
+def test_hand_edited_run_config_names_the_file(adapter, tmp_path, capsys):
+    """Catches a run_config.json whose values are the wrong type failing as a traceback, or as an
+    error about a command-line option the user never gave."""
+    from yoda_raw import generate
+
+    copy = adapter_copy(adapter, tmp_path)
+    values = json.loads((copy / "run_config.json").read_text()) | {"max_length": "sixty-four"}
+    (copy / "run_config.json").write_text(json.dumps(values))
+    assert generate.main(["--adapter", str(copy), "Hello."]) == 2
+    line = last_error_line(capsys)
+    assert line.startswith(f"error: {copy / 'run_config.json'}: --max-length must be a whole number"), line
+
+
+def test_checkpoint_folder_with_another_tokenizer_is_refused(adapter, tmp_path, capsys):
+    """A checkpoint folder holds no tokenizer, so generate loads the run's --tokenizer source; when
+    that no longer is the tokenizer the run trained with, the ids would mean other words."""
+    from yoda_raw import generate
+
+    copy = adapter_copy(adapter, tmp_path)
+    for name in copy.glob("tokenizer*"):
+        name.unlink()
+    (copy / "chat_template.jinja").unlink(missing_ok=True)
+    values = json.loads((copy / "run_config.json").read_text()) | {"tokenizer_sha256": "0" * 64}
+    (copy / "run_config.json").write_text(json.dumps(values))
+    assert generate.main(["--adapter", str(copy), "Hello."]) == 2
+    assert "is not the one it was trained with" in last_error_line(capsys)

@@ -32,7 +32,7 @@ import safetensors
 import torch
 import transformers
 
-from yoda_raw.chat import common_prefix_length, load_tokenizer, render
+from yoda_raw.chat import common_prefix_length, load_tokenizer, render, tokenizer_sha256
 from yoda_raw.checkpoint import ADAPTER_FILE
 from yoda_raw.cli import run_command
 from yoda_raw.config import Config, read_json
@@ -68,15 +68,28 @@ def read_run_config(adapter_dir: str | os.PathLike) -> Config:
         raise YodaError(
             f"--adapter {adapter_dir}: {ADAPTER_FILE} is damaged (cut short?); use a checkpoint-N folder, or retrain"
         ) from None
-    values = read_json(path / RUN_CONFIG, "it is written by training: retrain, or restore the file from a backup")
-    return Config.from_dict(values)
+    fix = "it is written by training: retrain, or restore the file from a backup"
+    values = read_json(path / RUN_CONFIG, fix)
+    try:
+        return Config.from_dict(values)
+    except YodaError as err:  # a hand-edited value: say which file holds it
+        raise YodaError(f"{path / RUN_CONFIG}: {err}; {fix}") from None
 
 
 def load_tokenizer_for(adapter_dir: str | os.PathLike, cfg: Config):
     """The tokenizer saved with the adapter; a checkpoint folder has none, so then the run's source.
     Loaded by chat.load_tokenizer, as in training (same pad token)."""
     saved = (Path(adapter_dir) / "tokenizer_config.json").is_file()
-    return load_tokenizer(str(adapter_dir) if saved else cfg.tokenizer_source, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = load_tokenizer(
+        str(adapter_dir) if saved else cfg.tokenizer_source, trust_remote_code=cfg.trust_remote_code
+    )
+    # The source may hold another tokenizer by now; the adapter would then read other ids than it trained on.
+    if not saved and cfg.tokenizer_sha256 not in (None, tokenizer_sha256(tokenizer)):
+        raise YodaError(
+            f"--adapter {adapter_dir}: the tokenizer {cfg.tokenizer_source} is not the one it was trained with; "
+            "restore it, or use the finished run's output folder (it holds its own copy)"
+        )
+    return tokenizer
 
 
 def default_device() -> torch.device:
