@@ -178,9 +178,10 @@ def _with(options: list[str], **changes) -> list[str]:
 
 def test_each_process_draws_its_own_dropout_and_resumes_exactly(tmp_path):
     """With LoRA dropout on 2 processes, each process's RNG (which dropout draws from) is its own:
-    the random states the checkpoint saves per process differ. Catches every process drawing the same
-    masks (seeded alike). A pretrained base (here the tiny model saved to a folder) is loaded alike by
-    every process, so nothing else sets their random states apart. A resume from step 2 then gives
+    the random states the checkpoint saves per process after step 1 differ. Catches every process
+    drawing the same masks (seeded alike). Nothing else sets those states apart: a pretrained base (the
+    tiny model saved to a folder) is loaded alike by every process, and step 1 gives each 8 rows (later,
+    a short batch would consume less of one process's stream). A resume from step 2 then gives
     the straight run's losses at steps 3 and 4: each process gets its own stream back. ~1 min on 2 cores."""
     import torch
     import transformers
@@ -194,11 +195,11 @@ def test_each_process_draws_its_own_dropout_and_resumes_exactly(tmp_path):
     transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(base)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     options = _with(
-        _options(straight, 8), lora_dropout=0.1, save_steps=2, model=base, init="pretrained", tokenizer="tiny"
+        _options(straight, 8), lora_dropout=0.1, save_steps=1, model=base, init="pretrained", tokenizer="tiny"
     )
     _run(_launch(29610, options))
     states = [
-        torch.load(straight / "checkpoint-2" / f"random_states_{rank}.pkl", weights_only=False)["torch_manual_seed"]
+        torch.load(straight / "checkpoint-1" / f"random_states_{rank}.pkl", weights_only=False)["torch_manual_seed"]
         for rank in (0, 1)
     ]
     assert not torch.equal(states[0], states[1]), "both processes hold the same RNG state: the same dropout masks"
