@@ -133,6 +133,8 @@ def trace(cfg: Config) -> dict:
     optimizer = build_optimizer(model.parameters(), cfg.optim, cfg.lr, cfg.weight_decay, device)
     unwrapped = model  # names and hooks below use the model itself, not what prepare may wrap around it
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    # As train.fit: each process's LoRA dropout draws from its own stream, seeded by seed and process index.
+    set_seed((cfg.seed + accelerator.process_index) % 2**32)
     # Steps counted as train.fit counts them; the learning rate is set by hand each step, as there.
     micro_per_process = math.ceil(math.ceil(len(rows) / cfg.batch_size) / accelerator.num_processes)
     steps_per_epoch = math.ceil(micro_per_process / cfg.grad_accum)
