@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_robustness import tiny_config
+from test_robustness import RUN_OPTIONS
 
 import run
 from yoda_raw import train
@@ -97,19 +97,26 @@ def test_config_checks_types_when_built_directly():
         Config(lora_targets="o_proj")
 
 
-def test_resume_past_max_steps_is_refused(tmp_path):
+def test_resume_past_max_steps_is_refused(tmp_path, tiny_config):
     """Catches a resume from a checkpoint at or past --max-steps that trains nothing and exits 0
     without a word."""
-    train.main(tiny_config(tmp_path / "run", max_steps=2, save_steps=2))
+    train.main(tiny_config(RUN_OPTIONS, output_dir=str(tmp_path / "run"), max_steps=2, save_steps=2))
     with pytest.raises(YodaError, match=r"at step 2 .*\(--max-steps 2\), so nothing is left"):
-        train.main(tiny_config(tmp_path / "again", max_steps=2, resume=str(tmp_path / "run" / "checkpoint-2")))
+        train.main(
+            tiny_config(
+                RUN_OPTIONS,
+                output_dir=str(tmp_path / "again"),
+                max_steps=2,
+                resume=str(tmp_path / "run" / "checkpoint-2"),
+            )
+        )
 
 
 # --- damaged checkpoints: refused in one line before the model loads -------------------------------
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory):
+def made(tmp_path_factory, tiny_config):
     """A 2-step run with a checkpoint at step 2, on a copy of the tiny data (tests change the copy)."""
     from accelerate.state import AcceleratorState
 
@@ -117,7 +124,7 @@ def made(tmp_path_factory):
     data = root / "data.jsonl"
     shutil.copy(TINY_DATASET, data)
     AcceleratorState._reset_state(True)
-    train.main(tiny_config(root / "run", max_steps=2, save_steps=2, dataset=str(data)))
+    train.main(tiny_config(RUN_OPTIONS, output_dir=str(root / "run"), max_steps=2, save_steps=2, dataset=str(data)))
     AcceleratorState._reset_state(True)
     return root
 
@@ -145,21 +152,23 @@ DAMAGES = [
 
 
 @pytest.mark.parametrize("damage, mention", [d[1:] for d in DAMAGES], ids=[d[0] for d in DAMAGES])
-def test_damaged_checkpoint_is_refused_in_one_line(made, tmp_path, damage, mention):
+def test_damaged_checkpoint_is_refused_in_one_line(made, tmp_path, damage, mention, tiny_config):
     """Catches a damaged checkpoint (truncated adapter or optimizer file, garbage or empty
     trainer_state.json, a missing file) failing as a traceback deep in safetensors, json or torch,
     and a corrupt random-state file that Accelerate skips silently (the resumed losses then differ
     from an uninterrupted run's): each must be one YodaError naming the file and what to do."""
     copy = damaged_copy(made, tmp_path)
     damage(copy)
-    cfg = tiny_config(tmp_path / "out", max_steps=4, dataset=str(made / "data.jsonl"), resume=str(copy))
+    cfg = tiny_config(
+        RUN_OPTIONS, output_dir=str(tmp_path / "out"), max_steps=4, dataset=str(made / "data.jsonl"), resume=str(copy)
+    )
     with pytest.raises(YodaError, match="damaged|missing") as error:
         train.main(cfg)
     assert mention in str(error.value) and "another checkpoint" in str(error.value)
     assert "\n" not in str(error.value)
 
 
-def test_damaged_checkpoint_without_hashes_is_one_line(made, tmp_path):
+def test_damaged_checkpoint_without_hashes_is_one_line(made, tmp_path, tiny_config):
     """A checkpoint saved before file hashes were recorded, with a truncated optimizer file: Accelerate's
     load fails inside torch; that must still be one line, not a traceback."""
     copy = damaged_copy(made, tmp_path)
@@ -167,15 +176,18 @@ def test_damaged_checkpoint_without_hashes_is_one_line(made, tmp_path):
     del state["files"]
     (copy / "trainer_state.json").write_text(json.dumps(state))
     truncate(copy / "optimizer.bin")
-    cfg = tiny_config(tmp_path / "out", max_steps=4, dataset=str(made / "data.jsonl"), resume=str(copy))
+    cfg = tiny_config(
+        RUN_OPTIONS, output_dir=str(tmp_path / "out"), max_steps=4, dataset=str(made / "data.jsonl"), resume=str(copy)
+    )
     with pytest.raises(YodaError, match="cannot load it"):
         train.main(cfg)
 
 
-def test_resume_with_another_optimizer_is_refused(made, tmp_path):
+def test_resume_with_another_optimizer_is_refused(made, tmp_path, tiny_config):
     """Catches `KeyError: 'exp_avg'` from loading 8-bit AdamW's state into torch's AdamW."""
     cfg = tiny_config(
-        tmp_path / "out",
+        RUN_OPTIONS,
+        output_dir=str(tmp_path / "out"),
         max_steps=4,
         dataset=str(made / "data.jsonl"),
         optim="adamw",
@@ -188,7 +200,7 @@ def test_resume_with_another_optimizer_is_refused(made, tmp_path):
 # --- the tokenizer and the data are the ones the checkpoint (or adapter) was made with ---------------
 
 
-def test_resume_with_another_tokenizer_is_refused(made, tmp_path, tiny_tokenizer):
+def test_resume_with_another_tokenizer_is_refused(made, tmp_path, tiny_tokenizer, tiny_config):
     """Catches a resume with another --tokenizer (same vocabulary size, another chat template here)
     that continues training on other token ids (the loss jumps)."""
     other = tmp_path / "tokenizer"
@@ -202,7 +214,8 @@ def test_resume_with_another_tokenizer_is_refused(made, tmp_path, tiny_tokenizer
         values["chat_template"] = values["chat_template"].replace("<|end|>", "<|end|> ")
         config_file.write_text(json.dumps(values))
     cfg = tiny_config(
-        tmp_path / "out",
+        RUN_OPTIONS,
+        output_dir=str(tmp_path / "out"),
         max_steps=4,
         dataset=str(made / "data.jsonl"),
         tokenizer=str(other),
@@ -212,12 +225,18 @@ def test_resume_with_another_tokenizer_is_refused(made, tmp_path, tiny_tokenizer
         train.main(cfg)
 
 
-def test_resume_on_changed_data_is_refused(made, tmp_path):
+def test_resume_on_changed_data_is_refused(made, tmp_path, tiny_config):
     """Catches a resume that compares the data by path only: the same file, reordered, is other
     data (other rows per step, another held-out split)."""
     data = tmp_path / "data.jsonl"
     data.write_text("".join(reversed((made / "data.jsonl").read_text().splitlines(keepends=True))))
-    cfg = tiny_config(tmp_path / "out", max_steps=4, dataset=str(data), resume=str(tmp_path / "checkpoint-2"))
+    cfg = tiny_config(
+        RUN_OPTIONS,
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        dataset=str(data),
+        resume=str(tmp_path / "checkpoint-2"),
+    )
     shutil.copytree(made / "run" / "checkpoint-2", tmp_path / "checkpoint-2")
     run_config = tmp_path / "checkpoint-2" / "run_config.json"
     run_config.write_text(run_config.read_text().replace(str(made / "data.jsonl"), str(data)))
@@ -228,14 +247,16 @@ def test_resume_on_changed_data_is_refused(made, tmp_path):
         train.main(cfg)
 
 
-def test_evaluate_refuses_a_changed_data_file(tmp_path):
+def test_evaluate_refuses_a_changed_data_file(tmp_path, tiny_config):
     """Catches evaluate re-splitting a reordered file and scoring training rows as "held-out"."""
     from yoda_raw.evaluate import conversations_to_score
     from yoda_raw.generate import read_run_config
 
     data = tmp_path / "data.jsonl"
     shutil.copy(TINY_DATASET, data)
-    train.main(tiny_config(tmp_path / "run", max_steps=1, eval_fraction=0.2, dataset=str(data)))
+    train.main(
+        tiny_config(RUN_OPTIONS, output_dir=str(tmp_path / "run"), max_steps=1, eval_fraction=0.2, dataset=str(data))
+    )
     cfg = read_run_config(tmp_path / "run")
     assert len(conversations_to_score(cfg)[0]) >= 1  # unchanged: fine
     data.write_text("".join(reversed(data.read_text().splitlines(keepends=True))))
@@ -307,13 +328,13 @@ def test_utf8_with_byte_order_mark_is_read(tmp_path, suffix):
 
 
 @pytest.fixture(scope="module")
-def adapter(tmp_path_factory):
+def adapter(tmp_path_factory, tiny_config):
     """A finished 1-step tiny run with 20% held out: an adapter folder as run.py leaves it."""
     from accelerate.state import AcceleratorState
 
     out = tmp_path_factory.mktemp("adapter") / "run"
     AcceleratorState._reset_state(True)
-    train.main(tiny_config(out, max_steps=1, eval_fraction=0.2))
+    train.main(tiny_config(RUN_OPTIONS, output_dir=str(out), max_steps=1, eval_fraction=0.2))
     AcceleratorState._reset_state(True)
     return out
 
