@@ -7,7 +7,7 @@ import pytest
 
 from run import parse_config
 from yoda_raw.config import PRESETS, TINY, Config
-from yoda_raw.errors import YodaError
+from yoda_raw.errors import Interrupted, YodaError
 
 REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
@@ -132,3 +132,19 @@ def test_every_command_reports_a_mistake_as_one_line_and_debug_shows_the_traceba
     assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
     with pytest.raises(YodaError):
         main([*argv, "--debug"])
+
+
+@pytest.mark.parametrize("raised", [KeyboardInterrupt(), Interrupted("interrupted during the evaluation")])
+def test_ctrl_c_is_one_line_and_status_130(raised, capsys):
+    """Catches a Ctrl-C (or the Interrupted error that says what was kept) ending in a traceback or
+    status 2: every command exits as a shell reports Ctrl-C (128 + SIGINT); --debug re-raises."""
+    from yoda_raw.cli import run_command
+
+    def command(argv):
+        raise raised
+
+    assert run_command(command, ["--some-option"]) == 130
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("error: interrupted") and stderr.count("\n") == 1, stderr
+    with pytest.raises(type(raised)):
+        run_command(command, ["--debug"])
