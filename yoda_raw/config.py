@@ -298,7 +298,8 @@ def _checked(name: str, value, kind):
         return value
     if typing.get_origin(kind) is list:
         # A lone name in YAML (`lora_targets: o_proj`) would otherwise be taken as its letters.
-        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        # An empty list is the default (--lora-targets: every linear layer but the head, model.py).
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise YodaError(f"{option} must be a list of names (in YAML: [o_proj, qkv_proj]), got {value!r}")
         return value
     # bool is a subclass of int in Python: `epochs: true` must not pass as 1.
