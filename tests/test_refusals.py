@@ -97,19 +97,16 @@ def test_config_checks_types_when_built_directly():
         Config(lora_targets="o_proj")
 
 
-def test_resume_past_max_steps_is_refused(tmp_path, tiny_config):
-    """Catches a resume from a checkpoint at or past --max-steps that trains nothing and exits 0
-    without a word."""
+def test_resume_past_max_steps_is_refused(tmp_path, tiny_config, capsys):
+    """Catches a resume from a checkpoint past --max-steps that trains nothing and exits 0 without a
+    word. One at the last step (a run whose final save failed) writes the final adapter, saying so."""
     train.main(tiny_config(RUN_OPTIONS, output_dir=str(tmp_path / "run"), max_steps=2, save_steps=2))
-    with pytest.raises(YodaError, match=r"at step 2 .*\(--max-steps 2\), so nothing is left"):
-        train.main(
-            tiny_config(
-                RUN_OPTIONS,
-                output_dir=str(tmp_path / "again"),
-                max_steps=2,
-                resume=str(tmp_path / "run" / "checkpoint-2"),
-            )
-        )
+    resume = str(tmp_path / "run" / "checkpoint-2")
+    with pytest.raises(YodaError, match=r"at step 2 and this run ends at step 1 \(--max-steps 1\), so nothing is left"):
+        train.main(tiny_config(RUN_OPTIONS, output_dir=str(tmp_path / "past"), max_steps=1, resume=resume))
+    result = train.main(tiny_config(RUN_OPTIONS, output_dir=str(tmp_path / "at"), max_steps=2, resume=resume))
+    assert result.fit.steps == 2 and (tmp_path / "at" / ADAPTER_FILE).is_file()
+    assert "the checkpoint is at the run's last step; writing the final adapter" in capsys.readouterr().out
 
 
 # --- damaged checkpoints: refused in one line before the model loads -------------------------------

@@ -169,12 +169,16 @@ def resume_from(cfg: Config, accelerator: Accelerator, total_steps: int) -> int:
     returns the step to continue from."""
     path = Path(cfg.resume)
     step = read_json(path / "trainer_state.json", "resume from another checkpoint-N")["step"]
-    if step >= total_steps:
+    if step > total_steps:
         ends = f"--max-steps {cfg.max_steps}" if cfg.max_steps > 0 else f"--epochs {cfg.epochs}"
         raise YodaError(
             f"--resume {path}: the checkpoint is at step {step} and this run ends at step {total_steps} "
             f"({ends}), so nothing is left to train; raise {ends.split()[0]} to train on"
         )
+    if step == total_steps:
+        # The last checkpoint of a run whose final save failed (a full disk): nothing to train, but the
+        # final adapter is still to be written. Said, so that it is not mistaken for a run that trained.
+        accelerator.print(f"--resume {path}: the checkpoint is at the run's last step; writing the final adapter")
     try:
         accelerator.load_state(str(path))
     except (OSError, EOFError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError, SafetensorError) as err:
