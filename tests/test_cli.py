@@ -1,5 +1,6 @@
 """run.py's command line: the option spellings users type, presets, YAML files and precedence."""
 
+import signal
 import subprocess
 import sys
 
@@ -134,16 +135,24 @@ def test_every_command_reports_a_mistake_as_one_line_and_debug_shows_the_traceba
         main([*argv, "--debug"])
 
 
-@pytest.mark.parametrize("raised", [KeyboardInterrupt(), Interrupted("interrupted during the evaluation")])
-def test_ctrl_c_is_one_line_and_status_130(raised, capsys):
+@pytest.mark.parametrize(
+    "raised, status",
+    [
+        (KeyboardInterrupt(), 130),
+        (Interrupted("interrupted during the evaluation"), 130),
+        (Interrupted("interrupted: SIGTERM", signal.SIGTERM), 143),
+    ],
+)
+def test_a_signal_is_one_line_and_its_shell_status(raised, status, capsys):
     """Catches a Ctrl-C (or the Interrupted error that says what was kept) ending in a traceback or
-    status 2: every command exits as a shell reports Ctrl-C (128 + SIGINT); --debug re-raises."""
+    status 2: every command exits as a shell reports the signal (128 + SIGINT, 128 + SIGTERM);
+    --debug re-raises."""
     from yoda_raw.cli import run_command
 
     def command(argv):
         raise raised
 
-    assert run_command(command, ["--some-option"]) == 130
+    assert run_command(command, ["--some-option"]) == status
     stderr = capsys.readouterr().err
     assert stderr.startswith("error: interrupted") and stderr.count("\n") == 1, stderr
     with pytest.raises(type(raised)):

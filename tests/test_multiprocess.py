@@ -248,6 +248,8 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
         "random_states_1.pkl",
     ]
     assert _losses(out)[-1][0] == step, "the last metrics line is the stopping step's"
+    # Not success: the run says where it stopped, as SIGTERM, also on the process the signal missed.
+    assert proc.returncode != 0 and f"error: SIGTERM: stopped after step {step}" in output, output[-3000:]
 
 
 def _descendants(pid: int) -> list[int]:
