@@ -2,9 +2,11 @@
 
 import json
 
+import pytest
 import torch
 
 from yoda_raw import train
+from yoda_raw.errors import YodaError
 
 
 def test_a_retry_keeps_one_metrics_line_per_step_and_no_stale_gradients(tmp_path, monkeypatch, capsys, tiny_config):
@@ -33,3 +35,39 @@ def test_a_retry_keeps_one_metrics_line_per_step_and_no_stale_gradients(tmp_path
     assert {r["batch_size"] for r in records} == {4}
     assert "retrying with --batch-size 5" in capsys.readouterr().err
     assert grads_at_start == [False, False, False]  # attempts at 6, 5 and 4 rows each began clean
+
+
+def out_of_memory_always(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_out_of_memory_without_auto_batch_size_is_one_line(tmp_path, monkeypatch, tiny_config):
+    """Catches an out-of-memory error in the loop ending in a traceback that names no option (issue 14,
+    item 19): the line names the batch size and the options that lower it."""
+    monkeypatch.setattr(train, "forward_backward", out_of_memory_always)
+    overrides = {"batch_size": 6, "auto_batch_size": False, "max_steps": 3, "samples": False}
+    with pytest.raises(YodaError, match=r"out of GPU memory at --batch-size 6; pass --auto-batch-size") as info:
+        train.main(tiny_config(overrides, output_dir=str(tmp_path)))
+    assert "\n" not in str(info.value) and "lower --batch-size" in str(info.value)
+
+
+def test_auto_batch_size_down_to_one_row_is_one_line(tmp_path, monkeypatch, tiny_config):
+    """Catches --auto-batch-size running out of batch sizes (2 rows, 1 row, then accelerate's
+    'No executable batch size found, reached zero.' traceback)."""
+    monkeypatch.setattr(train, "forward_backward", out_of_memory_always)
+    overrides = {"batch_size": 2, "auto_batch_size": True, "max_steps": 3, "samples": False}
+    with pytest.raises(YodaError, match=r"at --batch-size 1; --auto-batch-size found no smaller batch"):
+        train.main(tiny_config(overrides, output_dir=str(tmp_path)))
+
+
+def test_out_of_memory_on_several_processes_is_not_retried(tmp_path, monkeypatch, tiny_config):
+    """Catches --auto-batch-size retrying on one process of several (the others wait for it in the
+    step's all-reduce: a hang, or processes on different batch sizes). Here the run believes it has 2
+    processes; the error comes at the first step's forward, before any collective between them."""
+    from accelerate import Accelerator
+
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    monkeypatch.setattr(train, "forward_backward", out_of_memory_always)
+    overrides = {"batch_size": 6, "auto_batch_size": True, "max_steps": 3, "samples": False}
+    with pytest.raises(YodaError, match=r"at --batch-size 6; with 2 processes --auto-batch-size cannot retry"):
+        train.main(tiny_config(overrides, output_dir=str(tmp_path)))

@@ -160,15 +160,24 @@ def train_and_save(cfg: Config, accelerator: Accelerator, precision: Precision, 
 
     # Fit, retrying with 0.9x the batch on out-of-memory when --auto-batch-size (as the Trainer).
     # (fit cuts metrics.jsonl back to the step it starts from: a failed attempt's lines go.)
+    # On one process only: out of memory strikes one process mid-step while the others wait for it
+    # in the step's all-reduce, so they cannot agree on a retry; there it stops the run in one line.
+    retry_on_oom = cfg.auto_batch_size and accelerator.num_processes == 1
+
     def fit_batch_size(batch_size: int) -> FitResult:
         accelerator.free_memory()
         model.zero_grad(set_to_none=True)  # an attempt that ran out of memory may have left partial gradients
         if batch_size != cfg.batch_size:
             accelerator.print(f"out of memory: retrying with --batch-size {batch_size}", file=sys.stderr)
-        with signal_handlers_restored():  # also when fit raises (a NaN, out of memory, a full disk)
-            return fit(cfg, accelerator, model, rows, collator, batch_size, out)
+        try:
+            with signal_handlers_restored():  # also when fit raises (a NaN, out of memory, a full disk)
+                return fit(cfg, accelerator, model, rows, collator, batch_size, out)
+        except torch.OutOfMemoryError as err:
+            if retry_on_oom and batch_size > 1:
+                raise  # find_executable_batch_size tries again with 0.9x the rows
+            raise OutOfMemory(batch_size, cfg.auto_batch_size, accelerator.num_processes) from err
 
-    if cfg.auto_batch_size:
+    if retry_on_oom:
         # Accelerate's decorator calls fit_batch_size(cfg.batch_size), then 0.9x that after each
         # out-of-memory error; it supplies the batch size itself, so it is called with no arguments.
         fit_shrinking_on_oom = find_executable_batch_size(fit_batch_size, starting_batch_size=cfg.batch_size)
@@ -534,6 +543,23 @@ def check_finite(first_bad_step: torch.Tensor, step: int) -> None:
     """The NaN guard's host side, at log lines and checkpoints only. Sync point: .item()."""
     if first_bad_step.item():
         raise NonFiniteLoss(first_bad_step.item(), step)
+
+
+class OutOfMemory(YodaError):
+    """Out of GPU memory in the loop, with nothing left to retry: what ran out, and what lowers it."""
+
+    def __init__(self, batch_size: int, auto_batch_size: bool, num_processes: int):
+        if num_processes > 1:
+            why = f"with {num_processes} processes --auto-batch-size cannot retry (the others are mid-step)"
+        elif auto_batch_size:
+            why = "--auto-batch-size found no smaller batch to retry with"
+        else:
+            why = "pass --auto-batch-size to retry with 0.9x the rows each time"
+        super().__init__(
+            f"out of GPU memory at --batch-size {batch_size}; {why}; lower --batch-size (with --grad-accum "
+            "to keep the step size), or use --gradient-checkpointing, a shorter --max-length, "
+            "or --optim paged_adamw_8bit"
+        )
 
 
 class NonFiniteLoss(YodaError):
