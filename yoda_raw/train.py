@@ -170,8 +170,7 @@ def train_and_save(cfg: Config, accelerator: Accelerator, precision: Precision, 
         if batch_size != cfg.batch_size:
             accelerator.print(f"out of memory: retrying with --batch-size {batch_size}", file=sys.stderr)
         try:
-            with signal_handlers_restored():  # also when fit raises (a NaN, out of memory, a full disk)
-                return fit(cfg, accelerator, model, rows, collator, batch_size, out)
+            return fit(cfg, accelerator, model, rows, collator, batch_size, out)
         except torch.OutOfMemoryError as err:
             if retry_on_oom and batch_size > 1:
                 raise  # find_executable_batch_size tries again with 0.9x the rows
@@ -304,7 +303,6 @@ def fit(
         # From here on metrics.jsonl holds each step once: lines after start_step are from the run
         # before a resume from an older checkpoint, or from an --auto-batch-size attempt that failed.
         output.keep_metrics_until(out, start_step)
-    stop = StopOnSignal()
 
     meter.reset_peaks(device)  # peaks from here on are the training loop's (the weights stay counted)
     bar = tqdm(
@@ -315,9 +313,10 @@ def fit(
     first_bad_step = torch.zeros((), dtype=torch.long, device=device)  # the NaN guard's flag: 0 while all is well
     model.train()
     step, stopping = start_step, False
-    # However the loop ends (done, a NaN, a second Ctrl-C), the bar is closed and the signal handlers
-    # are given back: left installed, they would swallow the next Ctrl-C of this process.
-    with stop, bar:
+    # However the loop ends (done, a NaN, out of memory, a full disk, a second Ctrl-C), the bar is
+    # closed and the signal handlers are given back: left installed, they would swallow the next
+    # Ctrl-C of this process.
+    with StopOnSignal() as stop, bar:
         while step < total_steps and not stopping:
             epoch = step // steps_per_epoch
             loader.set_epoch(epoch)
@@ -431,34 +430,27 @@ class EpochSampler(torch.utils.data.Sampler):
         return iter(torch.randperm(self.n_rows, generator=generator).tolist())
 
 
-@contextlib.contextmanager
-def signal_handlers_restored():
-    """Give back the SIGINT and SIGTERM handlers that StopOnSignal installs, however fit ends."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-
-
 class StopOnSignal:
     """Turn Ctrl-C (SIGINT) and SIGTERM into a request to stop after the current step, so that the
-    run can save a resumable checkpoint instead of dying mid-step. A second Ctrl-C stops at once."""
+    run can save a resumable checkpoint instead of dying mid-step. A second Ctrl-C stops at once.
+    The handlers are in place inside a `with` block only, and the ones before are given back after it."""
 
     def __init__(self):
         self.requested, self.signum = False, None
+
+    def __enter__(self):
         self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested, self.signum = True, signum
         print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint", file=sys.stderr)
-
-    def restore(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
     def agreed(self, accelerator: Accelerator, at_sync_point: bool) -> bool:
         """Whether to stop after this step, the same answer on every process. A signal can reach one
@@ -477,12 +469,6 @@ class StopOnSignal:
         if signum.item():
             self.signum = int(signum.item())
         return self.signum is not None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.restore()
 
 
 def new_window(device: torch.device) -> dict:
