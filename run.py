@@ -17,7 +17,7 @@ from yoda_raw.errors import YodaError
 # Ctrl-C while loading, or a second Ctrl-C / SIGTERM mid-step (the first one saves a checkpoint).
 INTERRUPTED = (
     "interrupted; stopped at once without saving (checkpoints saved before are whole): "
-    "continue from the newest with --resume OUTPUT_DIR/checkpoint-N, or start again"
+    "continue from the newest with --resume OUTPUT_DIR/checkpoint-N, or start over with --overwrite"
 )
 
 
