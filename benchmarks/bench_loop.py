@@ -175,6 +175,7 @@ def measure(cfg, args, name: str, timed: int, watch_device: bool = False) -> dic
         "fp32_frozen": cfg.fp32_frozen,
         "gradient_checkpointing": cfg.gradient_checkpointing,
         "cuda_graph": run.config.cuda_graph,
+        "compile_layers": run.config.compile_layers,
         "optim": cfg.optim,
         "lora_r": cfg.lora_r,
         "train_on": cfg.train_on,

@@ -63,7 +63,7 @@ def main(argv: list[str]) -> int:
     for variant in args.only.split(","):
         compiled, graph = VARIANTS[variant]
         command = [sys.executable, __file__, "--out", str(out), "--child", *rest, "--cuda-graph", graph]
-        command += ["--compile-layers"] if compiled else []
+        command += ["--compile-layers", "on" if compiled else "off"]
         command += ["--batch-size", "16", "--max-length", "64", "--warmup", "3", "--steps", "20"]
         env = os.environ | {"TORCH_LOGS": "recompiles,graph_breaks", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
         started = time.perf_counter()

@@ -224,11 +224,14 @@ def test_cuda_graph_matches_the_eager_loop(phi3_runs, report):
     assert worst <= 0.01, (phi3_runs("defaults"), phi3_runs("eager"))
 
 
-def test_checkpoint_recompute_draws_the_forward_dropout_mask_inside_a_graph():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_checkpoint_recompute_draws_the_forward_dropout_mask_inside_a_graph(compiled):
     """Gradient checkpointing recomputes each layer in backward, dropout included; the recompute
     must draw the forward's mask, also when both are replayed from a CUDA graph (where the random
-    state advances per replay). With x = 1 and w = 1, the loss counts the forward's kept elements and
-    d loss / d w counts the recompute's: they must agree, at every replay, and change between replays."""
+    state advances per replay), and also when the layer is compiled (--compile-layers: the compiled
+    dropout draws its own random numbers). With x = 1 and w = 1, the loss counts the forward's kept
+    elements and d loss / d w counts the recompute's: they must agree, at every replay, and change
+    between replays."""
     from torch.utils.checkpoint import checkpoint
 
     x = torch.ones(4096, device="cuda")
@@ -237,6 +240,9 @@ def test_checkpoint_recompute_draws_the_forward_dropout_mask_inside_a_graph():
 
     def block(x):
         return torch.nn.functional.dropout(x, p=0.5, training=True) * w
+
+    if compiled:
+        block = torch.compile(block, dynamic=False)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

@@ -90,6 +90,25 @@ def test_auto_resolves_to_what_the_run_does(tmp_path, tiny_config):
     main(tiny_config(max_steps=1, samples=False, output_dir=str(tmp_path)))
     saved = json.loads((tmp_path / "run_config.json").read_text())
     assert saved["cuda_graph"] == ("on" if torch.cuda.is_available() else "off")
+    assert saved["compile_layers"] == saved["cuda_graph"]  # auto follows the graph
+
+
+def test_compiled_layers_train_as_the_plain_ones(tmp_path, tiny_config):
+    """--compile-layers on (here on a CPU, where it is not the default) runs the same arithmetic as
+    the plain layers: the same per-step losses. Catches a compiled layer that drops the LoRA
+    adapters or the attention mask, or a model that was never compiled (run_config says on)."""
+    from yoda_raw.train import main
+
+    losses = {}
+    for setting in ("off", "on"):
+        out = tmp_path / setting
+        run = main(tiny_config(max_steps=2, logging_steps=1, samples=False, lora_dropout=0.0, output_dir=str(out),
+                               compile_layers=setting))  # fmt: skip
+        losses[setting] = [r["loss"] for r in run.fit.log]
+        assert json.loads((out / "run_config.json").read_text())["compile_layers"] == setting
+    compiled = [m for m in run.live.model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert len(compiled) == run.live.model.config.num_hidden_layers
+    assert losses["on"] == pytest.approx(losses["off"], rel=1e-4)
 
 
 def test_the_first_step_runs_eagerly_on_the_padded_buffers(tiny_model, tiny_tokenizer):

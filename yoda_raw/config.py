@@ -130,12 +130,13 @@ class Config:
             "(one CUDA GPU, bf16 or fp32), off elsewhere. off: the plain eager loop."
         },
     )
-    compile_layers: bool = field(
-        default=False,
+    compile_layers: Literal["auto", "on", "off"] = field(
+        default="auto",
         metadata={
             "help": "torch.compile each decoder layer: fused kernels for the norms, rotary embeddings, "
-            "activations and LoRA's element-wise work, at the price of compiling at the first step. "
-            "With --cuda-graph the compiled layers are recorded in the graph."
+            "activations and LoRA's element-wise work, for some seconds of compiling at the first step. "
+            "auto: on with the CUDA graph (which records the compiled layers), off elsewhere "
+            "(on a CPU compiling costs more than it saves)."
         },
     )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})

@@ -50,6 +50,7 @@ from yoda_raw.model import (
     load_model_config,
     parameter_counts,
     parameter_line,
+    resolve_compile,
     resolve_quant,
     skeleton,
 )
@@ -102,7 +103,7 @@ def main(cfg: Config) -> RunResult:
     check_device(cfg, accelerator)
     # auto -> on or off, so that the printed and saved config say what this run does.
     graph = resolve_cuda_graph(cfg.cuda_graph, accelerator.device, accelerator.num_processes, precision.name)
-    cfg = dataclasses.replace(cfg, cuda_graph=graph)
+    cfg = dataclasses.replace(cfg, cuda_graph=graph, compile_layers=resolve_compile(cfg.compile_layers, graph))
     check_hub_token(cfg)
     # The output folder is checked and locked before anything is loaded (yoda_raw/output.py).
     with output.owned(cfg, accelerator) as out:
@@ -145,7 +146,7 @@ def train_and_save(cfg: Config, accelerator: Accelerator, precision: Precision, 
         raise YodaError(f"--max-length {cfg.max_length} is longer than the model's context of {context} tokens")
     model = load_base_model(cfg, precision, accelerator.device, vocab_size=len(tokenizer))
     model = add_lora(model, cfg)
-    if cfg.compile_layers:
+    if cfg.compile_layers == "on":
         compile_layers(model)  # compiled lazily, at the first step
     trainable, total = parameter_counts(model)
     accelerator.print(parameter_line(model))
