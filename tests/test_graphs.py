@@ -128,3 +128,21 @@ def test_the_first_step_runs_eagerly_on_the_padded_buffers(tiny_model, tiny_toke
     torch.testing.assert_close(loss, eager.detach(), rtol=1e-5, atol=1e-5)
     for name, grad in lora_like_grads(tiny_model).items():
         torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compile_layers_without_triton_on_a_gpu(monkeypatch):
+    """On a GPU torch.compile needs Triton (compute capability 7.0+, the package installed): without
+    it auto stays off, and on is one line naming the fix, before anything loads. A CPU compiles
+    without Triton, so there nothing changes."""
+    from yoda_raw import model
+    from yoda_raw.errors import YodaError
+
+    monkeypatch.setattr(model, "has_triton", lambda: False)
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert model.resolve_compile("auto", "on", gpu) == "off"
+    with pytest.raises(YodaError, match=r"^--compile-layers on needs Triton .*; use --compile-layers off$"):
+        model.resolve_compile("on", "on", gpu)
+    assert model.resolve_compile("on", "off", cpu) == "on"
+    monkeypatch.setattr(model, "has_triton", lambda: True)
+    assert model.resolve_compile("auto", "on", gpu) == "on"
+    assert model.resolve_compile("auto", "off", gpu) == "off"

@@ -26,6 +26,7 @@ import transformers
 from accelerate import PartialState, init_empty_weights
 from accelerate.utils import broadcast_object_list
 from peft import LoraConfig, get_peft_model
+from torch.utils._triton import has_triton
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -222,14 +223,24 @@ def add_lora(model, cfg: Config):
     return model
 
 
-def resolve_compile(setting: str, cuda_graph: str) -> str:
+def resolve_compile(setting: str, cuda_graph: str, device: torch.device) -> str:
     """--compile-layers auto|on|off -> "on" or "off". auto follows the CUDA graph: that is where it
-    was measured to pay (the H200: 9,360 -> 12,768 tokens/s at 16 x 64), and on a CPU the compiled
-    layers were slower than eager ones.
+    was measured to pay (the H200: 9,360 -> 12,768 tokens/s at 16 x 64); on a CPU the compiled
+    layers were slower than eager ones. On a GPU, torch.compile writes its kernels with Triton,
+    which needs compute capability 7.0+ and the triton package (not there by default on Windows):
+    without it auto is off, and on is one line instead of a traceback at the first step.
 
-    >>> resolve_compile("auto", cuda_graph="off"), resolve_compile("auto", cuda_graph="on")
-    ('off', 'on')
+    >>> cpu = torch.device("cpu")
+    >>> resolve_compile("auto", "off", cpu), resolve_compile("auto", "on", cpu), resolve_compile("on", "off", cpu)
+    ('off', 'on', 'on')
     """
+    if device.type == "cuda" and setting != "off" and not has_triton():
+        if setting == "on":
+            raise YodaError(
+                "--compile-layers on needs Triton for this GPU (compute capability 7.0 or more, and "
+                "`pip install triton`); use --compile-layers off"
+            )
+        return "off"
     return cuda_graph if setting == "auto" else setting
 
 

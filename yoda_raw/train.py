@@ -103,7 +103,9 @@ def main(cfg: Config) -> RunResult:
     check_device(cfg, accelerator)
     # auto -> on or off, so that the printed and saved config say what this run does.
     graph = resolve_cuda_graph(cfg.cuda_graph, accelerator.device, accelerator.num_processes, precision.name)
-    cfg = dataclasses.replace(cfg, cuda_graph=graph, compile_layers=resolve_compile(cfg.compile_layers, graph))
+    cfg = dataclasses.replace(
+        cfg, cuda_graph=graph, compile_layers=resolve_compile(cfg.compile_layers, graph, accelerator.device)
+    )
     check_hub_token(cfg)
     # The output folder is checked and locked before anything is loaded (yoda_raw/output.py).
     with output.owned(cfg, accelerator) as out:
