@@ -57,6 +57,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default="float32",
         help="bnb_4bit_compute_dtype (the tutorial's: float32).",
     )
+    parser.add_argument(
+        "--whole-run",
+        action="store_true",
+        help="The tutorial's whole run: 10 epochs over the data as it is (not repeated to --steps), the adapter "
+        "saved at the end. benchmarks/sft_tutorial_run.sh times it from process start.",
+    )
     parser.add_argument("--warmup", type=int, default=3, help="Steps run before timing starts (default 3).")
     parser.add_argument("--steps", type=int, default=8, help="Timed optimizer steps (default 8).")
     parser.add_argument("--name", default="sft", help="Label of the measurement in the output.")
@@ -169,7 +175,8 @@ def main(argv: list[str]) -> int:
 
     total_steps = args.warmup + args.steps
     pairs = load_pairs(dataset_path)
-    pairs = pairs * common.copies_needed(len(pairs), args.batch_size * args.max_length, total_steps)
+    if not args.whole_run:
+        pairs = pairs * common.copies_needed(len(pairs), args.batch_size * args.max_length, total_steps)
     dataset = datasets.Dataset.from_list(pairs)
 
     started = time.perf_counter()
@@ -208,7 +215,7 @@ def main(argv: list[str]) -> int:
             report_to="none",
             bf16=on_cuda and torch.cuda.is_bf16_supported(including_emulation=False),
             use_cpu=not on_cuda,
-            max_steps=total_steps,  # benchmark: a fixed number of steps
+            max_steps=-1 if args.whole_run else total_steps,  # benchmark: a fixed number of steps
             save_strategy="no",  # benchmark: no checkpoints
             disable_tqdm=True,
         )
@@ -217,6 +224,8 @@ def main(argv: list[str]) -> int:
         clock = make_step_clock("cuda" if on_cuda else "cpu", counter)
         trainer.add_callback(clock)
         output = trainer.train()
+        if args.whole_run:
+            trainer.save_model(out)  # the adapter, as the tutorial ends
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
     # The trainer looks one batch ahead, so counts may hold one more batch than steps.
