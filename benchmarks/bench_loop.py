@@ -195,6 +195,7 @@ def measure(cfg, args, name: str, timed: int, watch_device: bool = False) -> dic
         "total_params": run.total_params,
         "loss_first": records[0]["loss"],
         "loss_last": last["loss"],
+        "losses": [r["loss"] for r in records],  # every step's, warm-up included: for the learning check
         "wall_s": round(time.perf_counter() - started, 1),
         "allocated_at_start_gib": round(allocated_at_start / common.GIB, 3) if allocated_at_start is not None else None,
         "full_step_share": common.full_step_share(records[args.warmup :], rows * cfg.max_length),

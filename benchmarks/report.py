@@ -78,6 +78,28 @@ def by_job(results: list[dict], job: str) -> dict | None:
     return next((r for r in results if r.get("job") == job), None)
 
 
+LEARNING_BOUND = 0.01  # the fast path's per-step losses within 1% of the eager loop's
+
+
+def learning(results: list[dict]) -> dict | None:
+    """Our defaults against the eager loop over the same steps: the worst relative difference of a
+    step's loss, and whether it stays within LEARNING_BOUND.
+
+    >>> learning([{"job": "learning-ours", "losses": [2.0, 1.0]}, {"job": "learning-eager", "losses": [2.0, 1.01]}])
+    {'steps': 2, 'worst_relative_difference': 0.009901, 'within_bound': True, 'bound': 0.01}
+    """
+    ours, eager = by_job(results, "learning-ours"), by_job(results, "learning-eager")
+    if not (ours and eager and ours.get("losses") and len(ours["losses"]) == len(eager.get("losses") or [])):
+        return None
+    worst = max(abs(a - b) / abs(b) for a, b in zip(ours["losses"], eager["losses"], strict=True))
+    return {
+        "steps": len(ours["losses"]),
+        "worst_relative_difference": round(worst, 6),
+        "within_bound": worst <= LEARNING_BOUND,
+        "bound": LEARNING_BOUND,
+    }
+
+
 def comparison(results: list[dict]) -> dict:
     """Ours / SFTTrainer at the tutorial's configuration: tokens/s and peak memory ratios."""
     sft = by_job(results, "sft")
@@ -156,6 +178,17 @@ def markdown(suite: dict, name: str) -> str:
             ]
             lines += ["", f"{by_job(results, job)['label']} / SFTTrainer: " + ", ".join(parts) + "."]
         lines += [""]
+    check = learning(results)
+    if check:
+        verdict = "within" if check["within_bound"] else "NOT within"
+        lines += [
+            "## The same learning",
+            "",
+            f"Over the first {check['steps']} steps from the same seed and data, our defaults' per-step losses are "
+            f"at most {100 * check['worst_relative_difference']:.3f}% from the eager loop's ({verdict} "
+            f"{100 * check['bound']:.0f}%).",
+            "",
+        ]
     ours = by_job(results, "ours")
     lines += grid_table(results, ours)
     variants = [r for r in results if r.get("section") == "variants"]

@@ -9,7 +9,10 @@ What runs, most important first (a time budget skips what no longer fits, and sa
     paged 8-bit AdamW, bf16), with the memory breakdown; then the eager loop (--cuda-graph off),
     and both at 16 x 512;
  2. TRL SFTTrainer with the tutorial's SFTConfig, same model and data (bench_sft.py);
- 3. ours with the tutorial's numerics (4-bit compute dtype fp32, frozen weights upcast to fp32);
+ 3. ours with the tutorial's numerics (4-bit compute dtype fp32, frozen weights upcast to fp32),
+    and ours without compiled layers (--compile-layers off);
+ 3b. the same learning: 50 steps of our defaults and of the eager loop from the same seed and data,
+    every step's loss compared (report.learning: within 1%);
  4. rows x tokens per step: 4, 16, 64 rows x 64, 256, 1024 tokens (one process, model reloaded
     for each point; the 16 x 64 point is measurement 1; 64 x 1024 in a process of its own);
  5. what fits on a card: 6, 8, 12, 16 and 24 GiB in bf16, 16 GiB in fp16 (a T4), rows of 64, 256
@@ -18,8 +21,8 @@ What runs, most important first (a time budget skips what no longer fits, and sa
     AdamW; 32-bit AdamW; fp32; fp16;
  7. with --snapshot: a torch memory snapshot of a few steps of 1 (for pytorch.org/memory_viz).
 
-`--only` takes job names and section names (headline, grid, budgets, variants); `--list` shows
-both. Every process loads the same random-weight Phi-3-mini-4k checkpoint, written once at the
+`--only` takes job names and section names (headline, learning, grid, budgets, variants); `--list`
+shows both. Every process loads the same random-weight Phi-3-mini-4k checkpoint, written once at the
 start (so no process spends time initialising 3.8B weights), and the driver itself never touches
 the GPU (NVML's device-memory reading then sees one process only).
 
@@ -58,7 +61,7 @@ CARD_TOKENS = (64, 256, 512)
 class Job:
     name: str  # unique, used in file names and tables
     label: str  # what the tables call it
-    section: str  # headline | grid | budgets | variants | snapshot
+    section: str  # headline | learning | grid | budgets | variants | snapshot
     script: str  # bench_loop.py | bench_sft.py
     args: list[str] = field(default_factory=list)
     cuda_only: bool = False
@@ -133,6 +136,11 @@ def plan(args) -> list[Job]:
             f"--batch-size 16 --max-length 512 {steps}".split()),
         Job("ours-eager-512", "yoda_raw, eager loop, 16 x 512", "headline", "bench_loop.py",
             f"--batch-size 16 --max-length 512 {steps} --cuda-graph off".split()),
+        # The same learning: 50 steps from the same seed and data, our defaults and the eager loop.
+        Job("learning-ours", "yoda_raw, our defaults, 50 steps", "learning", "bench_loop.py",
+            "--batch-size 16 --max-length 64 --warmup 1 --steps 49".split()),
+        Job("learning-eager", "yoda_raw, eager loop, 50 steps", "learning", "bench_loop.py",
+            "--batch-size 16 --max-length 64 --warmup 1 --steps 49 --cuda-graph off".split()),
         Job("grid", "rows x tokens", "grid", "bench_loop.py", f"--grid {','.join(grid)} {timed}".split()),
         Job("grid-64x1024", "rows x tokens", "grid", "bench_loop.py", f"--grid 64x1024 {timed}".split(), True),
     ]  # fmt: skip
@@ -369,6 +377,7 @@ def short(result: dict) -> str:
 def write_outputs(suite: dict, out: Path, name: str, started: float, plots: bool = False) -> None:
     suite["wall_s"] = round(time.perf_counter() - started, 1)
     suite["comparison"] = report.comparison(suite["results"])
+    suite["learning"] = report.learning(suite["results"])
     (out / f"{name}.json").write_text(json.dumps(suite, indent=1) + "\n")
     report.write_report(suite, out, name, plots)
 

@@ -178,6 +178,20 @@ def test_suite_tables_render_from_results(loop_result):
     assert "x2.00" in report.short_table(suite)
 
 
+@pytest.mark.parametrize("eager_last_loss, verdict", [(1.005, "within 1%"), (1.02, "NOT within 1%")])
+def test_learning_check_compares_every_step_with_the_eager_loop(loop_result, eager_last_loss, verdict):
+    """The benchmark's learning check: the worst step, not the last or the mean, decides; a drift of
+    2% at one step fails it. The per-step losses come from bench_loop.py's own result."""
+    assert len(loop_result["losses"]) == loop_result["warmup_steps"] + loop_result["timed_steps"]
+    ours = loop_result | {"job": "learning-ours", "section": "learning", "losses": [3.0, 2.0, 1.0]}
+    eager = loop_result | {"job": "learning-eager", "section": "learning", "losses": [3.0, 2.0, eager_last_loss]}
+    suite = fake_gpu_suite(loop_result)
+    suite["results"] += [ours, eager]
+    text = report.markdown(suite, "test")
+    assert "## The same learning" in text and f"from the eager loop's ({verdict})" in text
+    assert report.learning(suite["results"])["steps"] == 3
+
+
 def cards_of(suite: dict, card_gib: float) -> dict:
     return next(r for r in suite["results"] if r.get("card", {}).get("card_gib") == card_gib)
 
@@ -330,6 +344,7 @@ def test_only_takes_job_and_section_names():
     assert card.args[card.args.index("--precision") + 1] == "fp16"
 
 
-def test_common_examples_hold():
-    result = doctest.testmod(common, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted >= 3 and result.failed == 0
+@pytest.mark.parametrize("module", [common, report], ids=["common", "report"])
+def test_examples_in_docstrings_hold(module):
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 1 and result.failed == 0
