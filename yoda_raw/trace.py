@@ -35,9 +35,11 @@ from yoda_raw.loss import supervised_count
 from yoda_raw.model import (
     add_lora,
     choose_lora_targets,
+    compile_layers,
     load_base_model,
     load_model_config,
     parameter_line,
+    resolve_compile,
     resolve_quant,
     skeleton,
 )
@@ -66,10 +68,9 @@ def trace(cfg: Config) -> dict:
     if accelerator.num_processes > 1:
         raise YodaError("the trace follows one process: run it as `python -m yoda_raw.trace`, not on several")
     device = accelerator.device
-    # --cuda-graph auto -> on or off, as train.main resolves it.
-    cfg = dataclasses.replace(
-        cfg, cuda_graph=resolve_cuda_graph(cfg.cuda_graph, device, accelerator.num_processes, precision.name)
-    )
+    # --cuda-graph and --compile-layers auto -> on or off, as train.main resolves them.
+    graph = resolve_cuda_graph(cfg.cuda_graph, device, accelerator.num_processes, precision.name)
+    cfg = dataclasses.replace(cfg, cuda_graph=graph, compile_layers=resolve_compile(cfg.compile_layers, graph, device))
     set_seed(cfg.seed)
     meter.reset_peaks(device)
     print(f"model {cfg.model} (--init {cfg.init}, --quant {cfg.quant}), dataset {cfg.dataset}")
@@ -80,6 +81,8 @@ def trace(cfg: Config) -> dict:
     )
     graph = "forward and backward as a CUDA graph from step 2 on (stage 8)" if cfg.cuda_graph == "on" else "eager"
     print(f"graphs.resolve -> --cuda-graph {cfg.cuda_graph}: {graph}")
+    compiled = "each decoder layer compiled (stage 5), at its first call" if cfg.compile_layers == "on" else "off"
+    print(f"model.resolve_compile -> --compile-layers {cfg.compile_layers}: {compiled}")
     memory(device)
 
     heading(2, "one conversation -> ids and labels", "data.load_conversations, chat.tokenize_conversation")
@@ -125,6 +128,8 @@ def trace(cfg: Config) -> dict:
 
     heading(5, "LoRA on the frozen base", "model.add_lora")
     model = add_lora(model, cfg)
+    if cfg.compile_layers == "on":
+        compile_layers(model)
     show_lora(name, model.get_submodule(PEFT_PREFIX + name), cfg)
     print(f"model.parameter_line: {parameter_line(model)}")
     memory(device)
