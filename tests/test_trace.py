@@ -180,6 +180,18 @@ def test_step_is_the_loops_step_1(traced, tmp_path):
     assert logged["lr"] == lr
 
 
+def test_a_system_prompt_is_traced_as_it_is_trained(tmp_path):
+    """--system-prompt reaches the traced conversation and rows as it reaches the loop's: the step is
+    still the loop's step 1. Catches a trace that reads the data without the run's system prompt."""
+    options = [*OPTIONS, "--system-prompt", "Translate into Yoda speak."]
+    out = run_trace(options)
+    assert "Translate into Yoda speak." in stage(out, 2)
+    loss, grad_norm, _ = step_1(out)
+    logged = loops_step_1(parse_config(["--preset", "tiny", *options]), tmp_path)
+    assert logged["loss"] == pytest.approx(loss, abs=2e-6)
+    assert logged["grad_norm"] == pytest.approx(grad_norm, abs=2e-6)
+
+
 def test_unquantized_base_and_torch_adamw(capsys):
     assert trace.main(["--quant", "none", "--optim", "adamw", "--max-length", "32"]) == 0
     out = capsys.readouterr().out

@@ -13,7 +13,6 @@ CUDA the memory allocated after each stage. The loss and gradient norm it prints
 `python run.py` with the same options logs for step 1. Nothing is written to disk.
 """
 
-import dataclasses
 import itertools
 import math
 import sys
@@ -29,19 +28,14 @@ from yoda_raw.config import Config, parse_config
 from yoda_raw.data import load_conversations, split_conversations
 from yoda_raw.errors import YodaError
 from yoda_raw.graphs import CapturedStep
-from yoda_raw.graphs import resolve as resolve_cuda_graph
 from yoda_raw.inspect import row_as_text
 from yoda_raw.loss import supervised_count
 from yoda_raw.model import (
     add_lora,
-    choose_lora_targets,
     compile_layers,
     load_base_model,
     load_model_config,
     parameter_line,
-    resolve_compile,
-    resolve_quant,
-    skeleton,
 )
 from yoda_raw.optim import build_optimizer, learning_rate
 from yoda_raw.packing import Collator, build_rows, count_tokens
@@ -51,6 +45,8 @@ from yoda_raw.train import (
     check_device,
     forward_backward,
     make_accelerator,
+    settle_for_machine,
+    settle_for_model,
     zero_nonfinite_grads,
 )
 
@@ -68,9 +64,7 @@ def trace(cfg: Config) -> dict:
     if accelerator.num_processes > 1:
         raise YodaError("the trace follows one process: run it as `python -m yoda_raw.trace`, not on several")
     device = accelerator.device
-    # --cuda-graph and --compile-layers auto -> on or off, as train.main resolves them.
-    graph = resolve_cuda_graph(cfg.cuda_graph, device, accelerator.num_processes, precision.name)
-    cfg = dataclasses.replace(cfg, cuda_graph=graph, compile_layers=resolve_compile(cfg.compile_layers, graph, device))
+    cfg = settle_for_machine(cfg, accelerator, precision)  # as train.main does
     set_seed(cfg.seed)
     meter.reset_peaks(device)
     print(f"model {cfg.model} (--init {cfg.init}, --quant {cfg.quant}), dataset {cfg.dataset}")
@@ -87,11 +81,10 @@ def trace(cfg: Config) -> dict:
 
     heading(2, "one conversation -> ids and labels", "data.load_conversations, chat.tokenize_conversation")
     tokenizer = load_tokenizer(cfg.tokenizer_source, trust_remote_code=cfg.trust_remote_code)
-    # --quant auto and the default LoRA targets, settled from the model's config as train.main does.
-    model_config = load_model_config(cfg, len(tokenizer))
-    targets = choose_lora_targets(cfg.lora_targets, skeleton(model_config, cfg.trust_remote_code), cfg.model)
-    cfg = dataclasses.replace(cfg, quant=resolve_quant(cfg.quant, device), lora_targets=targets)
-    conversations = load_conversations(cfg.dataset, cfg.prompt_field, cfg.response_field, skip_invalid=cfg.skip_invalid)
+    cfg = settle_for_model(cfg, load_model_config(cfg, len(tokenizer)), device)  # as train.main does
+    conversations = load_conversations(
+        cfg.dataset, cfg.prompt_field, cfg.response_field, "train", cfg.skip_invalid, cfg.system_prompt
+    )
     train_conversations, held_out = split_conversations(conversations, cfg.eval_fraction, cfg.seed)
     print(
         f"{len(conversations)} conversations; data.split_conversations holds {len(held_out)} out "

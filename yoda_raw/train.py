@@ -101,29 +101,38 @@ def main(cfg: Config) -> RunResult:
     """Data, model, fit, save: what `accelerate launch run.py` runs."""
     accelerator, precision = make_accelerator(cfg)
     check_device(cfg, accelerator)
-    # auto -> on or off, so that the printed and saved config say what this run does.
-    graph = resolve_cuda_graph(cfg.cuda_graph, accelerator.device, accelerator.num_processes, precision.name)
-    cfg = dataclasses.replace(
-        cfg, cuda_graph=graph, compile_layers=resolve_compile(cfg.compile_layers, graph, accelerator.device)
-    )
+    cfg = settle_for_machine(cfg, accelerator, precision)
     check_hub_token(cfg)
     # The output folder is checked and locked before anything is loaded (yoda_raw/output.py).
     with output.owned(cfg, accelerator) as out:
         return train_and_save(cfg, accelerator, precision, out)
 
 
+def settle_for_machine(cfg: Config, accelerator: Accelerator, precision: Precision) -> Config:
+    """--cuda-graph and --compile-layers auto -> on or off on this machine, so that the printed and
+    saved config say what this run does (yoda_raw.trace settles them the same way)."""
+    graph = resolve_cuda_graph(cfg.cuda_graph, accelerator.device, accelerator.num_processes, precision.name)
+    compiled = resolve_compile(cfg.compile_layers, graph, accelerator.device)
+    return dataclasses.replace(cfg, cuda_graph=graph, compile_layers=compiled)
+
+
+def settle_for_model(cfg: Config, model_config, device: torch.device) -> Config:
+    """--quant auto and the default LoRA targets, from the machine and the model's config, before any
+    weights load: a wrong --lora-targets stops the run at once, and the config printed and saved is
+    the one that runs."""
+    skeleton_model = skeleton(model_config, cfg.trust_remote_code)
+    return dataclasses.replace(
+        cfg,
+        quant=resolve_quant(cfg.quant, device),
+        lora_targets=choose_lora_targets(cfg.lora_targets, skeleton_model, cfg.model),
+    )
+
+
 def train_and_save(cfg: Config, accelerator: Accelerator, precision: Precision, out: Path) -> RunResult:
     """The run, in a folder it owns: data, model, fit, save."""
-    # What this machine and this architecture decide (--quant auto, the default LoRA targets),
-    # settled from the model's config before any weights load, so that a wrong --lora-targets
-    # stops the run at once and the config printed and saved is the one that runs.
     tokenizer = load_tokenizer(cfg.tokenizer_source, trust_remote_code=cfg.trust_remote_code)
     model_config = load_model_config(cfg, len(tokenizer))
-    cfg = dataclasses.replace(
-        cfg,
-        quant=resolve_quant(cfg.quant, accelerator.device),
-        lora_targets=choose_lora_targets(cfg.lora_targets, skeleton(model_config, cfg.trust_remote_code), cfg.model),
-    )
+    cfg = settle_for_model(cfg, model_config, accelerator.device)
     set_seed(cfg.seed)
 
     # Data: conversations (with the system prompt) -> held-out split -> token rows with labels.
