@@ -22,11 +22,17 @@ def lora_like_grads(model) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-def test_padded_maskless_batch_gives_the_eager_loss_and_gradients(tiny_model, tiny_tokenizer):
-    """A short batch (3 rows, the last one shorter) copied into a 5 x 12 buffer and run without an
-    attention mask gives the same loss sum and the same gradients as the collated batch with its mask:
-    right padding is invisible to causal attention, and padded rows have no supervised label.
-    Catches left padding, pad rows with real labels, or a loss that counts padded positions."""
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_padded_batch_under_the_fixed_causal_mask_gives_the_eager_loss_and_gradients(
+    tiny_model, tiny_tokenizer, attention
+):
+    """A short batch (3 rows, the last one shorter) copied into a 5 x 12 buffer and run under the
+    graph's fixed causal mask gives the same loss sum and the same gradients as the collated batch
+    with its padding mask: right padding is invisible to causal attention, and padded rows have no
+    supervised label. For SDPA (a boolean mask) and eager attention (one added to the scores).
+    Catches left padding, pad rows with real labels, a loss that counts padded positions, or a
+    mask in the wrong form for the attention."""
+    tiny_model.set_attn_implementation(attention)
     rows = [
         {"input_ids": [5, 6, 7, 8, 9, 10, 11, 12], "labels": [IGNORE, IGNORE, 7, 8, 9, 10, 11, 12]},
         {"input_ids": [13, 14, 15, 16, 17, 18, 19, 20], "labels": [13, 14, 15, IGNORE, 17, 18, 19, 20]},
@@ -46,7 +52,9 @@ def test_padded_maskless_batch_gives_the_eager_loss_and_gradients(tiny_model, ti
     # The mask that reaches the model is plain causal attention, the same for every row: it says
     # nothing about padding (that is what makes it fixed, and the point of the test).
     causal = torch.ones(12, 12, dtype=torch.bool).tril()
-    assert all(torch.equal(m, causal) for m in captured.batch["attention_mask"][:, 0])
+    mask = captured.batch["attention_mask"][:, 0]
+    allowed = mask if mask.dtype == torch.bool else mask == 0  # eager attention: 0 allowed, -inf not
+    assert all(torch.equal(m, causal) for m in allowed)
     assert (captured.batch["labels"][3:] == IGNORE).all() and (captured.batch["labels"][:, 8:] == IGNORE).all()
     loss = token_loss_sum(tiny_model, captured.batch)
     loss.backward()
