@@ -291,7 +291,11 @@ def fit(
     allocated_before_loop = meter.allocated_bytes(device)  # the model alone, before any optimizer state
     trainable, total = parameter_counts(model)
     flops_per_token = meter.flops_per_token(total - trainable, trainable)  # for MFU in the log
-    optimizer = build_optimizer(model.parameters(), cfg.optim, cfg.lr, cfg.weight_decay, device)
+    # With the CUDA graph the gradients are never freed, so the optimizer can take all LoRA tensors as
+    # one flat tensor (optim.FlatAdamW: one update kernel instead of one per tensor, the same update).
+    optimizer = build_optimizer(
+        model.parameters(), cfg.optim, cfg.lr, cfg.weight_decay, device, flat=cfg.cuda_graph == "on"
+    )
     # Accelerate shards the loader across processes (each row once per epoch), moves batches to
     # the device, wraps the model for DDP and autocast, and the optimizer for fp16 loss scaling.
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
