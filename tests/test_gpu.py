@@ -292,6 +292,52 @@ def test_paged_adamw_8bit_is_paged_and_equals_bitsandbytes_own():
     assert small["state1"].dtype == torch.float32
 
 
+def test_flat_paged_adamw_8bit_equals_bitsandbytes_own_and_resumes_from_its_state():
+    """The CUDA graph's optimizer (optim.FlatAdamW: Phi-3-mini's LoRA shapes as one flat tensor,
+    its state paged) updates exactly as bitsandbytes' PagedAdamW8bit over the separate tensors, with
+    the gradients added by autograd into the flat gradient's views; and a checkpoint of either loads
+    into the other and takes the same next step."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    shapes = [(16384, 8), (8, 3072), (9216, 8), (8, 8192), (3072, 8)]  # gate_up B, an A, qkv B, down A, o B
+    ours = [torch.nn.Parameter(torch.randn(s, device="cuda") * 0.02) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt_ours = optim.build_optimizer(ours, "paged_adamw_8bit", 3e-4, 0.0, torch.device("cuda"), flat=True)
+    opt_theirs = bnb.optim.PagedAdamW8bit(theirs, lr=3e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    assert isinstance(opt_ours, optim.FlatAdamW)
+
+    def step(params, optimizer, seed):
+        generator = torch.Generator(device="cuda").manual_seed(seed)
+        sum((p * torch.randn(p.shape, device="cuda", generator=generator)).sum() for p in params).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=not isinstance(optimizer, optim.FlatAdamW))
+
+    for seed in range(3):
+        step(ours, opt_ours, seed)
+        step(theirs, opt_theirs, seed)
+    torch.cuda.synchronize()
+    assert all(torch.equal(p, q) for p, q in zip(ours, theirs, strict=True))
+    assert getattr(opt_ours.state[opt_ours.flat]["state1"], "is_paged", False)
+
+    ours_saved, theirs_saved = opt_ours.state_dict(), opt_theirs.state_dict()
+    crossed_theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt_crossed_theirs = bnb.optim.PagedAdamW8bit(
+        crossed_theirs, lr=3e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
+    )
+    opt_crossed_theirs.load_state_dict(ours_saved)
+    crossed_ours = [torch.nn.Parameter(p.detach().clone()) for p in theirs]
+    opt_crossed_ours = optim.build_optimizer(
+        crossed_ours, "paged_adamw_8bit", 3e-4, 0.0, torch.device("cuda"), flat=True
+    )
+    opt_crossed_ours.load_state_dict(theirs_saved)
+    for params, optimizer in ((ours, opt_ours), (crossed_theirs, opt_crossed_theirs), (crossed_ours, opt_crossed_ours)):
+        step(params, optimizer, 3)
+    torch.cuda.synchronize()
+    for p, q, r in zip(ours, crossed_theirs, crossed_ours, strict=True):
+        assert torch.equal(p, q) and torch.equal(p, r)
+
+
 # --- 3. bf16 and fp16 train; resume; auto batch size ------------------------------------------------------
 
 
