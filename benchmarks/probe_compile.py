@@ -4,7 +4,8 @@ CUDA graph, and what do they buy?
     python benchmarks/probe_compile.py --out DIR --model CKPT --init pretrained --tokenizer TOK
 
 Each variant is bench_loop.py's measurement (`yoda_raw.train.main`, 16 x 64, 3 warm-up and 20
-timed steps) in its own process: --compile-layers off or on, --cuda-graph off or on. A variant
+timed steps) in its own process: --compile-layers off or on, --cuda-graph off or on, the graph's
+flat optimizer or bitsandbytes' per-tensor one. A variant
 that fails keeps its traceback and TORCH_LOGS=recompiles,graph_breaks output in DIR/VARIANT.log.
 DIR/probe_compile.json has every result, with the per-step losses, so the variants' learning can
 be compared with the eager loop's.
@@ -21,19 +22,24 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-# name: (--compile-layers, --cuda-graph)
+# name: (--compile-layers, --cuda-graph); a "-per-tensor" variant keeps bitsandbytes' per-tensor
+# optimizer where the graph's loop would use the flat one (optim.FlatAdamW).
 VARIANTS = {
     "eager": (False, "off"),
     "graph": (False, "on"),
     "layers-eager": (True, "off"),
     "layers-graph": (True, "on"),
+    "layers-graph-per-tensor": (True, "on"),
 }
 
 
-def child(rest: list[str]) -> int:
+def child(rest: list[str], per_tensor: bool) -> int:
     """bench_loop.py's measurement, and the per-step losses it saw, as a LOSSES line."""
     from benchmarks import bench_loop
-    from yoda_raw import train
+    from yoda_raw import optim, train
+
+    if per_tensor:
+        train.build_optimizer = lambda *args, flat=False, **kwargs: optim.build_optimizer(*args, **kwargs)
 
     losses, main = [], train.main
 
@@ -54,9 +60,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--only", default=",".join(VARIANTS), help="Comma-separated variants.")
     parser.add_argument("--timeout", type=float, default=150, help="Seconds per variant.")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--per-tensor", action="store_true", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args(argv)
     if args.child:
-        return child(rest)
+        return child(rest, args.per_tensor)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -64,6 +71,7 @@ def main(argv: list[str]) -> int:
         compiled, graph = VARIANTS[variant]
         command = [sys.executable, __file__, "--out", str(out), "--child", *rest, "--cuda-graph", graph]
         command += ["--compile-layers", "on" if compiled else "off"]
+        command += ["--per-tensor"] if variant.endswith("-per-tensor") else []
         command += ["--batch-size", "16", "--max-length", "64", "--warmup", "3", "--steps", "20"]
         env = os.environ | {"TORCH_LOGS": "recompiles,graph_breaks", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
         started = time.perf_counter()
