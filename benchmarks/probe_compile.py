@@ -4,8 +4,8 @@ CUDA graph, and what do they buy?
     python benchmarks/probe_compile.py --out DIR --model CKPT --init pretrained --tokenizer TOK
 
 Each variant is bench_loop.py's measurement (`yoda_raw.train.main`, 16 x 64, 3 warm-up and 20
-timed steps) in its own process: --compile-layers off or on, --cuda-graph off or on, the graph's
-flat optimizer or bitsandbytes' per-tensor one. A variant
+timed steps) in its own process: --compile-layers off or on, --cuda-graph off or on, with or
+without --reuse-dequant, the graph's flat optimizer or bitsandbytes' per-tensor one. A variant
 that fails keeps its traceback and TORCH_LOGS=recompiles,graph_breaks output in DIR/VARIANT.log.
 DIR/probe_compile.json has every result, with the per-step losses, so the variants' learning can
 be compared with the eager loop's.
@@ -22,14 +22,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-# name: (--compile-layers, --cuda-graph); a "-per-tensor" variant keeps bitsandbytes' per-tensor
-# optimizer where the graph's loop would use the flat one (optim.FlatAdamW).
+# name: (--compile-layers, --cuda-graph, other options); a "-per-tensor" variant keeps bitsandbytes'
+# per-tensor optimizer where the graph's loop would use the flat one (optim.FlatAdamW).
 VARIANTS = {
-    "eager": (False, "off"),
-    "graph": (False, "on"),
-    "layers-eager": (True, "off"),
-    "layers-graph": (True, "on"),
-    "layers-graph-per-tensor": (True, "on"),
+    "eager": (False, "off", []),
+    "graph": (False, "on", []),
+    "layers-eager": (True, "off", []),
+    "layers-graph": (True, "on", []),
+    "layers-graph-per-tensor": (True, "on", []),
+    "layers-graph-reuse-dequant": (True, "on", ["--reuse-dequant"]),
+    "layers-graph-reuse-dequant-per-tensor": (True, "on", ["--reuse-dequant"]),
 }
 
 
@@ -68,9 +70,9 @@ def main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for variant in args.only.split(","):
-        compiled, graph = VARIANTS[variant]
+        compiled, graph, other = VARIANTS[variant]
         command = [sys.executable, __file__, "--out", str(out), "--child", *rest, "--cuda-graph", graph]
-        command += ["--compile-layers", "on" if compiled else "off"]
+        command += ["--compile-layers", "on" if compiled else "off", *other]
         command += ["--per-tensor"] if variant.endswith("-per-tensor") else []
         command += ["--batch-size", "16", "--max-length", "64", "--warmup", "3", "--steps", "20"]
         env = os.environ | {"TORCH_LOGS": "recompiles,graph_breaks", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}

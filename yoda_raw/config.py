@@ -139,6 +139,14 @@ class Config:
             "(on a CPU compiling costs more than it saves)."
         },
     )
+    reuse_dequant: bool = field(
+        default=False,
+        metadata={
+            "help": "Dequantize each 4-bit weight once for the checkpointing recompute and the backward "
+            "(bitsandbytes does it twice): one dequantization in three saved, one layer's weights in the "
+            "compute dtype held meanwhile. Needs gradient checkpointing."
+        },
+    )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
@@ -234,6 +242,11 @@ class Config:
                 f"--save-total-limit must be 0 (keep all) or more, got {self.save_total_limit}",
             ),
             (self.warmup_steps >= 0, f"--warmup-steps must be 0 or more, got {self.warmup_steps}"),
+            (
+                self.gradient_checkpointing or not self.reuse_dequant,
+                "--reuse-dequant keeps each layer's dequantized weights from the recompute to the backward, "
+                "so it needs gradient checkpointing; drop --no-gradient-checkpointing or --reuse-dequant",
+            ),
             (
                 self.system_prompt is None or bool(self.system_prompt.strip()),
                 "--system-prompt must not be empty; leave it out for no system message",

@@ -37,6 +37,7 @@ from yoda_raw.chat import IGNORE, load_tokenizer, tokenizer_sha256
 from yoda_raw.checkpoint import check_checkpoint, load_adapter_only, resume_from, save_adapter_only, save_checkpoint
 from yoda_raw.config import TUTORIAL_MODEL, Config
 from yoda_raw.data import content_sha256, load_conversations, split_conversations
+from yoda_raw.dequant import reuse_dequantized_weights
 from yoda_raw.errors import Interrupted, YodaError
 from yoda_raw.evaluate import end_of_run_report, format_report
 from yoda_raw.graphs import CapturedStep
@@ -157,6 +158,8 @@ def train_and_save(cfg: Config, accelerator: Accelerator, precision: Precision, 
         raise YodaError(f"--max-length {cfg.max_length} is longer than the model's context of {context} tokens")
     model = load_base_model(cfg, precision, accelerator.device, vocab_size=len(tokenizer))
     model = add_lora(model, cfg)
+    if cfg.reuse_dequant:
+        reuse_dequantized_weights(model)  # before compiling: the compiled layers trace the new forward
     if cfg.compile_layers == "on":
         compile_layers(model)  # compiled lazily, at the first step
     trainable, total = parameter_counts(model)

@@ -1,0 +1,68 @@
+"""--reuse-dequant: the same loss and gradients as bitsandbytes' own 4-bit matmul, one dequantization fewer."""
+
+import bitsandbytes as bnb
+import torch
+
+from yoda_raw.config import PRESETS, Config
+from yoda_raw.dequant import reuse_dequantized_weights
+from yoda_raw.loss import token_loss_sum
+from yoda_raw.model import add_lora, load_base_model
+from yoda_raw.packing import Collator
+from yoda_raw.precision import choose_precision
+
+CPU = torch.device("cpu")
+
+
+def tiny_qlora(tokenizer):
+    """The tiny preset's model as the loop builds it on a CPU: 4-bit NF4 base, LoRA, checkpointing."""
+    cfg = Config(**{"preset": "tiny", **PRESETS["tiny"], "quant": "nf4", "lora_dropout": 0.0})
+    model = load_base_model(cfg, choose_precision("fp32", CPU), CPU, vocab_size=len(tokenizer))
+    return add_lora(model, cfg)
+
+
+def loss_and_grads(model, batch):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = token_loss_sum(model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_reused_dequantization_gives_bitsandbytes_loss_and_gradients(tiny_tokenizer, monkeypatch):
+    """Loss and every LoRA gradient equal bitsandbytes' own path, with checkpointing on, and the
+    backward dequantizes nothing: each weight is dequantized in the forward and in the recompute
+    only. Catches a backward that uses the weight untransposed, loses the compute dtype, or a
+    forward that is never replaced."""
+    rows = [{"input_ids": list(range(5, 17)), "labels": [-100] * 3 + list(range(8, 17))} for _ in range(2)]
+    batch = Collator(tiny_tokenizer.pad_token_id)(rows)
+    model = tiny_qlora(tiny_tokenizer)
+    assert model.is_gradient_checkpointing
+    plain_loss, plain_grads = loss_and_grads(model, batch)
+
+    layers = reuse_dequantized_weights(model)
+    assert layers == sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) > 0
+    calls = []
+    dequantize = bnb.functional.dequantize_4bit
+    monkeypatch.setattr(bnb.functional, "dequantize_4bit", lambda *a, **k: calls.append(1) or dequantize(*a, **k))
+    loss, grads = loss_and_grads(model, batch)
+    assert len(calls) == 2 * layers  # forward and recompute; bitsandbytes' backward would add one more each
+
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == plain_grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_reuse_dequant_needs_checkpointing(tmp_path, capsys):
+    """Without checkpointing every layer's dequantized weight would be kept: one line, before loading."""
+    import run
+
+    code = run.main(
+        ["--preset", "tiny", "--reuse-dequant", "--no-gradient-checkpointing", "--output-dir", str(tmp_path)]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [
+        "error: --reuse-dequant keeps each layer's dequantized weights from the recompute to the backward, so it "
+        "needs gradient checkpointing; drop --no-gradient-checkpointing or --reuse-dequant"
+    ]
+    assert not any(tmp_path.iterdir())  # nothing written
