@@ -117,6 +117,27 @@ def test_flat_adamw_checkpoints_hold_the_per_tensor_state():
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
+def test_flat_adamw_survives_accelerates_prepare():
+    """Accelerate's prepare() round-trips a fresh optimizer's state_dict (to move it to the device):
+    the flat optimizer, with no state yet, takes that and then updates exactly as the per-tensor
+    one. Its first GPU run failed here, refusing the empty state as "not 8-bit AdamW state"."""
+    from accelerate import Accelerator
+
+    plain, flat = lora_like_params(), lora_like_params()
+    per_tensor = build_optimizer(plain, "adamw_8bit", 1e-2, 0.0, CPU)
+    prepared = Accelerator(cpu=True).prepare(build_optimizer(flat, "adamw_8bit", 1e-2, 0.0, CPU, flat=True))
+    assert isinstance(prepared.optimizer, FlatAdamW)
+    for step in range(2):
+        backward_of_a_step(plain, step)
+        backward_of_a_step(flat, step)
+        per_tensor.step()
+        prepared.step()
+        per_tensor.zero_grad()
+        prepared.zero_grad()
+    for a, b in zip(plain, flat, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_flat_adamw_only_where_it_is_exact():
     """A tensor of fewer than 4096 elements (32-bit state) or of a partial block keeps the per-tensor
     optimizer; so does torch's AdamW."""

@@ -115,10 +115,15 @@ class FlatAdamW(AdamW):
         """Load bitsandbytes' per-tensor state_dict (ours or PagedAdamW8bit's) into the flat state."""
         twin = AdamW(self.views, **self.hyper)
         twin.load_state_dict(state_dict, move_to_device)
-        states = [twin.state[p] for p in self.views]
+        states = [twin.state.get(p, {}) for p in self.views]
+        self.param_groups[0].update({k: v for k, v in twin.param_groups[0].items() if k != "params"})
+        if not any(states):
+            # No step taken yet: nothing to load. Accelerate's prepare() round-trips every
+            # optimizer's state_dict (to move it to the device), fresh ones included.
+            self.state.clear()
+            return
         if not all(s.get("state1") is not None and s["state1"].dtype == torch.uint8 for s in states):
             raise YodaError("the checkpoint's optimizer state is not 8-bit AdamW state for these parameters")
-        self.param_groups[0].update({k: v for k, v in twin.param_groups[0].items() if k != "params"})
 
         def joined(key: str) -> torch.Tensor:
             return torch.cat([s[key].reshape(-1).to(self.flat.device) for s in states])
