@@ -26,12 +26,12 @@ sys.path.insert(0, str(HERE.parent))
 # per-tensor optimizer where the graph's loop would use the flat one (optim.FlatAdamW).
 VARIANTS = {
     "eager": (False, "off", []),
-    "graph": (False, "on", []),
+    "graph": (False, "on", ["--reuse-dequant", "off"]),
     "layers-eager": (True, "off", []),
-    "layers-graph": (True, "on", []),
-    "layers-graph-per-tensor": (True, "on", []),
-    "layers-graph-reuse-dequant": (True, "on", ["--reuse-dequant"]),
-    "layers-graph-reuse-dequant-per-tensor": (True, "on", ["--reuse-dequant"]),
+    "layers-graph": (True, "on", ["--reuse-dequant", "off"]),
+    "layers-graph-per-tensor": (True, "on", ["--reuse-dequant", "off"]),
+    "layers-graph-reuse-dequant": (True, "on", ["--reuse-dequant", "on"]),
+    "layers-graph-reuse-dequant-per-tensor": (True, "on", ["--reuse-dequant", "on"]),
 }
 
 

@@ -132,6 +132,8 @@ def plan(args) -> list[Job]:
             f"{base} --cuda-graph off".split()),
         Job("ours-no-compile", "yoda_raw, CUDA graph without compiled layers (--compile-layers off)", "headline",
             "bench_loop.py", f"{base} --compile-layers off".split()),
+        Job("ours-no-reuse", "yoda_raw, without reusing dequantized weights (--reuse-dequant off)", "headline",
+            "bench_loop.py", f"{base} --reuse-dequant off".split()),
         Job("ours-512", "yoda_raw, our defaults, 16 x 512", "headline", "bench_loop.py",
             f"--batch-size 16 --max-length 512 {steps}".split()),
         Job("ours-eager-512", "yoda_raw, eager loop, 16 x 512", "headline", "bench_loop.py",

@@ -58,11 +58,40 @@ def test_reuse_dequant_needs_checkpointing(tmp_path, capsys):
     import run
 
     code = run.main(
-        ["--preset", "tiny", "--reuse-dequant", "--no-gradient-checkpointing", "--output-dir", str(tmp_path)]
+        ["--preset", "tiny", "--reuse-dequant", "on", "--no-gradient-checkpointing", "--output-dir", str(tmp_path)]
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == [
-        "error: --reuse-dequant keeps each layer's dequantized weights from the recompute to the backward, so it "
-        "needs gradient checkpointing; drop --no-gradient-checkpointing or --reuse-dequant"
+        "error: --reuse-dequant on keeps each layer's dequantized weights from the recompute to the backward, so "
+        "it needs gradient checkpointing; drop --no-gradient-checkpointing or use --reuse-dequant off"
     ]
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_reuse_dequant_auto_follows_the_cuda_graph_and_on_needs_a_4bit_base(tmp_path, capsys):
+    """auto is on only on the fast path (CUDA graph, 4-bit base, checkpointing); the CPU run's saved
+    config says off; asking for it on an unquantized base is one line, nothing written."""
+    import json
+
+    import run
+    from yoda_raw.dequant import resolve
+
+    assert resolve("auto", "on", "nf4", True) == "on"
+    assert resolve("auto", "on", "nf4", False) == "off"
+    assert resolve("auto", "off", "nf4", True) == "off"
+    assert resolve("off", "on", "nf4", True) == "off"
+    out = tmp_path / "run"
+    assert (
+        run.main(
+            ["--preset", "tiny", "--max-steps", "1", "--eval-fraction", "0", "--no-samples", "--output-dir", str(out)]
+        )
+        == 0
+    )
+    assert json.loads((out / "run_config.json").read_text())["reuse_dequant"] == "off"
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    assert run.main(["--preset", "tiny", "--quant", "none", "--reuse-dequant", "on", "--output-dir", str(bad)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --reuse-dequant on needs a 4-bit base (--quant nf4); use --reuse-dequant off"
+    ]
+    assert not bad.exists() or not any(bad.iterdir())

@@ -139,12 +139,13 @@ class Config:
             "(on a CPU compiling costs more than it saves)."
         },
     )
-    reuse_dequant: bool = field(
-        default=False,
+    reuse_dequant: Literal["auto", "on", "off"] = field(
+        default="auto",
         metadata={
             "help": "Dequantize each 4-bit weight once for the checkpointing recompute and the backward "
             "(bitsandbytes does it twice): one dequantization in three saved, one layer's weights in the "
-            "compute dtype held meanwhile. Needs gradient checkpointing."
+            "compute dtype held meanwhile. Needs gradient checkpointing and a 4-bit base. auto: on with "
+            "the CUDA graph where those hold, off elsewhere."
         },
     )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
@@ -243,9 +244,9 @@ class Config:
             ),
             (self.warmup_steps >= 0, f"--warmup-steps must be 0 or more, got {self.warmup_steps}"),
             (
-                self.gradient_checkpointing or not self.reuse_dequant,
-                "--reuse-dequant keeps each layer's dequantized weights from the recompute to the backward, "
-                "so it needs gradient checkpointing; drop --no-gradient-checkpointing or --reuse-dequant",
+                self.gradient_checkpointing or self.reuse_dequant != "on",
+                "--reuse-dequant on keeps each layer's dequantized weights from the recompute to the backward, "
+                "so it needs gradient checkpointing; drop --no-gradient-checkpointing or use --reuse-dequant off",
             ),
             (
                 self.system_prompt is None or bool(self.system_prompt.strip()),

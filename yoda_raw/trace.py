@@ -26,6 +26,7 @@ from yoda_raw.chat import IGNORE, load_tokenizer, tokenize_conversation
 from yoda_raw.cli import run_command
 from yoda_raw.config import Config, parse_config
 from yoda_raw.data import load_conversations, split_conversations
+from yoda_raw.dequant import reuse_dequantized_weights
 from yoda_raw.errors import YodaError
 from yoda_raw.graphs import CapturedStep
 from yoda_raw.inspect import row_as_text
@@ -82,6 +83,10 @@ def trace(cfg: Config) -> dict:
     heading(2, "one conversation -> ids and labels", "data.load_conversations, chat.tokenize_conversation")
     tokenizer = load_tokenizer(cfg.tokenizer_source, trust_remote_code=cfg.trust_remote_code)
     cfg = settle_for_model(cfg, load_model_config(cfg, len(tokenizer)), device)  # as train.main does
+    reuse = (
+        "each 4-bit weight dequantized once for the recompute and the backward" if cfg.reuse_dequant == "on" else "off"
+    )
+    print(f"dequant.resolve -> --reuse-dequant {cfg.reuse_dequant}: {reuse}")
     conversations = load_conversations(
         cfg.dataset, cfg.prompt_field, cfg.response_field, "train", cfg.skip_invalid, cfg.system_prompt
     )
@@ -121,6 +126,8 @@ def trace(cfg: Config) -> dict:
 
     heading(5, "LoRA on the frozen base", "model.add_lora")
     model = add_lora(model, cfg)
+    if cfg.reuse_dequant == "on":
+        reuse_dequantized_weights(model)
     if cfg.compile_layers == "on":
         compile_layers(model)
     show_lora(name, model.get_submodule(PEFT_PREFIX + name), cfg)
@@ -128,7 +135,9 @@ def trace(cfg: Config) -> dict:
     memory(device)
 
     heading(6, "the optimizer and the learning rate", "optim.build_optimizer, accelerator.prepare, optim.learning_rate")
-    optimizer = build_optimizer(model.parameters(), cfg.optim, cfg.lr, cfg.weight_decay, device)
+    optimizer = build_optimizer(
+        model.parameters(), cfg.optim, cfg.lr, cfg.weight_decay, device, flat=cfg.cuda_graph == "on"
+    )
     unwrapped = model  # names and hooks below use the model itself, not what prepare may wrap around it
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     # As train.fit: each process's LoRA dropout draws from its own stream, seeded by seed and process index.

@@ -37,6 +37,7 @@ from yoda_raw.chat import IGNORE, load_tokenizer, tokenizer_sha256
 from yoda_raw.checkpoint import check_checkpoint, load_adapter_only, resume_from, save_adapter_only, save_checkpoint
 from yoda_raw.config import TUTORIAL_MODEL, Config
 from yoda_raw.data import content_sha256, load_conversations, split_conversations
+from yoda_raw.dequant import resolve as resolve_reuse_dequant
 from yoda_raw.dequant import reuse_dequantized_weights
 from yoda_raw.errors import Interrupted, YodaError
 from yoda_raw.evaluate import end_of_run_report, format_report
@@ -118,13 +119,15 @@ def settle_for_machine(cfg: Config, accelerator: Accelerator, precision: Precisi
 
 
 def settle_for_model(cfg: Config, model_config, device: torch.device) -> Config:
-    """--quant auto and the default LoRA targets, from the machine and the model's config, before any
-    weights load: a wrong --lora-targets stops the run at once, and the config printed and saved is
-    the one that runs."""
+    """--quant auto, --reuse-dequant auto and the default LoRA targets, from the machine and the
+    model's config, before any weights load: a wrong --lora-targets stops the run at once, and the
+    config printed and saved is the one that runs."""
     skeleton_model = skeleton(model_config, cfg.trust_remote_code)
+    quant = resolve_quant(cfg.quant, device)
     return dataclasses.replace(
         cfg,
-        quant=resolve_quant(cfg.quant, device),
+        quant=quant,
+        reuse_dequant=resolve_reuse_dequant(cfg.reuse_dequant, cfg.cuda_graph, quant, cfg.gradient_checkpointing),
         lora_targets=choose_lora_targets(cfg.lora_targets, skeleton_model, cfg.model),
     )
 
@@ -158,7 +161,7 @@ def train_and_save(cfg: Config, accelerator: Accelerator, precision: Precision, 
         raise YodaError(f"--max-length {cfg.max_length} is longer than the model's context of {context} tokens")
     model = load_base_model(cfg, precision, accelerator.device, vocab_size=len(tokenizer))
     model = add_lora(model, cfg)
-    if cfg.reuse_dequant:
+    if cfg.reuse_dequant == "on":
         reuse_dequantized_weights(model)  # before compiling: the compiled layers trace the new forward
     if cfg.compile_layers == "on":
         compile_layers(model)  # compiled lazily, at the first step
