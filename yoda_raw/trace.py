@@ -83,10 +83,6 @@ def trace(cfg: Config) -> dict:
     heading(2, "one conversation -> ids and labels", "data.load_conversations, chat.tokenize_conversation")
     tokenizer = load_tokenizer(cfg.tokenizer_source, trust_remote_code=cfg.trust_remote_code)
     cfg = settle_for_model(cfg, load_model_config(cfg, len(tokenizer)), device)  # as train.main does
-    reuse = (
-        "each 4-bit weight dequantized once for the recompute and the backward" if cfg.reuse_dequant == "on" else "off"
-    )
-    print(f"dequant.resolve -> --reuse-dequant {cfg.reuse_dequant}: {reuse}")
     conversations = load_conversations(
         cfg.dataset, cfg.prompt_field, cfg.response_field, "train", cfg.skip_invalid, cfg.system_prompt
     )
@@ -127,7 +123,12 @@ def trace(cfg: Config) -> dict:
     heading(5, "LoRA on the frozen base", "model.add_lora")
     model = add_lora(model, cfg)
     if cfg.reuse_dequant == "on":
-        reuse_dequantized_weights(model)
+        count = reuse_dequantized_weights(model)
+        print(
+            f"dequant.resolve -> --reuse-dequant on: {count} 4-bit linears dequantize once for recompute and backward"
+        )
+    else:
+        print("dequant.resolve -> --reuse-dequant off: bitsandbytes' own 4-bit matmul")
     if cfg.compile_layers == "on":
         compile_layers(model)
     show_lora(name, model.get_submodule(PEFT_PREFIX + name), cfg)
