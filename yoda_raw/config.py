@@ -122,6 +122,13 @@ class Config:
     gradient_checkpointing: bool = field(
         default=True, metadata={"help": "Recompute activations in backward (less memory, about a third more compute)."}
     )
+    uncheckpointed_layers: int = field(
+        default=0,
+        metadata={
+            "help": "With checkpointing, the last N decoder layers keep their activations instead of recomputing "
+            "them: faster, by N layers' recompute, for N layers' activations of memory."
+        },
+    )
     cuda_graph: Literal["auto", "on", "off"] = field(
         default="auto",
         metadata={
@@ -243,6 +250,15 @@ class Config:
                 f"--save-total-limit must be 0 (keep all) or more, got {self.save_total_limit}",
             ),
             (self.warmup_steps >= 0, f"--warmup-steps must be 0 or more, got {self.warmup_steps}"),
+            (
+                self.uncheckpointed_layers >= 0,
+                f"--uncheckpointed-layers must be 0 or more, got {self.uncheckpointed_layers}",
+            ),
+            (
+                self.gradient_checkpointing or self.uncheckpointed_layers == 0,
+                "--uncheckpointed-layers leaves some layers out of gradient checkpointing, which is off; "
+                "drop --no-gradient-checkpointing or --uncheckpointed-layers",
+            ),
             (
                 self.gradient_checkpointing or self.reuse_dequant != "on",
                 "--reuse-dequant on keeps each layer's dequantized weights from the recompute to the backward, "

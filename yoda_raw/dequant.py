@@ -22,6 +22,7 @@ import bitsandbytes as bnb
 import torch
 
 from yoda_raw.errors import YodaError
+from yoda_raw.model import decoder_layers
 
 
 def resolve(setting: str, cuda_graph: str, quant: str, gradient_checkpointing: bool) -> str:
@@ -64,8 +65,16 @@ def linear4bit_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def reuse_dequantized_weights(model) -> int:
-    """Give every 4-bit linear of `model` the forward above; returns how many there were."""
-    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    for layer in layers:
-        layer.forward = types.MethodType(linear4bit_forward, layer)
-    return len(layers)
+    """Give every 4-bit linear of the checkpointed decoder layers the forward above; returns how
+    many there were. A layer left out of checkpointing (--uncheckpointed-layers) keeps
+    bitsandbytes' own: there the dequantized weight would be kept from the forward to the backward."""
+    linears = [
+        module
+        for block in decoder_layers(model)
+        if block.gradient_checkpointing
+        for module in block.modules()
+        if isinstance(module, bnb.nn.Linear4bit)
+    ]
+    for linear in linears:
+        linear.forward = types.MethodType(linear4bit_forward, linear)
+    return len(linears)

@@ -5,7 +5,8 @@ QLoRA in four moves, in the order `build_model` makes them:
    layer except the LM head becomes a `bnb.nn.Linear4bit` holding 4-bit weights (0.5 byte each);
 2. freeze it: only the adapters will learn;
 3. gradient checkpointing (use_reentrant=False): keep only each layer's input in forward and
-   recompute the rest in backward, trading ~1/3 more compute for far less activation memory;
+   recompute the rest in backward, trading ~1/3 more compute for far less activation memory
+   (`--uncheckpointed-layers N` leaves the last N layers out, where memory allows);
 4. LoRA (peft): next to each target linear W, a trainable B @ A of rank r; the output becomes
    W x + (alpha / r) * B A x. B starts at zero, so training starts from the base model exactly.
 
@@ -194,6 +195,21 @@ def _keep_cpu_4bit_gradients(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The model's decoder layers, in order: the blocks gradient checkpointing works on."""
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def check_uncheckpointed_layers(cfg: Config, skeleton_model) -> None:
+    """--uncheckpointed-layers against the model's layer count, before any weights load."""
+    count = len(decoder_layers(skeleton_model))
+    if cfg.uncheckpointed_layers > count:
+        raise YodaError(
+            f"--uncheckpointed-layers {cfg.uncheckpointed_layers} is more than the model's {count} decoder layers; "
+            f"use at most {count} (or --no-gradient-checkpointing)"
+        )
+
+
 def add_lora(model, cfg: Config):
     """Freeze the base, turn on gradient checkpointing, and wrap target linears with LoRA
     (--lora-targets, or every linear layer but the head)."""
@@ -203,6 +219,11 @@ def add_lora(model, cfg: Config):
         # use_reentrant=False: the checkpointed blocks get gradients even though their inputs
         # (frozen embeddings) do not require grad, so no enable_input_require_grads() hack is needed.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.uncheckpointed_layers:
+            # The last layers: their backward comes first, so their kept activations are freed first.
+            layers = decoder_layers(model)
+            for layer in layers[len(layers) - cfg.uncheckpointed_layers :]:
+                layer.gradient_checkpointing = False
     targets = choose_lora_targets(cfg.lora_targets, model, cfg.model)
     lora = LoraConfig(
         r=cfg.lora_r,
@@ -251,9 +272,8 @@ def compile_layers(model) -> None:
     fuses them, while the 4-bit matmuls stay bitsandbytes' own. One layer compiles in seconds; the
     whole model would take minutes. dynamic=False: the shapes are fixed (wrapped packing, and the
     CUDA graph's buffers), and a short last batch compiles once more."""
-    for module in model.modules():
-        if isinstance(module, GradientCheckpointingLayer):
-            module.compile(dynamic=False)
+    for layer in decoder_layers(model):
+        layer.compile(dynamic=False)
 
 
 def parameter_counts(model) -> tuple[int, int]:

@@ -63,7 +63,11 @@ class FlatAdamW(AdamW):
     them (the CUDA graph's loop never does; the eager loop does, so it does not use this).
 
     Checkpoints hold bitsandbytes' own per-tensor state (`state_dict`, `load_state_dict`), so a run
-    resumes from either layout into either.
+    resumes from either layout into either. Flat, the whole state is one tensor of 100,000+
+    elements, so all of it is paged (25 MB on Phi-3-mini).
+
+    Measured on the H200 at 16 x 64 with compiled layers in the CUDA graph: 12,642 -> 13,717
+    tokens/s, the GPU waiting for the host 10.4 -> 5.2 ms a step (benchmarks/results/h200_flat/).
     """
 
     def __init__(self, params, **hyper):

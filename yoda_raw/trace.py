@@ -367,9 +367,10 @@ def show_4bit(name: str, layer) -> None:
 def show_lora(name: str, lora_layer, cfg: Config) -> None:
     lora_a, lora_b = lora_layer.lora_A.default.weight, lora_layer.lora_B.default.weight
     scale = lora_layer.scaling["default"]
-    print(
-        "every parameter of the base frozen; gradient checkpointing " + ("on" if cfg.gradient_checkpointing else "off")
-    )
+    checkpointing = "on" if cfg.gradient_checkpointing else "off"
+    if cfg.gradient_checkpointing and cfg.uncheckpointed_layers:
+        checkpointing += f", but for the last {cfg.uncheckpointed_layers} layers (--uncheckpointed-layers)"
+    print(f"every parameter of the base frozen; gradient checkpointing {checkpointing}")
     print(
         f"{name} is now peft's {type(lora_layer).__module__}.{type(lora_layer).__name__}: "
         "y = base(x) + scale * B(A(dropout(x)))"

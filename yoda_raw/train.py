@@ -46,6 +46,7 @@ from yoda_raw.graphs import resolve as resolve_cuda_graph
 from yoda_raw.loss import supervised_count, token_loss_sum
 from yoda_raw.model import (
     add_lora,
+    check_uncheckpointed_layers,
     choose_lora_targets,
     compile_layers,
     load_base_model,
@@ -123,6 +124,7 @@ def settle_for_model(cfg: Config, model_config, device: torch.device) -> Config:
     model's config, before any weights load: a wrong --lora-targets stops the run at once, and the
     config printed and saved is the one that runs."""
     skeleton_model = skeleton(model_config, cfg.trust_remote_code)
+    check_uncheckpointed_layers(cfg, skeleton_model)
     quant = resolve_quant(cfg.quant, device)
     return dataclasses.replace(
         cfg,
