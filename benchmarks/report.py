@@ -196,6 +196,11 @@ def markdown(suite: dict, name: str) -> str:
         lines += ["## One change at a time from our defaults", "", FIGURES_HEADER]
         lines += [row_of(ours, "our defaults (4-bit, checkpointing, paged 8-bit AdamW, bf16)")]
         lines += [row_of(r) for r in variants] + [""]
+    checkpointing = [r for r in results if r.get("section") == "checkpointing"]
+    if checkpointing:
+        references = [(r, f"{r['label']} (every layer checkpointed)") for r in (ours, by_job(results, "ours-512")) if r]
+        lines += ["## What the recompute costs, and what memory buys back", "", FIGURES_HEADER]
+        lines += [row_of(r, label) for r, label in references] + [row_of(r) for r in checkpointing] + [""]
     if ours and "activations_at_peak_gib" in (ours.get("memory_breakdown") or {}):
         lines += breakdown_table(ours["memory_breakdown"]) + [""]
     lines += cards_table([r for r in results if r.get("card")], (suite.get("gpu") or "CPU").replace("NVIDIA ", ""))

@@ -19,9 +19,11 @@ What runs, most important first (a time budget skips what no longer fits, and sa
     and 512 tokens (one process per card, see bench_loop.py --cards);
  6. one change at a time from 1: no gradient checkpointing; bf16 base instead of 4-bit; 8-bit
     AdamW; 32-bit AdamW; fp32; fp16;
+ 6b. what the recompute costs (CUDA only): at 16 x 512 LoRA dropout 0, the last 8, 16, 32 layers
+    not checkpointed (--uncheckpointed-layers), no checkpointing; at 16 x 64 the last 2, 3, 4, 6;
  7. with --snapshot: a torch memory snapshot of a few steps of 1 (for pytorch.org/memory_viz).
 
-`--only` takes job names and section names (headline, learning, grid, budgets, variants); `--list`
+`--only` takes job names and section names (headline, learning, grid, budgets, variants, checkpointing); `--list`
 shows both. Every process loads the same random-weight Phi-3-mini-4k checkpoint, written once at the
 start (so no process spends time initialising 3.8B weights), and the driver itself never touches
 the GPU (NVML's device-memory reading then sees one process only).
@@ -61,7 +63,7 @@ CARD_TOKENS = (64, 256, 512)
 class Job:
     name: str  # unique, used in file names and tables
     label: str  # what the tables call it
-    section: str  # headline | learning | grid | budgets | variants | snapshot
+    section: str  # headline | learning | grid | budgets | variants | checkpointing | snapshot
     script: str  # bench_loop.py | bench_sft.py
     args: list[str] = field(default_factory=list)
     cuda_only: bool = False
@@ -164,6 +166,18 @@ def plan(args) -> list[Job]:
             f"{base} --precision fp32".split()),
         Job("fp16", "fp16 autocast with loss scaling", "variants", "bench_loop.py",
             f"{base} --precision fp16".split(), cuda_only=True),
+    ]  # fmt: skip
+    # What the recompute costs, and how much of it memory can buy back (--uncheckpointed-layers).
+    long = "--batch-size 16 --max-length 512"
+    jobs += [
+        Job("no-dropout-512", "16 x 512, LoRA dropout 0 (its share of the element-wise work)", "checkpointing",
+            "bench_loop.py", f"{long} {steps} --lora-dropout 0".split(), cuda_only=True),
+        *(Job(f"keep-{n}-512", f"16 x 512, the last {n} layers not checkpointed", "checkpointing", "bench_loop.py",
+              f"{long} {steps} --uncheckpointed-layers {n}".split(), cuda_only=True) for n in (8, 16, 32)),
+        Job("no-checkpointing-512", "16 x 512, no gradient checkpointing", "checkpointing", "bench_loop.py",
+            f"{long} {steps} --no-gradient-checkpointing".split(), cuda_only=True),
+        *(Job(f"keep-{n}", f"16 x 64, the last {n} layers not checkpointed", "checkpointing", "bench_loop.py",
+              f"{base} --uncheckpointed-layers {n}".split(), cuda_only=True) for n in (2, 3, 4, 6)),
     ]  # fmt: skip
     if args.snapshot:
         snapshot_args = "--batch-size 16 --max-length 64 --warmup 1 --steps 2".split()
@@ -303,7 +317,7 @@ def main(argv: list[str]) -> int:
     jobs = plan(args)
     if args.list:
         for job in jobs:
-            print(f"{job.name:24} {job.section:9} {job.script:14} {' '.join(job.args)}")
+            print(f"{job.name:24} {job.section:13} {job.script:14} {' '.join(job.args)}")
         return 0
     started = time.perf_counter()
     facts = gpu_facts()

@@ -130,6 +130,8 @@ def fake_gpu_suite(loop_result: dict) -> dict:
     sft = loop_result | gpu | {"name": "sft", "job": "sft", "label": "TRL SFTTrainer", "section": "headline"}
     sft |= {"pipeline": "trl_sft", "tokens_per_s": loop_result["tokens_per_s"] / 2, "peak_allocated_gib": 5.8}
     grid = loop_result | gpu | {"name": "grid-4x32", "job": "grid", "label": "rows x tokens", "section": "grid"}
+    keep = loop_result | gpu | {"name": "keep-2", "job": "keep-2", "section": "checkpointing"}
+    keep |= {"label": "16 x 64, the last 2 layers not checkpointed", "tokens_per_s": 7777.0}
     cards = [fake_card(loop_result | gpu, 6, "bf16", 512, 5), fake_card(loop_result | gpu, 16, "fp16", 64, 64)]
     nothing = dict.fromkeys(common.RESULT_KEYS) | {"config": None, "name": "none"}
     cards.append(fake_card(nothing, 4, "bf16", 512, 0))
@@ -145,7 +147,7 @@ def fake_gpu_suite(loop_result: dict) -> dict:
         "preset": "tutorial",
         "quick": False,
         "wall_s": 1.0,
-        "results": [ours, sft, grid, *cards],
+        "results": [ours, sft, grid, *cards, keep],
         "failed": [],
         "skipped": [{"job": "fp16", "reason": "test"}],
     }
@@ -164,9 +166,13 @@ def test_suite_tables_render_from_results(loop_result):
         "Rows x tokens per step",
         "Where the memory goes",
         "What fits on a card",
+        "What the recompute costs",
         "Not measured",
     ):
         assert heading in text
+    recompute = text.split("What the recompute costs")[1].split("##")[0]
+    assert "(every layer checkpointed)" in recompute and "| 16 x 64, the last 2 layers not checkpointed |" in recompute
+    assert "7,777" in recompute
     assert "tokens/s x2.00" in text
     assert "benchmarks/README.md" in text, "the measuring rules are written once, there"
     assert "**H200's** speed" in text and "less 0.3 GiB" in text
