@@ -95,3 +95,20 @@ def test_reuse_dequant_auto_follows_the_cuda_graph_and_on_needs_a_4bit_base(tmp_
         "error: --reuse-dequant on needs a 4-bit base (--quant nf4); use --reuse-dequant off"
     ]
     assert not bad.exists() or not any(bad.iterdir())
+
+
+def test_without_gradients_the_layer_is_bitsandbytes_own(tiny_tokenizer, monkeypatch):
+    """Evaluation and generation (no gradients) take bitsandbytes' forward, with its one-token
+    kernel; only a forward that will have a backward goes through the shared dequantization."""
+    model = tiny_qlora(tiny_tokenizer)
+    reuse_dequantized_weights(model)
+    calls = []
+    forward = bnb.nn.Linear4bit.forward
+    monkeypatch.setattr(bnb.nn.Linear4bit, "forward", lambda self, x: calls.append(1) or forward(self, x))
+    ids = torch.tensor([list(range(5, 13))])
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert len(calls) == sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    calls.clear()
+    model(input_ids=ids).logits.sum().backward()
+    assert calls == []

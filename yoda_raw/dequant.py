@@ -12,8 +12,8 @@ What it costs: one layer's weights in the compute dtype while that layer's backw
 keeps none of what a checkpointed layer saves for backward, it recomputes it. Without checkpointing
 every layer's weight would be kept (7.6 GB on Phi-3-mini), so it needs checkpointing on.
 
-Measured on the H200 at 16 x 64 with compiled layers in the CUDA graph (benchmarks/results/): 13,717
--> 14,402 tokens/s, peak allocated 2.86 -> 2.89 GiB.
+Measured on the H200 at 16 x 64 with compiled layers in the CUDA graph
+(benchmarks/results/h200_flat/): 13,717 -> 14,402 tokens/s, peak allocated 2.86 -> 2.89 GiB.
 """
 
 import types
@@ -56,7 +56,11 @@ class MatmulDequantizedOnce(torch.autograd.Function):
 
 def linear4bit_forward(self, x: torch.Tensor) -> torch.Tensor:
     """bitsandbytes' Linear4bit.forward for training (compute dtype, bias, output in the input's
-    dtype) through MatmulDequantizedOnce."""
+    dtype) through MatmulDequantizedOnce. Without gradients (evaluation, the end-of-run samples)
+    there is no backward to share with, and bitsandbytes' own forward has a faster kernel for
+    one token at a time."""
+    if not torch.is_grad_enabled():
+        return bnb.nn.Linear4bit.forward(self, x)
     dtype = self.compute_dtype or x.dtype
     out = MatmulDequantizedOnce.apply(x.to(dtype), self.weight, self.weight.quant_state)
     if self.bias is not None:
