@@ -43,9 +43,14 @@ BUCKETS = [
 ]
 OTHER = "element-wise and other"
 # What the host does meanwhile: CPU time per step inside these ranges (they may nest: not a sum).
+# The profiler waits for the GPU at the end of every step (on_step, an optimizer post-step hook, to
+# time the steps), inside the optimizer step's range: both of the first two rows include that wait.
 HOST = [
-    ("waiting for the GPU (synchronize)", r"^cuda(Device|Stream|Event)Synchronize$"),
-    ("optimizer step (host)", r"^Optimizer\.step#"),
+    (
+        "waiting for the GPU (synchronize, the profiler's own at each step's end included)",
+        r"^cuda(Device|Stream|Event)Synchronize$",
+    ),
+    ("optimizer step (host, that wait included)", r"^Optimizer\.step#"),
     ("data loader", r"^enumerate\(DataLoader\)"),
     ("graph launch", r"^cudaGraphLaunch$"),
 ]

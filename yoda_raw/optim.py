@@ -53,8 +53,8 @@ BLOCK = 256  # elements per 8-bit state block (one absmax each), bitsandbytes' b
 class FlatAdamW(AdamW):
     """The same 8-bit AdamW over one flat tensor: every trainable parameter becomes a view of it, and
     its gradient a view of the flat gradient. bitsandbytes updates a tensor with one kernel launched
-    from Python; on Phi-3-mini's 256 LoRA tensors that took 58 ms of host time a step (H200 profile),
-    about as long as the CUDA graph's whole replay. Flat, it is one launch, and the NaN guard's and
+    from Python: 256 launches a step on Phi-3-mini's LoRA tensors, while the CUDA graph's whole
+    forward and backward is one. Flat, the update is one launch, and the NaN guard's and
     zero_grad's work one kernel each.
 
     Exactly the per-tensor update when every tensor has whole 256-element blocks and the 4096+
