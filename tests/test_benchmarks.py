@@ -354,3 +354,20 @@ def test_only_takes_job_and_section_names():
 def test_examples_in_docstrings_hold(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted >= 1 and result.failed == 0
+
+
+def test_profile_step_splits_the_profiled_steps(tmp_path):
+    """profile_step.py on the tiny model (a CPU): the profiled steps' time split by kind of work,
+    written as JSON, Markdown and a trace. Catches steps timed across the wrong marks (a negative or
+    zero step, or one shorter than the work inside it), or work left out of the buckets."""
+    from benchmarks import profile_step
+
+    argv = ["--out", str(tmp_path), "--name", "tiny", "--preset", "tiny", "--warmup", "2", "--steps", "2"]
+    assert profile_step.main(argv) == 0
+    result = json.loads((tmp_path / "tiny.json").read_text())
+    assert result["step_s"] > 0 and 0 < result["kernel_s"] <= result["step_s"]
+    assert sum(result["buckets_s"].values()) == pytest.approx(result["kernel_s"], abs=1e-4)
+    assert {"matmuls", "element-wise and other"} <= result["buckets_s"].keys()
+    assert result["kernels_per_step"] > 0 and result["idle_s"] is None  # idle: a GPU figure
+    assert "Where a step's time goes" in (tmp_path / "tiny.md").read_text()
+    assert json.loads((tmp_path / "tiny_trace.json").read_text())["traceEvents"]
