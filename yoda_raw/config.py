@@ -7,10 +7,12 @@ replaces the defaults; options given on the command line win over both.
 
 `parse_config` does that for run.py and for `python -m yoda_raw.trace`, which take the same options.
 
-Some values are settled when the run starts, by the machine or the model, and saved resolved:
-`--quant auto` (4-bit on a GPU, unquantized on a CPU, where 4-bit saves memory that a small model
-does not need and costs time) and the LoRA targets when none are given (every linear layer but the
-LM head, read from the model's config).
+Some values are settled when the run starts, by the machine or the model, and saved resolved
+(train.settle_for_machine, train.settle_for_model): `--quant auto` (4-bit on a GPU, unquantized on a
+CPU, where 4-bit saves memory that a small model does not need and costs time), `--cuda-graph`,
+`--compile-layers` and `--reuse-dequant auto` (on where the fast path can run, off elsewhere), and
+the LoRA targets when none are given (every linear layer but the LM head, read from the model's
+config).
 
 The resolved configuration is printed at start and saved as `run_config.json` next to every
 checkpoint and adapter, so a result can always be traced back to the settings that made it.
