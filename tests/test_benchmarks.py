@@ -184,13 +184,14 @@ def test_suite_tables_render_from_results(loop_result):
     assert "x2.00" in report.short_table(suite)
 
 
-@pytest.mark.parametrize("eager_last_loss, verdict", [(1.005, "within 1%"), (1.02, "NOT within 1%")])
-def test_learning_check_compares_every_step_with_the_eager_loop(loop_result, eager_last_loss, verdict):
+@pytest.mark.parametrize("eager_middle_loss, verdict", [(2.01, "within 1%"), (2.04, "NOT within 1%")])
+def test_learning_check_compares_every_step_with_the_eager_loop(loop_result, eager_middle_loss, verdict):
     """The benchmark's learning check: the worst step, not the last or the mean, decides; a drift of
-    2% at one step fails it. The per-step losses come from bench_loop.py's own result."""
+    2% at one middle step fails it (the last step and the mean stay within 1%). The per-step losses
+    come from bench_loop.py's own result."""
     assert len(loop_result["losses"]) == loop_result["warmup_steps"] + loop_result["timed_steps"]
     ours = loop_result | {"job": "learning-ours", "section": "learning", "losses": [3.0, 2.0, 1.0]}
-    eager = loop_result | {"job": "learning-eager", "section": "learning", "losses": [3.0, 2.0, eager_last_loss]}
+    eager = loop_result | {"job": "learning-eager", "section": "learning", "losses": [3.0, eager_middle_loss, 1.0]}
     suite = fake_gpu_suite(loop_result)
     suite["results"] += [ours, eager]
     text = report.markdown(suite, "test")
@@ -350,10 +351,10 @@ def test_only_takes_job_and_section_names():
     assert card.args[card.args.index("--precision") + 1] == "fp16"
 
 
-@pytest.mark.parametrize("module", [common, report], ids=["common", "report"])
-def test_examples_in_docstrings_hold(module):
+@pytest.mark.parametrize("module, examples", [(common, 3), (report, 1)], ids=["common", "report"])
+def test_examples_in_docstrings_hold(module, examples):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted >= 1 and result.failed == 0
+    assert result.attempted >= examples and result.failed == 0
 
 
 def test_profile_step_splits_the_profiled_steps(tmp_path):
@@ -367,7 +368,8 @@ def test_profile_step_splits_the_profiled_steps(tmp_path):
     result = json.loads((tmp_path / "tiny.json").read_text())
     assert result["step_s"] > 0 and 0 < result["kernel_s"] <= result["step_s"]
     assert sum(result["buckets_s"].values()) == pytest.approx(result["kernel_s"], abs=1e-4)
-    assert {"matmuls", "element-wise and other"} <= result["buckets_s"].keys()
+    assert {"matmuls", "element-wise and other", "optimizer and clipping", "loss"} <= result["buckets_s"].keys()
+    assert result["kernel_s"] >= 0.3 * result["step_s"]  # the step's work is in the buckets, not lost
     assert result["kernels_per_step"] > 0 and result["idle_s"] is None  # idle: a GPU figure
     assert "Where a step's time goes" in (tmp_path / "tiny.md").read_text()
     assert json.loads((tmp_path / "tiny_trace.json").read_text())["traceEvents"]

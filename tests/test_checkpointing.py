@@ -17,7 +17,15 @@ CPU = torch.device("cpu")
 def tiny_qlora(tokenizer, uncheckpointed: int):
     """The tiny preset's model as the loop builds it on a CPU (4-bit NF4 base, LoRA with dropout,
     checkpointing), with its last `uncheckpointed` layers left out of checkpointing."""
-    cfg = Config(**{"preset": "tiny", **PRESETS["tiny"], "quant": "nf4", "uncheckpointed_layers": uncheckpointed})
+    cfg = Config(
+        **{
+            "preset": "tiny",
+            **PRESETS["tiny"],
+            "quant": "nf4",
+            "lora_dropout": 0.1,
+            "uncheckpointed_layers": uncheckpointed,
+        }
+    )  # dropout on (the tiny preset has none), so that the masks are compared too
     model = load_base_model(cfg, choose_precision("fp32", CPU), CPU, vocab_size=len(tokenizer))
     return add_lora(model, cfg)
 

@@ -37,6 +37,9 @@ def test_reused_dequantization_gives_bitsandbytes_loss_and_gradients(tiny_tokeni
     batch = Collator(tiny_tokenizer.pad_token_id)(rows)
     model = tiny_qlora(tiny_tokenizer)
     assert model.is_gradient_checkpointing
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.compute_dtype = torch.bfloat16  # not the model's fp32: a forward that drops it shows
     plain_loss, plain_grads = loss_and_grads(model, batch)
 
     layers = reuse_dequantized_weights(model)

@@ -251,8 +251,9 @@ def test_full_disk_on_a_plain_write_is_one_line(tmp_path, monkeypatch, tiny_conf
         return real_open(file, mode, *args, **kwargs)
 
     monkeypatch.setattr("builtins.open", full_open)
-    with pytest.raises(YodaError, match=f"metrics.jsonl.*{tmp_path}.*No space left"):
+    with pytest.raises(YodaError, match=f"metrics.jsonl.*{tmp_path}.*No space left") as error:
         train.main(tiny_config(RUN_OPTIONS, output_dir=str(tmp_path), max_steps=1))
+    assert "\n" not in str(error.value)
 
 
 def test_save_total_limit_counts_only_the_runs_own_checkpoints(tmp_path, tiny_config):

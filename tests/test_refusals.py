@@ -19,7 +19,9 @@ from yoda_raw.errors import YodaError
 
 
 def last_error_line(capsys) -> str:
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err  # one line, not a traceback before it
+    lines = [line for line in err.splitlines() if line.strip()]
     assert lines, "nothing on stderr"
     return lines[-1]
 
@@ -176,8 +178,9 @@ def test_damaged_checkpoint_without_hashes_is_one_line(made, tmp_path, tiny_conf
     cfg = tiny_config(
         RUN_OPTIONS, output_dir=str(tmp_path / "out"), max_steps=4, dataset=str(made / "data.jsonl"), resume=str(copy)
     )
-    with pytest.raises(YodaError, match="cannot load it"):
+    with pytest.raises(YodaError, match="cannot load it") as error:
         train.main(cfg)
+    assert "\n" not in str(error.value)
 
 
 def test_resume_with_another_optimizer_is_refused(made, tmp_path, tiny_config):
@@ -410,6 +413,7 @@ def test_merge_onto_something_there_is_refused(adapter, tmp_path, capsys, target
         (there / "README.md").write_text("mine")
     assert generate.main(["--adapter", str(adapter), "--merge", str(there)]) == 2
     assert last_error_line(capsys).startswith(f"error: --merge {there}")
+    assert (there if target == "file" else there / "README.md").read_text() == "mine"  # left alone
 
 
 @pytest.mark.parametrize("args, mention", [(["--limit", "-2"], "--limit"), (["--max-length", "1"], "--max-length")])
