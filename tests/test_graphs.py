@@ -6,7 +6,6 @@ attention mask gives the eager loss and gradients exactly.
 """
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,15 +22,15 @@ def lora_like_grads(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_padded_batch_under_the_fixed_causal_mask_gives_the_eager_loss_and_gradients(
-    tiny_model, tiny_tokenizer, attention
+def test_padded_batch_without_a_mask_gives_the_eager_loss_and_gradients(
+    tiny_model, tiny_tokenizer, attention, monkeypatch
 ):
-    """A short batch (3 rows, the last one shorter) copied into a 5 x 12 buffer and run under the
-    graph's fixed causal mask gives the same loss sum and the same gradients as the collated batch
-    with its padding mask: right padding is invisible to causal attention, and padded rows have no
-    supervised label. For SDPA (a boolean mask) and eager attention (one added to the scores).
-    Catches left padding, pad rows with real labels, a loss that counts padded positions, or a
-    mask in the wrong form for the attention."""
+    """A short batch (3 rows, the last one shorter) copied into a 5 x 12 buffer and run with no
+    attention mask (plain causal attention) gives the same loss sum and the same gradients as the
+    collated batch with its padding mask: right padding is invisible to causal attention, and
+    padded rows have no supervised label. For SDPA and eager attention. Catches left padding, pad
+    rows with real labels, a loss that counts padded positions; and, for SDPA, a graph that hands
+    attention a ready-made mask again (it would compute all of the scores, not the causal half)."""
     tiny_model.set_attn_implementation(attention)
     rows = [
         {"input_ids": [5, 6, 7, 8, 9, 10, 11, 12], "labels": [IGNORE, IGNORE, 7, 8, 9, 10, 11, 12]},
@@ -49,15 +48,21 @@ def test_padded_batch_under_the_fixed_causal_mask_gives_the_eager_loss_and_gradi
 
     captured = CapturedStep(tiny_model, batch_size=5, max_length=12, pad_id=tiny_tokenizer.pad_token_id, device="cpu")
     captured._load(batch)
-    # The mask that reaches the model is plain causal attention, the same for every row: it says
-    # nothing about padding (that is what makes it fixed, and the point of the test).
-    causal = torch.ones(12, 12, dtype=torch.bool).tril()
-    mask = captured.batch["attention_mask"][:, 0]
-    allowed = mask if mask.dtype == torch.bool else mask == 0  # eager attention: 0 allowed, -inf not
-    assert all(torch.equal(m, causal) for m in allowed)
+    assert set(captured.batch) == {"input_ids", "labels"}  # no mask: nothing that says where padding is
     assert (captured.batch["labels"][3:] == IGNORE).all() and (captured.batch["labels"][:, 8:] == IGNORE).all()
+    sdpa_calls = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa_spy(*args, **kwargs):
+        sdpa_calls.append((kwargs.get("attn_mask"), kwargs.get("is_causal")))
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa_spy)
     loss = token_loss_sum(tiny_model, captured.batch)
     loss.backward()
+    if attention == "sdpa":  # every layer's attention: SDPA's own causal masking, no mask tensor
+        assert len(sdpa_calls) == tiny_model.config.num_hidden_layers
+        assert all(mask is None and is_causal for mask, is_causal in sdpa_calls), sdpa_calls
     torch.testing.assert_close(loss.detach(), eager_loss, rtol=1e-5, atol=1e-5)
     grads = lora_like_grads(tiny_model)
     assert grads.keys() == eager_grads.keys() and grads
@@ -68,9 +73,7 @@ def test_padded_batch_under_the_fixed_causal_mask_gives_the_eager_loss_and_gradi
 def test_a_full_batch_after_a_short_one_leaves_no_stale_padding(tiny_tokenizer):
     """The buffers are reused: a short batch pads them, and the next full batch must overwrite
     every position (no labels of an earlier batch survive)."""
-    model = torch.nn.Identity()
-    model.config = SimpleNamespace(_attn_implementation="sdpa")
-    captured = CapturedStep(model, batch_size=2, max_length=4, pad_id=0, device="cpu")
+    captured = CapturedStep(torch.nn.Identity(), batch_size=2, max_length=4, pad_id=0, device="cpu")
     captured._load({"input_ids": torch.tensor([[1, 2]]), "labels": torch.tensor([[1, 2]])})
     full = {"input_ids": torch.arange(8).view(2, 4), "labels": torch.arange(8).view(2, 4) + 10}
     captured._load(full)

@@ -13,13 +13,14 @@ What a graph needs, and how the loop gives it:
 - fixed shapes and addresses: every micro-batch is copied into the same (B, T) buffers, B =
   --batch-size and T = --max-length. A short batch (the last of an epoch) gets extra rows of
   padding whose labels are all masked: they add 0 to the loss and to every gradient.
-- no host sync inside: transformers inspects a 2D attention mask on the host (to skip it when
-  nothing is padded), so the graph gets a plain causal mask, 4D, built once: rows are padded on
-  the right only, and under causal attention a real token never attends to the padding after it,
-  so every real position computes exactly what it did with the padding mask. Built by us, the mask
-  is the same in the warm-up and in the capture (transformers would build one only while
-  capturing), so both run the same code; compiled layers (--compile-layers) need that, as a
-  recompilation inside a capture fails.
+- no host sync inside, and one code path: given a 2D padding mask, transformers reads it on the
+  host to skip it when nothing is padded (and, while a stream is capturing, builds a mask instead:
+  the warm-up and the capture would then run different code, and compiled layers would recompile
+  inside the capture, which fails). So the graph passes no mask at all, and transformers asks
+  attention for plain causal masking (SDPA's `is_causal`). Rows are padded on the right only, and
+  under causal attention a real token never attends to the padding after it, so every real position
+  computes exactly what it did with the padding mask. The causal kernels also skip the masked half
+  of the scores, which a ready-made (B, 1, T, T) mask would make them compute.
 - gradients at fixed addresses: they exist (as zeros) before the capture, the graph adds into them,
   and the loop zeroes them in place (`zero_grad(set_to_none=False)`) instead of freeing them.
 - one process (DDP's gradient all-reduce would have to be captured too), and no fp16 loss
@@ -56,22 +57,6 @@ def resolve(setting: str, device: torch.device, num_processes: int, precision_na
     return "off"
 
 
-def causal_mask(batch_size: int, length: int, model_config, device: torch.device) -> torch.Tensor:
-    """(B, 1, T, T) causal attention mask in the form the model's attention takes a ready-made one:
-    True where a position may attend (SDPA, the default), or 0 / -inf added to the scores (eager).
-
-    >>> causal_mask(1, 3, type("Config", (), {"_attn_implementation": "sdpa"}), torch.device("cpu"))[0, 0]
-    tensor([[ True, False, False],
-            [ True,  True, False],
-            [ True,  True,  True]])
-    """
-    allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-    allowed = allowed.expand(batch_size, 1, length, length).contiguous()
-    if getattr(model_config, "_attn_implementation", "sdpa") == "eager":
-        return torch.zeros(allowed.shape, device=device).masked_fill(~allowed, float("-inf"))
-    return allowed
-
-
 class CapturedStep:
     """Forward and backward of one (batch_size, max_length) micro-batch as a replayable CUDA graph.
 
@@ -82,12 +67,11 @@ class CapturedStep:
 
     def __init__(self, model, batch_size: int, max_length: int, pad_id: int, device: torch.device):
         self.model, self.pad_id = model, pad_id
-        # The graph's inputs: ids and labels filled before every replay, the causal mask fixed
-        # (see the module docstring).
+        # The graph's inputs: ids and labels, filled before every replay; no attention mask (see
+        # the module docstring).
         self.batch = {
             "input_ids": torch.full((batch_size, max_length), pad_id, dtype=torch.long, device=device),  # (B, T)
             "labels": torch.full((batch_size, max_length), IGNORE, dtype=torch.long, device=device),  # (B, T)
-            "attention_mask": causal_mask(batch_size, max_length, model.config, device),  # (B, 1, T, T)
         }
         self.scale = torch.ones((), device=device)  # 1 / supervised tokens of the step, set each step
         self.warmed_up = False  # the first step runs eagerly (see forward_backward)

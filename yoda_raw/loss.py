@@ -18,7 +18,7 @@ def token_loss_sum(model, batch: dict) -> torch.Tensor:
     each micro-batch and then averaging the averages weights a token in a sparse micro-batch more
     than one in a dense micro-batch (the classic accumulation bug).
     """
-    # attention_mask: (B, T) from the collator, or the CUDA graph's fixed (B, 1, T, T) causal mask (graphs.py).
+    # attention_mask: (B, T) from the collator; the CUDA graph passes none (plain causal attention, graphs.py).
     logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits  # (B, T, V)
     # Position t predicts token t+1. fp32 for the softmax: bf16 log-probabilities are too coarse.
     # Cost: a (B, T-1, V) fp32 copy of the logits (under fp32 the copy happens in flatten instead,
