@@ -1,6 +1,9 @@
 """Measuring: the memory breakdown counted tensor by tensor (on CPU tensors, which count the same
-way as CUDA ones), the NVML peak sampler, and MFU in the loop's own records."""
+way as CUDA ones), the NVML peak sampler, MFU in the loop's own records, and where a run's wall time
+went."""
 
+import json
+import re
 import threading
 import types
 
@@ -146,3 +149,27 @@ def test_the_loop_logs_mfu_where_the_peak_is_known(monkeypatch, tmp_path):
     assert len(result.fit.log) == 2
     for record in result.fit.log:
         assert record["mfu"] == pytest.approx(per_token * record["tokens_per_s"] / 1e12, rel=1e-3)
+
+
+def test_the_run_says_where_its_wall_time_went(tmp_path, tiny_config):
+    """A run ends with the wall time of each stage (run.py prints it), and every metrics record
+    says how far into the loop it was written (the first one holds the compiling, on the fast path).
+    Catches stages that overlap or miss time (their sum against the clock around the run), a
+    training time shorter than the loop's own last record, or elapsed times that restart from each
+    logging window."""
+    import time
+
+    import run
+    from yoda_raw import train
+
+    started = time.perf_counter()
+    result = train.main(tiny_config(max_steps=3, logging_steps=1, eval_fraction=0.0, output_dir=str(tmp_path)))
+    wall = time.perf_counter() - started
+    seconds = result.seconds
+    assert list(seconds) == ["loading", "training", "saving"] and all(s > 0 for s in seconds.values()), seconds
+    assert wall - 1.0 < sum(seconds.values()) <= wall  # the stages cover the run, once each
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    elapsed = [r["elapsed_s"] for r in records]
+    assert len(elapsed) == 3 and 0 < elapsed[0] < elapsed[1] < elapsed[2] <= seconds["training"] + 0.01, elapsed
+    line = run.time_line(result)
+    assert re.fullmatch(r"time: \d+ s loading, \d+ s training \(\d+ s of it to step 1\), \d+ s saving", line), line

@@ -97,6 +97,7 @@ class RunResult:
     output_dir: str
     precision: str  # what --precision resolved to on this device
     is_main_process: bool
+    seconds: dict  # wall time of each stage: loading, training, saving (and evaluating, with a report)
     live: Live
 
 
@@ -136,6 +137,7 @@ def settle_for_model(cfg: Config, model_config, device: torch.device) -> Config:
 
 def train_and_save(cfg: Config, accelerator: Accelerator, precision: Precision, out: Path) -> RunResult:
     """The run, in a folder it owns: data, model, fit, save."""
+    started = time.perf_counter()
     tokenizer = load_tokenizer(cfg.tokenizer_source, trust_remote_code=cfg.trust_remote_code)
     model_config = load_model_config(cfg, len(tokenizer))
     cfg = settle_for_model(cfg, model_config, accelerator.device)
@@ -196,6 +198,7 @@ def train_and_save(cfg: Config, accelerator: Accelerator, precision: Precision, 
                 raise  # find_executable_batch_size tries again with 0.9x the rows
             raise OutOfMemory(batch_size, cfg.auto_batch_size, accelerator.num_processes) from err
 
+    loaded = time.perf_counter()
     if retry_on_oom:
         # Accelerate's decorator calls fit_batch_size(cfg.batch_size), then 0.9x that after each
         # out-of-memory error; it supplies the batch size itself, so it is called with no arguments.
@@ -203,12 +206,15 @@ def train_and_save(cfg: Config, accelerator: Accelerator, precision: Precision, 
         fitted = fit_shrinking_on_oom()
     else:
         fitted = fit_batch_size(cfg.batch_size)
+    trained = time.perf_counter()
+    seconds = {"loading": loaded - started, "training": trained - loaded}  # wall time of each stage
 
     # Save: adapter (safetensors), tokenizer, resolved configuration; whole or not at all.
     accelerator.wait_for_everyone()
     report = None
     if accelerator.is_main_process:
         output.save_final(cfg, accelerator.unwrap_model(model), tokenizer, out)
+        seconds["saving"] = time.perf_counter() - trained
         if cfg.samples and held_out:
             # A short evaluation and a few translations of sentences it did not train on.
             try:
@@ -222,6 +228,7 @@ def train_and_save(cfg: Config, accelerator: Accelerator, precision: Precision, 
                 ) from None
             print(format_report(report))
             output.append_metrics(out, {"step": fitted.steps, **report})
+            seconds["evaluating"] = time.perf_counter() - trained - seconds["saving"]
         if cfg.push_to_hub:
             push_to_hub(cfg, out)
     accelerator.end_training()
@@ -234,6 +241,7 @@ def train_and_save(cfg: Config, accelerator: Accelerator, precision: Precision, 
         output_dir=str(out),
         precision=precision.name,
         is_main_process=accelerator.is_main_process,
+        seconds=seconds,
         live=Live(accelerator.unwrap_model(model), tokenizer, held_out),
     )
 
@@ -329,6 +337,7 @@ def fit(
         output.keep_metrics_until(out, start_step)
 
     meter.reset_peaks(device)  # peaks from here on are the training loop's (the weights stay counted)
+    loop_start = time.perf_counter()
     bar = tqdm(
         total=total_steps, initial=start_step, disable=not accelerator.is_main_process, desc="training", unit="step"
     )
@@ -394,6 +403,7 @@ def fit(
                     check_finite(first_bad_step, step)  # nothing is logged after a NaN
                     record = log_window(window, step, steps_per_epoch, lr, grad_norm, flops_per_token, accelerator)
                     record |= {"skipped_steps": skipped, "batch_size": batch_size}  # what --auto-batch-size settled on
+                    record["elapsed_s"] = round(time.perf_counter() - loop_start, 2)  # the first includes compiling
                     logged.append(record)
                     write_record(record, accelerator, bar, out)
                     if len(logged) == 1 and device.type == "cuda" and accelerator.is_main_process:
