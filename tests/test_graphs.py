@@ -12,7 +12,7 @@ import torch
 
 import run
 from yoda_raw.chat import IGNORE
-from yoda_raw.graphs import CapturedStep
+from yoda_raw.graphs import CAUSAL_SDPA, CapturedStep
 from yoda_raw.loss import token_loss_sum
 from yoda_raw.packing import Collator
 
@@ -54,15 +54,19 @@ def test_padded_batch_without_a_mask_gives_the_eager_loss_and_gradients(
     real_sdpa = torch.nn.functional.scaled_dot_product_attention
 
     def sdpa_spy(*args, **kwargs):
-        sdpa_calls.append((kwargs.get("attn_mask"), kwargs.get("is_causal")))
+        implementation = tiny_model.config._attn_implementation
+        sdpa_calls.append((kwargs.get("attn_mask"), kwargs.get("is_causal"), implementation))
         return real_sdpa(*args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa_spy)
-    loss = token_loss_sum(tiny_model, captured.batch)
-    loss.backward()
-    if attention == "sdpa":  # every layer's attention: SDPA's own causal masking, no mask tensor
+    loss = captured.loss_and_backward()  # what the warm-up runs and the capture records
+    if attention == "sdpa":
+        # Every layer's attention: SDPA's own causal masking, no mask tensor, under the graph's
+        # own name for SDPA (with plain "sdpa" some transformers versions build a mask while a
+        # stream is capturing); the model's own attention comes back afterwards.
         assert len(sdpa_calls) == tiny_model.config.num_hidden_layers
-        assert all(mask is None and is_causal for mask, is_causal in sdpa_calls), sdpa_calls
+        assert all(mask is None and causal and name == CAUSAL_SDPA for mask, causal, name in sdpa_calls), sdpa_calls
+    assert tiny_model.config._attn_implementation == attention
     torch.testing.assert_close(loss.detach(), eager_loss, rtol=1e-5, atol=1e-5)
     grads = lora_like_grads(tiny_model)
     assert grads.keys() == eager_grads.keys() and grads

@@ -14,13 +14,15 @@ What a graph needs, and how the loop gives it:
   --batch-size and T = --max-length. A short batch (the last of an epoch) gets extra rows of
   padding whose labels are all masked: they add 0 to the loss and to every gradient.
 - no host sync inside, and one code path: given a 2D padding mask, transformers reads it on the
-  host to skip it when nothing is padded (and, while a stream is capturing, builds a mask instead:
-  the warm-up and the capture would then run different code, and compiled layers would recompile
-  inside the capture, which fails). So the graph passes no mask at all, and transformers asks
-  attention for plain causal masking (SDPA's `is_causal`). Rows are padded on the right only, and
-  under causal attention a real token never attends to the padding after it, so every real position
-  computes exactly what it did with the padding mask. The causal kernels also skip the masked half
-  of the scores, which a ready-made (B, 1, T, T) mask would make them compute.
+  host to skip it when nothing is padded, and while a stream is capturing it builds a mask instead
+  (some versions do so even given no mask): the warm-up and the capture would then run different
+  code, and compiled layers would recompile inside the capture, which fails. So the graph passes no
+  mask, and runs SDPA under a name of its own (CAUSAL_SDPA): transformers builds no mask for an
+  attention it does not know, and SDPA applies its own causal masking (`is_causal`), in the warm-up
+  and the capture alike. Rows are padded on the right only, and under causal attention a real token
+  never attends to the padding after it, so every real position computes exactly what it did with
+  the padding mask. The causal kernels also skip the masked half of the scores, which a
+  ready-made (B, 1, T, T) mask would make them compute.
 - gradients at fixed addresses: they exist (as zeros) before the capture, the graph adds into them,
   and the loop zeroes them in place (`zero_grad(set_to_none=False)`) instead of freeing them.
 - one process (DDP's gradient all-reduce would have to be captured too), and no fp16 loss
@@ -31,7 +33,11 @@ captured and replayed, and every later one replayed. Clipping, the NaN check and
 step stay eager, after the replays of a step.
 """
 
+import contextlib
+
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from yoda_raw.chat import IGNORE
 from yoda_raw.errors import YodaError
@@ -55,6 +61,25 @@ def resolve(setting: str, device: torch.device, num_processes: int, precision_na
     if setting == "on":
         raise YodaError(f"--cuda-graph on {reason}; use --cuda-graph auto or off")
     return "off"
+
+
+# transformers' own SDPA attention, registered under a second name (see the module docstring).
+CAUSAL_SDPA = "yoda_raw_causal_sdpa"
+AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
+
+
+@contextlib.contextmanager
+def causal_attention(model):
+    """Run `model`'s SDPA attention as CAUSAL_SDPA inside the block (eager attention stays as it is)."""
+    implementation = model.config._attn_implementation
+    if implementation != "sdpa":
+        yield
+        return
+    model.set_attn_implementation(CAUSAL_SDPA)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(implementation)  # evaluation and generation mask padding again
 
 
 class CapturedStep:
@@ -88,9 +113,7 @@ class CapturedStep:
                 # capture needs: cuBLAS handles, bitsandbytes' and autograd's lazy set-up, and the
                 # gradient tensors themselves exist before recording starts. Out of memory shows
                 # here, as in the eager loop, and --auto-batch-size retries as it does there.
-                loss_sum = token_loss_sum(self.model, self.batch)
-                (loss_sum * self.scale).backward()
-                step_loss += loss_sum.detach()
+                step_loss += self.loss_and_backward().detach()
                 continue
             if self.graph is None:
                 self._capture_or_clean_up()
@@ -98,6 +121,15 @@ class CapturedStep:
             step_loss += self.loss_sum  # read before the next replay overwrites it
         self.warmed_up = True
         return step_loss
+
+    def loss_and_backward(self) -> torch.Tensor:
+        """Forward and backward of the micro-batch in the buffers: what the warm-up runs and the
+        capture records. Returns its summed token loss; gradients go into .grad."""
+        # The backward too: its checkpointing recompute runs the layers' forward again.
+        with causal_attention(self.model):
+            loss_sum = token_loss_sum(self.model, self.batch)
+            (loss_sum * self.scale).backward()
+        return loss_sum
 
     def _load(self, batch: dict) -> None:
         """Copy a micro-batch into the graph's input buffers, padding rows and columns."""
@@ -124,5 +156,4 @@ class CapturedStep:
         # zeroes them in place since), which is why they must never be freed afterwards.
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.loss_sum = token_loss_sum(self.model, self.batch)
-            (self.loss_sum * self.scale).backward()
+            self.loss_sum = self.loss_and_backward()
