@@ -43,8 +43,10 @@ BUCKETS = [
 ]
 OTHER = "element-wise and other"
 # What the host does meanwhile: CPU time per step inside these ranges (they may nest: not a sum).
-# The profiler itself never waits for the GPU during the steps (see on_step): a synchronize here is
-# the loop's own. (Until a75bce7 it waited at every step's end, inside the optimizer step's range.)
+# The profiler itself waits for the GPU only at the window's edges (see on_step); the wait at its end
+# falls inside the last step's optimizer range and is counted below, once in the whole window.
+# (Until a75bce7 it waited at every step's end; until this version, never, which let kernels of the
+# step before the window run inside it.)
 HOST = [
     ("waiting for the GPU (synchronize)", r"^cuda(Device|Stream|Event)Synchronize$"),
     ("optimizer step (host)", r"^Optimizer\.step#"),
@@ -97,10 +99,16 @@ def main(argv: list[str]) -> int:
 
     def on_step(*_):  # after every optimizer step: mark its end, advance the profiler's schedule
         # On CUDA a timed event queued behind the step's work, not a wait: the host runs ahead of
-        # the GPU as it does in the loop, so the GPU's idle time below is the loop's own.
+        # the GPU as it does in the loop, so the GPU's idle time below is the loop's own. Two waits
+        # only, at the window's edges: before the first profiled step, so that no kernel of an
+        # earlier step runs inside the window (the host is up to a step ahead), and after the
+        # last, so that all of its kernels are recorded before the profiler stops. The first
+        # costs the first profiled step the host's time to launch it (a few ms, counted as idle).
         if on_cuda:
             step_ends.append(torch.cuda.Event(enable_timing=True))
             step_ends[-1].record()
+            if len(step_ends) in (args.warmup, args.warmup + args.steps):
+                torch.cuda.synchronize()
         else:
             step_ends.append(time.perf_counter())
         profiler.step()
@@ -132,11 +140,13 @@ def main(argv: list[str]) -> int:
 
 def split(events, steps: int, wall_s: float, on_cuda: bool) -> dict:
     """Kernel time per step by bucket, kernels per step, the top kernels, and the GPU's idle time."""
-    per_bucket, per_kernel, launches, host = defaultdict(float), defaultdict(float), 0, defaultdict(float)
+    per_bucket, per_kernel, launches = defaultdict(float), defaultdict(float), 0
+    host, host_calls = defaultdict(float), defaultdict(int)
     for event in events:
         for name, pattern in HOST:
             if event.device_type == torch.autograd.DeviceType.CPU and re.search(pattern, event.name):
                 host[name] += event.cpu_time_total / 1e6 / steps
+                host_calls[name] += 1
         if event.is_user_annotation:  # ranges, not work: their kernels are counted themselves
             continue
         if on_cuda and event.device_type != torch.autograd.DeviceType.CUDA:
@@ -151,12 +161,14 @@ def split(events, steps: int, wall_s: float, on_cuda: bool) -> dict:
     top = sorted(per_kernel.items(), key=lambda item: -item[1])[:15]
     return {
         "step_s": round(wall_s, 5),
+        "steps": steps,
         "kernel_s": round(busy_s, 5),
         "idle_s": round(max(wall_s - busy_s, 0.0), 5) if on_cuda else None,
         "kernels_per_step": round(launches / steps),
         "buckets_s": {name: round(s, 5) for name, s in sorted(per_bucket.items(), key=lambda item: -item[1])},
         "top_kernels_s": [[name[:120], round(s, 6)] for name, s in top],
         "host_s": {name: round(host[name], 5) for name, _ in HOST},
+        "host_calls_per_step": {name: round(host_calls[name] / steps, 2) for name, _ in HOST},
     }
 
 
@@ -178,8 +190,14 @@ def table(result: dict) -> str:
     if result["idle_s"] is not None:
         idle = result["idle_s"]
         lines.append(f"| GPU idle (waiting for the host) | {idle * 1e3:.1f} | {100 * idle / step:.0f}% |")
-    lines += ["", "| the host, meanwhile | ms per step |", "|---|---|"]
-    lines += [f"| {name} | {seconds * 1e3:.1f} |" for name, seconds in result["host_s"].items()]
+    lines += ["", "| the host, meanwhile | ms per step | calls per step |", "|---|---|---|"]
+    calls = result.get("host_calls_per_step", {})
+    lines += [f"| {name} | {s * 1e3:.1f} | {calls.get(name, '')} |" for name, s in result["host_s"].items()]
+    if result["idle_s"] is not None:
+        lines.append(
+            f"\n(Of the waits for the GPU, one in the whole window of {result['steps']} steps is the profiler's "
+            "own, at its end, inside the last optimizer step's range: see on_step.)"
+        )
     lines += ["", "| costliest kernels | ms per step |", "|---|---|"]
     lines += [f"| `{name}` | {seconds * 1e3:.2f} |" for name, seconds in result["top_kernels_s"]]
     return "\n".join(lines) + "\n"
