@@ -259,8 +259,9 @@ def make_accelerator(cfg: Config) -> tuple[Accelerator, Precision]:
         project_dir=cfg.output_dir,
         # even_batches=False: on several processes the last, short batch of an epoch is not padded
         # with rows from the start of the epoch (those would be trained twice); fit handles a
-        # process left without rows.
-        dataloader_config=DataLoaderConfiguration(even_batches=False),
+        # process left without rows. non_blocking: batches go to the GPU without the host waiting
+        # (from pinned memory, see fit).
+        dataloader_config=DataLoaderConfiguration(even_batches=False, non_blocking=True),
     )
     accelerator.register_save_state_pre_hook(save_adapter_only)
     accelerator.register_load_state_pre_hook(load_adapter_only)
@@ -301,8 +302,16 @@ def fit(
     sampler = EpochSampler(len(rows), cfg.shuffle, cfg.seed)
     # generator=: each epoch's iterator draws a seed from it instead of from the global RNG that dropout uses,
     # so a run resumed mid-epoch draws the same dropout masks as an uninterrupted one.
+    # pin_memory (with non_blocking, make_accelerator): a copy to the GPU from ordinary memory makes
+    # the host wait until the GPU has finished all the work queued before it, three waits a step
+    # (one per tensor of the batch), and the GPU then idles while the host prepares the next step.
     loader = torch.utils.data.DataLoader(
-        rows, batch_size=batch_size, sampler=sampler, collate_fn=collator, generator=torch.Generator()
+        rows,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collator,
+        generator=torch.Generator(),
+        pin_memory=device.type == "cuda",
     )
     allocated_before_loop = meter.allocated_bytes(device)  # the model alone, before any optimizer state
     trainable, total = parameter_counts(model)
@@ -353,8 +362,10 @@ def fit(
         while step < total_steps and not stopping:
             epoch = step // steps_per_epoch
             loader.set_epoch(epoch)
-            # On resume, skip the micro-batches this epoch already trained on.
-            batches = iter(accelerator.skip_first_batches(loader, (step % steps_per_epoch) * cfg.grad_accum))
+            # On resume, skip the micro-batches this epoch already trained on. (Only then: Accelerate's
+            # skipping loader copies to the GPU with waits again; it does not keep non_blocking.)
+            done = (step % steps_per_epoch) * cfg.grad_accum
+            batches = iter(accelerator.skip_first_batches(loader, done) if done else loader)
             for _ in range(step % steps_per_epoch, min(steps_per_epoch, total_steps - epoch * steps_per_epoch)):
                 # Learning rate of this step (a plain function of the step: see optim.learning_rate).
                 lr = learning_rate(step, cfg.lr, cfg.warmup_steps, total_steps)
