@@ -7,12 +7,15 @@ file; options on the command line win over the file, which wins over the preset.
 """
 
 import sys
+import time
 
-import torch
+STARTED = time.perf_counter()  # before the heavy imports: the run's time line counts them
 
-from yoda_raw.cli import run_command
-from yoda_raw.config import parse_config
-from yoda_raw.errors import YodaError
+import torch  # noqa: E402
+
+from yoda_raw.cli import run_command  # noqa: E402
+from yoda_raw.config import parse_config  # noqa: E402
+from yoda_raw.errors import YodaError  # noqa: E402
 
 # Ctrl-C while loading, or a second Ctrl-C / SIGTERM mid-step (the first one saves a checkpoint).
 INTERRUPTED = (
@@ -40,14 +43,16 @@ def train_command(argv: list[str]) -> int:
         ) from err
     if result.is_main_process:
         print(f"saved the adapter to {result.output_dir} after {result.fit.steps} steps")
-        print(time_line(result))
+        print(time_line(result, time.perf_counter() - STARTED))
     return 0
 
 
-def time_line(result) -> str:
-    """Where the run's wall time went, e.g. `time: 12 s loading, 33 s training (18 s of it to step 10,
-    compiling included), 1 s saving`: the first logging window holds the compiling and the capture."""
-    parts = []
+def time_line(result, total_s: float) -> str:
+    """Where the run's wall time went, e.g. `time: 9 s starting, 12 s loading, 33 s training (18 s of
+    it to step 10, compiling included), 1 s saving`: starting is this script's imports and the
+    accelerator (Python's own start, and `accelerate launch`'s, come before); the first logging window
+    holds the compiling and the capture."""
+    parts = [f"{total_s - sum(result.seconds.values()):.0f} s starting"]
     for stage, seconds in result.seconds.items():
         part = f"{seconds:.0f} s {stage}"
         if stage == "training" and result.fit.log:
