@@ -373,3 +373,32 @@ def test_profile_step_splits_the_profiled_steps(tmp_path):
     assert result["kernels_per_step"] > 0 and result["idle_s"] is None  # idle: a GPU figure
     assert "Where a step's time goes" in (tmp_path / "tiny.md").read_text()
     assert json.loads((tmp_path / "tiny_trace.json").read_text())["traceEvents"]
+
+
+def test_matmul_peak_times_the_shapes_of_phi3_minis_projections(phi3_path):
+    """The floor argument at 16 x 512 divides the step's FLOPs by the rate matmul_peak.py measures:
+    its shapes must be the real model's projections (in, out features), read here from Phi-3-mini's
+    config. Catches a wrong width (e.g. gate_up as 8192, not 2 x 8192), which would time other work."""
+    from benchmarks import matmul_peak
+
+    config = json.loads((phi3_path / "config.json").read_text())
+    hidden, intermediate = config["hidden_size"], config["intermediate_size"]
+    head_dim = hidden // config["num_attention_heads"]
+    qkv = (config["num_attention_heads"] + 2 * config["num_key_value_heads"]) * head_dim
+    expected = {"qkv_proj": (hidden, qkv), "o_proj": (hidden, hidden), "gate_up_proj": (hidden, 2 * intermediate),
+                "down_proj": (intermediate, hidden)}  # fmt: skip
+    assert {name: (k, n) for name, k, n in matmul_peak.PHI3_LINEARS} == expected
+
+
+def test_matmul_peak_on_a_cpu_is_one_clear_line(capsys):
+    """Without a GPU it stops with one line saying why, not a CUDA traceback."""
+    import torch
+
+    from benchmarks import matmul_peak
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit) as stop:
+        matmul_peak.main([])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: matmul_peak.py needs a CUDA GPU"]
