@@ -105,7 +105,12 @@ def trace(cfg: Config) -> dict:
     # The sampler and loader exactly as train.fit builds them (see there why the generator).
     sampler = EpochSampler(len(rows), cfg.shuffle, cfg.seed)
     loader = torch.utils.data.DataLoader(
-        rows, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collator, generator=torch.Generator()
+        rows,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        collate_fn=collator,
+        generator=torch.Generator(),
+        pin_memory=device.type == "cuda",
     )
     sampler.set_epoch(0)
     order = list(sampler)  # the row order of epoch 0: what the loader will draw
