@@ -48,10 +48,10 @@ def train_command(argv: list[str]) -> int:
 
 
 def time_line(result, total_s: float) -> str:
-    """Where the run's wall time went, e.g. `time: 9 s starting, 12 s loading, 33 s training (18 s of
-    it to step 10, compiling included), 1 s saving`: starting is this script's imports and the
-    accelerator (Python's own start, and `accelerate launch`'s, come before); the first logging window
-    holds the compiling and the capture."""
+    """Where the run's wall time went, e.g. `time: 55 s: 9 s starting, 12 s loading, 33 s training (18 s
+    of it to step 10, compiling included), 1 s saving`: the total from this script's first import;
+    starting is its imports and the accelerator (Python's own start, and `accelerate launch`'s,
+    come before); the first logging window holds the compiling and the capture."""
     parts = [f"{total_s - sum(result.seconds.values()):.0f} s starting"]
     for stage, seconds in result.seconds.items():
         part = f"{seconds:.0f} s {stage}"
@@ -60,7 +60,7 @@ def time_line(result, total_s: float) -> str:
             compiling = ", compiling included" if result.config.compile_layers == "on" else ""
             part += f" ({first['elapsed_s']:.0f} s of it to step {first['step']}{compiling})"
         parts.append(part)
-    return "time: " + ", ".join(parts)
+    return f"time: {total_s:.0f} s: " + ", ".join(parts)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Speed is never asserted (benchmarks report, they do not judge). GPU-only figures
 import doctest
 import json
 import math
+import os
 import subprocess
 import sys
 import types
@@ -402,3 +403,29 @@ def test_matmul_peak_on_a_cpu_is_one_clear_line(capsys):
         matmul_peak.main([])
     assert stop.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == ["error: matmul_peak.py needs a CUDA GPU"]
+
+
+def test_whole_run_split_parts_the_wall_time_around_the_runs_own(tmp_path, capsys):
+    """whole_run_split.py's arithmetic on a stand-in run that sleeps 1.2 s, prints a time line
+    claiming 1 s, then sleeps 0.6 s before exiting: before run.py ~0.2 s, after its last line ~0.6
+    s, and the three parts add up to the wall time. A failed run is one line naming its log.
+    Catches stamps taken at the wrong moment (after the run, or from the wrong line) and parts that
+    do not add up."""
+    from benchmarks import whole_run_split
+
+    stand_in = "import time; time.sleep(1.2); print('time: 1 s: 1 s starting'); time.sleep(0.6)"
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    split = whole_run_split.timed_run("stand-in", [sys.executable, "-c", stand_in], env, tmp_path)
+    assert split["run_py_s"] == 1.0 and split["time_line"] == "time: 1 s: 1 s starting"
+    assert 0.1 <= split["before_run_py_s"] <= 0.8, split
+    assert 0.55 <= split["after_last_line_s"] <= 1.2, split
+    parts = split["before_run_py_s"] + split["run_py_s"] + split["after_last_line_s"]
+    assert parts == pytest.approx(split["wall_s"], abs=0.05)
+    stamped = (tmp_path / "stand-in.log").read_text().split()
+    assert float(stamped[0]) >= 1.2 and stamped[1:3] == ["time:", "1"]  # the line, stamped as it came
+
+    with pytest.raises(SystemExit) as stop:
+        whole_run_split.timed_run("broken", [sys.executable, "-c", "raise SystemExit(3)"], env, tmp_path)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: broken: the run failed (exit status 3); its output is in {tmp_path / 'broken'}.log"]

@@ -172,6 +172,6 @@ def test_the_run_says_where_its_wall_time_went(tmp_path, tiny_config):
     elapsed = [r["elapsed_s"] for r in records]
     assert len(elapsed) == 3 and 0 < elapsed[0] < elapsed[1] < elapsed[2] <= seconds["training"] + 0.01, elapsed
     line = run.time_line(result, total_s=wall + 2.0)  # as if importing had taken 2 s before
-    pattern = r"time: (\d+) s starting, \d+ s loading, \d+ s training \(\d+ s of it to step 1\), \d+ s saving"
-    starting = re.fullmatch(pattern, line)
-    assert starting and 2 <= int(starting[1]) <= 3, line
+    pattern = r"time: (\d+) s: (\d+) s starting, \d+ s loading, \d+ s training \(\d+ s of it to step 1\), \d+ s saving"
+    match = re.fullmatch(pattern, line)
+    assert match and int(match[1]) == round(wall + 2.0) and 2 <= int(match[2]) <= 3, line

@@ -1,0 +1,112 @@
+"""Where the whole run's wall time goes, the launcher's start and the process's exit included.
+
+    python benchmarks/whole_run_split.py --out DIR [run.py options]        # e.g. --init pretrained --model CKPT
+    python benchmarks/whole_run_split.py --out DIR --preset tiny --max-steps 2   # a CPU smoke run
+
+Runs the whole training run as the README gives it, `accelerate launch run.py ...`, and stamps every
+line it prints with the wall clock as the line arrives. run.py's last line gives its own time from
+its first import (`time: N s: ...`), so the stamps split the run's wall time three ways: before
+run.py's first import (Python's start, and the launcher's own process with its imports), run.py
+itself (its time line), and after its last line (the exit: freeing the GPU, the compile workers
+shutting down). Four runs, one after the other:
+
+    launched        accelerate launch run.py, torch's compile cache empty (a first run)
+    launched-again  the same, the cache now warm (every later run)
+    python          python run.py, no launcher, the cache warm
+    one-thread      the first again, a new empty cache and TORCHINDUCTOR_COMPILE_THREADS=1 (inductor
+                    compiles in the process itself, with no pool of compile workers to start and stop)
+
+Writes DIR/split.json, DIR/split.md and each run's stamped output as DIR/NAME.log.
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/
+
+from benchmarks import common  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1"]  # `accelerate launch`
+PYTHON = [sys.executable]
+
+
+def timed_run(name: str, command: list[str], env: dict, out: Path) -> dict:
+    """Run `command`, stamping its output lines into out/NAME.log; split its wall time."""
+    started = time.time()
+    time_line, printed_at = None, None
+    with (
+        subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ) as run,
+        open(out / f"{name}.log", "w") as log,
+    ):
+        for line in run.stdout:  # universal newlines: each progress bar redraw (\r) is a line too
+            now = time.time()
+            log.write(f"{now - started:8.2f} {line.rstrip()}\n")
+            if line.startswith("time: "):
+                time_line, printed_at = line.strip(), now
+    ended = time.time()
+    if run.returncode != 0 or time_line is None:
+        common.fail(f"{name}: the run failed (exit status {run.returncode}); its output is in {out / name}.log")
+    run_py_s = float(re.match(r"time: (\d+) s:", time_line)[1])
+    return {
+        "name": name,
+        "command": " ".join(command),
+        "wall_s": round(ended - started, 2),
+        "before_run_py_s": round(printed_at - started - run_py_s, 2),  # +-0.5 s: run.py rounds its total
+        "run_py_s": run_py_s,
+        "after_last_line_s": round(ended - printed_at, 2),
+        "time_line": time_line,
+    }
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="whole_run_split.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="Folder for split.json, split.md and the runs' logs.")
+    args, run_options = parser.parse_known_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_py = ["run.py", *run_options, "--output-dir", tempfile.mkdtemp(prefix="whole_run_"), "--overwrite"]
+    # Line by line as they come, and the same compile cache for the first three runs.
+    env = os.environ | {"PYTHONUNBUFFERED": "1", "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor_")}
+    one_thread = env | {
+        "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor_"),
+        "TORCHINDUCTOR_COMPILE_THREADS": "1",
+    }
+    runs = [
+        timed_run("launched", LAUNCH + run_py, env, out),
+        timed_run("launched-again", LAUNCH + run_py, env, out),
+        timed_run("python", PYTHON + run_py, env, out),
+        timed_run("one-thread", LAUNCH + run_py, one_thread, out),
+    ]
+    result = {"runs": runs, "device": common.device_name(), "versions": common.versions(), "date": common.now_utc()}
+    result["command"] = "python benchmarks/whole_run_split.py " + " ".join(argv)
+    (out / "split.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        f"# Where the whole run's time goes: {result['device']}",
+        "",
+        f"`{result['command']}` ({result['date']})",
+        "",
+        "| run | wall (s) | before run.py (s) | run.py (s) | after its last line (s) | run.py's time line |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        lines.append(
+            f"| {r['name']} | {r['wall_s']:.1f} | {r['before_run_py_s']:.1f} | {r['run_py_s']:.0f} | "
+            f"{r['after_last_line_s']:.1f} | `{r['time_line']}` |"
+        )
+    (out / "split.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
