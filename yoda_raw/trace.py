@@ -435,8 +435,9 @@ def show_loss(logits_seen: list, loss_sum: float, n_supervised: int, loss: float
     if graph:
         print(
             "graphs.CapturedStep (--cuda-graph on): each micro-batch is copied into fixed buffers, rows padded to "
-            "--max-length, no attention mask. Step 1 runs eagerly on them, as the warm-up a capture needs; "
-            "step 2 records forward and backward as a CUDA graph, and every later micro-batch replays it"
+            "--max-length, no attention mask (SDPA masks causally itself). Step 1 runs eagerly on them, as the "
+            "warm-up a capture needs; step 2 records forward and backward as a CUDA graph, and every later "
+            "micro-batch replays it"
         )
     for i, (shape, dtype) in enumerate(logits_seen):
         batch, length, vocab = shape
