@@ -95,3 +95,22 @@ def tiny_config():
         return Config(**{"preset": "tiny", **PRESETS["tiny"], **(options or {}), **overrides})
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_qlora(tiny_tokenizer, tiny_config):
+    """Build the tiny preset's model as the loop builds it on a CPU (4-bit NF4 base, fp32 LoRA,
+    checkpointing), Config overrides on top: `tiny_qlora(lora_dropout=0.1)`."""
+    import torch
+
+    from yoda_raw.model import add_lora, load_base_model
+    from yoda_raw.precision import choose_precision
+
+    cpu = torch.device("cpu")
+
+    def make(**overrides):
+        cfg = tiny_config(quant="nf4", **overrides)
+        model = load_base_model(cfg, choose_precision("fp32", cpu), cpu, vocab_size=len(tiny_tokenizer))
+        return add_lora(model, cfg)
+
+    return make

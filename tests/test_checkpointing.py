@@ -4,30 +4,10 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from yoda_raw.config import PRESETS, Config
 from yoda_raw.dequant import reuse_dequantized_weights
 from yoda_raw.loss import token_loss_sum
-from yoda_raw.model import add_lora, decoder_layers, load_base_model
+from yoda_raw.model import decoder_layers
 from yoda_raw.packing import Collator
-from yoda_raw.precision import choose_precision
-
-CPU = torch.device("cpu")
-
-
-def tiny_qlora(tokenizer, uncheckpointed: int):
-    """The tiny preset's model as the loop builds it on a CPU (4-bit NF4 base, LoRA with dropout,
-    checkpointing), with its last `uncheckpointed` layers left out of checkpointing."""
-    cfg = Config(
-        **{
-            "preset": "tiny",
-            **PRESETS["tiny"],
-            "quant": "nf4",
-            "lora_dropout": 0.1,
-            "uncheckpointed_layers": uncheckpointed,
-        }
-    )  # dropout on (the tiny preset has none), so that the masks are compared too
-    model = load_base_model(cfg, choose_precision("fp32", CPU), CPU, vocab_size=len(tokenizer))
-    return add_lora(model, cfg)
 
 
 def step(model, batch, seed: int):
@@ -47,14 +27,15 @@ def step(model, batch, seed: int):
     return loss.detach(), grads, runs
 
 
-def test_uncheckpointed_layers_learn_the_same_and_skip_their_recompute(tiny_tokenizer):
+def test_uncheckpointed_layers_learn_the_same_and_skip_their_recompute(tiny_tokenizer, tiny_qlora):
     """The same loss and LoRA gradients as with every layer checkpointed (dropout masks included),
     and the last layer's forward runs once instead of twice. Catches the wrong end of the stack
     left out, a layer still recomputed, or dropout drawing other masks without the recompute."""
     rows = [{"input_ids": list(range(5, 21)), "labels": [-100] * 4 + list(range(9, 21))} for _ in range(3)]
     batch = Collator(tiny_tokenizer.pad_token_id)(rows)
-    all_checkpointed = tiny_qlora(tiny_tokenizer, 0)
-    last_kept = tiny_qlora(tiny_tokenizer, 1)
+    # LoRA dropout on (the tiny preset has none), so that the dropout masks are compared too.
+    all_checkpointed = tiny_qlora(lora_dropout=0.1, uncheckpointed_layers=0)
+    last_kept = tiny_qlora(lora_dropout=0.1, uncheckpointed_layers=1)
     assert [layer.gradient_checkpointing for layer in decoder_layers(last_kept)] == [True, False]
 
     loss, grads, runs = step(all_checkpointed, batch, seed=7)
@@ -66,10 +47,10 @@ def test_uncheckpointed_layers_learn_the_same_and_skip_their_recompute(tiny_toke
         torch.testing.assert_close(kept_grads[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_reuse_dequant_only_in_checkpointed_layers(tiny_tokenizer):
+def test_reuse_dequant_only_in_checkpointed_layers(tiny_qlora):
     """An uncheckpointed layer keeps bitsandbytes' own 4-bit matmul: with the reuse its dequantized
     weights would stay from the forward to the backward, every one of them."""
-    model = tiny_qlora(tiny_tokenizer, 1)
+    model = tiny_qlora(lora_dropout=0.1, uncheckpointed_layers=1)
     first, last = decoder_layers(model)
     linears = [[m for m in layer.modules() if isinstance(m, bnb.nn.Linear4bit)] for layer in (first, last)]
     assert reuse_dequantized_weights(model) == len(linears[0]) > 0

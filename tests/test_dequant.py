@@ -3,21 +3,9 @@
 import bitsandbytes as bnb
 import torch
 
-from yoda_raw.config import PRESETS, Config
 from yoda_raw.dequant import reuse_dequantized_weights
 from yoda_raw.loss import token_loss_sum
-from yoda_raw.model import add_lora, load_base_model
 from yoda_raw.packing import Collator
-from yoda_raw.precision import choose_precision
-
-CPU = torch.device("cpu")
-
-
-def tiny_qlora(tokenizer):
-    """The tiny preset's model as the loop builds it on a CPU: 4-bit NF4 base, LoRA, checkpointing."""
-    cfg = Config(**{"preset": "tiny", **PRESETS["tiny"], "quant": "nf4", "lora_dropout": 0.0})
-    model = load_base_model(cfg, choose_precision("fp32", CPU), CPU, vocab_size=len(tokenizer))
-    return add_lora(model, cfg)
 
 
 def loss_and_grads(model, batch):
@@ -28,14 +16,14 @@ def loss_and_grads(model, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_reused_dequantization_gives_bitsandbytes_loss_and_gradients(tiny_tokenizer, monkeypatch):
+def test_reused_dequantization_gives_bitsandbytes_loss_and_gradients(tiny_tokenizer, tiny_qlora, monkeypatch):
     """Loss and every LoRA gradient equal bitsandbytes' own path, with checkpointing on, and the
     backward dequantizes nothing: each weight is dequantized in the forward and in the recompute
     only. Catches a backward that uses the weight untransposed, loses the compute dtype, or a
     forward that is never replaced."""
     rows = [{"input_ids": list(range(5, 17)), "labels": [-100] * 3 + list(range(8, 17))} for _ in range(2)]
     batch = Collator(tiny_tokenizer.pad_token_id)(rows)
-    model = tiny_qlora(tiny_tokenizer)
+    model = tiny_qlora()
     assert model.is_gradient_checkpointing
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -100,10 +88,10 @@ def test_reuse_dequant_auto_follows_the_cuda_graph_and_on_needs_a_4bit_base(tmp_
     assert not bad.exists() or not any(bad.iterdir())
 
 
-def test_without_gradients_the_layer_is_bitsandbytes_own(tiny_tokenizer, monkeypatch):
+def test_without_gradients_the_layer_is_bitsandbytes_own(tiny_tokenizer, tiny_qlora, monkeypatch):
     """Evaluation and generation (no gradients) take bitsandbytes' forward, with its one-token
     kernel; only a forward that will have a backward goes through the shared dequantization."""
-    model = tiny_qlora(tiny_tokenizer)
+    model = tiny_qlora()
     reuse_dequantized_weights(model)
     calls = []
     forward = bnb.nn.Linear4bit.forward

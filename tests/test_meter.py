@@ -13,40 +13,37 @@ from bitsandbytes.nn import Linear4bit
 
 from yoda_raw import meter
 from yoda_raw.config import PRESETS, Config
-from yoda_raw.model import add_lora, load_base_model, parameter_counts
+from yoda_raw.model import parameter_counts
 from yoda_raw.optim import build_optimizer
-from yoda_raw.precision import choose_precision
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture
-def tiny_qlora(tiny_tokenizer):
+def qlora_model(tiny_qlora):
     """The tiny preset's model as the loop builds it on a CPU: 4-bit NF4 base + fp32 LoRA."""
-    cfg = Config(**{"preset": "tiny", **PRESETS["tiny"], "gradient_checkpointing": False})
-    model = load_base_model(cfg, choose_precision("fp32", CPU), CPU, vocab_size=len(tiny_tokenizer))
-    return add_lora(model, cfg)
+    return tiny_qlora(gradient_checkpointing=False)
 
 
-def test_count_model_splits_a_4bit_lora_model(tiny_qlora):
+def test_count_model_splits_a_4bit_lora_model(qlora_model):
     """Hand-counted: a 4-bit weight is half a byte, LoRA is fp32, everything else is counted
     once. Catches a 4-bit weight counted as frozen fp32, LoRA counted as frozen, tied or shared
     storage counted twice, or a part left out."""
-    parts = meter.count_model(tiny_qlora, "cpu")
-    layers = [m for m in tiny_qlora.modules() if isinstance(m, Linear4bit)]
+    parts = meter.count_model(qlora_model, "cpu")
+    layers = [m for m in qlora_model.modules() if isinstance(m, Linear4bit)]
     assert layers
     assert parts["weights_4bit"] == sum(m.in_features * m.out_features for m in layers) // 2
-    trainable, _ = parameter_counts(tiny_qlora)
+    trainable, _ = parameter_counts(qlora_model)
     assert parts["lora_params"] == trainable * 4
     assert parts["quant_state"] > 0
     storages = {}  # every distinct storage the model holds, by address
-    tensors = [*tiny_qlora.parameters(), *tiny_qlora.buffers()]
-    tensors += [t for p in tiny_qlora.parameters() for t in meter.quant_state_tensors(getattr(p, "quant_state", None))]
+    tensors = [*qlora_model.parameters(), *qlora_model.buffers()]
+    tensors += [t for p in qlora_model.parameters() for t in meter.quant_state_tensors(getattr(p, "quant_state", None))]
     for t in tensors:
         if t is not None:
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     assert sum(parts.values()) == sum(storages.values())
-    assert meter.count_model(tiny_qlora, "cuda") == dict.fromkeys(parts, 0), "nothing on a GPU here"
+    assert meter.count_model(qlora_model, "cuda") == dict.fromkeys(parts, 0), "nothing on a GPU here"
 
 
 def test_count_optimizer_after_one_step():
@@ -66,9 +63,9 @@ def test_count_optimizer_after_one_step():
     assert meter.count_optimizer(fake, "cpu") == {"optimizer_state": 40, "optimizer_state_paged": 1000}
 
 
-def test_memory_breakdown_on_cpu_counts_the_parts(tiny_qlora):
-    optimizer = build_optimizer([p for p in tiny_qlora.parameters() if p.requires_grad], "adamw", 1e-3, 0.0, CPU)
-    b = meter.memory_breakdown(tiny_qlora, optimizer, None, {}, CPU)
+def test_memory_breakdown_on_cpu_counts_the_parts(qlora_model):
+    optimizer = build_optimizer([p for p in qlora_model.parameters() if p.requires_grad], "adamw", 1e-3, 0.0, CPU)
+    b = meter.memory_breakdown(qlora_model, optimizer, None, {}, CPU)
     assert b["lora_grads_gib"] == b["lora_params_gib"] > 0
     assert b["optimizer_state_gib"] == 0, "no state before the first step"
     assert "activations_at_peak_gib" not in b and "torch's memory counters are CUDA's" in b["note"]
