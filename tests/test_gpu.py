@@ -6,7 +6,8 @@ scaling on CUDA, generation on a GPU, and the fast path (`--cuda-graph`) are exe
   (random weights: no download), with the tutorial's numerics and with our defaults;
 - the fast path against the eager loop, step by step, and its dropout masks;
 - the paged optimizer really paged, and its update equal to bitsandbytes' own;
-- bf16 and fp16 both train; resume equals a straight run; --auto-batch-size settles under a cap;
+- bf16 and fp16 both train; resume equals a straight run; the steps between log lines never wait
+  for the GPU; --auto-batch-size settles under a cap;
 - batched greedy generation from a 4-bit adapter equals one sentence at a time.
 Every test is skipped, saying why, where there is no CUDA GPU. The tolerances are those the GPU's
 formats allow, each justified where it is set. With YODA_RAW_GPU_REPORT=FILE the measured figures
@@ -382,6 +383,30 @@ def test_resume_on_the_gpu_gives_the_straight_runs_losses(tmp_path, report, tiny
     worst = worst_relative(step_losses(resumed)[-8:], step_losses(straight)[-8:])
     report["resume_worst_rel"] = worst
     assert worst <= 1e-3, (step_losses(resumed), step_losses(straight))
+
+
+def test_steps_between_log_lines_never_wait_for_the_gpu(tmp_path, tiny_config):
+    """Between log lines the host never waits for the GPU, so it queues the next step while the GPU
+    runs this one: steps 2 to 7 of 8 run under torch's sync debug mode "error", which raises on any
+    synchronizing call (a batch copied from unpinned memory or without non_blocking, an .item(), a
+    host-side NaN check). Step 1 warms up the CUDA graph and step 8 logs, outside it. Catches the
+    copies waiting again (three waits a step at 16 x 64, 2026-11-29) or a sync added to the step."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    done = []
+
+    def strict_from_step_2_to_7(optimizer, args, kwargs):  # after each optimizer step
+        done.append(len(done) + 1)
+        torch.cuda.set_sync_debug_mode("error" if done[-1] < 7 else "default")
+
+    hook = register_optimizer_step_post_hook(strict_from_step_2_to_7)
+    try:
+        options = {"precision": "bf16", "max_steps": 8, "logging_steps": 8, "eval_fraction": 0.0, "samples": False}
+        run = train(tiny_config(options, output_dir=str(tmp_path)))
+    finally:
+        hook.remove()
+        torch.cuda.set_sync_debug_mode("default")
+    assert run.config.cuda_graph == "on" and done == list(range(1, 9))
 
 
 @pytest.mark.parametrize("graph", ["off", "on"])
