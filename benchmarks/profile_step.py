@@ -191,8 +191,8 @@ def table(result: dict) -> str:
         idle = result["idle_s"]
         lines.append(f"| GPU idle (waiting for the host) | {idle * 1e3:.1f} | {100 * idle / step:.0f}% |")
     lines += ["", "| the host, meanwhile | ms per step | calls per step |", "|---|---|---|"]
-    calls = result.get("host_calls_per_step", {})
-    lines += [f"| {name} | {s * 1e3:.1f} | {calls.get(name, '')} |" for name, s in result["host_s"].items()]
+    calls = result["host_calls_per_step"]
+    lines += [f"| {name} | {s * 1e3:.1f} | {calls[name]} |" for name, s in result["host_s"].items()]
     if result["idle_s"] is not None:
         lines.append(
             f"\n(Of the waits for the GPU, one in the whole window of {result['steps']} steps is the profiler's "

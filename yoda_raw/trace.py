@@ -46,6 +46,7 @@ from yoda_raw.train import (
     check_device,
     forward_backward,
     make_accelerator,
+    make_loader,
     settle_for_machine,
     settle_for_model,
     zero_nonfinite_grads,
@@ -102,16 +103,9 @@ def trace(cfg: Config) -> dict:
     heading(3, "rows, and the order they come in", "packing.build_rows, train.EpochSampler")
     rows = build_rows(tokenizer, train_conversations, cfg.max_length, cfg.train_on, cfg.packing, cfg.shuffle, cfg.seed)
     collator = Collator(tokenizer.pad_token_id)
-    # The sampler and loader exactly as train.fit builds them (see there why the generator).
+    # The sampler and loader as train.fit builds them.
     sampler = EpochSampler(len(rows), cfg.shuffle, cfg.seed)
-    loader = torch.utils.data.DataLoader(
-        rows,
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        collate_fn=collator,
-        generator=torch.Generator(),
-        pin_memory=device.type == "cuda",
-    )
+    loader = make_loader(rows, cfg.batch_size, collator, sampler, device)
     sampler.set_epoch(0)
     order = list(sampler)  # the row order of epoch 0: what the loader will draw
     show_rows(tokenizer, rows, order, cfg)

@@ -214,7 +214,8 @@ def train_and_save(cfg: Config, accelerator: Accelerator, precision: Precision, 
     report = None
     if accelerator.is_main_process:
         output.save_final(cfg, accelerator.unwrap_model(model), tokenizer, out)
-        seconds["saving"] = time.perf_counter() - trained
+        saved = time.perf_counter()
+        seconds["saving"] = saved - trained
         if cfg.samples and held_out:
             # A short evaluation and a few translations of sentences it did not train on.
             try:
@@ -228,7 +229,7 @@ def train_and_save(cfg: Config, accelerator: Accelerator, precision: Precision, 
                 ) from None
             print(format_report(report))
             output.append_metrics(out, {"step": fitted.steps, **report})
-            seconds["evaluating"] = time.perf_counter() - trained - seconds["saving"]
+            seconds["evaluating"] = time.perf_counter() - saved
         if cfg.push_to_hub:
             push_to_hub(cfg, out)
     accelerator.end_training()
@@ -299,20 +300,7 @@ def fit(
 ) -> FitResult:
     """Train `model` on `rows`. The loop: one iteration = one optimizer step."""
     device = accelerator.device
-    sampler = EpochSampler(len(rows), cfg.shuffle, cfg.seed)
-    # generator=: each epoch's iterator draws a seed from it instead of from the global RNG that dropout uses,
-    # so a run resumed mid-epoch draws the same dropout masks as an uninterrupted one.
-    # pin_memory (with non_blocking, make_accelerator): a copy to the GPU from ordinary memory makes
-    # the host wait until the GPU has finished all the work queued before it, three waits a step
-    # (one per tensor of the batch), and the GPU then idles while the host prepares the next step.
-    loader = torch.utils.data.DataLoader(
-        rows,
-        batch_size=batch_size,
-        sampler=sampler,
-        collate_fn=collator,
-        generator=torch.Generator(),
-        pin_memory=device.type == "cuda",
-    )
+    loader = make_loader(rows, batch_size, collator, EpochSampler(len(rows), cfg.shuffle, cfg.seed), device)
     allocated_before_loop = meter.allocated_bytes(device)  # the model alone, before any optimizer state
     trainable, total = parameter_counts(model)
     flops_per_token = meter.flops_per_token(total - trainable, trainable)  # for MFU in the log
@@ -449,6 +437,23 @@ def fit(
         log=logged,
         allocated_before_loop_bytes=allocated_before_loop,
         optimizer=optimizer,
+    )
+
+
+def make_loader(rows: list[dict], batch_size: int, collator: Collator, sampler, device: torch.device):
+    """The loop's DataLoader (yoda_raw.trace builds the same)."""
+    # generator=: each epoch's iterator draws a seed from it instead of from the global RNG that dropout uses,
+    # so a run resumed mid-epoch draws the same dropout masks as an uninterrupted one.
+    # pin_memory (with non_blocking, make_accelerator): a copy to the GPU from ordinary memory makes
+    # the host wait until the GPU has finished all the work queued before it, three waits a step
+    # (one per tensor of the batch), and the GPU then idles while the host prepares the next step.
+    return torch.utils.data.DataLoader(
+        rows,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collator,
+        generator=torch.Generator(),
+        pin_memory=device.type == "cuda",
     )
 
 
