@@ -441,7 +441,7 @@ def fit(
 
 
 def make_loader(rows: list[dict], batch_size: int, collator: Collator, sampler, device: torch.device):
-    """The loop's DataLoader (yoda_raw.trace builds the same)."""
+    """The loop's DataLoader, for train.fit and yoda_raw.trace."""
     # generator=: each epoch's iterator draws a seed from it instead of from the global RNG that dropout uses,
     # so a run resumed mid-epoch draws the same dropout masks as an uninterrupted one.
     # pin_memory (with non_blocking, make_accelerator): a copy to the GPU from ordinary memory makes
