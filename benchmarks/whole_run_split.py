@@ -8,13 +8,19 @@ line it prints with the wall clock as the line arrives. run.py's last line gives
 its first import (`time: N s: ...`), so the stamps split the run's wall time three ways: before
 run.py's first import (Python's start, and the launcher's own process with its imports), run.py
 itself (its time line), and after its last line (the exit: freeing the GPU, the compile workers
-shutting down). Four runs, one after the other:
+shutting down). It also gives each run's time from the model's load to the saved adapter (run.py's
+loading, training and saving; its loading includes the tokenizer and data). Four runs, one after
+the other:
 
     launched        accelerate launch run.py, torch's compile cache empty (a first run)
     launched-again  the same, the cache now warm (every later run)
     python          python run.py, no launcher, the cache warm
     one-thread      the first again, a new empty cache and TORCHINDUCTOR_COMPILE_THREADS=1 (inductor
                     compiles in the process itself, with no pool of compile workers to start and stop)
+
+With --sft "--model CHECKPOINT", then SFTTrainer's whole run (`bench_sft.py --whole-run` with those
+options: the tutorial's SFTConfig), timed too: its wall time, and its own time from the
+model's load to the saved adapter (after its imports, tokenizer and data).
 
 Writes DIR/split.json, DIR/split.md and each run's stamped output as DIR/NAME.log.
 """
@@ -23,6 +29,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -57,6 +64,7 @@ def timed_run(name: str, command: list[str], env: dict, out: Path) -> dict:
     if run.returncode != 0 or time_line is None:
         common.fail(f"{name}: the run failed (exit status {run.returncode}); its output is in {out / name}.log")
     run_py_s = float(re.match(r"time: (\d+) s:", time_line)[1])
+    stages = {stage: float(s) for s, stage in re.findall(r"(\d+) s (loading|training|saving)", time_line)}
     return {
         "name": name,
         "command": " ".join(command),
@@ -64,13 +72,30 @@ def timed_run(name: str, command: list[str], env: dict, out: Path) -> dict:
         "before_run_py_s": round(printed_at - started - run_py_s, 2),  # +-0.5 s: run.py rounds its total
         "run_py_s": run_py_s,
         "after_last_line_s": round(ended - printed_at, 2),
+        "model_to_adapter_s": sum(stages.values()),  # +-1.5 s: each stage is rounded
         "time_line": time_line,
     }
+
+
+def timed_sft(options: list[str], env: dict, out: Path) -> dict:
+    """SFTTrainer's whole run (bench_sft.py --whole-run with `options`): wall time, and bench_sft.py's
+    own wall_s (the model's load to the saved adapter)."""
+    command = [sys.executable, "benchmarks/bench_sft.py", "--whole-run", *options]
+    command += ["--name", "sft-whole-run", "--json", str(out / "sft.jsonl")]
+    started = time.time()
+    with open(out / "sft.log", "w") as log:
+        status = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    wall_s = round(time.time() - started, 2)
+    if status != 0:
+        common.fail(f"sft: the run failed (exit status {status}); its output is in {out / 'sft.log'}")
+    model_to_adapter_s = json.loads((out / "sft.jsonl").read_text().splitlines()[-1])["wall_s"]
+    return {"name": "sft", "command": " ".join(command), "wall_s": wall_s, "model_to_adapter_s": model_to_adapter_s}
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="whole_run_split.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="Folder for split.json, split.md and the runs' logs.")
+    parser.add_argument("--sft", help="Then SFTTrainer's whole run too, with these bench_sft.py options.")
     args, run_options = parser.parse_known_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -87,22 +112,27 @@ def main(argv: list[str]) -> int:
         timed_run("python", PYTHON + run_py, env, out),
         timed_run("one-thread", LAUNCH + run_py, one_thread, out),
     ]
-    result = {"runs": runs, "device": common.device_name(), "versions": common.versions(), "date": common.now_utc()}
-    result["command"] = "python benchmarks/whole_run_split.py " + " ".join(argv)
+    sft = timed_sft(shlex.split(args.sft), env, out) if args.sft else None
+    result = {"runs": runs, "sft": sft, "device": common.device_name(), "versions": common.versions()}
+    result["date"] = common.now_utc()
+    result["command"] = "python benchmarks/whole_run_split.py " + shlex.join(argv)
     (out / "split.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"# Where the whole run's time goes: {result['device']}",
         "",
         f"`{result['command']}` ({result['date']})",
         "",
-        "| run | wall (s) | before run.py (s) | run.py (s) | after its last line (s) | run.py's time line |",
-        "|---|---|---|---|---|---|",
+        "| run | wall (s) | before run.py (s) | run.py (s) | after its last line (s) | model load to saved "
+        "adapter (s) | run.py's time line |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         lines.append(
             f"| {r['name']} | {r['wall_s']:.1f} | {r['before_run_py_s']:.1f} | {r['run_py_s']:.0f} | "
-            f"{r['after_last_line_s']:.1f} | `{r['time_line']}` |"
+            f"{r['after_last_line_s']:.1f} | {r['model_to_adapter_s']:.0f} | `{r['time_line']}` |"
         )
+    if sft:
+        lines.append(f"| SFTTrainer | {sft['wall_s']:.1f} | | | | {sft['model_to_adapter_s']:.0f} | |")
     (out / "split.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -413,10 +413,12 @@ def test_whole_run_split_parts_the_wall_time_around_the_runs_own(tmp_path, capsy
     do not add up."""
     from benchmarks import whole_run_split
 
-    stand_in = "import time; time.sleep(1.2); print('time: 1 s: 1 s starting'); time.sleep(0.6)"
+    line = "time: 1 s: 0 s importing, 0 s starting, 1 s loading, 2 s training, 1 s saving"  # its parts made up
+    stand_in = f"import time; time.sleep(1.2); print({line!r}); time.sleep(0.6)"
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     split = whole_run_split.timed_run("stand-in", [sys.executable, "-c", stand_in], env, tmp_path)
-    assert split["run_py_s"] == 1.0 and split["time_line"] == "time: 1 s: 1 s starting"
+    assert split["run_py_s"] == 1.0 and split["time_line"] == line
+    assert split["model_to_adapter_s"] == 4.0  # loading, training and saving: not importing or starting
     assert 0.1 <= split["before_run_py_s"] <= 0.8, split
     assert 0.55 <= split["after_last_line_s"] <= 1.2, split
     parts = split["before_run_py_s"] + split["run_py_s"] + split["after_last_line_s"]
@@ -429,3 +431,20 @@ def test_whole_run_split_parts_the_wall_time_around_the_runs_own(tmp_path, capsy
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: broken: the run failed (exit status 3); its output is in {tmp_path / 'broken'}.log"]
+
+
+def test_whole_run_split_times_sftrainers_whole_run_from_its_model_load(tmp_path, capsys):
+    """The SFTTrainer side of whole_run_split.py (--sft), on the tiny model on a CPU: its wall time,
+    and within it bench_sft.py's own time from the model's load to the saved adapter; a failed run
+    is one line naming its log. Catches the two figures swapped or read from the wrong record."""
+    from benchmarks import whole_run_split
+
+    sft = whole_run_split.timed_sft(["--preset", "tiny"], dict(os.environ), tmp_path)
+    assert 0 < sft["model_to_adapter_s"] < sft["wall_s"], sft
+    assert json.loads((tmp_path / "sft.jsonl").read_text())["name"] == "sft-whole-run"
+
+    with pytest.raises(SystemExit) as stop:
+        whole_run_split.timed_sft(["--warmup", "0"], dict(os.environ), tmp_path)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: sft: the run failed (exit status 2); its output is in {tmp_path / 'sft.log'}"]

@@ -163,12 +163,16 @@ def test_the_run_says_where_its_wall_time_went(tmp_path, tiny_config):
     result = train.main(tiny_config(max_steps=3, logging_steps=1, eval_fraction=0.0, output_dir=str(tmp_path)))
     wall = time.perf_counter() - started
     seconds = result.seconds
-    assert list(seconds) == ["loading", "training", "saving"] and all(s > 0 for s in seconds.values()), seconds
+    assert list(seconds) == ["starting", "loading", "training", "saving"], seconds
+    assert all(s > 0 for s in seconds.values()), seconds
     assert wall - 1.0 < sum(seconds.values()) <= wall  # the stages cover the run, once each
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     elapsed = [r["elapsed_s"] for r in records]
     assert len(elapsed) == 3 and 0 < elapsed[0] < elapsed[1] < elapsed[2] <= seconds["training"] + 0.01, elapsed
     line = run.time_line(result, total_s=wall + 2.0)  # as if importing had taken 2 s before
-    pattern = r"time: (\d+) s: (\d+) s starting, \d+ s loading, \d+ s training \(\d+ s of it to step 1\), \d+ s saving"
+    pattern = (
+        r"time: (\d+) s: (\d+) s importing, \d+ s starting, \d+ s loading, \d+ s training "
+        r"\(\d+ s of it to step 1\), \d+ s saving"
+    )
     match = re.fullmatch(pattern, line)
     assert match and int(match[1]) == round(wall + 2.0) and 2 <= int(match[2]) <= 3, line

@@ -97,19 +97,20 @@ class RunResult:
     output_dir: str
     precision: str  # what --precision resolved to on this device
     is_main_process: bool
-    seconds: dict  # wall time of each stage: loading, training, saving (and evaluating, with a report)
+    seconds: dict  # wall time of each stage: starting, loading, training, saving (and evaluating, with a report)
     live: Live
 
 
 def main(cfg: Config) -> RunResult:
     """Data, model, fit, save: what `accelerate launch run.py` runs."""
+    started = time.perf_counter()
     accelerator, precision = make_accelerator(cfg)
     check_device(cfg, accelerator)
     cfg = settle_for_machine(cfg, accelerator, precision)
     check_hub_token(cfg)
     # The output folder is checked and locked before anything is loaded (yoda_raw/output.py).
     with output.owned(cfg, accelerator) as out:
-        return train_and_save(cfg, accelerator, precision, out)
+        return train_and_save(cfg, accelerator, precision, out, started)
 
 
 def settle_for_machine(cfg: Config, accelerator: Accelerator, precision: Precision) -> Config:
@@ -135,9 +136,10 @@ def settle_for_model(cfg: Config, model_config, device: torch.device) -> Config:
     )
 
 
-def train_and_save(cfg: Config, accelerator: Accelerator, precision: Precision, out: Path) -> RunResult:
-    """The run, in a folder it owns: data, model, fit, save."""
-    started = time.perf_counter()
+def train_and_save(cfg: Config, accelerator: Accelerator, precision: Precision, out: Path, started: float) -> RunResult:
+    """The run, in a folder it owns: data, model, fit, save. `started`: when main began (the
+    accelerator, CUDA's start and the checks before this are the time line's "starting")."""
+    loading = time.perf_counter()
     tokenizer = load_tokenizer(cfg.tokenizer_source, trust_remote_code=cfg.trust_remote_code)
     model_config = load_model_config(cfg, len(tokenizer))
     cfg = settle_for_model(cfg, model_config, accelerator.device)
@@ -207,7 +209,8 @@ def train_and_save(cfg: Config, accelerator: Accelerator, precision: Precision, 
     else:
         fitted = fit_batch_size(cfg.batch_size)
     trained = time.perf_counter()
-    seconds = {"loading": loaded - started, "training": trained - loaded}  # wall time of each stage
+    # wall time of each stage
+    seconds = {"starting": loading - started, "loading": loaded - loading, "training": trained - loaded}
 
     # Save: adapter (safetensors), tokenizer, resolved configuration; whole or not at all.
     accelerator.wait_for_everyone()
