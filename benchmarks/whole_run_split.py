@@ -15,8 +15,9 @@ the other:
     launched        accelerate launch run.py, torch's compile cache empty (a first run)
     launched-again  the same, the cache now warm (every later run)
     python          python run.py, no launcher, the cache warm
-    one-thread      the first again, a new empty cache and TORCHINDUCTOR_COMPILE_THREADS=1 (inductor
-                    compiles in the process itself, with no pool of compile workers to start and stop)
+    compile-pool    the first again, a new empty cache, with inductor's own pool of compile workers
+                    (TORCHINDUCTOR_COMPILE_THREADS at its default, the CPU count up to 32); yoda_raw
+                    compiles in the process itself unless that variable is set (yoda_raw/model.py)
 
 With --sft "--model CHECKPOINT", then SFTTrainer's whole run (`bench_sft.py --whole-run` with those
 options: the tutorial's SFTConfig), timed too: its wall time, and its own time from the
@@ -43,6 +44,7 @@ from benchmarks import common  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1"]  # `accelerate launch`
 PYTHON = [sys.executable]
+RUNS = ["launched", "launched-again", "python", "compile-pool"]
 
 
 def timed_run(name: str, command: list[str], env: dict, out: Path) -> dict:
@@ -95,6 +97,9 @@ def timed_sft(options: list[str], env: dict, out: Path) -> dict:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="whole_run_split.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="Folder for split.json, split.md and the runs' logs.")
+    parser.add_argument(
+        "--runs", default=",".join(RUNS), help=f"Which of the runs, in order (default {','.join(RUNS)})."
+    )
     parser.add_argument("--sft", help="Then SFTTrainer's whole run too, with these bench_sft.py options.")
     args, run_options = parser.parse_known_args(argv)
     out = Path(args.out)
@@ -102,16 +107,20 @@ def main(argv: list[str]) -> int:
     run_py = ["run.py", *run_options, "--output-dir", tempfile.mkdtemp(prefix="whole_run_"), "--overwrite"]
     # Line by line as they come, and the same compile cache for the first three runs.
     env = os.environ | {"PYTHONUNBUFFERED": "1", "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor_")}
-    one_thread = env | {
+    pool = env | {
         "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor_"),
-        "TORCHINDUCTOR_COMPILE_THREADS": "1",
+        "TORCHINDUCTOR_COMPILE_THREADS": str(min(32, os.cpu_count())),  # inductor's default
     }
-    runs = [
-        timed_run("launched", LAUNCH + run_py, env, out),
-        timed_run("launched-again", LAUNCH + run_py, env, out),
-        timed_run("python", PYTHON + run_py, env, out),
-        timed_run("one-thread", LAUNCH + run_py, one_thread, out),
-    ]
+    commands = {
+        "launched": (LAUNCH + run_py, env),
+        "launched-again": (LAUNCH + run_py, env),
+        "python": (PYTHON + run_py, env),
+        "compile-pool": (LAUNCH + run_py, pool),
+    }
+    chosen = args.runs.split(",")
+    if not set(chosen) <= set(RUNS):
+        common.fail(f"--runs {args.runs}: choose from {','.join(RUNS)}")
+    runs = [timed_run(name, *commands[name], out) for name in chosen]
     sft = timed_sft(shlex.split(args.sft), env, out) if args.sft else None
     result = {"runs": runs, "sft": sft, "device": common.device_name(), "versions": common.versions()}
     result["date"] = common.now_utc()

@@ -161,3 +161,22 @@ def test_compile_layers_without_triton_on_a_gpu(monkeypatch):
     monkeypatch.setattr(model, "has_triton", lambda: True)
     assert model.resolve_compile("auto", "on", gpu) == "on"
     assert model.resolve_compile("auto", "off", gpu) == "off"
+
+
+def test_compiled_layers_compile_in_the_process_unless_told_otherwise(monkeypatch, tiny_qlora):
+    """compile_layers has inductor compile in this process (no pool of worker processes to start:
+    that was slower for one layer's few kernels), unless TORCHINDUCTOR_COMPILE_THREADS says how many
+    (a user's choice stays). Catches the setting dropped, or overriding the user's variable."""
+    import torch._inductor.config as inductor
+
+    from yoda_raw import model as yoda_model
+
+    monkeypatch.setattr(inductor, "compile_threads", None)  # inductor's "not decided yet"
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    yoda_model.compile_layers(tiny_qlora())
+    assert inductor.compile_threads == 1
+
+    monkeypatch.setattr(inductor, "compile_threads", None)
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "4")
+    yoda_model.compile_layers(tiny_qlora())
+    assert inductor.compile_threads is None  # left to inductor, which reads the variable
