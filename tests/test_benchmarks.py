@@ -448,3 +448,40 @@ def test_whole_run_split_times_sftrainers_whole_run_from_its_model_load(tmp_path
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: sft: the run failed (exit status 2); its output is in {tmp_path / 'sft.log'}"]
+
+
+def test_bandwidth_table_splits_inductors_log_into_the_layers_two_graphs(tmp_path, capsys):
+    """bandwidth_table.py on log lines shaped as inductor writes them (colour codes, a graph's total
+    line, numbering that restarts at the backward graph): forward and backward sums, and a step as
+    layers x (2 forward passes + backward). An empty log is one line saying how to make one.
+    Catches the backward kernels counted as forward ones (no split at the restart), the graph totals
+    counted as kernels, or the recompute left out."""
+    from benchmarks import bandwidth_table
+
+    prefix = "I1129 11:57:09.377000 1129 torch/_inductor/runtime/triton_heuristics.py:2200] "
+    log = "\n".join(
+        [
+            prefix + "1.000ms    \t2.000 GB \t 2000.00GB/s \t triton_red_fused_mean_0",
+            prefix + "\x1b[31m0.500ms    \t0.500 GB \t 1000.00GB/s \t triton_poi_fused_add_1\x1b[39m",
+            prefix + "1.50ms   \t 2.50 GB\t 1666.67GB/s",  # the forward graph's total: not a kernel
+            prefix + "2.000ms    \t5.000 GB \t 2500.00GB/s \t triton_poi_fused_mul_0",
+            prefix + "1.50ms   \t 2.50 GB\t 1666.67GB/s",
+        ]
+    )
+    kernels = bandwidth_table.read_kernels(log)
+    assert [(k["graph"], k["name"]) for k in kernels] == [
+        ("forward", "triton_red_fused_mean_0"),
+        ("forward", "triton_poi_fused_add_1"),
+        ("backward", "triton_poi_fused_mul_0"),
+    ]
+    f = bandwidth_table.step_figures(kernels, layers=4, forward_passes=2, peak_tb_s=4.5)
+    assert f["forward"] == {"ms": 1.5, "gb": 2.5} and f["backward"] == {"ms": 2.0, "gb": 5.0}
+    assert f["step_ms"] == 4 * (2 * 1.5 + 2.0) and f["step_gb"] == 4 * (2 * 2.5 + 5.0)
+    assert f["step_ms_at_peak"] == pytest.approx(40.0 / 4.5)
+
+    (tmp_path / "empty.txt").write_text("nothing timed here\n")
+    with pytest.raises(SystemExit) as stop:
+        bandwidth_table.main([str(tmp_path / "empty.txt"), "--peak-tb-s", "4.8"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: no kernel timings in the log: run with TORCHINDUCTOR_PROFILE=1 TORCH_LOGS=inductor"]

@@ -274,10 +274,10 @@ def compile_layers(model) -> None:
     whole model would take minutes. dynamic=False: the shapes are fixed (wrapped packing, and the
     CUDA graph's buffers), and a short last batch compiles once more."""
     if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:  # the variable, when set, still decides
-        # One layer's few kernels compile sooner here, in this process, than in inductor's pool of
-        # compile workers, each of them a new Python that imports torch first: with an empty compile
-        # cache on the H200 the first step took 15.5 s instead of 19.3, and the exit 1.3 s less
-        # (benchmarks/results/h200_whole_run/). Read when the layers are compiled, so set before.
+        # One layer's 26 kernels compile here, in this process, with no pool of compile workers
+        # (each a new Python that imports torch, in memory for the whole run). On the H200 with an
+        # empty cache the first step took as long (19.0 s against 19.3 with the pool) and the exit
+        # 1.5 s less (benchmarks/results/h200_whole_run/). Read when the first layer compiles.
         torch._inductor.config.compile_threads = 1
     for layer in decoder_layers(model):
         layer.compile(dynamic=False)
