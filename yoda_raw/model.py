@@ -277,7 +277,7 @@ def compile_layers(model) -> None:
         # One layer's 26 kernels compile here, in this process, with no pool of compile workers
         # (each a new Python that imports torch, in memory for the whole run). On the H200 with an
         # empty cache the first step took as long (19.0 s against 19.3 with the pool) and the exit
-        # 1.5 s less (benchmarks/results/h200_whole_run/). Read when the first layer compiles.
+        # 1.2-1.5 s less (benchmarks/results/h200_whole_run/). Read when the first layer compiles.
         torch._inductor.config.compile_threads = 1
     for layer in decoder_layers(model):
         layer.compile(dynamic=False)
