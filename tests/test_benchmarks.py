@@ -485,3 +485,23 @@ def test_bandwidth_table_splits_inductors_log_into_the_layers_two_graphs(tmp_pat
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: no kernel timings in the log: run with TORCHINDUCTOR_PROFILE=1 TORCH_LOGS=inductor"]
+
+
+def test_probe_lora_add_forms_give_pefts_output_and_gradients():
+    """The LoRA forms the probe times (the add inside a matmul, in place, or one GEMM over [x | h])
+    compute what peft's does: the output and the gradients of x, A and B, at small shapes in fp32.
+    Catches a form that drops the scaling, or a hand-written backward that gives a wrong gradient
+    (the concat form's, for B), before a GPU call times it. Timing refuses a CPU in one line."""
+    import torch
+
+    from benchmarks import probe_lora_add
+
+    inputs = probe_lora_add.make_inputs(12, in_features=24, out_features=40, dtype=torch.float32, device="cpu")
+    differences = probe_lora_add.check_forms(inputs)
+    assert set(differences) == {"peft", "addmm", "addmm_", "concat"}
+    assert all(d < 1e-5 for d in differences.values()), differences
+
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as stop:
+            probe_lora_add.main(["--tokens", "8"])
+        assert stop.value.code == 2
