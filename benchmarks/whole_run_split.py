@@ -10,7 +10,7 @@ run.py's first import (Python's start, and the launcher's own process with its i
 itself (its time line), and after its last line (the exit: freeing the GPU, the compile workers
 shutting down). It also gives each run's time from the model's load to the saved adapter (run.py's
 loading, training and saving; its loading includes the tokenizer and data). Four runs, one after
-the other:
+the other (`--runs` picks some of them):
 
     launched        accelerate launch run.py, torch's compile cache empty (a first run)
     launched-again  the same, the cache now warm (every later run)

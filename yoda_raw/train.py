@@ -209,8 +209,7 @@ def train_and_save(cfg: Config, accelerator: Accelerator, precision: Precision, 
     else:
         fitted = fit_batch_size(cfg.batch_size)
     trained = time.perf_counter()
-    # wall time of each stage
-    seconds = {"starting": loading - started, "loading": loaded - loading, "training": trained - loaded}
+    seconds = {"starting": loading - started, "loading": loaded - loading, "training": trained - loaded}  # wall time
 
     # Save: adapter (safetensors), tokenizer, resolved configuration; whole or not at all.
     accelerator.wait_for_everyone()
