@@ -505,3 +505,33 @@ def test_probe_lora_add_forms_give_pefts_output_and_gradients():
         with pytest.raises(SystemExit) as stop:
             probe_lora_add.main(["--tokens", "8"])
         assert stop.value.code == 2
+
+
+def test_probe_fp8_scales_each_tensor_into_the_format_and_back():
+    """The FP8 probe's products on a CPU (torch._scaled_mm runs there too): each equals the product
+    of its operands brought back by their scales, errs by a few percent against fp32 where bf16 errs
+    by a fraction of one, and a tensor's cast never overflows the format. Catches an inverted scale
+    (a product off by the scales squared), a lost transposition, or a cast that saturates."""
+    import torch
+
+    from benchmarks import probe_fp8
+
+    x, w, g = probe_fp8.inputs(32, 64, 48, "cpu")
+    (x8, xs), (w8, ws), (g8, gs) = (
+        probe_fp8.to_fp8(t, f) for t, f in ((x, probe_fp8.E4M3), (w, probe_fp8.E4M3), (g, probe_fp8.E5M2))
+    )
+    assert x8.float().abs().max() <= torch.finfo(probe_fp8.E4M3).max and torch.isfinite(x8.float()).all()
+    by_hand = (x8.float() * xs) @ (w8.float() * ws).T
+    assert torch.allclose(probe_fp8.fp8_forward(x8, xs, w8, ws).float(), by_hand, rtol=1e-2, atol=1e-2)
+    by_hand = (g8.float() * gs) @ (w8.float() * ws)
+    got = probe_fp8.fp8_input_gradient(g8, gs, w8.t().contiguous(), ws).float()
+    assert torch.allclose(got, by_hand, rtol=1e-2, atol=1e-2)
+
+    errors = probe_fp8.errors(x, w, g)
+    assert errors["bf16_forward"] < 0.01 and errors["bf16_input_gradient"] < 0.01, errors
+    assert 0.005 < errors["fp8_forward"] < 0.1 and 0.005 < errors["fp8_input_gradient"] < 0.15, errors
+
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as stop:
+            probe_fp8.main(["--tokens", "8"])
+        assert stop.value.code == 2

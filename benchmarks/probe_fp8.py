@@ -1,0 +1,140 @@
+"""Probe (issue 12, benchmarks/NOTES.md): would the frozen matmuls in FP8 buy what the checkpointed
+16 x 512 step lacks?
+
+    python benchmarks/probe_fp8.py --tokens 8192 --json DIR/probe_fp8.json   # a GPU with FP8 (Hopper, Ada)
+
+(tests/test_benchmarks.py checks its arithmetic on a CPU, at small shapes: torch._scaled_mm runs
+there too, but slowly.)
+
+With checkpointing every frozen weight takes part in three products a step (forward, recompute,
+input gradient), all in bf16 today: 252 ms of the 16 x 512 step at the rate matmul_peak.py measured,
+and by the count in NOTES item 22 the step cannot reach 25,000 tokens/s with them. Hopper's FP8
+matmuls have twice bf16's peak. For each of Phi-3-mini's four projections this times:
+
+    bf16       X @ W^T and G @ W, as the loop runs them
+    fp8        the same through torch._scaled_mm: X and W in e4m3, G in e5m2 (a gradient needs the
+               range), each with one scale for the tensor (its largest magnitude over the format's
+               largest, computed on the device), the output in bf16
+    casts      what fp8 adds: X's cast before each forward, G's before the input gradient (compiled:
+               one reduction and one fused cast each), and W's cast and transposed copy once per
+               dequantization
+
+and the error of each form against an fp32 product, relative (Frobenius norms). Random data: real
+activations have outlier features, for which one scale per tensor loses more precision. A
+checkpointed step, per layer: two forwards (the forward and the recompute), one input gradient, and
+W's cast twice (--reuse-dequant: the backward reuses the recompute's).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # yoda_raw and benchmarks/
+
+import torch  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from benchmarks.matmul_peak import PHI3_LINEARS, time_ms  # noqa: E402
+
+LAYERS = 32
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+def to_fp8(tensor: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tensor / scale in `dtype`, scale): the scale maps the largest magnitude onto the format's
+    largest, so nothing overflows; `fp8 * scale` gives the tensor back, rounded."""
+    amax = tensor.abs().amax().float().clamp(min=1e-12)
+    scale = amax / torch.finfo(dtype).max
+    return (tensor.float() / scale).to(dtype), scale
+
+
+def fp8_forward(x8, x_scale, w8, w_scale) -> torch.Tensor:
+    """X @ W^T: _scaled_mm takes its second operand column-major, which W^T of a row-major W is."""
+    return torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16)
+
+
+def fp8_input_gradient(g8, g_scale, w8_transposed, w_scale) -> torch.Tensor:
+    """G @ W, with W held as a row-major copy of W^T (so that W itself is column-major)."""
+    return torch._scaled_mm(g8, w8_transposed.t(), scale_a=g_scale, scale_b=w_scale, out_dtype=torch.bfloat16)
+
+
+def relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((got.float() - reference).norm() / reference.norm()).item()
+
+
+def errors(x, w, g) -> dict:
+    """Each form's error against fp32, for the forward and the input gradient."""
+    x32, w32, g32 = x.float(), w.float(), g.float()
+    (x8, xs), (w8, ws), (g8, gs) = to_fp8(x, E4M3), to_fp8(w, E4M3), to_fp8(g, E5M2)
+    return {
+        "bf16_forward": relative_error(x @ w.T, x32 @ w32.T),
+        "bf16_input_gradient": relative_error(g @ w, g32 @ w32),
+        "fp8_forward": relative_error(fp8_forward(x8, xs, w8, ws), x32 @ w32.T),
+        "fp8_input_gradient": relative_error(fp8_input_gradient(g8, gs, w8.t().contiguous(), ws), g32 @ w32),
+    }
+
+
+def inputs(tokens: int, k: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Activations, a frozen weight (scaled as an initialised one) and an output gradient, in bf16."""
+    generator = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(device=device, dtype=torch.bfloat16)
+
+    return randn(tokens, k), randn(n, k, scale=k**-0.5), randn(tokens, n)
+
+
+def timings(x, w, g, repeats: int) -> dict:
+    (x8, xs), (w8, ws), (g8, gs) = to_fp8(x, E4M3), to_fp8(w, E4M3), to_fp8(g, E5M2)
+    w8_transposed = w8.t().contiguous()
+    cast = torch.compile(to_fp8, dynamic=False)  # one reduction and one fused cast, as a real path would
+    return {
+        "bf16_forward_ms": time_ms(lambda: x @ w.T, repeats),
+        "bf16_input_gradient_ms": time_ms(lambda: g @ w, repeats),
+        "fp8_forward_ms": time_ms(lambda: fp8_forward(x8, xs, w8, ws), repeats),
+        "fp8_input_gradient_ms": time_ms(lambda: fp8_input_gradient(g8, gs, w8_transposed, ws), repeats),
+        "cast_x_ms": time_ms(lambda: cast(x, E4M3), repeats),
+        "cast_g_ms": time_ms(lambda: cast(g, E5M2), repeats),
+        "cast_w_ms": time_ms(lambda: cast(w, E4M3)[0].t().contiguous(), repeats),
+    }
+
+
+def step_ms(t: dict) -> dict:
+    """One layer's share of a checkpointed step, times the layers: bf16 as today, fp8 with its casts."""
+    bf16 = 2 * t["bf16_forward_ms"] + t["bf16_input_gradient_ms"]
+    fp8 = 2 * (t["fp8_forward_ms"] + t["cast_x_ms"]) + t["fp8_input_gradient_ms"] + t["cast_g_ms"]
+    return {"bf16": LAYERS * bf16, "fp8": LAYERS * (fp8 + 2 * t["cast_w_ms"])}
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="probe_fp8.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=8192, help="Rows of the activations (16 x 512 = 8192).")
+    parser.add_argument("--repeats", type=int, default=50, help="Timed repetitions of each.")
+    parser.add_argument("--json", help="Write the figures here.")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        common.fail("probe_fp8.py times on a CUDA GPU with FP8 matmuls (Hopper, Ada)")
+    # The compiled cast meets 12 shapes and formats: past dynamo's default of 8 recompiles it would run
+    # eager from then on, and its timings would be eager ones.
+    torch._dynamo.config.recompile_limit = 64
+    result = {"device": common.device_name(), "versions": common.versions(), "date": common.now_utc()}
+    result |= {"command": "python benchmarks/probe_fp8.py " + " ".join(argv), "tokens": args.tokens, "linears": {}}
+    totals = {"bf16": 0.0, "fp8": 0.0}
+    for name, k, n in PHI3_LINEARS:
+        x, w, g = inputs(args.tokens, k, n, "cuda")
+        figures = errors(x, w, g) | timings(x, w, g, args.repeats)
+        for form, ms in step_ms(figures).items():
+            totals[form] += ms
+        result["linears"][name] = figures
+        print(name, json.dumps({key: round(value, 4) for key, value in figures.items()}))
+    result["step_ms"] = totals
+    print(f"a checkpointed step's frozen products, {LAYERS} layers: bf16 {totals['bf16']:.1f} ms, "
+          f"fp8 with its casts {totals['fp8']:.1f} ms")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
