@@ -32,7 +32,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from benchmarks.matmul_peak import PHI3_LINEARS  # noqa: E402
+from benchmarks.matmul_peak import PHI3_LINEARS, time_ms  # noqa: E402
 
 RANK, SCALE, DROPOUT, LAYERS = 8, 2.0, 0.05, 32  # the tutorial's LoRA: r 8, alpha 16
 
@@ -113,18 +113,6 @@ def check_forms(inputs: dict, compiled: bool = False) -> dict:
             for g, r in zip(got, reference, strict=True)
         )
     return differences
-
-
-def time_ms(work, iterations: int) -> float:
-    for _ in range(3):
-        work()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iterations):
-        work()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iterations
 
 
 def time_form(form, inputs: dict, iterations: int) -> dict:
