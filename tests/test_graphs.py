@@ -126,6 +126,30 @@ def test_compiled_layers_train_as_the_plain_ones(tmp_path, tiny_config):
     assert losses["on"] == pytest.approx(losses["off"], rel=1e-4)
 
 
+def test_the_end_of_run_report_runs_the_compiled_layers_eagerly(tmp_path, monkeypatch, tiny_config):
+    """With --compile-layers on, the held-out evaluation and translations after training compile
+    nothing: through the compiled layers, the no-gradient mode and every length that generation
+    passes through would compile them again, 8 times, then torch stops with a warning (on a GPU,
+    seconds each). Catches the report run through the compiled layers."""
+    from torch._dynamo.utils import counters
+
+    from yoda_raw import train
+
+    compiled_graphs = []
+    report = train.end_of_run_report
+
+    def counting_report(*args, **kwargs):
+        before = counters["stats"]["unique_graphs"]
+        result = report(*args, **kwargs)
+        compiled_graphs.append(counters["stats"]["unique_graphs"] - before)
+        return result
+
+    monkeypatch.setattr(train, "end_of_run_report", counting_report)
+    run = train.main(tiny_config(max_steps=2, eval_fraction=0.2, compile_layers="on", output_dir=str(tmp_path)))
+    assert run.report["eval_conversations"] and run.report["samples"][0]["translation"] is not None  # it ran
+    assert compiled_graphs == [0]
+
+
 def test_the_first_step_runs_eagerly_on_the_padded_buffers(tiny_model, tiny_tokenizer):
     """Step one of the graph path is the eager warm-up: it returns the collated batch's loss sum and
     leaves the gradient of loss / n_supervised, the eager loop's contract, before anything is captured."""

@@ -219,11 +219,14 @@ def train_and_save(cfg: Config, accelerator: Accelerator, precision: Precision, 
         saved = time.perf_counter()
         seconds["saving"] = saved - trained
         if cfg.samples and held_out:
-            # A short evaluation and a few translations of sentences it did not train on.
+            # A short evaluation and a few translations of sentences it did not train on. Eager, compiled
+            # layers or not: without gradients, and at every length generation passes through, they
+            # would compile again and again (8 times, then torch gives up with a warning).
             try:
-                report = end_of_run_report(
-                    accelerator.unwrap_model(model), tokenizer, held_out, system_prompt=cfg.system_prompt
-                )
+                with torch.compiler.set_stance("force_eager"):
+                    report = end_of_run_report(
+                        accelerator.unwrap_model(model), tokenizer, held_out, system_prompt=cfg.system_prompt
+                    )
             except KeyboardInterrupt:
                 raise Interrupted(
                     f"interrupted during the end-of-run evaluation; the adapter is saved in {out}: "
