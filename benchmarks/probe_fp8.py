@@ -2,6 +2,7 @@
 16 x 512 step lacks?
 
     python benchmarks/probe_fp8.py --tokens 8192 --json DIR/probe_fp8.json   # a GPU with FP8 (Hopper, Ada)
+    python benchmarks/probe_fp8.py --loop --out DIR [bench_loop.py options]    # the loop itself, both ways
 
 (tests/test_benchmarks.py checks its arithmetic on a CPU, at small shapes: torch._scaled_mm runs
 there too, but slowly.)
@@ -23,10 +24,16 @@ and the error of each form against an fp32 product, relative (Frobenius norms). 
 activations have outlier features, for which one scale per tensor loses more precision. A
 checkpointed step, per layer: two forwards (the forward and the recompute), one input gradient, and
 W's cast twice (--reuse-dequant: the backward reuses the recompute's).
+
+--loop runs bench_loop.py twice, each in its own process and with --reuse-dequant on: as it is, and
+with dequant.py's matmul replaced by MatmulDequantizedOnceFP8 below (here, not in yoda_raw). It
+writes both measurements to DIR/loop.jsonl and prints tokens/s, peak memory and the largest relative
+difference of a step's loss between the two, against the learning check's 1%.
 """
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -57,6 +64,29 @@ def fp8_forward(x8, x_scale, w8, w_scale) -> torch.Tensor:
 def fp8_input_gradient(g8, g_scale, w8_transposed, w_scale) -> torch.Tensor:
     """G @ W, with W held as a row-major copy of W^T (so that W itself is column-major)."""
     return torch._scaled_mm(g8, w8_transposed.t(), scale_a=g_scale, scale_b=w_scale, out_dtype=torch.bfloat16)
+
+
+class MatmulDequantizedOnceFP8(torch.autograd.Function):
+    """dequant.MatmulDequantizedOnce with both its products in FP8: the 4-bit weight dequantized
+    and cast to e4m3 once, kept for the backward; the input cast in forward, the output gradient
+    (e5m2) in backward."""
+
+    @staticmethod
+    def forward(ctx, x, packed_weight, quant_state):
+        import bitsandbytes as bnb
+
+        weight = bnb.functional.dequantize_4bit(packed_weight, quant_state)
+        w8, w_scale = to_fp8(weight, E4M3)
+        x8, x_scale = to_fp8(x.reshape(-1, x.shape[-1]), E4M3)
+        ctx.save_for_backward(w8, w_scale)
+        return fp8_forward(x8, x_scale, w8, w_scale).to(x.dtype).reshape(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        w8, w_scale = ctx.saved_tensors
+        g8, g_scale = to_fp8(grad_output.reshape(-1, grad_output.shape[-1]), E5M2)
+        grad = fp8_input_gradient(g8, g_scale, w8.t().contiguous(), w_scale).to(grad_output.dtype)
+        return grad.reshape(*grad_output.shape[:-1], -1), None, None
 
 
 def relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
@@ -107,12 +137,48 @@ def step_ms(t: dict) -> dict:
     return {"bf16": LAYERS * bf16, "fp8": LAYERS * (fp8 + 2 * t["cast_w_ms"])}
 
 
+def loop(out: Path, options: list[str]) -> int:
+    """bench_loop.py as it is and with FP8 matmuls, each in its own process; their losses compared."""
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for variant in ("bf16", "fp8"):
+        command = [sys.executable, __file__, "--loop-child", variant, *options, "--reuse-dequant", "on"]
+        command += ["--json", str(out / "loop.jsonl"), "--name", variant]
+        with open(out / f"loop_{variant}.log", "w") as log:
+            status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+        if status != 0:
+            common.fail(f"{variant}: the run failed (exit status {status}); its output is in {out}/loop_{variant}.log")
+        results[variant] = json.loads((out / "loop.jsonl").read_text().splitlines()[-1])
+    bf16, fp8 = results["bf16"]["losses"], results["fp8"]["losses"]
+    worst = max(abs(a - b) / abs(b) for a, b in zip(fp8, bf16, strict=True))
+    for variant, r in results.items():
+        print(f"{variant}: {r['tokens_per_s']:.0f} tokens/s, {r['peak_allocated_gib']} GiB peak allocated")
+    print(f"largest relative difference of a step's loss over {len(bf16)} steps: {worst:.4%} (the learning check: 1%)")
+    return 0
+
+
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="probe_fp8.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="probe_fp8.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--tokens", type=int, default=8192, help="Rows of the activations (16 x 512 = 8192).")
     parser.add_argument("--repeats", type=int, default=50, help="Timed repetitions of each.")
     parser.add_argument("--json", help="Write the figures here.")
-    args = parser.parse_args(argv)
+    parser.add_argument("--loop", action="store_true", help="Run the loop both ways (bench_loop.py options follow).")
+    parser.add_argument("--out", help="With --loop: the folder for loop.jsonl and the runs' logs.")
+    parser.add_argument("--loop-child", choices=["bf16", "fp8"], help=argparse.SUPPRESS)
+    args, options = parser.parse_known_args(argv)
+    if args.loop_child:
+        from benchmarks import bench_loop
+        from yoda_raw import dequant
+
+        if args.loop_child == "fp8":
+            dequant.MatmulDequantizedOnce = MatmulDequantizedOnceFP8  # what linear4bit_forward calls
+        return bench_loop.main([*options, "--json", args.json] if args.json else options)
+    if args.loop:
+        if not args.out:
+            common.fail("--loop needs --out DIR")
+        return loop(Path(args.out), options)
+    if options:
+        common.fail(f"unknown options {' '.join(options)} (bench_loop.py's options go with --loop)")
     if not torch.cuda.is_available():
         common.fail("probe_fp8.py times on a CUDA GPU with FP8 matmuls (Hopper, Ada)")
     # The compiled cast meets 12 shapes and formats: past dynamo's default of 8 recompiles it would run
