@@ -39,6 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # yoda_raw and benchmarks/
 
+import bitsandbytes as bnb  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks import common  # noqa: E402
@@ -73,8 +74,6 @@ class MatmulDequantizedOnceFP8(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, packed_weight, quant_state):
-        import bitsandbytes as bnb
-
         weight = bnb.functional.dequantize_4bit(packed_weight, quant_state)
         w8, w_scale = to_fp8(weight, E4M3)
         x8, x_scale = to_fp8(x.reshape(-1, x.shape[-1]), E4M3)
