@@ -22,6 +22,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from benchmarks import report  # noqa: E402
+
 # name: (--compile-layers, --cuda-graph, other options); a "-per-tensor" variant keeps bitsandbytes'
 # per-tensor optimizer where the graph's loop would use the flat one (optim.FlatAdamW).
 VARIANTS = {
@@ -100,7 +102,7 @@ def main(argv: list[str]) -> int:
     base = next((r.get("losses") for r in results if r["variant"] == "eager" and r.get("losses")), None)
     for r in results:
         if base and r.get("losses") and len(r["losses"]) == len(base):
-            r["worst_rel_vs_eager"] = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], base, strict=True))
+            r["worst_rel_vs_eager"] = report.worst_relative_difference(r["losses"], base)
         tps = r.get("tokens_per_s")
         print(
             f"{r['variant']:14} {'-' if tps is None else round(tps):>8} tokens/s  "

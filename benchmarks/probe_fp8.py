@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # yoda_raw and 
 import bitsandbytes as bnb  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common, report  # noqa: E402
 from benchmarks.matmul_peak import PHI3_LINEARS, time_ms  # noqa: E402
 
 LAYERS = 32
@@ -149,7 +149,7 @@ def loop(out: Path, options: list[str]) -> int:
             common.fail(f"{variant}: the run failed (exit status {status}); its output is in {out}/loop_{variant}.log")
         results[variant] = json.loads((out / "loop.jsonl").read_text().splitlines()[-1])
     bf16, fp8 = results["bf16"]["losses"], results["fp8"]["losses"]
-    worst = max(abs(a - b) / abs(b) for a, b in zip(fp8, bf16, strict=True))
+    worst = report.worst_relative_difference(fp8, bf16)
     for variant, r in results.items():
         print(f"{variant}: {r['tokens_per_s']:.0f} tokens/s, {r['peak_allocated_gib']} GiB peak allocated")
     print(f"largest relative difference of a step's loss over {len(bf16)} steps: {worst:.4%} (the learning check: 1%)")

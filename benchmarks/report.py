@@ -81,6 +81,15 @@ def by_job(results: list[dict], job: str) -> dict | None:
 LEARNING_BOUND = 0.01  # the fast path's per-step losses within 1% of the eager loop's
 
 
+def worst_relative_difference(losses: list[float], reference: list[float]) -> float:
+    """The largest |loss - reference| / |reference| over the steps: the learning check's measure.
+
+    >>> round(worst_relative_difference([2.0, 1.0], [2.0, 1.01]), 6)
+    0.009901
+    """
+    return max(abs(a - b) / abs(b) for a, b in zip(losses, reference, strict=True))
+
+
 def learning(results: list[dict]) -> dict | None:
     """Our defaults against the eager loop over the same steps: the worst relative difference of a
     step's loss, and whether it stays within LEARNING_BOUND.
@@ -91,7 +100,7 @@ def learning(results: list[dict]) -> dict | None:
     ours, eager = by_job(results, "learning-ours"), by_job(results, "learning-eager")
     if not (ours and eager and ours.get("losses") and len(ours["losses"]) == len(eager.get("losses") or [])):
         return None
-    worst = max(abs(a - b) / abs(b) for a, b in zip(ours["losses"], eager["losses"], strict=True))
+    worst = worst_relative_difference(ours["losses"], eager["losses"])
     return {
         "steps": len(ours["losses"]),
         "worst_relative_difference": round(worst, 6),

@@ -559,3 +559,20 @@ def test_probe_fp8_matmul_stands_in_for_the_loops_dequantized_matmul(tiny_qlora)
     assert out8.shape == out.shape == (2, 5, linear.out_features) and grad8.shape == grad.shape == x.shape
     assert 0 < probe_fp8.relative_error(out8, out) < 0.1
     assert 0 < probe_fp8.relative_error(grad8, grad) < 0.1
+
+
+def test_least_traffic_counts_each_forward_twice_and_adds_the_step_up():
+    """least_traffic.py's bound: every forward row counted once per forward pass (two with the
+    checkpointing recompute), the masks once, LoRA's matmuls apart from the element-wise work, and
+    the shortest step the sum of the profiled matmuls and attention with the dequantizations and
+    the element-wise bytes at the peak. Catches the recompute left out, LoRA's matmuls counted in
+    the element-wise time (they are in the profile's matmul time), or a step that drops a part."""
+    from benchmarks import least_traffic as lt
+
+    forward = sum(fwd for _, fwd, _, _ in lt.rows())
+    assert lt.elements_per_token(forward_passes=2) - lt.elements_per_token(forward_passes=1) == forward
+    assert lt.elements_per_token() == lt.elements_per_token(lora=False) + lt.elements_per_token(lora=True)
+    f = lt.bound(tokens=1000, matmul_ms=100.0, attention_ms=10.0, peak_tb_s=2.0)
+    assert f["elementwise_ms"] == pytest.approx(lt.elements_per_token(lora=False) * 2 * 1000 * 32 / 1e9 / 2.0)
+    assert f["step_ms"] == pytest.approx(110.0 + f["dequant_ms"] + f["elementwise_ms"])
+    assert f["tokens_per_s"] == pytest.approx(1000 / f["step_ms"] * 1000)

@@ -355,10 +355,9 @@ def fit(
         while step < total_steps and not stopping:
             epoch = step // steps_per_epoch
             loader.set_epoch(epoch)
-            # On resume, skip the micro-batches this epoch already trained on. (Only then: Accelerate's
-            # skipping loader copies to the GPU with waits again; it does not keep non_blocking.)
-            done = (step % steps_per_epoch) * cfg.grad_accum
-            batches = iter(accelerator.skip_first_batches(loader, done) if done else loader)
+            # On resume, skip the micro-batches this epoch already trained on: drawn and dropped, a few
+            # small tensors (Accelerate's skip_first_batches would copy the rest without non_blocking).
+            batches = itertools.islice(loader, (step % steps_per_epoch) * cfg.grad_accum, None)
             for _ in range(step % steps_per_epoch, min(steps_per_epoch, total_steps - epoch * steps_per_epoch)):
                 # Learning rate of this step (a plain function of the step: see optim.learning_rate).
                 lr = learning_rate(step, cfg.lr, cfg.warmup_steps, total_steps)
