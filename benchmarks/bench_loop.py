@@ -177,6 +177,7 @@ def measure(cfg, args, name: str, timed: int, watch_device: bool = False) -> dic
         "cuda_graph": run.config.cuda_graph,
         "compile_layers": run.config.compile_layers,
         "reuse_dequant": run.config.reuse_dequant,
+        "fp8_matmuls": run.config.fp8_matmuls,
         "uncheckpointed_layers": cfg.uncheckpointed_layers,
         "lora_dropout": cfg.lora_dropout,
         "optim": cfg.optim,

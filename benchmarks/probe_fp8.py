@@ -25,8 +25,8 @@ activations have outlier features, for which one scale per tensor loses more pre
 checkpointed step, per layer: two forwards (the forward and the recompute), one input gradient, and
 W's cast twice (--reuse-dequant: the backward reuses the recompute's).
 
---loop runs bench_loop.py twice, each in its own process and with --reuse-dequant on: as it is, and
-with dequant.py's matmul replaced by MatmulDequantizedOnceFP8 below (here, not in yoda_raw). It
+--loop runs bench_loop.py twice, each in its own process and with --reuse-dequant on: with
+--fp8-matmuls off and on (dequant.py's MatmulDequantizedOnceFP8, whose products these are). It
 writes both measurements to DIR/loop.jsonl and prints tokens/s, peak memory and the largest relative
 difference of a step's loss between the two, against the learning check's 1%.
 """
@@ -39,53 +39,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # yoda_raw and benchmarks/
 
-import bitsandbytes as bnb  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks import common, report  # noqa: E402
 from benchmarks.matmul_peak import PHI3_LINEARS, time_ms  # noqa: E402
+from yoda_raw.dequant import E4M3, E5M2, fp8_product, to_fp8  # noqa: E402
 
 LAYERS = 32
-E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
-
-
-def to_fp8(tensor: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tensor / scale in `dtype`, scale): the scale maps the largest magnitude onto the format's
-    largest, so nothing overflows; `fp8 * scale` gives the tensor back, rounded."""
-    amax = tensor.abs().amax().float().clamp(min=1e-12)
-    scale = amax / torch.finfo(dtype).max
-    return (tensor.float() / scale).to(dtype), scale
 
 
 def fp8_forward(x8, x_scale, w8, w_scale) -> torch.Tensor:
-    """X @ W^T: _scaled_mm takes its second operand column-major, which W^T of a row-major W is."""
-    return torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16)
+    """X @ W^T, as MatmulDequantizedOnceFP8's forward."""
+    return fp8_product(x8, x_scale, w8, w_scale, torch.bfloat16)
 
 
 def fp8_input_gradient(g8, g_scale, w8_transposed, w_scale) -> torch.Tensor:
-    """G @ W, with W held as a row-major copy of W^T (so that W itself is column-major)."""
-    return torch._scaled_mm(g8, w8_transposed.t(), scale_a=g_scale, scale_b=w_scale, out_dtype=torch.bfloat16)
-
-
-class MatmulDequantizedOnceFP8(torch.autograd.Function):
-    """dequant.MatmulDequantizedOnce with both its products in FP8: the 4-bit weight dequantized
-    and cast to e4m3 once, kept for the backward; the input cast in forward, the output gradient
-    (e5m2) in backward."""
-
-    @staticmethod
-    def forward(ctx, x, packed_weight, quant_state):
-        weight = bnb.functional.dequantize_4bit(packed_weight, quant_state)
-        w8, w_scale = to_fp8(weight, E4M3)
-        x8, x_scale = to_fp8(x.reshape(-1, x.shape[-1]), E4M3)
-        ctx.save_for_backward(w8, w_scale)
-        return fp8_forward(x8, x_scale, w8, w_scale).to(x.dtype).reshape(*x.shape[:-1], -1)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        w8, w_scale = ctx.saved_tensors
-        g8, g_scale = to_fp8(grad_output.reshape(-1, grad_output.shape[-1]), E5M2)
-        grad = fp8_input_gradient(g8, g_scale, w8.t().contiguous(), w_scale).to(grad_output.dtype)
-        return grad.reshape(*grad_output.shape[:-1], -1), None, None
+    """G @ W, with W held as a row-major copy of W^T, as MatmulDequantizedOnceFP8's backward."""
+    return fp8_product(g8, g_scale, w8_transposed, w_scale, torch.bfloat16)
 
 
 def relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
@@ -141,7 +111,8 @@ def loop(out: Path, options: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for variant in ("bf16", "fp8"):
-        command = [sys.executable, __file__, "--loop-child", variant, *options, "--reuse-dequant", "on"]
+        command = [sys.executable, str(Path(__file__).parent / "bench_loop.py"), *options, "--reuse-dequant", "on"]
+        command += ["--fp8-matmuls", "on" if variant == "fp8" else "off"]
         command += ["--json", str(out / "loop.jsonl"), "--name", variant]
         with open(out / f"loop_{variant}.log", "w") as log:
             status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -163,15 +134,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", help="Write the figures here.")
     parser.add_argument("--loop", action="store_true", help="Run the loop both ways (bench_loop.py options follow).")
     parser.add_argument("--out", help="With --loop: the folder for loop.jsonl and the runs' logs.")
-    parser.add_argument("--loop-child", choices=["bf16", "fp8"], help=argparse.SUPPRESS)
     args, options = parser.parse_known_args(argv)
-    if args.loop_child:
-        from benchmarks import bench_loop
-        from yoda_raw import dequant
-
-        if args.loop_child == "fp8":
-            dequant.MatmulDequantizedOnce = MatmulDequantizedOnceFP8  # what linear4bit_forward calls
-        return bench_loop.main([*options, "--json", args.json] if args.json else options)
     if args.loop:
         if not args.out:
             common.fail("--loop needs --out DIR")

@@ -537,30 +537,6 @@ def test_probe_fp8_scales_each_tensor_into_the_format_and_back():
         assert stop.value.code == 2
 
 
-def test_probe_fp8_matmul_stands_in_for_the_loops_dequantized_matmul(tiny_qlora):
-    """MatmulDequantizedOnceFP8, which `probe_fp8.py --loop` puts in the place of dequant.py's
-    matmul, takes the same arguments and gives the same output and input gradient up to FP8's
-    rounding (a few percent), on one of the tiny model's 4-bit linears. Catches a product with the
-    weight untransposed, a gradient of the wrong shape, or scales that do not cancel."""
-    import torch
-
-    from benchmarks import probe_fp8
-    from yoda_raw.dequant import MatmulDequantizedOnce
-
-    linear = next(m for m in tiny_qlora().modules() if type(m).__name__ == "Linear4bit").base_layer
-    x = torch.randn(2, 5, linear.in_features, generator=torch.Generator().manual_seed(0))
-    results = []
-    for matmul in (MatmulDequantizedOnce, probe_fp8.MatmulDequantizedOnceFP8):
-        leaf = x.clone().requires_grad_(True)
-        out = matmul.apply(leaf, linear.weight, linear.weight.quant_state)
-        out.backward(torch.ones_like(out))
-        results.append((out.detach(), leaf.grad))
-    (out, grad), (out8, grad8) = results
-    assert out8.shape == out.shape == (2, 5, linear.out_features) and grad8.shape == grad.shape == x.shape
-    assert 0 < probe_fp8.relative_error(out8, out) < 0.1
-    assert 0 < probe_fp8.relative_error(grad8, grad) < 0.1
-
-
 def test_least_traffic_counts_each_forward_twice_and_adds_the_step_up():
     """least_traffic.py's bound: every forward row counted once per forward pass (two with the
     checkpointing recompute), the masks once, LoRA's matmuls apart from the element-wise work, and

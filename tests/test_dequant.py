@@ -1,9 +1,14 @@
-"""--reuse-dequant: the same loss and gradients as bitsandbytes' own 4-bit matmul, one dequantization fewer."""
+"""--reuse-dequant: the same loss and gradients as bitsandbytes' own 4-bit matmul, one dequantization
+fewer; --fp8-matmuls: the same matmul in FP8, close to it (torch._scaled_mm runs on a CPU too, slowly)."""
+
+import json
 
 import bitsandbytes as bnb
+import pytest
 import torch
 
-from yoda_raw.dequant import reuse_dequantized_weights
+from yoda_raw.dequant import MatmulDequantizedOnce, MatmulDequantizedOnceFP8, reuse_dequantized_weights
+from yoda_raw.errors import YodaError
 from yoda_raw.loss import token_loss_sum
 from yoda_raw.packing import Collator
 
@@ -103,3 +108,100 @@ def test_without_gradients_the_layer_is_bitsandbytes_own(tiny_tokenizer, tiny_ql
     calls.clear()
     model(input_ids=ids).logits.sum().backward()
     assert calls == []
+
+
+def relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((got.float() - reference.float()).norm() / reference.float().norm()).item()
+
+
+def test_fp8_matmul_gives_the_dequantized_matmuls_output_and_gradient_to_fp8s_rounding(tiny_qlora):
+    """MatmulDequantizedOnceFP8 takes MatmulDequantizedOnce's arguments and gives its output and
+    input gradient up to FP8's rounding (a few percent, not zero), on one of the tiny model's 4-bit
+    linears. Catches a product with the weight untransposed, a gradient of the wrong shape, scales
+    that do not cancel (off by the scales squared), or a cast that saturates."""
+    linear = next(m for m in tiny_qlora().modules() if isinstance(m, bnb.nn.Linear4bit))
+    x = torch.randn(2, 5, linear.in_features, generator=torch.Generator().manual_seed(0))
+    grad_output = torch.randn(2, 5, linear.out_features, generator=torch.Generator().manual_seed(1))
+    results = []
+    for matmul in (MatmulDequantizedOnce, MatmulDequantizedOnceFP8):
+        leaf = x.clone().requires_grad_(True)
+        out = matmul.apply(leaf, linear.weight, linear.weight.quant_state)
+        out.backward(grad_output)
+        results.append((out.detach(), leaf.grad))
+    (out, grad), (out8, grad8) = results
+    assert out8.shape == out.shape == (2, 5, linear.out_features) and grad8.shape == grad.shape == x.shape
+    assert out8.dtype == out.dtype and grad8.dtype == grad.dtype
+    assert 0 < relative_error(out8, out) < 0.1
+    assert 0 < relative_error(grad8, grad) < 0.15  # e5m2 keeps 2 mantissa bits
+
+
+def test_fp8_matmuls_train_close_to_the_compute_dtype_run(tmp_path):
+    """run.py --fp8-matmuls on: the saved config says so (and that --reuse-dequant auto went on, the
+    matmul FP8 runs in), and every step's loss is within 1% of the same run's without FP8, but not
+    equal to it (the FP8 products really ran). Two small steps: FP8 is slow on a CPU."""
+    import run
+
+    losses = {}
+    for fp8 in ("on", "off"):
+        out = tmp_path / fp8
+        argv = ["--preset", "tiny", "--quant", "nf4", "--fp8-matmuls", fp8, "--batch-size", "2", "--max-length", "32"]
+        argv += ["--no-auto-batch-size", "--max-steps", "2", "--logging-steps", "1", "--eval-fraction", "0"]
+        assert run.main([*argv, "--no-samples", "--output-dir", str(out)]) == 0
+        saved = json.loads((out / "run_config.json").read_text())
+        assert (saved["fp8_matmuls"], saved["reuse_dequant"]) == (fp8, "on" if fp8 == "on" else "off")
+        losses[fp8] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses["on"]) == len(losses["off"]) == 2
+    worst = max(abs(a - b) / b for a, b in zip(losses["on"], losses["off"], strict=True))
+    assert 0 < worst < 0.01, losses
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--quant", "none"],
+            "error: --fp8-matmuls on multiplies by the dequantized 4-bit weights: it needs --quant nf4",
+        ),
+        (
+            ["--quant", "nf4", "--reuse-dequant", "off"],
+            "error: --fp8-matmuls on runs inside the matmul that --reuse-dequant puts in place; "
+            "drop --reuse-dequant off",
+        ),
+        (
+            ["--quant", "nf4", "--no-gradient-checkpointing"],
+            "error: --fp8-matmuls on runs in the matmul that keeps each layer's dequantized weights from the "
+            "recompute to the backward, so it needs gradient checkpointing; drop --no-gradient-checkpointing "
+            "or use --fp8-matmuls off",
+        ),
+    ],
+    ids=["unquantized", "reuse-dequant-off", "no-checkpointing"],
+)
+def test_fp8_matmuls_without_what_they_need_is_one_line_and_nothing_written(tmp_path, capsys, argv, message):
+    import run
+
+    out = tmp_path / "run"
+    assert run.main(["--preset", "tiny", "--fp8-matmuls", "on", *argv, "--output-dir", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [message]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_fp8_matmuls_refuse_a_gpu_without_fp8_and_sizes_cublas_cannot_take(tiny_qlora, monkeypatch):
+    """An Ampere GPU (compute capability 8.0) or a non-CUDA accelerator is told at once, before the
+    model loads; a 4-bit linear whose sizes are not multiples of 16 (cuBLAS's FP8 matmul needs them)
+    is named, rather than failing inside the first step."""
+    from yoda_raw.dequant import check_fp8_device
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(YodaError, match=r"compute capability 8.9 or later.*this is compute capability 8.0"):
+        check_fp8_device(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    check_fp8_device(torch.device("cuda"))  # Hopper: no error
+    check_fp8_device(torch.device("cpu"))  # slow, but it runs (these tests)
+    with pytest.raises(YodaError, match="this is a mps device"):
+        check_fp8_device(torch.device("mps"))
+
+    model = tiny_qlora()
+    linear = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    linear.in_features = 40
+    with pytest.raises(YodaError, match=r"multiples of 16; 1 of \d+ are not \(the first is 40 -> "):
+        reuse_dequantized_weights(model, fp8=True)

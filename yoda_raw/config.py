@@ -10,7 +10,8 @@ replaces the defaults; options given on the command line win over both.
 Some values are settled when the run starts, by the machine or the model, and saved resolved
 (train.settle_for_machine, train.settle_for_model): `--quant auto` (4-bit on a GPU, unquantized on a
 CPU, where 4-bit saves memory that a small model does not need and costs time), `--cuda-graph`,
-`--compile-layers` and `--reuse-dequant auto` (on where the fast path can run, off elsewhere), and
+`--compile-layers` and `--reuse-dequant auto` (on where the fast path can run or --fp8-matmuls is on,
+off elsewhere), and
 the LoRA targets when none are given (every linear layer but the LM head, read from the model's
 config).
 
@@ -157,6 +158,16 @@ class Config:
             "the CUDA graph where those hold, off elsewhere."
         },
     )
+    fp8_matmuls: Literal["on", "off"] = field(
+        default="off",
+        metadata={
+            "help": "The frozen 4-bit weights' products (forward, recompute and input gradient) in FP8, "
+            "through the matmul --reuse-dequant puts in place (which it turns on): twice bf16's peak on "
+            "GPUs of compute capability 8.9 and later (Ada, Hopper). One scale a tensor; each product errs "
+            "by a few percent, so the losses are close to, not equal to, the bf16 run's. Needs a 4-bit "
+            "base and gradient checkpointing. off: the compute dtype, as the tutorial."
+        },
+    )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
@@ -265,6 +276,12 @@ class Config:
                 self.gradient_checkpointing or self.reuse_dequant != "on",
                 "--reuse-dequant on keeps each layer's dequantized weights from the recompute to the backward, "
                 "so it needs gradient checkpointing; drop --no-gradient-checkpointing or use --reuse-dequant off",
+            ),
+            (
+                self.gradient_checkpointing or self.fp8_matmuls != "on",
+                "--fp8-matmuls on runs in the matmul that keeps each layer's dequantized weights from the "
+                "recompute to the backward, so it needs gradient checkpointing; drop --no-gradient-checkpointing "
+                "or use --fp8-matmuls off",
             ),
             (
                 self.system_prompt is None or bool(self.system_prompt.strip()),

@@ -14,9 +14,18 @@ every layer's weight would be kept (7.6 GB on Phi-3-mini), so it needs checkpoin
 
 Measured on the H200 at 16 x 64 with compiled layers in the CUDA graph
 (benchmarks/results/h200_flat/): 13,717 -> 14,402 tokens/s, peak allocated 2.86 -> 2.89 GiB.
+
+--fp8-matmuls on: the same matmul with its two products in FP8 (MatmulDequantizedOnceFP8 below).
+Hopper's and Ada's FP8 matmuls have twice bf16's peak, and with checkpointing every frozen weight
+takes part in three products a step. Each operand is scaled into the format with one scale for the
+whole tensor (its largest magnitude onto the format's largest): the input and the weight in e4m3
+(3 mantissa bits), the output gradient in e5m2 (2 bits, but the range a gradient needs). The
+products err by a few percent each where bf16's err by a fraction of one, so the losses are no
+longer SFTTrainer's to the digit; LoRA's own matmuls and everything else stay in the compute dtype.
+The dequantized weight is kept in FP8 between the recompute and the backward, half the bf16 copy.
 """
 
-import types
+import functools
 
 import bitsandbytes as bnb
 import torch
@@ -24,16 +33,29 @@ import torch
 from yoda_raw.errors import YodaError
 from yoda_raw.model import decoder_layers
 
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
-def resolve(setting: str, cuda_graph: str, quant: str, gradient_checkpointing: bool) -> str:
+
+def resolve(setting: str, cuda_graph: str, quant: str, gradient_checkpointing: bool, fp8_matmuls: str = "off") -> str:
     """--reuse-dequant auto|on|off -> "on" or "off". auto follows the CUDA graph, the fast path it
     was measured on, where the base is 4-bit and checkpointing is on; the eager loop stays plain.
+    --fp8-matmuls on runs inside this matmul, so it turns auto on.
 
     >>> resolve("auto", "on", "nf4", True), resolve("auto", "off", "nf4", True), resolve("auto", "on", "none", True)
     ('on', 'off', 'off')
+    >>> resolve("auto", "off", "nf4", True, fp8_matmuls="on")
+    'on'
     """
+    if fp8_matmuls == "on" and quant != "nf4":
+        raise YodaError("--fp8-matmuls on multiplies by the dequantized 4-bit weights: it needs --quant nf4")
+    if fp8_matmuls == "on" and setting == "off":
+        raise YodaError(
+            "--fp8-matmuls on runs inside the matmul that --reuse-dequant puts in place; drop --reuse-dequant off"
+        )
     if setting == "on" and quant != "nf4":
         raise YodaError("--reuse-dequant on needs a 4-bit base (--quant nf4); use --reuse-dequant off")
+    if fp8_matmuls == "on":
+        return "on"
     if setting == "auto":
         return "on" if cuda_graph == "on" and quant == "nf4" and gradient_checkpointing else "off"
     return setting
@@ -54,24 +76,76 @@ class MatmulDequantizedOnce(torch.autograd.Function):
         return grad_output @ weight.to(grad_output.dtype), None, None  # the base is frozen: no weight gradient
 
 
-def linear4bit_forward(self, x: torch.Tensor) -> torch.Tensor:
+def check_fp8_device(device: torch.device) -> None:
+    """FP8 matmuls run on GPUs of compute capability 8.9 and later (Ada, Hopper, Blackwell). A CPU
+    runs them too, slowly (the tests do); anything else gets one line before the model loads."""
+    if device.type == "cpu":
+        return
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    if capability is None or capability < (8, 9):
+        found = f"compute capability {capability[0]}.{capability[1]}" if capability else f"a {device.type} device"
+        raise YodaError(
+            f"--fp8-matmuls on needs a GPU with FP8 matmuls (compute capability 8.9 or later: Ada, Hopper); "
+            f"this is {found}; use --fp8-matmuls off"
+        )
+
+
+def to_fp8(tensor: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tensor / scale in `dtype`, scale): the scale maps the largest magnitude onto the format's
+    largest, so nothing overflows; `fp8 * scale` gives the tensor back, rounded. The scale stays on
+    the device: no host sync."""
+    amax = tensor.abs().amax().float().clamp(min=1e-12)
+    scale = amax / torch.finfo(dtype).max
+    return (tensor.float() / scale).to(dtype), scale
+
+
+def fp8_product(a8, a_scale, b8_t, b_scale, out_dtype) -> torch.Tensor:
+    """(a8 * a_scale) @ (b8_t * b_scale).T in out_dtype. torch._scaled_mm wants its first operand
+    row-major and its second column-major: b8_t is a row-major (n, k) tensor, so b8_t.t() is."""
+    return torch._scaled_mm(a8, b8_t.t(), scale_a=a_scale, scale_b=b_scale, out_dtype=out_dtype)
+
+
+class MatmulDequantizedOnceFP8(torch.autograd.Function):
+    """MatmulDequantizedOnce with both products in FP8: the weight dequantized and cast to e4m3 once
+    and kept for the backward; the input cast in forward, the output gradient (e5m2) in backward."""
+
+    @staticmethod
+    def forward(ctx, x, packed_weight, quant_state):
+        weight = bnb.functional.dequantize_4bit(packed_weight, quant_state)  # (out, in)
+        w8, w_scale = to_fp8(weight, E4M3)
+        x8, x_scale = to_fp8(x.reshape(-1, x.shape[-1]), E4M3)
+        ctx.save_for_backward(w8, w_scale)
+        out = fp8_product(x8, x_scale, w8, w_scale, x.dtype)
+        return out.reshape(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        w8, w_scale = ctx.saved_tensors
+        g8, g_scale = to_fp8(grad_output.reshape(-1, grad_output.shape[-1]), E5M2)
+        # grad_input = G @ W: W's transpose as the row-major (in, out) operand, one copy a backward.
+        grad = fp8_product(g8, g_scale, w8.t().contiguous(), w_scale, grad_output.dtype)
+        return grad.reshape(*grad_output.shape[:-1], -1), None, None
+
+
+def linear4bit_forward(self, x: torch.Tensor, matmul=MatmulDequantizedOnce) -> torch.Tensor:
     """bitsandbytes' Linear4bit.forward for training (compute dtype, bias, output in the input's
-    dtype) through MatmulDequantizedOnce. Without gradients (evaluation, the end-of-run samples)
-    there is no backward to share with, and bitsandbytes' own forward has a faster kernel for
-    one token at a time."""
+    dtype) through `matmul`. Without gradients (evaluation, the end-of-run samples) there is no
+    backward to share with, and bitsandbytes' own forward has a faster kernel for one token at a
+    time: those stay in the compute dtype, FP8 or not."""
     if not torch.is_grad_enabled():
         return bnb.nn.Linear4bit.forward(self, x)
     dtype = self.compute_dtype or x.dtype
-    out = MatmulDequantizedOnce.apply(x.to(dtype), self.weight, self.weight.quant_state)
+    out = matmul.apply(x.to(dtype), self.weight, self.weight.quant_state)
     if self.bias is not None:
         out = out + self.bias.to(dtype)
     return out.to(x.dtype)
 
 
-def reuse_dequantized_weights(model) -> int:
-    """Give every 4-bit linear of the checkpointed decoder layers the forward above; returns how
-    many there were. A layer left out of checkpointing (--uncheckpointed-layers) keeps
-    bitsandbytes' own: there the dequantized weight would be kept from the forward to the backward."""
+def reuse_dequantized_weights(model, fp8: bool = False) -> int:
+    """Give every 4-bit linear of the checkpointed decoder layers the forward above, with its
+    products in FP8 if `fp8`; returns how many there were. A layer left out of checkpointing
+    (--uncheckpointed-layers) keeps bitsandbytes' own: there the dequantized weight would be kept
+    from the forward to the backward."""
     linears = [
         module
         for block in decoder_layers(model)
@@ -79,6 +153,16 @@ def reuse_dequantized_weights(model) -> int:
         for module in block.modules()
         if isinstance(module, bnb.nn.Linear4bit)
     ]
+    if fp8:
+        # cuBLAS's FP8 matmul takes only sizes that are multiples of 16 (any number of tokens).
+        odd = [m for m in linears if m.in_features % 16 or m.out_features % 16]
+        if odd:
+            raise YodaError(
+                f"--fp8-matmuls on needs every 4-bit linear's sizes to be multiples of 16; "
+                f"{len(odd)} of {len(linears)} are not (the first is {odd[0].in_features} -> {odd[0].out_features}); "
+                f"use --fp8-matmuls off"
+            )
+    matmul = MatmulDequantizedOnceFP8 if fp8 else MatmulDequantizedOnce
     for linear in linears:
-        linear.forward = types.MethodType(linear4bit_forward, linear)
+        linear.forward = functools.partial(linear4bit_forward, linear, matmul=matmul)
     return len(linears)

@@ -122,9 +122,10 @@ def trace(cfg: Config) -> dict:
     heading(5, "LoRA on the frozen base", "model.add_lora")
     model = add_lora(model, cfg)
     if cfg.reuse_dequant == "on":
-        count = reuse_dequantized_weights(model)
+        count = reuse_dequantized_weights(model, fp8=cfg.fp8_matmuls == "on")
         print(
             f"dequant.resolve -> --reuse-dequant on: {count} 4-bit linears dequantize once for recompute and backward"
+            + (", their products in FP8 (--fp8-matmuls on)" if cfg.fp8_matmuls == "on" else "")
         )
     else:
         print("dequant.resolve -> --reuse-dequant off: bitsandbytes' own 4-bit matmul")

@@ -37,8 +37,8 @@ from yoda_raw.chat import IGNORE, load_tokenizer, tokenizer_sha256
 from yoda_raw.checkpoint import check_checkpoint, load_adapter_only, resume_from, save_adapter_only, save_checkpoint
 from yoda_raw.config import TUTORIAL_MODEL, Config
 from yoda_raw.data import content_sha256, load_conversations, split_conversations
+from yoda_raw.dequant import check_fp8_device, reuse_dequantized_weights
 from yoda_raw.dequant import resolve as resolve_reuse_dequant
-from yoda_raw.dequant import reuse_dequantized_weights
 from yoda_raw.errors import Interrupted, YodaError
 from yoda_raw.evaluate import end_of_run_report, format_report
 from yoda_raw.graphs import CapturedStep
@@ -128,10 +128,15 @@ def settle_for_model(cfg: Config, model_config, device: torch.device) -> Config:
     skeleton_model = skeleton(model_config, cfg.trust_remote_code)
     check_uncheckpointed_layers(cfg, skeleton_model)
     quant = resolve_quant(cfg.quant, device)
+    if cfg.fp8_matmuls == "on":
+        check_fp8_device(device)
+    reuse_dequant = resolve_reuse_dequant(
+        cfg.reuse_dequant, cfg.cuda_graph, quant, cfg.gradient_checkpointing, cfg.fp8_matmuls
+    )
     return dataclasses.replace(
         cfg,
         quant=quant,
-        reuse_dequant=resolve_reuse_dequant(cfg.reuse_dequant, cfg.cuda_graph, quant, cfg.gradient_checkpointing),
+        reuse_dequant=reuse_dequant,
         lora_targets=choose_lora_targets(cfg.lora_targets, skeleton_model, cfg.model),
     )
 
@@ -168,7 +173,7 @@ def train_and_save(cfg: Config, accelerator: Accelerator, precision: Precision, 
     model = load_base_model(cfg, precision, accelerator.device, vocab_size=len(tokenizer))
     model = add_lora(model, cfg)
     if cfg.reuse_dequant == "on":
-        reuse_dequantized_weights(model)  # before compiling: the compiled layers trace the new forward
+        reuse_dequantized_weights(model, fp8=cfg.fp8_matmuls == "on")  # before compiling: they trace it
     if cfg.compile_layers == "on":
         compile_layers(model)  # compiled lazily, at the first step
     trainable, total = parameter_counts(model)
