@@ -25,7 +25,7 @@ longer SFTTrainer's to the digit; LoRA's own matmuls and everything else stay in
 The dequantized weight is kept in FP8 between the recompute and the backward, half the bf16 copy.
 """
 
-import functools
+import types
 
 import bitsandbytes as bnb
 import torch
@@ -127,15 +127,15 @@ class MatmulDequantizedOnceFP8(torch.autograd.Function):
         return grad.reshape(*grad_output.shape[:-1], -1), None, None
 
 
-def linear4bit_forward(self, x: torch.Tensor, matmul=MatmulDequantizedOnce) -> torch.Tensor:
+def linear4bit_forward(self, x: torch.Tensor) -> torch.Tensor:
     """bitsandbytes' Linear4bit.forward for training (compute dtype, bias, output in the input's
-    dtype) through `matmul`. Without gradients (evaluation, the end-of-run samples) there is no
+    dtype) through the linear's `dequantized_matmul`. Without gradients (evaluation, the end-of-run samples) there is no
     backward to share with, and bitsandbytes' own forward has a faster kernel for one token at a
     time: those stay in the compute dtype, FP8 or not."""
     if not torch.is_grad_enabled():
         return bnb.nn.Linear4bit.forward(self, x)
     dtype = self.compute_dtype or x.dtype
-    out = matmul.apply(x.to(dtype), self.weight, self.weight.quant_state)
+    out = self.dequantized_matmul.apply(x.to(dtype), self.weight, self.weight.quant_state)
     if self.bias is not None:
         out = out + self.bias.to(dtype)
     return out.to(x.dtype)
@@ -162,7 +162,9 @@ def reuse_dequantized_weights(model, fp8: bool = False) -> int:
                 f"{len(odd)} of {len(linears)} are not (the first is {odd[0].in_features} -> {odd[0].out_features}); "
                 f"use --fp8-matmuls off"
             )
-    matmul = MatmulDequantizedOnceFP8 if fp8 else MatmulDequantizedOnce
     for linear in linears:
-        linear.forward = functools.partial(linear4bit_forward, linear, matmul=matmul)
+        # One function and one class for every layer: torch.compile guards on them, and an object of
+        # each layer's own (a functools.partial) would compile every layer again, up to its limit.
+        linear.forward = types.MethodType(linear4bit_forward, linear)
+        linear.dequantized_matmul = MatmulDequantizedOnceFP8 if fp8 else MatmulDequantizedOnce
     return len(linears)
