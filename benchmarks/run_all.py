@@ -140,6 +140,8 @@ def plan(args) -> list[Job]:
             f"--batch-size 16 --max-length 512 {steps}".split()),
         Job("ours-eager-512", "yoda_raw, eager loop, 16 x 512", "headline", "bench_loop.py",
             f"--batch-size 16 --max-length 512 {steps} --cuda-graph off".split()),
+        Job("ours-fp8-512", "yoda_raw, our defaults with the frozen matmuls in FP8, 16 x 512", "headline",
+            "bench_loop.py", f"--batch-size 16 --max-length 512 {steps} --fp8-matmuls on".split(), cuda_only=True),
         # The same learning: 50 steps from the same seed and data, our defaults and the eager loop.
         Job("learning-ours", "yoda_raw, our defaults, 50 steps", "learning", "bench_loop.py",
             "--batch-size 16 --max-length 64 --warmup 1 --steps 49".split()),

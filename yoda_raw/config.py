@@ -165,7 +165,8 @@ class Config:
             "through the matmul --reuse-dequant puts in place (which it turns on): twice bf16's peak on "
             "GPUs of compute capability 8.9 and later (Ada, Hopper). One scale a tensor; each product errs "
             "by a few percent, so the losses are close to, not equal to, the bf16 run's. Needs a 4-bit "
-            "base and gradient checkpointing. off: the compute dtype, as the tutorial."
+            "base and gradient checkpointing; a CPU runs it as a slow reference (for tests). off: the compute dtype, "
+            "as the tutorial."
         },
     )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
