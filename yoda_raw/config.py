@@ -10,10 +10,9 @@ replaces the defaults; options given on the command line win over both.
 Some values are settled when the run starts, by the machine or the model, and saved resolved
 (train.settle_for_machine, train.settle_for_model): `--quant auto` (4-bit on a GPU, unquantized on a
 CPU, where 4-bit saves memory that a small model does not need and costs time), `--cuda-graph`,
-`--compile-layers` and `--reuse-dequant auto` (on where the fast path can run or --fp8-matmuls is on,
-off elsewhere), and
-the LoRA targets when none are given (every linear layer but the LM head, read from the model's
-config).
+`--compile-layers` and `--reuse-dequant auto` (on where the fast path can run or `--fp8-matmuls` is
+on, off elsewhere), and the LoRA targets when none are given (every linear layer but the LM head,
+read from the model's config).
 
 The resolved configuration is printed at start and saved as `run_config.json` next to every
 checkpoint and adapter, so a result can always be traced back to the settings that made it.
@@ -165,8 +164,8 @@ class Config:
             "through the matmul --reuse-dequant puts in place (which it turns on): twice bf16's peak on "
             "GPUs of compute capability 8.9 and later (Ada, Hopper). One scale a tensor; each product errs "
             "by a few percent, so the losses are close to, not equal to, the bf16 run's. Needs a 4-bit "
-            "base and gradient checkpointing; a CPU runs it as a slow reference (for tests). off: the compute dtype, "
-            "as the tutorial."
+            "base and gradient checkpointing; a CPU runs it as a slow reference (for tests). off: the compute "
+            "dtype, as the tutorial."
         },
     )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})

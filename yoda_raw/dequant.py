@@ -129,9 +129,9 @@ class MatmulDequantizedOnceFP8(torch.autograd.Function):
 
 def linear4bit_forward(self, x: torch.Tensor) -> torch.Tensor:
     """bitsandbytes' Linear4bit.forward for training (compute dtype, bias, output in the input's
-    dtype) through the linear's `dequantized_matmul`. Without gradients (evaluation, the end-of-run samples) there is no
-    backward to share with, and bitsandbytes' own forward has a faster kernel for one token at a
-    time: those stay in the compute dtype, FP8 or not."""
+    dtype) through the linear's `dequantized_matmul`. Without gradients (evaluation, the end-of-run
+    samples) there is no backward to share with, and bitsandbytes' own forward has a faster kernel
+    for one token at a time: those stay in the compute dtype, FP8 or not."""
     if not torch.is_grad_enabled():
         return bnb.nn.Linear4bit.forward(self, x)
     dtype = self.compute_dtype or x.dtype
