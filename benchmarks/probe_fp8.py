@@ -2,7 +2,7 @@
 16 x 512 step lacks?
 
     python benchmarks/probe_fp8.py --tokens 8192 --json DIR/probe_fp8.json   # a GPU with FP8 (Hopper, Ada)
-    python benchmarks/probe_fp8.py --loop --out DIR [bench_loop.py options]    # the loop itself, both ways
+    python benchmarks/probe_fp8.py --loop --out DIR [--variants bf16,fp8,fp8-block-scale] [bench_loop.py options]
 
 (tests/test_benchmarks.py checks its arithmetic on a CPU, at small shapes: torch._scaled_mm runs
 there too, but slowly.)
@@ -25,10 +25,13 @@ activations have outlier features, for which one scale per tensor loses more pre
 checkpointed step, per layer: two forwards (the forward and the recompute), one input gradient, and
 W's cast twice (--reuse-dequant: the backward reuses the recompute's).
 
---loop runs bench_loop.py twice, each in its own process and with --reuse-dequant on: with
---fp8-matmuls off and on (dequant.py's MatmulDequantizedOnceFP8, whose products these are). It
-writes both measurements to DIR/loop.jsonl and prints tokens/s, peak memory and the largest relative
-difference of a step's loss between the two, against the learning check's 1%.
+--loop runs bench_loop.py once for each of `--variants` (default bf16,fp8), each in its own
+process and with --reuse-dequant on: bf16 is --fp8-matmuls off; fp8 is --fp8-matmuls on (dequant.py's
+MatmulDequantizedOnceFP8, whose products these are); fp8-block-scale is fp8 with W's scale taken from
+its 4-bit block scales instead of an amax pass over each dequantized weight (the class below, put in
+dequant.py's place in that process only: NOTES next step 1a). It writes every measurement to
+DIR/loop.jsonl and prints tokens/s, peak memory and each variant's largest relative difference of a
+step's loss from the first variant's, against the learning check's 1%.
 """
 
 import argparse
@@ -39,11 +42,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # yoda_raw and benchmarks/
 
+import bitsandbytes as bnb  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks import common, report  # noqa: E402
 from benchmarks.matmul_peak import PHI3_LINEARS, time_ms  # noqa: E402
-from yoda_raw.dequant import E4M3, E5M2, fp8_product, to_fp8  # noqa: E402
+from yoda_raw.dequant import E4M3, E5M2, MatmulDequantizedOnceFP8, fp8_product, to_fp8  # noqa: E402
 
 LAYERS = 32
 
@@ -106,25 +110,75 @@ def step_ms(t: dict) -> dict:
     return {"bf16": LAYERS * bf16, "fp8": LAYERS * (fp8 + 2 * t["cast_w_ms"])}
 
 
-def loop(out: Path, options: list[str]) -> int:
-    """bench_loop.py as it is and with FP8 matmuls, each in its own process; their losses compared."""
+def weight_scale_from_blocks(quant_state) -> torch.Tensor:
+    """The e4m3 scale of dequantize_4bit(W) without reading W: every value is a code times its
+    block's scale (absmax), so |W| <= max(absmax) * max|code|, with equality for NF4 (its code
+    reaches +-1 and each block's largest value maps onto it). Where the block scales are themselves
+    quantized (double quantization) they are dequantized first: 1/64 of W's size."""
+    absmax = quant_state.absmax
+    if quant_state.nested:
+        absmax = bnb.functional.dequantize_blockwise(quant_state.absmax, quant_state.state2) + quant_state.offset
+    amax = absmax.max().float() * quant_state.code.abs().max().float()
+    return amax.clamp(min=1e-12) / torch.finfo(E4M3).max
+
+
+class MatmulDequantizedOnceFP8BlockScale(MatmulDequantizedOnceFP8):
+    """MatmulDequantizedOnceFP8 with W's scale from its block scales: no amax pass over each
+    dequantized weight (NOTES next step 1a); the backward is the parent's."""
+
+    @staticmethod
+    def forward(ctx, x, packed_weight, quant_state):
+        weight = bnb.functional.dequantize_4bit(packed_weight, quant_state)  # (out, in)
+        w_scale = weight_scale_from_blocks(quant_state)
+        w8 = (weight.float() / w_scale).to(E4M3)
+        x8, x_scale = to_fp8(x.reshape(-1, x.shape[-1]), E4M3)
+        ctx.save_for_backward(w8, w_scale)
+        return fp8_product(x8, x_scale, w8, w_scale, x.dtype).reshape(*x.shape[:-1], -1)
+
+
+# --loop's variants: bench_loop.py's options for each, and the FP8 matmul class put in dequant.py's
+# place in that process (None: dequant.py's own).
+VARIANTS = {
+    "bf16": (["--fp8-matmuls", "off"], None),
+    "fp8": (["--fp8-matmuls", "on"], None),
+    "fp8-block-scale": (["--fp8-matmuls", "on"], MatmulDequantizedOnceFP8BlockScale),
+}
+
+
+def loop(out: Path, options: list[str], variants: list[str]) -> int:
+    """bench_loop.py once for each variant, each in its own process; every variant's losses
+    compared with the first's."""
     out.mkdir(parents=True, exist_ok=True)
     results = {}
-    for variant in ("bf16", "fp8"):
-        command = [sys.executable, str(Path(__file__).parent / "bench_loop.py"), *options, "--reuse-dequant", "on"]
-        command += ["--fp8-matmuls", "on" if variant == "fp8" else "off"]
-        command += ["--json", str(out / "loop.jsonl"), "--name", variant]
+    for variant in variants:
+        command = [sys.executable, __file__, "--loop-child", variant, *options, "--reuse-dequant", "on"]
+        command += [*VARIANTS[variant][0], "--json", str(out / "loop.jsonl"), "--name", variant]
         with open(out / f"loop_{variant}.log", "w") as log:
             status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
         if status != 0:
             common.fail(f"{variant}: the run failed (exit status {status}); its output is in {out}/loop_{variant}.log")
         results[variant] = json.loads((out / "loop.jsonl").read_text().splitlines()[-1])
-    bf16, fp8 = results["bf16"]["losses"], results["fp8"]["losses"]
-    worst = report.worst_relative_difference(fp8, bf16)
+    first = variants[0]
     for variant, r in results.items():
-        print(f"{variant}: {r['tokens_per_s']:.0f} tokens/s, {r['peak_allocated_gib']} GiB peak allocated")
-    print(f"largest relative difference of a step's loss over {len(bf16)} steps: {worst:.4%} (the learning check: 1%)")
+        line = f"{variant}: {r['tokens_per_s']:.0f} tokens/s, {r['peak_allocated_gib']} GiB peak allocated"
+        if variant != first:
+            worst = report.worst_relative_difference(r["losses"], results[first]["losses"])
+            line += (
+                f"; losses at most {worst:.4%} from {first}'s over {len(r['losses'])} steps (the learning check: 1%)"
+            )
+        print(line)
     return 0
+
+
+def loop_child(variant: str, options: list[str]) -> int:
+    """One variant's bench_loop.py run, in this process."""
+    from benchmarks import bench_loop
+    from yoda_raw import dequant
+
+    matmul = VARIANTS[variant][1]
+    if matmul is not None:
+        dequant.MatmulDequantizedOnceFP8 = matmul  # what reuse_dequantized_weights gives each linear
+    return bench_loop.main(options)
 
 
 def main(argv: list[str]) -> int:
@@ -134,11 +188,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", help="Write the figures here.")
     parser.add_argument("--loop", action="store_true", help="Run the loop both ways (bench_loop.py options follow).")
     parser.add_argument("--out", help="With --loop: the folder for loop.jsonl and the runs' logs.")
+    parser.add_argument(
+        "--variants",
+        default="bf16,fp8",
+        help=f"With --loop: which, in order; losses compared with the first's (of {', '.join(VARIANTS)}).",
+    )
+    parser.add_argument("--loop-child", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args, options = parser.parse_known_args(argv)
+    if args.loop_child:
+        return loop_child(args.loop_child, [*options, "--json", args.json] if args.json else options)
     if args.loop:
-        if not args.out:
-            common.fail("--loop needs --out DIR")
-        return loop(Path(args.out), options)
+        variants = args.variants.split(",")
+        unknown = [v for v in variants if v not in VARIANTS]
+        if not args.out or unknown or len(variants) < 2:
+            common.fail(f"--loop needs --out DIR and two or more --variants of {', '.join(VARIANTS)}")
+        return loop(Path(args.out), options, variants)
     if options:
         common.fail(f"unknown options {' '.join(options)} (bench_loop.py's options go with --loop)")
     if not torch.cuda.is_available():

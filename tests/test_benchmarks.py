@@ -537,6 +537,61 @@ def test_probe_fp8_scales_each_tensor_into_the_format_and_back():
         assert stop.value.code == 2
 
 
+def test_probe_fp8_block_scale_is_the_dequantized_weights_own_scale(tiny_qlora):
+    """probe_fp8's fp8-block-scale variant takes W's e4m3 scale from the 4-bit block scales instead
+    of an amax pass over the dequantized W: for every 4-bit linear of the tiny model (double
+    quantization, as the loop loads it) and for a weight quantized without it, that scale equals
+    the amax pass's, so the variant's output and input gradient equal the fp8 matmul's exactly.
+    Catches nested block scales used undequantized, the code's range left out, or a scale that
+    lets a cast overflow (e4m3 has no infinity: NaN)."""
+    import bitsandbytes as bnb
+    import torch
+
+    from benchmarks import probe_fp8
+    from yoda_raw.dequant import E4M3, MatmulDequantizedOnceFP8, to_fp8
+
+    linears = [m for m in tiny_qlora().modules() if isinstance(m, bnb.nn.Linear4bit)]
+    states = [(m.weight, m.weight.quant_state) for m in linears]
+    assert all(state.nested for _, state in states)
+    weight = torch.randn(96, 64, generator=torch.Generator().manual_seed(0)) * 0.02
+    weight[3, 5] = 0.9  # an outlier: one block's scale far above the rest
+    states.append(bnb.functional.quantize_4bit(weight, quant_type="nf4", compress_statistics=False))
+    for packed, state in states:
+        _, by_amax = to_fp8(bnb.functional.dequantize_4bit(packed, state), E4M3)
+        torch.testing.assert_close(probe_fp8.weight_scale_from_blocks(state), by_amax, rtol=1e-6, atol=0)
+
+    linear = linears[0]
+    x = torch.randn(2, 5, linear.in_features, generator=torch.Generator().manual_seed(1))
+    results = []
+    for matmul in (MatmulDequantizedOnceFP8, probe_fp8.MatmulDequantizedOnceFP8BlockScale):
+        leaf = x.clone().requires_grad_(True)
+        out = matmul.apply(leaf, linear.weight, linear.weight.quant_state)
+        out.backward(torch.ones_like(out))
+        results.append((out.detach(), leaf.grad))
+    assert torch.isfinite(results[1][0]).all()
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_probe_fp8_loop_child_puts_the_variants_matmul_in_the_loop(tmp_path, monkeypatch):
+    """`probe_fp8.py --loop-child fp8-block-scale` runs bench_loop.py with that variant's matmul
+    in dequant.py's place (it computes each weight's scale from its block scales); plain fp8 does
+    not. Catches a patch made after the linears got their matmul class, or none at all."""
+    from benchmarks import probe_fp8
+    from yoda_raw import dequant
+
+    calls = []
+    scale = probe_fp8.weight_scale_from_blocks
+    monkeypatch.setattr(probe_fp8, "weight_scale_from_blocks", lambda state: calls.append(1) or scale(state))
+    monkeypatch.setattr(dequant, "MatmulDequantizedOnceFP8", dequant.MatmulDequantizedOnceFP8)  # restored after
+    options = ["--preset", "tiny", "--quant", "nf4", "--fp8-matmuls", "on", "--batch-size", "2", "--max-length", "32"]
+    options += ["--no-auto-batch-size", "--warmup", "1", "--steps", "1", "--json", str(tmp_path / "loop.jsonl")]
+    assert probe_fp8.loop_child("fp8", options) == 0
+    assert calls == []
+    assert probe_fp8.loop_child("fp8-block-scale", options) == 0
+    assert calls  # every 4-bit linear, forward and recompute
+    assert len((tmp_path / "loop.jsonl").read_text().splitlines()) == 2
+
+
 def test_least_traffic_counts_each_forward_twice_and_adds_the_step_up():
     """least_traffic.py's bound: every forward row counted once per forward pass (two with the
     checkpointing recompute), the masks once, LoRA's matmuls apart from the element-wise work, and
