@@ -540,8 +540,8 @@ def test_probe_fp8_scales_each_tensor_into_the_format_and_back():
 def test_probe_fp8_block_scale_is_the_dequantized_weights_own_scale(tiny_qlora):
     """probe_fp8's fp8-block-scale variant takes W's e4m3 scale from the 4-bit block scales instead
     of an amax pass over the dequantized W: for every 4-bit linear of the tiny model (double
-    quantization, as the loop loads it) and for a weight quantized without it, that scale equals
-    the amax pass's, so the variant's output and input gradient equal the fp8 matmul's exactly.
+    quantization, as the loop loads it), a weight quantized without it, and one in bf16, that scale
+    equals the amax pass's, so the variant's output and input gradient equal the fp8 matmul's exactly.
     Catches nested block scales used undequantized, the code's range left out, or a scale that
     lets a cast overflow (e4m3 has no infinity: NaN)."""
     import bitsandbytes as bnb
@@ -556,6 +556,8 @@ def test_probe_fp8_block_scale_is_the_dequantized_weights_own_scale(tiny_qlora):
     weight = torch.randn(96, 64, generator=torch.Generator().manual_seed(0)) * 0.02
     weight[3, 5] = 0.9  # an outlier: one block's scale far above the rest
     states.append(bnb.functional.quantize_4bit(weight, quant_type="nf4", compress_statistics=False))
+    # bf16, as the GPU loads Phi-3: the dequantized weight is rounded to bf16, its largest value too.
+    states.append(bnb.functional.quantize_4bit(weight.bfloat16(), quant_type="nf4", compress_statistics=True))
     for packed, state in states:
         _, by_amax = to_fp8(bnb.functional.dequantize_4bit(packed, state), E4M3)
         torch.testing.assert_close(probe_fp8.weight_scale_from_blocks(state), by_amax, rtol=1e-6, atol=0)
