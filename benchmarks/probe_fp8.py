@@ -2,7 +2,7 @@
 16 x 512 step lacks?
 
     python benchmarks/probe_fp8.py --tokens 8192 --json DIR/probe_fp8.json   # a GPU with FP8 (Hopper, Ada)
-    python benchmarks/probe_fp8.py --loop --out DIR [--variants bf16,fp8,fp8-block-scale] [bench_loop.py options]
+    python benchmarks/probe_fp8.py --loop --out DIR [--variants bf16,fp8,...] [bench_loop.py options]
 
 (tests/test_benchmarks.py checks its arithmetic on a CPU, at small shapes: torch._scaled_mm runs
 there too, but slowly.)
@@ -28,10 +28,11 @@ W's cast twice (--reuse-dequant: the backward reuses the recompute's).
 --loop runs bench_loop.py once for each of `--variants` (default bf16,fp8), each in its own
 process and with --reuse-dequant on: bf16 is --fp8-matmuls off; fp8 is --fp8-matmuls on (dequant.py's
 MatmulDequantizedOnceFP8, whose products these are); fp8-block-scale is fp8 with W's scale taken from
-its 4-bit block scales instead of an amax pass over each dequantized weight (the class below, put in
-dequant.py's place in that process only: NOTES next step 1a). It writes every measurement to
-DIR/loop.jsonl and prints tokens/s, peak memory and each variant's largest relative difference of a
-step's loss from the first variant's, against the learning check's 1%.
+its 4-bit block scales instead of an amax pass over each dequantized weight (NOTES next step 1a);
+fp8-rowwise is that with the input and the output gradient scaled per token (both e4m3). The
+variants' classes below are put in dequant.py's place in their own process only. It writes every
+measurement to DIR/loop.jsonl and prints tokens/s, peak memory and each variant's largest relative
+difference of a step's loss from the first variant's, against the learning check's 1%.
 """
 
 import argparse
@@ -136,12 +137,59 @@ class MatmulDequantizedOnceFP8BlockScale(MatmulDequantizedOnceFP8):
         return fp8_product(x8, x_scale, w8, w_scale, x.dtype).reshape(*x.shape[:-1], -1)
 
 
+def to_fp8_rowwise(tensor: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """to_fp8 with one scale a row (a token), shape (rows, 1): a token with outlier features no
+    longer costs every other token its precision, and each row's amax is a reduction along the row,
+    which inductor can fuse into the kernel that makes the row (a norm, an activation's backward)."""
+    amax = tensor.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
+    scale = amax / torch.finfo(dtype).max
+    return (tensor.float() / scale).to(dtype), scale
+
+
+def broadcast_scale(scale: torch.Tensor, columns: int) -> torch.Tensor:
+    """A tensor's one scale as the (1, columns) row _scaled_mm's row-wise form wants for operand b."""
+    return scale.reshape(1, 1).expand(1, columns).contiguous()
+
+
+class MatmulDequantizedOnceFP8Rowwise(torch.autograd.Function):
+    """The block-scale variant with the input and the output gradient scaled per token (both e4m3,
+    as row-wise scaled matmuls take them; a row's scale gives a gradient its range); W keeps one
+    scale, from its block scales. NOTES next step 1."""
+
+    @staticmethod
+    def forward(ctx, x, packed_weight, quant_state):
+        weight = bnb.functional.dequantize_4bit(packed_weight, quant_state)  # (out, in)
+        w_scale = weight_scale_from_blocks(quant_state)
+        w8 = (weight.float() / w_scale).to(E4M3)
+        x8, x_scale = to_fp8_rowwise(x.reshape(-1, x.shape[-1]), E4M3)
+        ctx.save_for_backward(w8, w_scale)
+        out = torch._scaled_mm(
+            x8, w8.t(), scale_a=x_scale, scale_b=broadcast_scale(w_scale, w8.shape[0]), out_dtype=x.dtype
+        )
+        return out.reshape(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        w8, w_scale = ctx.saved_tensors
+        g8, g_scale = to_fp8_rowwise(grad_output.reshape(-1, grad_output.shape[-1]), E4M3)
+        w8_transposed = w8.t().contiguous()  # (in, out), row-major: W itself column-major
+        grad = torch._scaled_mm(
+            g8,
+            w8_transposed.t(),
+            scale_a=g_scale,
+            scale_b=broadcast_scale(w_scale, w8_transposed.shape[0]),
+            out_dtype=grad_output.dtype,
+        )
+        return grad.reshape(*grad_output.shape[:-1], -1), None, None
+
+
 # --loop's variants: bench_loop.py's options for each, and the FP8 matmul class put in dequant.py's
 # place in that process (None: dequant.py's own).
 VARIANTS = {
     "bf16": (["--fp8-matmuls", "off"], None),
     "fp8": (["--fp8-matmuls", "on"], None),
     "fp8-block-scale": (["--fp8-matmuls", "on"], MatmulDequantizedOnceFP8BlockScale),
+    "fp8-rowwise": (["--fp8-matmuls", "on"], MatmulDequantizedOnceFP8Rowwise),
 }
 
 

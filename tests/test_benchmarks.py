@@ -574,6 +574,40 @@ def test_probe_fp8_block_scale_is_the_dequantized_weights_own_scale(tiny_qlora):
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
+def test_probe_fp8_rowwise_variant_scales_each_token_on_its_own(tiny_qlora):
+    """probe_fp8's fp8-rowwise variant gives each token (a row of the input, and of the output
+    gradient) a scale of its own: the other tokens' outputs and input gradients are bit for bit the
+    same whether one token is 10,000 x the rest or not, and within FP8's rounding of the bf16
+    matmul's; with one scale a tensor (fp8) they change. Catches scales taken along the wrong
+    dimension, or a row's scale applied to another row."""
+    import bitsandbytes as bnb
+    import torch
+
+    from benchmarks import probe_fp8
+    from yoda_raw.dequant import MatmulDequantizedOnce, MatmulDequantizedOnceFP8
+
+    linear = next(m for m in tiny_qlora().modules() if isinstance(m, bnb.nn.Linear4bit))
+    others = [t for t in range(32) if t not in (3, 7)]
+
+    def run(matmul, outlier: float):
+        """The output and input gradient of the tokens other than 3 and 7 (scaled by `outlier`)."""
+        x = torch.randn(1, 32, linear.in_features, generator=torch.Generator().manual_seed(0))
+        grad_output = torch.randn(1, 32, linear.out_features, generator=torch.Generator().manual_seed(1))
+        x[0, 7] *= outlier
+        grad_output[0, 3] *= outlier
+        leaf = x.requires_grad_(True)
+        out = matmul.apply(leaf, linear.weight, linear.weight.quant_state)
+        out.backward(grad_output)
+        return out.detach()[0, others], leaf.grad[0, others]
+
+    rowwise = probe_fp8.MatmulDequantizedOnceFP8Rowwise
+    for plain, outlying in zip(run(rowwise, 1.0), run(rowwise, 1e4), strict=True):
+        assert torch.equal(plain, outlying)
+    for got, want in zip(run(rowwise, 1e4), run(MatmulDequantizedOnce, 1e4), strict=True):
+        assert ((got - want).norm(dim=-1) / want.norm(dim=-1)).max() < 0.1
+    assert not torch.equal(run(MatmulDequantizedOnceFP8, 1.0)[0], run(MatmulDequantizedOnceFP8, 1e4)[0])
+
+
 def test_probe_fp8_loop_child_puts_the_variants_matmul_in_the_loop(tmp_path, monkeypatch):
     """`probe_fp8.py --loop-child fp8-block-scale` runs bench_loop.py with that variant's matmul
     in dequant.py's place (it computes each weight's scale from its block scales); plain fp8 does
