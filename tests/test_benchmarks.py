@@ -628,6 +628,19 @@ def test_probe_fp8_loop_child_puts_the_variants_matmul_in_the_loop(tmp_path, mon
     assert len((tmp_path / "loop.jsonl").read_text().splitlines()) == 2
 
 
+@pytest.mark.parametrize("variants", ["bf16,fp8-typo", "fp8"], ids=["unknown", "one"])
+def test_probe_fp8_loop_refuses_variants_it_cannot_compare_in_one_line(tmp_path, capsys, variants):
+    from benchmarks import probe_fp8
+
+    with pytest.raises(SystemExit) as stop:
+        probe_fp8.main(["--loop", "--out", str(tmp_path / "out"), "--variants", variants, "--preset", "tiny"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --loop needs --out DIR and two or more --variants of bf16, fp8, fp8-block-scale, fp8-rowwise"
+    ]
+    assert not (tmp_path / "out").exists()  # nothing run
+
+
 def test_least_traffic_counts_each_forward_twice_and_adds_the_step_up():
     """least_traffic.py's bound: every forward row counted once per forward pass (two with the
     checkpointing recompute), the masks once, LoRA's matmuls apart from the element-wise work, and
