@@ -123,15 +123,20 @@ def weight_scale_from_blocks(quant_state) -> torch.Tensor:
     return amax.clamp(min=1e-12) / torch.finfo(E4M3).max
 
 
+def weight_in_e4m3(packed_weight, quant_state) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W in e4m3, its scale): W dequantized, scaled by weight_scale_from_blocks. (out, in)."""
+    weight = bnb.functional.dequantize_4bit(packed_weight, quant_state)
+    w_scale = weight_scale_from_blocks(quant_state)
+    return (weight.float() / w_scale).to(E4M3), w_scale
+
+
 class MatmulDequantizedOnceFP8BlockScale(MatmulDequantizedOnceFP8):
     """MatmulDequantizedOnceFP8 with W's scale from its block scales: no amax pass over each
     dequantized weight (NOTES next step 1a); the backward is the parent's."""
 
     @staticmethod
     def forward(ctx, x, packed_weight, quant_state):
-        weight = bnb.functional.dequantize_4bit(packed_weight, quant_state)  # (out, in)
-        w_scale = weight_scale_from_blocks(quant_state)
-        w8 = (weight.float() / w_scale).to(E4M3)
+        w8, w_scale = weight_in_e4m3(packed_weight, quant_state)
         x8, x_scale = to_fp8(x.reshape(-1, x.shape[-1]), E4M3)
         ctx.save_for_backward(w8, w_scale)
         return fp8_product(x8, x_scale, w8, w_scale, x.dtype).reshape(*x.shape[:-1], -1)
@@ -158,9 +163,7 @@ class MatmulDequantizedOnceFP8Rowwise(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, packed_weight, quant_state):
-        weight = bnb.functional.dequantize_4bit(packed_weight, quant_state)  # (out, in)
-        w_scale = weight_scale_from_blocks(quant_state)
-        w8 = (weight.float() / w_scale).to(E4M3)
+        w8, w_scale = weight_in_e4m3(packed_weight, quant_state)
         x8, x_scale = to_fp8_rowwise(x.reshape(-1, x.shape[-1]), E4M3)
         ctx.save_for_backward(w8, w_scale)
         out = torch._scaled_mm(
