@@ -628,6 +628,42 @@ def test_probe_fp8_loop_child_puts_the_variants_matmul_in_the_loop(tmp_path, mon
     assert len((tmp_path / "loop.jsonl").read_text().splitlines()) == 2
 
 
+def test_probe_fp8_loop_runs_every_variant_when_one_fails_and_compares_the_rest(tmp_path, capsys, monkeypatch):
+    """One device call measures all the variants: a variant whose run fails is named with its log,
+    the runs after it still happen, the losses are compared with the first variant that ran, and
+    the exit status is 1. (The runs are stood in for: each appends its JSON line as bench_loop.py
+    does, and fp8 exits 1.) Catches a loop that stops at the first failure, or compares with a
+    variant that has no figures."""
+    import json
+    import subprocess
+
+    from benchmarks import probe_fp8
+
+    ran = []
+
+    def run(command, stdout, stderr):
+        variant = command[command.index("--loop-child") + 1]
+        ran.append(variant)
+        if variant == "fp8":
+            return subprocess.CompletedProcess(command, 1)
+        losses = {"bf16": [2.0, 1.0], "fp8-block-scale": [2.01, 1.0]}[variant]
+        with open(command[command.index("--json") + 1], "a") as jsonl:
+            jsonl.write(json.dumps({"tokens_per_s": 100.0, "peak_allocated_gib": 1.5, "losses": losses}) + "\n")
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(probe_fp8.subprocess, "run", run)
+    assert probe_fp8.loop(tmp_path, ["--preset", "tiny"], ["bf16", "fp8", "fp8-block-scale"]) == 1
+    assert ran == ["bf16", "fp8", "fp8-block-scale"]
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [
+        "bf16: 100 tokens/s, 1.5 GiB peak allocated",
+        "fp8-block-scale: 100 tokens/s, 1.5 GiB peak allocated; losses at most 0.5000% from bf16's over 2 steps "
+        "(the learning check: 1%)",
+    ]
+    log = tmp_path / "loop_fp8.log"
+    assert captured.err.splitlines() == [f"fp8: the run failed (exit status 1); its output is in {log}"]
+
+
 @pytest.mark.parametrize("variants", ["bf16,fp8-typo", "fp8"], ids=["unknown", "one"])
 def test_probe_fp8_loop_refuses_variants_it_cannot_compare_in_one_line(tmp_path, capsys, variants):
     from benchmarks import probe_fp8
