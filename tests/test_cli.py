@@ -83,6 +83,19 @@ def test_command_line_beats_yaml_beats_preset(tmp_path):
     assert cfg.batch_size == 2  # the command line beats the file
 
 
+def test_yaml_on_and_off_are_the_options_on_and_off(tmp_path):
+    """YAML reads an unquoted `on` or `off` as true or false; for the on/off options (--cuda-graph,
+    --fp8-matmuls, ...) they mean "on" and "off", as on the command line. Elsewhere true stays an
+    error that names the choices."""
+    config = tmp_path / "run.yaml"
+    config.write_text("cuda_graph: on\ncompile_layers: off\nfp8_matmuls: on\n")
+    cfg = parse_config(["--preset", "tiny", "--config", str(config)])
+    assert (cfg.cuda_graph, cfg.compile_layers, cfg.fp8_matmuls) == ("on", "off", "on")
+    config.write_text("quant: on\n")
+    with pytest.raises(YodaError, match=r"^--quant must be one of nf4, none, auto, got True$"):
+        parse_config(["--preset", "tiny", "--config", str(config)])
+
+
 def test_unknown_yaml_key_is_named(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("learning_rate: 0.5\n")

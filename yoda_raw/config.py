@@ -333,6 +333,8 @@ def _checked(name: str, value, kind):
 
     >>> _checked("lr", 1, float), _checked("tokenizer", None, str | None)
     (1.0, None)
+    >>> _checked("cuda_graph", True, Literal["auto", "on", "off"])
+    'on'
     """
     option = "--" + name.replace("_", "-")
     if isinstance(kind, types.UnionType):  # `str | None`: None, or the other type
@@ -343,6 +345,8 @@ def _checked(name: str, value, kind):
         )
     if typing.get_origin(kind) is Literal:
         choices = typing.get_args(kind)
+        if isinstance(value, bool) and "on" in choices and "off" in choices:
+            value = "on" if value else "off"  # YAML reads an unquoted `on` or `off` as true or false
         if value not in choices:
             raise YodaError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
         return value
