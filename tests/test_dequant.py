@@ -173,8 +173,13 @@ def test_fp8_matmuls_train_close_to_the_compute_dtype_run(tmp_path):
             "recompute to the backward, so it needs gradient checkpointing; drop --no-gradient-checkpointing "
             "or use --fp8-matmuls off",
         ),
+        (
+            ["--quant", "nf4", "--uncheckpointed-layers", "2"],  # the tiny model has 2 decoder layers
+            "error: --fp8-matmuls on works in the checkpointed layers, and --uncheckpointed-layers 2 leaves none; "
+            "use fewer uncheckpointed layers or --fp8-matmuls off",
+        ),
     ],
-    ids=["unquantized", "reuse-dequant-off", "no-checkpointing"],
+    ids=["unquantized", "reuse-dequant-off", "no-checkpointing", "no-checkpointed-layer"],
 )
 def test_fp8_matmuls_without_what_they_need_is_one_line_and_nothing_written(tmp_path, capsys, argv, message):
     import run
@@ -221,3 +226,18 @@ def test_compiled_layers_compile_once_for_every_layer_with_the_dequantized_matmu
     run = main(tiny_config(options, output_dir=str(tmp_path)))
     assert run.live.model.config.num_hidden_layers >= 2 and len(run.fit.log) >= 1
     torch._dynamo.reset()
+
+
+def test_reuse_dequant_on_with_every_layer_uncheckpointed_is_one_line(tmp_path, capsys):
+    """--reuse-dequant on works in the checkpointed layers only; with none left it would be "on" in
+    the saved config and do nothing: one line instead, nothing written."""
+    import run
+
+    out = tmp_path / "run"
+    argv = ["--preset", "tiny", "--quant", "nf4", "--reuse-dequant", "on", "--uncheckpointed-layers", "2"]
+    assert run.main([*argv, "--output-dir", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --reuse-dequant on works in the checkpointed layers, and --uncheckpointed-layers 2 leaves none; "
+        "use fewer uncheckpointed layers or --reuse-dequant off"
+    ]
+    assert not out.exists() or not any(out.iterdir())
