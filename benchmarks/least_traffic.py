@@ -10,6 +10,14 @@ fusion made and nothing written twice. With the matmuls and attention as profile
 here), the two 4-bit dequantizations at the peak bandwidth and the element-wise rows at the peak
 too, no idle time: the shortest step, and the tokens/s it allows. And for --target tokens/s: the
 rate the frozen matmuls would need, with LoRA's own matmuls at the peak bandwidth as well.
+
+--fp8 (--fp8-matmuls on; NOTES item 29) adds what the casts into FP8 must move at the least: each
+frozen product's input cast in both forwards and its output gradient once (read in bf16, written in
+e4m3: 3 bytes an element; each amax fused into the kernel that makes the tensor), and each weight
+cast twice (3 bytes) with one transposed copy for the backward (2 bytes; its amax from the 4-bit
+block scales).
+
+    python benchmarks/least_traffic.py --tokens 8192 --matmul-ms 162.2 --attention-ms 16.4 --peak-tb-s 4.8 --fp8
 """
 
 import argparse
@@ -54,8 +62,18 @@ def elements_per_token(forward_passes: int = 2, lora: bool | None = None) -> flo
     return total + (masks() if lora is not True else 0)
 
 
-def bound(tokens: int, matmul_ms: float, attention_ms: float, peak_tb_s: float) -> dict:
-    """The shortest step, with the element-wise work and the dequantizations at the peak."""
+def fp8_casts_gb(tokens: int, d: int = HIDDEN, qkv: int = QKV, f: int = INTERMEDIATE) -> float:
+    """GB a step the casts into FP8 move at the least (--fp8): the inputs of the four frozen products
+    in each of the two forwards and their output gradients once, 3 bytes an element; every decoder
+    weight cast twice (3 bytes) and copied transposed once (2 bytes)."""
+    inputs, gradients = 3 * d + f, qkv + d + 2 * f + d
+    weights = sum(k * n for _, k, n in PHI3_LINEARS)
+    return LAYERS * (tokens * (2 * inputs + gradients) * 3 + weights * (2 * 3 + 2)) / 1e9
+
+
+def bound(tokens: int, matmul_ms: float, attention_ms: float, peak_tb_s: float, fp8: bool = False) -> dict:
+    """The shortest step, with the element-wise work, the dequantizations (and with `fp8` the
+    casts) at the peak."""
 
     def gb(elements: float) -> float:
         return elements * BYTES * tokens * LAYERS / 1e9
@@ -67,9 +85,12 @@ def bound(tokens: int, matmul_ms: float, attention_ms: float, peak_tb_s: float) 
         "elementwise_gb": gb(elements_per_token(lora=False)),
         "lora_gb": gb(elements_per_token(lora=True)),
         "dequant_gb": dequant_gb,
+        "casts_gb": fp8_casts_gb(tokens) if fp8 else 0.0,
     }
     figures |= {k.replace("_gb", "_ms"): v / peak_tb_s for k, v in figures.items()}
-    figures["step_ms"] = matmul_ms + attention_ms + figures["dequant_ms"] + figures["elementwise_ms"]
+    figures["step_ms"] = (
+        matmul_ms + attention_ms + figures["dequant_ms"] + figures["elementwise_ms"] + figures["casts_ms"]
+    )
     figures["tokens_per_s"] = tokens / figures["step_ms"] * 1000
     # The frozen products: 6 passes of the decoder weights, 4 of the LM head, 2 FLOP each multiply-add.
     figures["frozen_tflop"] = tokens * (6 * decoder_params + 4 * HIDDEN * VOCAB) / 1e12
@@ -83,8 +104,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--attention-ms", type=float, required=True, help="The profile's attention ms a step.")
     parser.add_argument("--peak-tb-s", type=float, required=True, help="The memory's peak TB/s (H200: 4.8).")
     parser.add_argument("--target", type=float, default=25000, help="Tokens/s to find the matmul rate for.")
+    parser.add_argument("--fp8", action="store_true", help="Add the casts into FP8 (--fp8-matmuls on).")
     args = parser.parse_args(argv)
-    f = bound(args.tokens, args.matmul_ms, args.attention_ms, args.peak_tb_s)
+    f = bound(args.tokens, args.matmul_ms, args.attention_ms, args.peak_tb_s, fp8=args.fp8)
     print("| work | each of the 2 forwards | backward |\n|---|---|---|")
     for work, fwd, bwd, _ in rows():
         print(f"| {work} | {fwd:,.0f} | {bwd:,.0f} |")
@@ -94,11 +116,14 @@ def main(argv: list[str]) -> int:
         f"at {args.peak_tb_s} TB/s (element-wise {f['elementwise_gb']:.0f} GB, {f['elementwise_ms']:.1f} ms; LoRA's "
         f"matmuls {f['lora_ms']:.1f} ms). Dequantizations {f['dequant_gb']:.1f} GB, {f['dequant_ms']:.1f} ms."
     )
+    casts = f" + {f['casts_ms']:.1f}" if args.fp8 else ""
+    if args.fp8:
+        print(f"The casts into FP8: {f['casts_gb']:.1f} GB, {f['casts_ms']:.1f} ms.")
     print(
-        f"Shortest step: {args.matmul_ms} + {args.attention_ms} + {f['dequant_ms']:.1f} + {f['elementwise_ms']:.1f} "
-        f"= {f['step_ms']:.1f} ms, {f['tokens_per_s']:,.0f} tokens/s."
+        f"Shortest step: {args.matmul_ms} + {args.attention_ms} + {f['dequant_ms']:.1f} + {f['elementwise_ms']:.1f}"
+        f"{casts} = {f['step_ms']:.1f} ms, {f['tokens_per_s']:,.0f} tokens/s."
     )
-    budget_ms = args.tokens / args.target * 1000 - args.attention_ms - f["dequant_ms"] - f["all_ms"]
+    budget_ms = args.tokens / args.target * 1000 - args.attention_ms - f["dequant_ms"] - f["all_ms"] - f["casts_ms"]
     print(
         f"{args.target:,.0f} tokens/s ({args.tokens / args.target * 1000:.1f} ms) needs the frozen matmuls "
         f"({f['frozen_tflop']:.0f} TFLOP) at {f['frozen_tflop'] / budget_ms * 1000:.0f} TFLOP/s or more."

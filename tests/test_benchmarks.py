@@ -692,3 +692,10 @@ def test_least_traffic_counts_each_forward_twice_and_adds_the_step_up():
     assert f["elementwise_ms"] == pytest.approx(lt.elements_per_token(lora=False) * 2 * 1000 * 32 / 1e9 / 2.0)
     assert f["step_ms"] == pytest.approx(110.0 + f["dequant_ms"] + f["elementwise_ms"])
     assert f["tokens_per_s"] == pytest.approx(1000 / f["step_ms"] * 1000)
+    # --fp8: the casts add to the step; their weight part is the same at any token count, the rest
+    # grows with the tokens (both forwards' inputs and the gradients).
+    f8 = lt.bound(tokens=1000, matmul_ms=100.0, attention_ms=10.0, peak_tb_s=2.0, fp8=True)
+    assert f8["step_ms"] == pytest.approx(f["step_ms"] + f8["casts_ms"]) and f8["casts_ms"] > 0
+    weights = lt.fp8_casts_gb(0)
+    assert weights == pytest.approx(32 * sum(k * n for _, k, n in lt.PHI3_LINEARS) * 8 / 1e9)
+    assert lt.fp8_casts_gb(2000) - weights == pytest.approx(2 * (lt.fp8_casts_gb(1000) - weights))

@@ -212,7 +212,7 @@ def check_uncheckpointed_layers(cfg: Config, skeleton_model) -> None:
     # Both work on the checkpointed layers only (dequant.reuse_dequantized_weights): with none left
     # they would be on in the saved config and do nothing.
     for option, setting in (("--reuse-dequant", cfg.reuse_dequant), ("--fp8-matmuls", cfg.fp8_matmuls)):
-        if setting == "on" and cfg.gradient_checkpointing and cfg.uncheckpointed_layers == count:
+        if setting == "on" and cfg.uncheckpointed_layers == count:
             raise YodaError(
                 f"{option} on works in the checkpointed layers, and --uncheckpointed-layers {count} leaves none; "
                 f"use fewer uncheckpointed layers or {option} off"
