@@ -360,8 +360,9 @@ def fit(
         while step < total_steps and not stopping:
             epoch = step // steps_per_epoch
             loader.set_epoch(epoch)
-            # On resume, skip the micro-batches this epoch already trained on: drawn and dropped, a few
-            # small tensors (Accelerate's skip_first_batches would copy the rest without non_blocking).
+            # On resume, skip the micro-batches this epoch already trained on: drawn (collated and copied,
+            # a few small token tensors each) and dropped, once per resume. Accelerate's skip_first_batches
+            # would copy the batches after them without non_blocking.
             batches = itertools.islice(loader, (step % steps_per_epoch) * cfg.grad_accum, None)
             for _ in range(step % steps_per_epoch, min(steps_per_epoch, total_steps - epoch * steps_per_epoch)):
                 # Learning rate of this step (a plain function of the step: see optim.learning_rate).
