@@ -29,7 +29,8 @@ W's cast twice (--reuse-dequant: the backward reuses the recompute's).
 process and with --reuse-dequant on: bf16 is --fp8-matmuls off; fp8 is --fp8-matmuls on (dequant.py's
 MatmulDequantizedOnceFP8, whose products these are); fp8-block-scale is fp8 with W's scale taken from
 its 4-bit block scales instead of an amax pass over each dequantized weight (NOTES next step 1a);
-fp8-rowwise is that with the input and the output gradient scaled per token (both e4m3). The
+fp8-fused is that with W dequantized in torch ops, which inductor compiles into one kernel with the
+cast; fp8-rowwise is fp8-fused with the input and the output gradient scaled per token (both e4m3). The
 variants' classes below are put in dequant.py's place in their own process only. It writes every
 measurement to DIR/loop.jsonl and prints tokens/s, peak memory and each variant's largest relative
 difference of a step's loss from the first variant's, against the learning check's 1%.
@@ -111,23 +112,55 @@ def step_ms(t: dict) -> dict:
     return {"bf16": LAYERS * bf16, "fp8": LAYERS * (fp8 + 2 * t["cast_w_ms"])}
 
 
+def block_scales(quant_state) -> torch.Tensor:
+    """A 4-bit weight's block scales (absmax, one a block of 64) in fp32. Where they are themselves
+    quantized (double quantization: 8 bits, one fp32 scale a block of 256, plus an offset) they are
+    dequantized first: 1/64 of W's size."""
+    absmax = quant_state.absmax
+    if quant_state.nested:
+        state2 = quant_state.state2
+        absmax = blockwise(state2.code[absmax.int()], state2.absmax, state2.blocksize) + quant_state.offset
+    return absmax.float()
+
+
+def blockwise(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """values (flat) with each block of `blocksize` multiplied by its scale; the last block may be short."""
+    n = values.numel()
+    padded = torch.nn.functional.pad(values, (0, -n % blocksize))
+    return (padded.view(-1, blocksize) * scales[:, None]).view(-1)[:n]
+
+
 def weight_scale_from_blocks(quant_state) -> torch.Tensor:
     """The e4m3 scale of dequantize_4bit(W) without reading W: every value is a code times its
     block's scale (absmax), so |W| <= max(absmax) * max|code|, with equality for NF4 (its code
-    reaches +-1 and each block's largest value maps onto it). Where the block scales are themselves
-    quantized (double quantization) they are dequantized first: 1/64 of W's size."""
-    absmax = quant_state.absmax
-    if quant_state.nested:
-        absmax = bnb.functional.dequantize_blockwise(quant_state.absmax, quant_state.state2) + quant_state.offset
-    amax = absmax.max().float() * quant_state.code.abs().max().float()
+    reaches +-1 and each block's largest value maps onto it)."""
+    amax = block_scales(quant_state).max() * quant_state.code.abs().max().float()
     return amax.clamp(min=1e-12) / torch.finfo(E4M3).max
 
 
+def dequantize_4bit_in_torch(packed_weight, quant_state) -> torch.Tensor:
+    """bitsandbytes' dequantize_4bit in torch's own ops, in fp32, (out, in): two 4-bit codes a byte,
+    the high half first, each looked up in the 16-value code (NF4's) and multiplied by its block's
+    scale. Compiled, inductor fuses this with the FP8 cast after it into one kernel that reads half a
+    byte a weight and writes one; bitsandbytes' kernel writes the weight in bf16 (2 bytes) for the
+    cast to read again."""
+    packed = packed_weight.view(torch.uint8).reshape(-1)
+    codes = torch.stack((packed >> 4, packed & 0xF), dim=-1).reshape(-1)[: quant_state.shape.numel()]
+    values = quant_state.code[codes.int()]
+    return blockwise(values, block_scales(quant_state), quant_state.blocksize).view(quant_state.shape)
+
+
 def weight_in_e4m3(packed_weight, quant_state) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W in e4m3, its scale): W dequantized, scaled by weight_scale_from_blocks. (out, in)."""
+    """(W in e4m3, its scale): W dequantized by bitsandbytes, scaled by weight_scale_from_blocks. (out, in)."""
     weight = bnb.functional.dequantize_4bit(packed_weight, quant_state)
     w_scale = weight_scale_from_blocks(quant_state)
     return (weight.float() / w_scale).to(E4M3), w_scale
+
+
+def weight_in_e4m3_fused(packed_weight, quant_state) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight_in_e4m3 with W dequantized in torch ops, which inductor fuses with the cast."""
+    w_scale = weight_scale_from_blocks(quant_state)
+    return (dequantize_4bit_in_torch(packed_weight, quant_state) / w_scale).to(E4M3), w_scale
 
 
 class MatmulDequantizedOnceFP8BlockScale(MatmulDequantizedOnceFP8):
@@ -137,6 +170,18 @@ class MatmulDequantizedOnceFP8BlockScale(MatmulDequantizedOnceFP8):
     @staticmethod
     def forward(ctx, x, packed_weight, quant_state):
         w8, w_scale = weight_in_e4m3(packed_weight, quant_state)
+        x8, x_scale = to_fp8(x.reshape(-1, x.shape[-1]), E4M3)
+        ctx.save_for_backward(w8, w_scale)
+        return fp8_product(x8, x_scale, w8, w_scale, x.dtype).reshape(*x.shape[:-1], -1)
+
+
+class MatmulDequantizedOnceFP8Fused(MatmulDequantizedOnceFP8):
+    """The block-scale variant with W dequantized in torch ops (weight_in_e4m3_fused): the
+    dequantization and the cast in one compiled kernel. NOTES next step 1."""
+
+    @staticmethod
+    def forward(ctx, x, packed_weight, quant_state):
+        w8, w_scale = weight_in_e4m3_fused(packed_weight, quant_state)
         x8, x_scale = to_fp8(x.reshape(-1, x.shape[-1]), E4M3)
         ctx.save_for_backward(w8, w_scale)
         return fp8_product(x8, x_scale, w8, w_scale, x.dtype).reshape(*x.shape[:-1], -1)
@@ -157,13 +202,13 @@ def broadcast_scale(scale: torch.Tensor, columns: int) -> torch.Tensor:
 
 
 class MatmulDequantizedOnceFP8Rowwise(torch.autograd.Function):
-    """The block-scale variant with the input and the output gradient scaled per token (both e4m3,
-    as row-wise scaled matmuls take them; a row's scale gives a gradient its range); W keeps one
+    """The fused variant with the input and the output gradient scaled per token (both e4m3, as
+    row-wise scaled matmuls take them; a row's scale gives a gradient its range); W keeps one
     scale, from its block scales. NOTES next step 1."""
 
     @staticmethod
     def forward(ctx, x, packed_weight, quant_state):
-        w8, w_scale = weight_in_e4m3(packed_weight, quant_state)
+        w8, w_scale = weight_in_e4m3_fused(packed_weight, quant_state)
         x8, x_scale = to_fp8_rowwise(x.reshape(-1, x.shape[-1]), E4M3)
         ctx.save_for_backward(w8, w_scale)
         out = torch._scaled_mm(
@@ -192,6 +237,7 @@ VARIANTS = {
     "bf16": (["--fp8-matmuls", "off"], None),
     "fp8": (["--fp8-matmuls", "on"], None),
     "fp8-block-scale": (["--fp8-matmuls", "on"], MatmulDequantizedOnceFP8BlockScale),
+    "fp8-fused": (["--fp8-matmuls", "on"], MatmulDequantizedOnceFP8Fused),
     "fp8-rowwise": (["--fp8-matmuls", "on"], MatmulDequantizedOnceFP8Rowwise),
 }
 

@@ -574,6 +574,42 @@ def test_probe_fp8_block_scale_is_the_dequantized_weights_own_scale(tiny_qlora):
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
+def test_probe_fp8_fused_variant_dequantizes_as_bitsandbytes_does(tiny_qlora):
+    """probe_fp8's fp8-fused variant dequantizes the 4-bit weights in torch's own ops (for inductor
+    to fuse with the cast): the same weights as bitsandbytes' dequantize_4bit, bit for bit once
+    rounded to its dtype, for the tiny model's linears (double quantization), a weight without it,
+    and one whose last block is short; and the variant's output and input gradient are the
+    block-scale variant's up to the one rounding it skips (W straight to e4m3, not through bf16).
+    Catches the two 4-bit codes of a byte swapped, block scales applied to the wrong block, or
+    nested block scales used undequantized."""
+    import bitsandbytes as bnb
+    import torch
+
+    from benchmarks import probe_fp8
+
+    linears = [m for m in tiny_qlora().modules() if isinstance(m, bnb.nn.Linear4bit)]
+    states = [(m.weight, m.weight.quant_state) for m in linears]
+    generator = torch.Generator().manual_seed(0)
+    states.append(bnb.functional.quantize_4bit(torch.randn(96, 64, generator=generator), quant_type="nf4"))
+    short_last_block = torch.randn(3, 100, generator=generator).bfloat16()  # 300 = 4 x 64 + 44
+    states.append(bnb.functional.quantize_4bit(short_last_block, quant_type="nf4", compress_statistics=True))
+    for packed, state in states:
+        want = bnb.functional.dequantize_4bit(packed, state)
+        assert torch.equal(probe_fp8.dequantize_4bit_in_torch(packed, state).to(want.dtype), want)
+
+    linear = linears[0]
+    x = torch.randn(2, 5, linear.in_features, generator=torch.Generator().manual_seed(1))
+    results = []
+    for matmul in (probe_fp8.MatmulDequantizedOnceFP8BlockScale, probe_fp8.MatmulDequantizedOnceFP8Fused):
+        leaf = x.clone().requires_grad_(True)
+        out = matmul.apply(leaf, linear.weight, linear.weight.quant_state)
+        out.backward(torch.ones_like(out))
+        results.append((out.detach(), leaf.grad))
+    for block_scale, fused in zip(*results, strict=True):
+        assert torch.isfinite(fused).all()
+        assert ((fused - block_scale).norm() / block_scale.norm()) < 0.01
+
+
 def test_probe_fp8_rowwise_variant_scales_each_token_on_its_own(tiny_qlora):
     """probe_fp8's fp8-rowwise variant gives each token (a row of the input, and of the output
     gradient) a scale of its own: the other tokens' outputs and input gradients are bit for bit the
@@ -672,7 +708,7 @@ def test_probe_fp8_loop_refuses_variants_it_cannot_compare_in_one_line(tmp_path,
         probe_fp8.main(["--loop", "--out", str(tmp_path / "out"), "--variants", variants, "--preset", "tiny"])
     assert stop.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "error: --loop needs --out DIR and two or more --variants of bf16, fp8, fp8-block-scale, fp8-rowwise"
+        "error: --loop needs --out DIR and two or more --variants of bf16, fp8, fp8-block-scale, fp8-fused, fp8-rowwise"
     ]
     assert not (tmp_path / "out").exists()  # nothing run
 
