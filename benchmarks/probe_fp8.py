@@ -27,13 +27,12 @@ W's cast twice (--reuse-dequant: the backward reuses the recompute's).
 
 --loop runs bench_loop.py once for each of `--variants` (default bf16,fp8), each in its own
 process and with --reuse-dequant on: bf16 is --fp8-matmuls off; fp8 is --fp8-matmuls on (dequant.py's
-MatmulDequantizedOnceFP8, whose products these are); fp8-block-scale is fp8 with W's scale taken from
-its 4-bit block scales instead of an amax pass over each dequantized weight (NOTES next step 1a);
-fp8-fused is that with W dequantized in torch ops, which inductor compiles into one kernel with the
-cast; fp8-rowwise is fp8-fused with the input and the output gradient scaled per token (both e4m3). The
-variants' classes below are put in dequant.py's place in their own process only. It writes every
-measurement to DIR/loop.jsonl and prints tokens/s, peak memory and each variant's largest relative
-difference of a step's loss from the first variant's, against the learning check's 1%.
+MatmulDequantizedOnceFP8: X and G scaled per token); fp8-tensorwise is the option as NOTES items 28-29
+measured it (one scale a tensor, W's from an amax pass), put in dequant.py's place in its own process
+only. (Two more variants were measured at 1cb1450, NOTES item 30: W's scale from its block scales,
+now the option's, and W dequantized in torch ops, which lost.) It writes every measurement to
+DIR/loop.jsonl and prints tokens/s, peak memory and each variant's largest relative difference of a
+step's loss from the first variant's, against the learning check's 1%.
 """
 
 import argparse
@@ -49,9 +48,24 @@ import torch  # noqa: E402
 
 from benchmarks import common, report  # noqa: E402
 from benchmarks.matmul_peak import PHI3_LINEARS, time_ms  # noqa: E402
-from yoda_raw.dequant import E4M3, E5M2, MatmulDequantizedOnceFP8, fp8_product, to_fp8  # noqa: E402
+from yoda_raw.dequant import E4M3  # noqa: E402
 
+E5M2 = torch.float8_e5m2
 LAYERS = 32
+
+
+def to_fp8(tensor: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tensor / scale in `dtype`, scale): one scale for the whole tensor, its largest magnitude
+    onto the format's largest (the tensor-wise form: --fp8-matmuls on as NOTES items 28-29 measured
+    it; the option now scales X and G per token)."""
+    amax = tensor.abs().amax().float().clamp(min=1e-12)
+    scale = amax / torch.finfo(dtype).max
+    return (tensor.float() / scale).to(dtype), scale
+
+
+def fp8_product(a8, a_scale, b8_t, b_scale, out_dtype) -> torch.Tensor:
+    """(a8 * a_scale) @ (b8_t * b_scale).T, one scale each: torch._scaled_mm's tensor-wise form."""
+    return torch._scaled_mm(a8, b8_t.t(), scale_a=a_scale, scale_b=b_scale, out_dtype=out_dtype)
 
 
 def fp8_forward(x8, x_scale, w8, w_scale) -> torch.Tensor:
@@ -112,133 +126,30 @@ def step_ms(t: dict) -> dict:
     return {"bf16": LAYERS * bf16, "fp8": LAYERS * (fp8 + 2 * t["cast_w_ms"])}
 
 
-def block_scales(quant_state) -> torch.Tensor:
-    """A 4-bit weight's block scales (absmax, one a block of 64) in fp32. Where they are themselves
-    quantized (double quantization: 8 bits, one fp32 scale a block of 256, plus an offset) they are
-    dequantized first: 1/64 of W's size."""
-    absmax = quant_state.absmax
-    if quant_state.nested:
-        state2 = quant_state.state2
-        absmax = blockwise(state2.code[absmax.int()], state2.absmax, state2.blocksize) + quant_state.offset
-    return absmax.float()
-
-
-def blockwise(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """values (flat) with each block of `blocksize` multiplied by its scale; the last block may be short."""
-    n = values.numel()
-    padded = torch.nn.functional.pad(values, (0, -n % blocksize))
-    return (padded.view(-1, blocksize) * scales[:, None]).view(-1)[:n]
-
-
-def weight_scale_from_blocks(quant_state) -> torch.Tensor:
-    """The e4m3 scale of dequantize_4bit(W) without reading W: every value is a code times its
-    block's scale (absmax), so |W| <= max(absmax) * max|code|, with equality for NF4 (its code
-    reaches +-1 and each block's largest value maps onto it)."""
-    amax = block_scales(quant_state).max() * quant_state.code.abs().max().float()
-    return amax.clamp(min=1e-12) / torch.finfo(E4M3).max
-
-
-def dequantize_4bit_in_torch(packed_weight, quant_state) -> torch.Tensor:
-    """bitsandbytes' dequantize_4bit in torch's own ops, in fp32, (out, in): two 4-bit codes a byte,
-    the high half first, each looked up in the 16-value code (NF4's) and multiplied by its block's
-    scale. Compiled, inductor fuses this with the FP8 cast after it into one kernel that reads half a
-    byte a weight and writes one; bitsandbytes' kernel writes the weight in bf16 (2 bytes) for the
-    cast to read again."""
-    packed = packed_weight.view(torch.uint8).reshape(-1)
-    codes = torch.stack((packed >> 4, packed & 0xF), dim=-1).reshape(-1)[: quant_state.shape.numel()]
-    values = quant_state.code[codes.int()]
-    return blockwise(values, block_scales(quant_state), quant_state.blocksize).view(quant_state.shape)
-
-
-def weight_in_e4m3(packed_weight, quant_state) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W in e4m3, its scale): W dequantized by bitsandbytes, scaled by weight_scale_from_blocks. (out, in)."""
-    weight = bnb.functional.dequantize_4bit(packed_weight, quant_state)
-    w_scale = weight_scale_from_blocks(quant_state)
-    return (weight.float() / w_scale).to(E4M3), w_scale
-
-
-def weight_in_e4m3_fused(packed_weight, quant_state) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight_in_e4m3 with W dequantized in torch ops, which inductor fuses with the cast."""
-    w_scale = weight_scale_from_blocks(quant_state)
-    return (dequantize_4bit_in_torch(packed_weight, quant_state) / w_scale).to(E4M3), w_scale
-
-
-class MatmulDequantizedOnceFP8BlockScale(MatmulDequantizedOnceFP8):
-    """MatmulDequantizedOnceFP8 with W's scale from its block scales: no amax pass over each
-    dequantized weight (NOTES next step 1a); the backward is the parent's."""
+class MatmulDequantizedOnceFP8Tensorwise(torch.autograd.Function):
+    """--fp8-matmuls on as it was measured in NOTES items 28-29: one scale a tensor (X and W in e4m3,
+    G in e5m2), W's from an amax pass over the dequantized weight. The variant the option's
+    one-scale-a-token form is measured against."""
 
     @staticmethod
     def forward(ctx, x, packed_weight, quant_state):
-        w8, w_scale = weight_in_e4m3(packed_weight, quant_state)
+        w8, w_scale = to_fp8(bnb.functional.dequantize_4bit(packed_weight, quant_state), E4M3)
         x8, x_scale = to_fp8(x.reshape(-1, x.shape[-1]), E4M3)
         ctx.save_for_backward(w8, w_scale)
         return fp8_product(x8, x_scale, w8, w_scale, x.dtype).reshape(*x.shape[:-1], -1)
-
-
-class MatmulDequantizedOnceFP8Fused(MatmulDequantizedOnceFP8):
-    """The block-scale variant with W dequantized in torch ops (weight_in_e4m3_fused): the
-    dequantization and the cast in one compiled kernel. NOTES next step 1."""
-
-    @staticmethod
-    def forward(ctx, x, packed_weight, quant_state):
-        w8, w_scale = weight_in_e4m3_fused(packed_weight, quant_state)
-        x8, x_scale = to_fp8(x.reshape(-1, x.shape[-1]), E4M3)
-        ctx.save_for_backward(w8, w_scale)
-        return fp8_product(x8, x_scale, w8, w_scale, x.dtype).reshape(*x.shape[:-1], -1)
-
-
-def to_fp8_rowwise(tensor: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """to_fp8 with one scale a row (a token), shape (rows, 1): a token with outlier features no
-    longer costs every other token its precision, and each row's amax is a reduction along the row,
-    which inductor can fuse into the kernel that makes the row (a norm, an activation's backward)."""
-    amax = tensor.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
-    scale = amax / torch.finfo(dtype).max
-    return (tensor.float() / scale).to(dtype), scale
-
-
-def broadcast_scale(scale: torch.Tensor, columns: int) -> torch.Tensor:
-    """A tensor's one scale as the (1, columns) row _scaled_mm's row-wise form wants for operand b."""
-    return scale.reshape(1, 1).expand(1, columns).contiguous()
-
-
-class MatmulDequantizedOnceFP8Rowwise(torch.autograd.Function):
-    """The fused variant with the input and the output gradient scaled per token (both e4m3, as
-    row-wise scaled matmuls take them; a row's scale gives a gradient its range); W keeps one
-    scale, from its block scales. NOTES next step 1."""
-
-    @staticmethod
-    def forward(ctx, x, packed_weight, quant_state):
-        w8, w_scale = weight_in_e4m3_fused(packed_weight, quant_state)
-        x8, x_scale = to_fp8_rowwise(x.reshape(-1, x.shape[-1]), E4M3)
-        ctx.save_for_backward(w8, w_scale)
-        out = torch._scaled_mm(
-            x8, w8.t(), scale_a=x_scale, scale_b=broadcast_scale(w_scale, w8.shape[0]), out_dtype=x.dtype
-        )
-        return out.reshape(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad_output):
         w8, w_scale = ctx.saved_tensors
-        g8, g_scale = to_fp8_rowwise(grad_output.reshape(-1, grad_output.shape[-1]), E4M3)
-        w8_transposed = w8.t().contiguous()  # (in, out), row-major: W itself column-major
-        grad = torch._scaled_mm(
-            g8,
-            w8_transposed.t(),
-            scale_a=g_scale,
-            scale_b=broadcast_scale(w_scale, w8_transposed.shape[0]),
-            out_dtype=grad_output.dtype,
-        )
+        g8, g_scale = to_fp8(grad_output.reshape(-1, grad_output.shape[-1]), E5M2)
+        grad = fp8_product(g8, g_scale, w8.t().contiguous(), w_scale, grad_output.dtype)
         return grad.reshape(*grad_output.shape[:-1], -1), None, None
 
 
-# --loop's variants: bench_loop.py's options for each, and the FP8 matmul class put in dequant.py's
-# place in that process (None: dequant.py's own).
 VARIANTS = {
     "bf16": (["--fp8-matmuls", "off"], None),
     "fp8": (["--fp8-matmuls", "on"], None),
-    "fp8-block-scale": (["--fp8-matmuls", "on"], MatmulDequantizedOnceFP8BlockScale),
-    "fp8-fused": (["--fp8-matmuls", "on"], MatmulDequantizedOnceFP8Fused),
-    "fp8-rowwise": (["--fp8-matmuls", "on"], MatmulDequantizedOnceFP8Rowwise),
+    "fp8-tensorwise": (["--fp8-matmuls", "on"], MatmulDequantizedOnceFP8Tensorwise),
 }
 
 

@@ -17,12 +17,16 @@ Measured on the H200 at 16 x 64 with compiled layers in the CUDA graph
 
 --fp8-matmuls on: the same matmul with its two products in FP8 (MatmulDequantizedOnceFP8 below).
 Hopper's and Ada's FP8 matmuls have twice bf16's peak, and with checkpointing every frozen weight
-takes part in three products a step. Each operand is scaled into the format with one scale for the
-whole tensor (its largest magnitude onto the format's largest): the input and the weight in e4m3
-(3 mantissa bits), the output gradient in e5m2 (2 bits, but the range a gradient needs). The
-products err by a few percent each where bf16's err by a fraction of one, so the losses are no
-longer SFTTrainer's to the digit; LoRA's own matmuls and everything else stay in the compute dtype.
-The dequantized weight is kept in FP8 between the recompute and the backward, half the bf16 copy.
+takes part in three products a step. Each operand is scaled into e4m3 (3 mantissa bits, largest
+448): the input and the output gradient with one scale a token (a row: its largest magnitude onto
+448), the weight with one scale for the whole tensor, taken from its 4-bit block scales. One scale a
+token lets the kernel that makes each row cast it too, where one scale a tensor would need the whole
+tensor's largest value first (measured on the H200 at 16 x 512: 53 ms a step less,
+benchmarks/results/h200_fused/), and a token with outlier features costs no other token its
+precision. The products err by a few percent each where bf16's err by a fraction of one, so the
+losses are no longer SFTTrainer's to the digit; LoRA's own matmuls and everything else stay in the
+compute dtype. The dequantized weight is kept in FP8 between the recompute and the backward, half
+the bf16 copy.
 """
 
 import types
@@ -33,7 +37,7 @@ import torch
 from yoda_raw.errors import YodaError
 from yoda_raw.model import decoder_layers
 
-E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+E4M3 = torch.float8_e4m3fn
 
 
 def resolve(setting: str, cuda_graph: str, quant: str, gradient_checkpointing: bool, fp8_matmuls: str = "off") -> str:
@@ -90,40 +94,57 @@ def check_fp8_device(device: torch.device) -> None:
         )
 
 
-def to_fp8(tensor: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tensor / scale in `dtype`, scale): the scale maps the largest magnitude onto the format's
-    largest, so nothing overflows; `fp8 * scale` gives the tensor back, rounded. The scale stays on
-    the device: no host sync."""
-    amax = tensor.abs().amax().float().clamp(min=1e-12)
-    scale = amax / torch.finfo(dtype).max
-    return (tensor.float() / scale).to(dtype), scale
+def to_fp8_rowwise(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tensor / scale in e4m3, scale of shape (rows, 1)): each row's largest magnitude maps onto
+    e4m3's largest, so nothing overflows; `fp8 * scale` gives the row back, rounded. The scales stay
+    on the device: no host sync."""
+    amax = tensor.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
+    scale = amax / torch.finfo(E4M3).max
+    return (tensor.float() / scale).to(E4M3), scale
 
 
-def fp8_product(a8, a_scale, b8_t, b_scale, out_dtype) -> torch.Tensor:
-    """(a8 * a_scale) @ (b8_t * b_scale).T in out_dtype. torch._scaled_mm wants its first operand
-    row-major and its second column-major: b8_t is a row-major (n, k) tensor, so b8_t.t() is."""
-    return torch._scaled_mm(a8, b8_t.t(), scale_a=a_scale, scale_b=b_scale, out_dtype=out_dtype)
+def weight_in_e4m3(packed_weight, quant_state) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W in e4m3, its one scale), W (out, in) dequantized by bitsandbytes. The scale needs no pass
+    over W: every value is a 16-value code times its block's scale (absmax), and NF4's code reaches
+    +-1, so W's largest magnitude is the largest block scale. Where the block scales are themselves
+    quantized (double quantization) they are dequantized first: 1/64 of W's size."""
+    absmax = quant_state.absmax
+    if quant_state.nested:
+        absmax = bnb.functional.dequantize_blockwise(absmax, quant_state.state2) + quant_state.offset
+    amax = absmax.max().float() * quant_state.code.abs().max().float()
+    scale = amax.clamp(min=1e-12) / torch.finfo(E4M3).max
+    weight = bnb.functional.dequantize_4bit(packed_weight, quant_state)
+    return (weight.float() / scale).to(E4M3), scale
+
+
+def fp8_product(a8, a_scales, b8_t, b_scale) -> torch.Tensor:
+    """(a8 * a_scales) @ (b8_t * b_scale).T in bf16: a row-wise scaled matmul, one scale a row of a,
+    b's one scale repeated for each of its rows. torch._scaled_mm wants its first operand row-major
+    and its second column-major: b8_t is a row-major (n, k) tensor, so b8_t.t() is. Its row-wise
+    form gives bf16 only."""
+    b_scales = b_scale.reshape(1, 1).expand(1, b8_t.shape[0]).contiguous()
+    return torch._scaled_mm(a8, b8_t.t(), scale_a=a_scales, scale_b=b_scales, out_dtype=torch.bfloat16)
 
 
 class MatmulDequantizedOnceFP8(torch.autograd.Function):
     """MatmulDequantizedOnce with both products in FP8: the weight dequantized and cast to e4m3 once
-    and kept for the backward; the input cast in forward, the output gradient (e5m2) in backward."""
+    and kept for the backward; the input cast in forward, the output gradient in backward, each
+    token with its own scale."""
 
     @staticmethod
     def forward(ctx, x, packed_weight, quant_state):
-        weight = bnb.functional.dequantize_4bit(packed_weight, quant_state)  # (out, in)
-        w8, w_scale = to_fp8(weight, E4M3)
-        x8, x_scale = to_fp8(x.reshape(-1, x.shape[-1]), E4M3)
+        w8, w_scale = weight_in_e4m3(packed_weight, quant_state)
+        x8, x_scales = to_fp8_rowwise(x.reshape(-1, x.shape[-1]))
         ctx.save_for_backward(w8, w_scale)
-        out = fp8_product(x8, x_scale, w8, w_scale, x.dtype)
+        out = fp8_product(x8, x_scales, w8, w_scale).to(x.dtype)
         return out.reshape(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad_output):
         w8, w_scale = ctx.saved_tensors
-        g8, g_scale = to_fp8(grad_output.reshape(-1, grad_output.shape[-1]), E5M2)
+        g8, g_scales = to_fp8_rowwise(grad_output.reshape(-1, grad_output.shape[-1]))
         # grad_input = G @ W: W's transpose as the row-major (in, out) operand, one copy a backward.
-        grad = fp8_product(g8, g_scale, w8.t().contiguous(), w_scale, grad_output.dtype)
+        grad = fp8_product(g8, g_scales, w8.t().contiguous(), w_scale).to(grad_output.dtype)
         return grad.reshape(*grad_output.shape[:-1], -1), None, None
 
 
