@@ -47,15 +47,23 @@ def test_uncheckpointed_layers_learn_the_same_and_skip_their_recompute(tiny_toke
         torch.testing.assert_close(kept_grads[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_reuse_dequant_only_in_checkpointed_layers(tiny_qlora):
+def test_reuse_dequant_only_in_checkpointed_layers_fp8_in_all(tiny_qlora):
     """An uncheckpointed layer keeps bitsandbytes' own 4-bit matmul: with the reuse its dequantized
-    weights would stay from the forward to the backward, every one of them."""
+    weights would stay from the forward to the backward, every one of them. With FP8 it takes the
+    FP8 matmul too (its e4m3 weight, half the size, is what stays)."""
+    from yoda_raw.dequant import MatmulDequantizedOnceFP8
+
     model = tiny_qlora(lora_dropout=0.1, uncheckpointed_layers=1)
     first, last = decoder_layers(model)
     linears = [[m for m in layer.modules() if isinstance(m, bnb.nn.Linear4bit)] for layer in (first, last)]
     assert reuse_dequantized_weights(model) == len(linears[0]) > 0
     assert all("forward" in linear.__dict__ for linear in linears[0])  # replaced on the instance
     assert not any("forward" in linear.__dict__ for linear in linears[1])
+
+    model = tiny_qlora(lora_dropout=0.1, uncheckpointed_layers=1)
+    linears = [m for layer in decoder_layers(model) for m in layer.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert reuse_dequantized_weights(model, fp8=True) == len(linears)
+    assert all(linear.dequantized_matmul is MatmulDequantizedOnceFP8 for linear in linears)
 
 
 @pytest.mark.parametrize(

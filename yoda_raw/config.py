@@ -160,12 +160,13 @@ class Config:
     fp8_matmuls: Literal["on", "off"] = field(
         default="off",
         metadata={
-            "help": "The frozen 4-bit weights' products (forward, recompute and input gradient) in FP8, "
-            "through the matmul --reuse-dequant puts in place (which it turns on): twice bf16's peak on "
-            "GPUs of compute capability 8.9 and later (Ada, Hopper). One scale a tensor; each product errs "
-            "by a few percent, so the losses are close to, not equal to, the bf16 run's. Needs a 4-bit "
-            "base and gradient checkpointing; a CPU runs it as a slow reference (for tests). off: the compute "
-            "dtype, as the tutorial."
+            "help": "The frozen 4-bit weights' products (forward, recompute and input gradient) in FP8 "
+            "(e4m3), through the matmul --reuse-dequant puts in place (which it turns on), in the "
+            "uncheckpointed layers too: twice bf16's peak on GPUs of compute capability 8.9 and later (Ada, "
+            "Hopper). One scale a token for the input and the output gradient, one for the weight; each "
+            "product errs by a few percent, so the losses are close to, not equal to, the bf16 run's. Needs a "
+            "4-bit base and gradient checkpointing; a CPU runs it as a slow reference (for tests). off: the "
+            "compute dtype, as the tutorial."
         },
     )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})

@@ -209,14 +209,13 @@ def check_uncheckpointed_layers(cfg: Config, skeleton_model) -> None:
             f"--uncheckpointed-layers {cfg.uncheckpointed_layers} is more than the model's {count} decoder layers; "
             f"use at most {count} (or --no-gradient-checkpointing)"
         )
-    # Both work on the checkpointed layers only (dequant.reuse_dequantized_weights): with none left
-    # they would be on in the saved config and do nothing.
-    for option, setting in (("--reuse-dequant", cfg.reuse_dequant), ("--fp8-matmuls", cfg.fp8_matmuls)):
-        if setting == "on" and cfg.uncheckpointed_layers == count:
-            raise YodaError(
-                f"{option} on works in the checkpointed layers, and --uncheckpointed-layers {count} leaves none; "
-                f"use fewer uncheckpointed layers or {option} off"
-            )
+    # Without FP8 it works on the checkpointed layers only (dequant.reuse_dequantized_weights): with
+    # none left it would be on in the saved config and do nothing.
+    if cfg.reuse_dequant == "on" and cfg.fp8_matmuls == "off" and cfg.uncheckpointed_layers == count:
+        raise YodaError(
+            f"--reuse-dequant on works in the checkpointed layers, and --uncheckpointed-layers {count} leaves none; "
+            f"use fewer uncheckpointed layers or --reuse-dequant off"
+        )
 
 
 def add_lora(model, cfg: Config):
