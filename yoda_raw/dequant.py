@@ -23,10 +23,10 @@ takes part in three products a step. Each operand is scaled into e4m3 (3 mantiss
 token lets the kernel that makes each row cast it too, where one scale a tensor needs the whole
 tensor's largest value first, and a token with outlier features costs no other token its precision
 (on the H200 at 16 x 512: 23,594 tokens/s against 23,070 with one scale a tensor, and the losses
-closer to bf16's; benchmarks/results/h200_fused/). The products err by a few percent each where bf16's err by a fraction of one, so the
-losses are no longer SFTTrainer's to the digit; LoRA's own matmuls and everything else stay in the
-compute dtype. The dequantized weight is kept in FP8 between the recompute and the backward, half
-the bf16 copy.
+closer to bf16's; benchmarks/results/h200_fused/). The products err by a few percent each where
+bf16's err by a fraction of one, so the losses are no longer SFTTrainer's to the digit; LoRA's own
+matmuls and everything else stay in the compute dtype. The dequantized weight is kept in FP8
+between the recompute and the backward, half the bf16 copy.
 """
 
 import types
@@ -163,8 +163,8 @@ def linear4bit_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def reuse_dequantized_weights(model, fp8: bool = False) -> int:
-    """Give every 4-bit linear of the checkpointed decoder layers the forward above, with its
-    products in FP8 if `fp8`; returns how many there were. A layer left out of checkpointing
+    """Give every 4-bit linear of the checkpointed decoder layers (of every decoder layer with `fp8`)
+    the forward above, with its products in FP8 if `fp8`; returns how many there were. A layer left out of checkpointing
     (--uncheckpointed-layers) keeps bitsandbytes' own in the compute dtype: there the dequantized
     weight would be kept from the forward to the backward (0.21 GiB a Phi-3-mini layer in bf16). With
     FP8 those layers take the FP8 matmul too: its e4m3 weight, kept from the forward to the backward,
