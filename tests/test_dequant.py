@@ -2,6 +2,7 @@
 fewer; --fp8-matmuls: the same matmul in FP8, close to it (torch._scaled_mm runs on a CPU too, slowly)."""
 
 import json
+import os
 
 import bitsandbytes as bnb
 import pytest
@@ -159,6 +160,66 @@ def test_fp8_scales_each_token_on_its_own(tiny_qlora):
         assert torch.equal(plain, outlying)
     for got, want in zip(run(MatmulDequantizedOnceFP8, 1e4), run(MatmulDequantizedOnce, 1e4), strict=True):
         assert ((got - want).norm(dim=-1) / want.norm(dim=-1)).max() < 0.1
+
+
+def quantized_weights(tiny_qlora) -> list:
+    """(packed, quant_state) of the tiny model's 4-bit linears (double quantization, as the loop
+    loads them), a weight quantized without it, and one in bf16 whose last block is short."""
+    states = [(m.weight, m.weight.quant_state) for m in tiny_qlora().modules() if isinstance(m, bnb.nn.Linear4bit)]
+    generator = torch.Generator().manual_seed(0)
+    states.append(bnb.functional.quantize_4bit(torch.randn(96, 64, generator=generator), quant_type="nf4"))
+    short_last_block = torch.randn(3, 100, generator=generator).bfloat16()  # 300 = 4 x 64 + 44
+    states.append(bnb.functional.quantize_4bit(short_last_block, quant_type="nf4", compress_statistics=True))
+    return states
+
+
+def test_the_4bit_weights_dequantize_in_torch_as_in_bitsandbytes(tiny_qlora):
+    """FP8's weight cast dequantizes in torch ops on a CPU (a Triton kernel does the same on a GPU):
+    the same weights as bitsandbytes' dequantize_4bit, bit for bit once rounded to its dtype, and its
+    e4m3 weight is that divided by the scale. Catches the two 4-bit codes of a byte swapped, block
+    scales applied to the wrong block, or nested block scales used undequantized."""
+    from yoda_raw.dequant import E4M3, block_scales, dequantize_4bit_in_torch, weight_in_e4m3
+
+    for packed, state in quantized_weights(tiny_qlora):
+        want = bnb.functional.dequantize_4bit(packed, state)
+        got = dequantize_4bit_in_torch(packed, block_scales(state), state.code, state.blocksize, want.numel())
+        assert torch.equal(got.view(want.shape).to(want.dtype), want)
+        w8, scale = weight_in_e4m3(packed, state)
+        assert w8.dtype == E4M3 and w8.shape == want.shape
+        assert torch.equal(w8.float(), (got.view(want.shape) * (1 / scale)).to(E4M3).float())
+
+
+def test_the_triton_kernel_writes_what_the_torch_ops_do(tiny_qlora, tmp_path):
+    """dequant_kernel.py (the GPU's NF4-to-e4m3 kernel) in Triton's interpreter, on this CPU: bit for
+    bit the torch ops' weight x (1 / scale), before the rounding to e4m3 (written to an fp32 tensor:
+    the interpreter's fp8 rounding is not the GPU's; the GPU suite checks the kernel's e4m3 itself).
+    Skipped where Triton is not installed (CPU builds of torch lack it). Catches the high and low
+    halves interleaved the wrong way, an off-by-one block, or the last values left unwritten."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+
+    from yoda_raw.dequant import block_scales, dequantize_4bit_in_torch, weight_in_e4m3
+
+    cases = []
+    for packed, state in quantized_weights(tiny_qlora):
+        _, scale = weight_in_e4m3(packed, state)
+        absmax, code, n_values = block_scales(state), state.code.float(), state.shape.numel()
+        weight = dequantize_4bit_in_torch(packed, absmax, code, state.blocksize, n_values).view(state.shape)
+        case = {"packed": packed.data.clone(), "absmax": absmax, "code": code, "blocksize": state.blocksize}
+        cases.append(case | {"inverse_scale": 1 / scale, "want": weight * (1 / scale)})
+    torch.save(cases, tmp_path / "cases.pt")
+    script = (
+        "import sys, torch\n"
+        "from yoda_raw import dequant_kernel\n"
+        "for c in torch.load(sys.argv[1]):\n"
+        "    out = torch.full(c['want'].shape, float('nan'))\n"
+        "    dequant_kernel.nf4_to_e4m3(c['packed'], c['absmax'], c['code'], c['inverse_scale'], c['blocksize'], out)\n"
+        "    assert torch.equal(out, c['want']), (out, c['want'])\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "cases.pt")], env=env, capture_output=True)
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
 
 
 def test_fp8_weight_scale_from_the_block_scales_is_the_dequantized_weights_own(tiny_qlora):

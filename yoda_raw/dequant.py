@@ -26,7 +26,8 @@ tensor's largest value first, and a token with outlier features costs no other t
 closer to bf16's; benchmarks/results/h200_fused/). The products err by a few percent each where
 bf16's err by a fraction of one, so the losses are no longer SFTTrainer's to the digit; LoRA's own
 matmuls and everything else stay in the compute dtype. The dequantized weight is kept in FP8
-between the recompute and the backward, half the bf16 copy.
+between the recompute and the backward, half the bf16 copy. On a CUDA GPU the packed weight goes
+to e4m3 in one Triton kernel (dequant_kernel.py), with no bf16 weight between.
 """
 
 import types
@@ -103,18 +104,62 @@ def to_fp8_rowwise(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (tensor.float() / scale).to(E4M3), scale
 
 
-def weight_in_e4m3(packed_weight, quant_state) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W in e4m3, its one scale), W (out, in) dequantized by bitsandbytes. The scale needs no pass
-    over W: every value is a 16-value code times its block's scale (absmax), and NF4's code reaches
-    +-1, so W's largest magnitude is the largest block scale. Where the block scales are themselves
-    quantized (double quantization) they are dequantized first: 1/64 of W's size."""
+def block_scales(quant_state) -> torch.Tensor:
+    """A 4-bit weight's block scales (absmax, one a block of 64 values) in fp32. Where they are
+    themselves quantized (double quantization: 8 bits, one fp32 scale a block of 256, plus an offset)
+    they are dequantized first: 1/64 of the weight's size."""
     absmax = quant_state.absmax
     if quant_state.nested:
         absmax = bnb.functional.dequantize_blockwise(absmax, quant_state.state2) + quant_state.offset
-    amax = absmax.max().float() * quant_state.code.abs().max().float()
+    return absmax.float()
+
+
+def dequantize_4bit_in_torch(packed, absmax, code, blocksize: int, n_values: int) -> torch.Tensor:
+    """bitsandbytes' dequantize_4bit in torch's own ops, flat and in fp32: two 4-bit codes a byte, the
+    high half first, each looked up in the 16-value code (NF4's) and multiplied by its block's
+    scale. dequant_kernel.py does the same on a GPU in one kernel."""
+    packed = packed.view(torch.uint8).reshape(-1)
+    codes = torch.stack((packed >> 4, packed & 0xF), dim=-1).reshape(-1)[:n_values]
+    values = torch.nn.functional.pad(code[codes.int()], (0, -n_values % blocksize))  # the last block may be short
+    return (values.view(-1, blocksize) * absmax[:, None]).reshape(-1)[:n_values]
+
+
+@torch.library.custom_op("yoda_raw::nf4_to_e4m3", mutates_args=())
+def nf4_to_e4m3(
+    packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, inverse_scale: torch.Tensor, blocksize: int,
+    rows: int, columns: int,
+) -> torch.Tensor:  # fmt: skip
+    """The packed 4-bit weight, dequantized and multiplied by `inverse_scale`, in e4m3: (rows,
+    columns). A custom op, so that torch.compile calls it as it is; here in torch ops, on CUDA one
+    Triton kernel (registered below) that reads the packed bytes and writes e4m3, with no bf16
+    weight between (bitsandbytes' kernel and a cast moved 5.5 bytes a value, this 1.5)."""
+    weight = dequantize_4bit_in_torch(packed, absmax, code, blocksize, rows * columns).view(rows, columns)
+    return (weight * inverse_scale).to(E4M3)
+
+
+@nf4_to_e4m3.register_fake
+def _(packed, absmax, code, inverse_scale, blocksize, rows, columns):
+    return packed.new_empty((rows, columns), dtype=E4M3)
+
+
+@nf4_to_e4m3.register_kernel("cuda")
+def _(packed, absmax, code, inverse_scale, blocksize, rows, columns):
+    from yoda_raw import dequant_kernel  # Triton: torch's CUDA builds have it, CPU ones need not
+
+    out = torch.empty(rows, columns, dtype=E4M3, device=packed.device)
+    return dequant_kernel.nf4_to_e4m3(packed, absmax, code, inverse_scale, blocksize, out)
+
+
+def weight_in_e4m3(packed_weight, quant_state) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W in e4m3, its one scale), W (out, in). The scale needs no pass over W: every value is a
+    16-value code times its block's scale, and NF4's code reaches +-1, so W's largest magnitude is
+    the largest block scale."""
+    absmax = block_scales(quant_state)
+    amax = absmax.max() * quant_state.code.abs().max().float()
     scale = amax.clamp(min=1e-12) / torch.finfo(E4M3).max
-    weight = bnb.functional.dequantize_4bit(packed_weight, quant_state)
-    return (weight.float() / scale).to(E4M3), scale
+    rows, columns = quant_state.shape
+    code = quant_state.code.float()
+    return nf4_to_e4m3(packed_weight, absmax, code, 1 / scale, quant_state.blocksize, rows, columns), scale
 
 
 def fp8_product(a8, a_scales, b8_t, b_scale) -> torch.Tensor:

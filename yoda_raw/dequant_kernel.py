@@ -1,0 +1,44 @@
+"""--fp8-matmuls on, on a CUDA GPU: a packed 4-bit (NF4) weight straight to e4m3, in one kernel.
+
+Why: bitsandbytes' dequantization writes the weight in bf16 (2 bytes a value) for the cast to e4m3
+to read again (2 bytes) and write (1 byte): 5.5 bytes moved a value, twice a step for every frozen
+weight with checkpointing. This kernel reads the packed weight (half a byte a value) and writes
+e4m3 (1 byte): 1.5. It is used through dequant.weight_in_e4m3, which a CPU runs in torch ops.
+
+The layout it reads is bitsandbytes': two 4-bit codes a byte, the high half first; each code picks
+one of the 16 values of `code` (NF4's), multiplied by its block's scale (absmax: one fp32 a block of
+`blocksize` values, already dequantized where double quantization packed them too). Imported only on
+a CUDA device: Triton comes with torch's CUDA builds.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def nf4_to_e4m3_kernel(packed_ptr, absmax_ptr, code_ptr, inverse_scale_ptr, out_ptr, n_values, blocksize,
+                       BYTES: tl.constexpr):  # fmt: skip
+    """One program: BYTES packed bytes -> 2 x BYTES values (value x inverse_scale) in out's dtype
+    (e4m3 in use; the store rounds to it, to nearest even)."""
+    n_bytes = (n_values + 1) // 2
+    byte = tl.program_id(0) * BYTES + tl.arange(0, BYTES)
+    in_range = byte < n_bytes
+    packed = tl.load(packed_ptr + byte, mask=in_range, other=0).to(tl.int32)
+    # A byte's two values are neighbours; blocksize is even, so they share a block.
+    block_scale = tl.load(absmax_ptr + (2 * byte) // blocksize, mask=in_range, other=0.0)
+    inverse_scale = tl.load(inverse_scale_ptr)
+    high = tl.load(code_ptr + (packed >> 4)) * block_scale * inverse_scale
+    low = tl.load(code_ptr + (packed & 15)) * block_scale * inverse_scale
+    value = tl.program_id(0) * 2 * BYTES + tl.arange(0, 2 * BYTES)
+    tl.store(out_ptr + value, tl.interleave(high, low), mask=value < n_values)
+
+
+def nf4_to_e4m3(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, inverse_scale: torch.Tensor,
+                blocksize: int, out: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Fill `out` (the weight's shape; e4m3, or fp32 for a test in Triton's interpreter, whose fp8
+    rounding is not the GPU's) from the packed weight; returns it."""
+    bytes_per_program = 1024
+    grid = (triton.cdiv(packed.numel(), bytes_per_program),)
+    nf4_to_e4m3_kernel[grid](packed, absmax, code, inverse_scale, out, out.numel(), blocksize, BYTES=bytes_per_program)
+    return out
