@@ -125,7 +125,11 @@ def trace(cfg: Config) -> dict:
         count = reuse_dequantized_weights(model, fp8=cfg.fp8_matmuls == "on")
         print(
             f"dequant.resolve -> --reuse-dequant on: {count} 4-bit linears dequantize once for recompute and backward"
-            + (", their products in FP8 (--fp8-matmuls on)" if cfg.fp8_matmuls == "on" else "")
+            + (
+                ", their products in FP8 (--fp8-matmuls on; in any uncheckpointed layer, once for forward and backward)"
+                if cfg.fp8_matmuls == "on"
+                else ""
+            )
         )
     else:
         print("dequant.resolve -> --reuse-dequant off: bitsandbytes' own 4-bit matmul")
