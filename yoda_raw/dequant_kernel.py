@@ -17,16 +17,17 @@ import triton.language as tl
 
 
 @triton.jit
-def nf4_to_e4m3_kernel(packed_ptr, absmax_ptr, code_ptr, inverse_scale_ptr, out_ptr, n_values, blocksize,
-                       BYTES: tl.constexpr):  # fmt: skip
+def nf4_to_e4m3_kernel(packed_ptr, absmax_ptr, code_ptr, inverse_scale_ptr, out_ptr, n_values,
+                       BLOCKSIZE: tl.constexpr, BYTES: tl.constexpr):  # fmt: skip
     """One program: BYTES packed bytes -> 2 x BYTES values (value x inverse_scale) in out's dtype
     (e4m3 in use; the store rounds to it, to nearest even)."""
     n_bytes = (n_values + 1) // 2
     byte = tl.program_id(0) * BYTES + tl.arange(0, BYTES)
     in_range = byte < n_bytes
     packed = tl.load(packed_ptr + byte, mask=in_range, other=0).to(tl.int32)
-    # A byte's two values are neighbours; blocksize is even, so they share a block.
-    block_scale = tl.load(absmax_ptr + (2 * byte) // blocksize, mask=in_range, other=0.0)
+    # A byte's two values are neighbours; the block size is even, so they share a block. (A constant:
+    # a division by a power of two compiles to a shift.)
+    block_scale = tl.load(absmax_ptr + (2 * byte) // BLOCKSIZE, mask=in_range, other=0.0)
     inverse_scale = tl.load(inverse_scale_ptr)
     high = tl.load(code_ptr + (packed >> 4)) * block_scale * inverse_scale
     low = tl.load(code_ptr + (packed & 15)) * block_scale * inverse_scale
@@ -40,5 +41,7 @@ def nf4_to_e4m3(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, 
     rounding is not the GPU's) from the packed weight; returns it."""
     bytes_per_program = 1024
     grid = (triton.cdiv(packed.numel(), bytes_per_program),)
-    nf4_to_e4m3_kernel[grid](packed, absmax, code, inverse_scale, out, out.numel(), blocksize, BYTES=bytes_per_program)
+    nf4_to_e4m3_kernel[grid](
+        packed, absmax, code, inverse_scale, out, out.numel(), BLOCKSIZE=blocksize, BYTES=bytes_per_program
+    )
     return out
