@@ -190,7 +190,7 @@ def test_the_4bit_weights_dequantize_in_torch_as_in_bitsandbytes(tiny_qlora):
 
 
 def test_the_triton_kernel_writes_what_the_torch_ops_do(tiny_qlora, tmp_path):
-    """dequant_kernel.py (the GPU's NF4-to-e4m3 kernel) in Triton's interpreter, on this CPU: bit for
+    """kernels.py (the GPU's NF4-to-e4m3 kernel) in Triton's interpreter, on this CPU: bit for
     bit the torch ops' weight x (1 / scale), before the rounding to e4m3 (written to an fp32 tensor:
     the interpreter's fp8 rounding is not the GPU's; the GPU suite checks the kernel's e4m3 itself).
     Skipped where Triton is not installed (CPU builds of torch lack it). Catches the high and low
@@ -211,10 +211,10 @@ def test_the_triton_kernel_writes_what_the_torch_ops_do(tiny_qlora, tmp_path):
     torch.save(cases, tmp_path / "cases.pt")
     script = (
         "import sys, torch\n"
-        "from yoda_raw import dequant_kernel\n"
+        "from yoda_raw import kernels\n"
         "for c in torch.load(sys.argv[1]):\n"
         "    out = torch.full(c['want'].shape, float('nan'))\n"
-        "    dequant_kernel.nf4_to_e4m3(c['packed'], c['absmax'], c['code'], c['inverse_scale'], c['blocksize'], out)\n"
+        "    kernels.nf4_to_e4m3(c['packed'], c['absmax'], c['code'], c['inverse_scale'], c['blocksize'], out)\n"
         "    assert torch.equal(out, c['want']), (out, c['want'])\n"
     )
     env = {**os.environ, "TRITON_INTERPRET": "1"}

@@ -239,7 +239,7 @@ def test_fp8_matmuls_learn_as_the_bf16_run(phi3_runs, report):
 
 
 def test_the_nf4_to_e4m3_kernel_matches_the_torch_ops_on_the_gpu():
-    """--fp8-matmuls on's weight cast on CUDA (dequant_kernel.py's Triton kernel, through the
+    """--fp8-matmuls on's weight cast on CUDA (kernels.py's Triton kernel, through the
     yoda_raw::nf4_to_e4m3 op) gives bit for bit what the torch ops and torch's own e4m3 cast give,
     for Phi-3-mini's qkv shape quantized by bitsandbytes on the GPU (double quantization, bf16), and
     its values are bitsandbytes' dequantization to bf16's rounding. Catches a kernel whose rounding
@@ -255,6 +255,25 @@ def test_the_nf4_to_e4m3_kernel_matches_the_torch_ops_on_the_gpu():
     reference = dequantize_4bit_in_torch(packed, absmax, code, state.blocksize, weight.numel()).view(weight.shape)
     assert torch.equal(w8.view(torch.uint8), (reference * (1 / scale)).to(E4M3).view(torch.uint8))
     assert torch.equal(reference.bfloat16(), bnb.functional.dequantize_4bit(packed, state))
+
+
+def test_the_seeded_dropout_kernel_on_the_gpu():
+    """--seeded-dropout on's mask on CUDA (kernels.py's Triton kernel, through the
+    yoda_raw::dropout_mask op): about 1 - p kept over Phi-3's down_proj input at 16 x 512, the same
+    mask for the same seed, another for another, and SeededDropout's gradient is its mask over
+    1 - p. Catches a kernel whose threshold or seed handling differs on the GPU from the
+    interpreter's run on a CPU."""
+    from yoda_raw.dropout import SeededDropout, dropout_mask
+
+    seed = torch.tensor(2024, device="cuda")
+    mask = dropout_mask(seed, 16 * 512 * 8192, 0.05)
+    assert 0.9495 < mask.float().mean().item() < 0.9505
+    assert torch.equal(mask, dropout_mask(seed, 16 * 512 * 8192, 0.05))
+    assert not torch.equal(mask, dropout_mask(seed + 1, 16 * 512 * 8192, 0.05))
+    x = torch.ones(4096, 1024, device="cuda", requires_grad=True)
+    y = SeededDropout(0.05)(x)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, (y != 0).float() / 0.95)
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])

@@ -172,6 +172,15 @@ class Config:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    seeded_dropout: Literal["on", "off"] = field(
+        default="off",
+        metadata={
+            "help": "LoRA's dropout masks made from one random seed a module and micro-step, four elements "
+            "from each random draw (a Triton kernel on CUDA), where compiled torch dropout draws one an "
+            "element, twice with checkpointing. The same keep probability and scaling; other masks than "
+            "torch's (so not SFTTrainer's). Needs --lora-dropout above 0. off: torch's dropout, as the tutorial."
+        },
+    )
     lora_targets: list[str] = field(
         default_factory=list,
         metadata={
@@ -283,6 +292,11 @@ class Config:
                 "--fp8-matmuls on runs in the matmul that keeps each layer's dequantized weights from the "
                 "recompute to the backward, so it needs gradient checkpointing; drop --no-gradient-checkpointing "
                 "or use --fp8-matmuls off",
+            ),
+            (
+                self.seeded_dropout == "off" or self.lora_dropout > 0,
+                "--seeded-dropout on makes LoRA's dropout masks, and --lora-dropout is 0 (no dropout); "
+                "drop --seeded-dropout on or set --lora-dropout",
             ),
             (
                 self.system_prompt is None or bool(self.system_prompt.strip()),

@@ -27,7 +27,7 @@ closer to bf16's; benchmarks/results/h200_fused/). The products err by a few per
 bf16's err by a fraction of one, so the losses are no longer SFTTrainer's to the digit; LoRA's own
 matmuls and everything else stay in the compute dtype. The dequantized weight is kept in FP8
 between the recompute and the backward, half the bf16 copy. On a CUDA GPU the packed weight goes
-to e4m3 in one Triton kernel (dequant_kernel.py), with no bf16 weight between.
+to e4m3 in one Triton kernel (kernels.py), with no bf16 weight between.
 """
 
 import types
@@ -117,7 +117,7 @@ def block_scales(quant_state) -> torch.Tensor:
 def dequantize_4bit_in_torch(packed, absmax, code, blocksize: int, n_values: int) -> torch.Tensor:
     """bitsandbytes' dequantize_4bit in torch's own ops, flat and in fp32: two 4-bit codes a byte, the
     high half first, each looked up in the 16-value code (NF4's) and multiplied by its block's
-    scale. dequant_kernel.py does the same on a GPU in one kernel."""
+    scale. kernels.py does the same on a GPU in one kernel."""
     packed = packed.view(torch.uint8).reshape(-1)
     codes = torch.stack((packed >> 4, packed & 0xF), dim=-1).reshape(-1)[:n_values]
     values = torch.nn.functional.pad(code[codes.int()], (0, -n_values % blocksize))  # the last block may be short
@@ -144,10 +144,10 @@ def _(packed, absmax, code, inverse_scale, blocksize, rows, columns):
 
 @nf4_to_e4m3.register_kernel("cuda")
 def _(packed, absmax, code, inverse_scale, blocksize, rows, columns):
-    from yoda_raw import dequant_kernel  # Triton: torch's CUDA builds have it, CPU ones need not
+    from yoda_raw import kernels  # Triton: torch's CUDA builds have it, CPU ones need not
 
     out = torch.empty(rows, columns, dtype=E4M3, device=packed.device)
-    return dequant_kernel.nf4_to_e4m3(packed, absmax, code, inverse_scale, blocksize, out)
+    return kernels.nf4_to_e4m3(packed, absmax, code, inverse_scale, blocksize, out)
 
 
 def weight_in_e4m3(packed_weight, quant_state) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,6 +27,7 @@ from yoda_raw.cli import run_command
 from yoda_raw.config import Config, parse_config
 from yoda_raw.data import load_conversations, split_conversations
 from yoda_raw.dequant import reuse_dequantized_weights
+from yoda_raw.dropout import use_seeded_dropout
 from yoda_raw.errors import YodaError
 from yoda_raw.graphs import CapturedStep
 from yoda_raw.inspect import row_as_text
@@ -121,6 +122,8 @@ def trace(cfg: Config) -> dict:
 
     heading(5, "LoRA on the frozen base", "model.add_lora")
     model = add_lora(model, cfg)
+    if cfg.seeded_dropout == "on":
+        print(f"dropout.use_seeded_dropout: {use_seeded_dropout(model)} LoRA dropouts make their masks from one seed")
     if cfg.reuse_dequant == "on":
         count = reuse_dequantized_weights(model, fp8=cfg.fp8_matmuls == "on")
         print(

@@ -39,6 +39,7 @@ from yoda_raw.config import TUTORIAL_MODEL, Config
 from yoda_raw.data import content_sha256, load_conversations, split_conversations
 from yoda_raw.dequant import check_fp8_device, reuse_dequantized_weights
 from yoda_raw.dequant import resolve as resolve_reuse_dequant
+from yoda_raw.dropout import use_seeded_dropout
 from yoda_raw.errors import Interrupted, YodaError
 from yoda_raw.evaluate import end_of_run_report, format_report
 from yoda_raw.graphs import CapturedStep
@@ -172,6 +173,8 @@ def train_and_save(cfg: Config, accelerator: Accelerator, precision: Precision, 
         raise YodaError(f"--max-length {cfg.max_length} is longer than the model's context of {context} tokens")
     model = load_base_model(cfg, precision, accelerator.device, vocab_size=len(tokenizer))
     model = add_lora(model, cfg)
+    if cfg.seeded_dropout == "on":
+        use_seeded_dropout(model)  # before compiling, as the two below
     if cfg.reuse_dequant == "on":
         reuse_dequantized_weights(model, fp8=cfg.fp8_matmuls == "on")  # before compiling: they trace it
     if cfg.compile_layers == "on":
