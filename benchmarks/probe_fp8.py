@@ -29,7 +29,7 @@ W's cast twice (--reuse-dequant: the backward reuses the recompute's).
 process and with --reuse-dequant on: bf16 is --fp8-matmuls off; fp8 is --fp8-matmuls on (dequant.py's
 MatmulDequantizedOnceFP8: X and G scaled per token); fp8-tensorwise is the option as NOTES items 28-29
 measured it (one scale a tensor, W's from an amax pass), put in dequant.py's place in its own process
-only. (Two more variants were measured at 1cb1450, NOTES item 30: W's scale from its block scales,
+only; fp8-seeded is fp8 with --seeded-dropout on. (Two more variants were measured at 1cb1450, NOTES item 30: W's scale from its block scales,
 now the option's, and W dequantized in torch ops, which lost.) It writes every measurement to
 DIR/loop.jsonl and prints tokens/s, peak memory and each variant's largest relative difference of a
 step's loss from the first variant's, against the learning check's 1%.
@@ -69,12 +69,12 @@ def fp8_product(a8, a_scale, b8_t, b_scale, out_dtype) -> torch.Tensor:
 
 
 def fp8_forward(x8, x_scale, w8, w_scale) -> torch.Tensor:
-    """X @ W^T, as MatmulDequantizedOnceFP8's forward."""
+    """X @ W^T, the tensor-wise form of the forward product."""
     return fp8_product(x8, x_scale, w8, w_scale, torch.bfloat16)
 
 
 def fp8_input_gradient(g8, g_scale, w8_transposed, w_scale) -> torch.Tensor:
-    """G @ W, with W held as a row-major copy of W^T, as MatmulDequantizedOnceFP8's backward."""
+    """G @ W, with W held as a row-major copy of W^T: the tensor-wise form of the input gradient."""
     return fp8_product(g8, g_scale, w8_transposed, w_scale, torch.bfloat16)
 
 
@@ -150,6 +150,7 @@ VARIANTS = {
     "bf16": (["--fp8-matmuls", "off"], None),
     "fp8": (["--fp8-matmuls", "on"], None),
     "fp8-tensorwise": (["--fp8-matmuls", "on"], MatmulDequantizedOnceFP8Tensorwise),
+    "fp8-seeded": (["--fp8-matmuls", "on", "--seeded-dropout", "on"], None),
 }
 
 

@@ -130,9 +130,8 @@ def nf4_to_e4m3(
     rows: int, columns: int,
 ) -> torch.Tensor:  # fmt: skip
     """The packed 4-bit weight, dequantized and multiplied by `inverse_scale`, in e4m3: (rows,
-    columns). A custom op, so that torch.compile calls it as it is; here in torch ops, on CUDA one
-    Triton kernel (registered below) that reads the packed bytes and writes e4m3, with no bf16
-    weight between (bitsandbytes' kernel and a cast moved 5.5 bytes a value, this 1.5)."""
+    columns). A custom op, so that torch.compile calls it as it is; here in torch ops, on CUDA
+    kernels.py's Triton kernel (registered below, which says why)."""
     weight = dequantize_4bit_in_torch(packed, absmax, code, blocksize, rows * columns).view(rows, columns)
     return (weight * inverse_scale).to(E4M3)
 
@@ -152,11 +151,10 @@ def _(packed, absmax, code, inverse_scale, blocksize, rows, columns):
 
 def weight_in_e4m3(packed_weight, quant_state) -> tuple[torch.Tensor, torch.Tensor]:
     """(W in e4m3, its one scale), W (out, in). The scale needs no pass over W: every value is a
-    16-value code times its block's scale, and NF4's code reaches +-1, so W's largest magnitude is
+    16-value code times its block's scale, and NF4's code spans -1 to 1, so W's largest magnitude is
     the largest block scale."""
     absmax = block_scales(quant_state)
-    amax = absmax.max() * quant_state.code.abs().max().float()
-    scale = amax.clamp(min=1e-12) / torch.finfo(E4M3).max
+    scale = absmax.max().clamp(min=1e-12) / torch.finfo(E4M3).max
     rows, columns = quant_state.shape
     code = quant_state.code.float()
     return nf4_to_e4m3(packed_weight, absmax, code, 1 / scale, quant_state.blocksize, rows, columns), scale
