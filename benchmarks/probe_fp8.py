@@ -26,13 +26,14 @@ checkpointed step, per layer: two forwards (the forward and the recompute), one 
 W's cast twice (--reuse-dequant: the backward reuses the recompute's).
 
 --loop runs bench_loop.py once for each of `--variants` (default bf16,fp8), each in its own
-process and with --reuse-dequant on: bf16 is --fp8-matmuls off; fp8 is --fp8-matmuls on (dequant.py's
-MatmulDequantizedOnceFP8: X and G scaled per token); fp8-tensorwise is the option as NOTES items 28-29
-measured it (one scale a tensor, W's from an amax pass), put in dequant.py's place in its own process
-only; fp8-seeded is fp8 with --seeded-dropout on. (Two more variants were measured at 1cb1450, NOTES item 30: W's scale from its block scales,
-now the option's, and W dequantized in torch ops, which lost.) It writes every measurement to
-DIR/loop.jsonl and prints tokens/s, peak memory and each variant's largest relative difference of a
-step's loss from the first variant's, against the learning check's 1%.
+process and with --reuse-dequant on: bf16 is --fp8-matmuls off; fp8 is --fp8-matmuls on
+(dequant.py's MatmulDequantizedOnceFP8: X and G scaled per token); fp8-tensorwise is the option as
+NOTES items 28-29 measured it (one scale a tensor, W's from an amax pass), put in dequant.py's place
+in its own process only; fp8-seeded is fp8 with --seeded-dropout on. (Two more variants were
+measured at 1cb1450, NOTES item 30: W's scale from its block scales, now the option's, and W
+dequantized in torch ops, which lost.) It writes every measurement to DIR/loop.jsonl and prints
+tokens/s, peak memory and each variant's largest relative difference of a step's loss from the
+first variant's, against the learning check's 1%.
 """
 
 import argparse
