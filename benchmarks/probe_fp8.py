@@ -29,7 +29,7 @@ W's cast twice (--reuse-dequant: the backward reuses the recompute's).
 process and with --reuse-dequant on: bf16 is --fp8-matmuls off; fp8 is --fp8-matmuls on
 (dequant.py's MatmulDequantizedOnceFP8: X and G scaled per token); fp8-tensorwise is the option as
 NOTES items 28-29 measured it (one scale a tensor, W's from an amax pass), put in dequant.py's place
-in its own process only; fp8-seeded is fp8 with --seeded-dropout on. (Two more variants were
+in its own process only; bf16-seeded and fp8-seeded are bf16 and fp8 with --seeded-dropout on. (Two more variants were
 measured at 1cb1450, NOTES item 30: W's scale from its block scales, now the option's, and W
 dequantized in torch ops, which lost.) It writes every measurement to DIR/loop.jsonl and prints
 tokens/s, peak memory and each variant's largest relative difference of a step's loss from the
@@ -152,6 +152,7 @@ VARIANTS = {
     "fp8": (["--fp8-matmuls", "on"], None),
     "fp8-tensorwise": (["--fp8-matmuls", "on"], MatmulDequantizedOnceFP8Tensorwise),
     "fp8-seeded": (["--fp8-matmuls", "on", "--seeded-dropout", "on"], None),
+    "bf16-seeded": (["--fp8-matmuls", "off", "--seeded-dropout", "on"], None),
 }
 
 

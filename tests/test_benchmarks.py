@@ -630,7 +630,7 @@ def test_probe_fp8_loop_refuses_variants_it_cannot_compare_in_one_line(tmp_path,
         probe_fp8.main(["--loop", "--out", str(tmp_path / "out"), "--variants", variants, "--preset", "tiny"])
     assert stop.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "error: --loop needs --out DIR and two or more --variants of bf16, fp8, fp8-tensorwise, fp8-seeded"
+        "error: --loop needs --out DIR and two or more --variants of bf16, fp8, fp8-tensorwise, fp8-seeded, bf16-seeded"
     ]
     assert not (tmp_path / "out").exists()  # nothing run
 
