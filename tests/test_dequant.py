@@ -7,6 +7,7 @@ import os
 import bitsandbytes as bnb
 import pytest
 import torch
+import transformers
 
 from yoda_raw.dequant import MatmulDequantizedOnce, MatmulDequantizedOnceFP8, reuse_dequantized_weights
 from yoda_raw.errors import YodaError
@@ -354,3 +355,42 @@ def test_reuse_dequant_on_with_every_layer_uncheckpointed_is_one_line(tmp_path, 
         "use fewer uncheckpointed layers or --reuse-dequant off"
     ]
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_fp8_auto_goes_on_in_the_fast_path_on_hopper_and_nowhere_else(tiny_config, monkeypatch):
+    """--fp8-matmuls auto, the default, is on where it was measured to pay: compiled layers in the
+    CUDA graph, bf16, a 4-bit base computed in bf16, checkpointing, a GPU of compute capability 9.x.
+    Each missing piece turns it off (the eager loop and the tutorial's numerics keep bf16 products,
+    an Ada or Ampere GPU is not switched to what was not measured there), and so does a model whose
+    sizes cuBLAS's FP8 matmul cannot take; --reuse-dequant follows it. The settled config is the one
+    printed and saved."""
+    from yoda_raw.precision import choose_precision
+    from yoda_raw.train import settle_for_model
+
+    capability = (9, 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cuda = torch.device("cuda")  # only its type is read: the model is a skeleton on the meta device
+    bf16 = choose_precision("bf16", torch.device("cpu"))
+    sizes = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 32064}
+    phi3 = transformers.Phi3Config(hidden_size=64, intermediate_size=128, **sizes)
+    fast = {"cuda_graph": "on", "compile_layers": "on", "reuse_dequant": "auto", "quant": "auto"}
+
+    def settled(precision=bf16, model_config=phi3, **options):
+        cfg = settle_for_model(tiny_config({**fast, **options}), model_config, cuda, precision)
+        return cfg.fp8_matmuls, cfg.reuse_dequant
+
+    assert settled() == ("on", "on")
+    assert settled(cuda_graph="off", compile_layers="off") == ("off", "off")  # the eager loop
+    assert settled(compile_layers="off") == ("off", "on")
+    assert settled(quant_compute_dtype="float32") == ("off", "on")  # the tutorial's numerics
+    assert settled(precision=choose_precision("fp32", torch.device("cpu"))) == ("off", "on")
+    assert settled(reuse_dequant="off") == ("off", "off")
+    assert settled(gradient_checkpointing=False) == ("off", "off")
+    assert settled(model_config=transformers.Phi3Config(hidden_size=72, intermediate_size=128, **sizes)) == (
+        "off",
+        "on",
+    )
+    assert settled(fp8_matmuls="off") == ("off", "on")
+    capability = (8, 9)
+    assert settled() == ("off", "on")  # Ada: FP8 matmuls, but not measured
+    assert settled(fp8_matmuls="on") == ("on", "on")

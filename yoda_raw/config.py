@@ -10,8 +10,8 @@ replaces the defaults; options given on the command line win over both.
 Some values are settled when the run starts, by the machine or the model, and saved resolved
 (train.settle_for_machine, train.settle_for_model): `--quant auto` (4-bit on a GPU, unquantized on a
 CPU, where 4-bit saves memory that a small model does not need and costs time), `--cuda-graph`,
-`--compile-layers` and `--reuse-dequant auto` (on where the fast path can run or `--fp8-matmuls` is
-on, off elsewhere), and the LoRA targets when none are given (every linear layer but the LM head,
+`--compile-layers`, `--reuse-dequant`, `--fp8-matmuls` and `--seeded-dropout auto` (on where the
+fast path can run, off elsewhere), and the LoRA targets when none are given (every linear layer but the LM head,
 read from the model's config).
 
 The resolved configuration is printed at start and saved as `run_config.json` next to every
@@ -157,28 +157,31 @@ class Config:
             "the CUDA graph where those hold, off elsewhere."
         },
     )
-    fp8_matmuls: Literal["on", "off"] = field(
-        default="off",
+    fp8_matmuls: Literal["auto", "on", "off"] = field(
+        default="auto",
         metadata={
             "help": "The frozen 4-bit weights' products (forward, recompute and input gradient) in FP8 "
             "(e4m3), through the matmul --reuse-dequant puts in place (which it turns on), in the "
             "uncheckpointed layers too: twice bf16's peak on GPUs of compute capability 8.9 and later (Ada, "
             "Hopper). One scale a token for the input and the output gradient, one for the weight; each "
             "product errs by a few percent, so the losses are close to, not equal to, the bf16 run's. Needs a "
-            "4-bit base and gradient checkpointing; a CPU runs it as a slow reference (for tests). off: the "
-            "compute dtype, as the tutorial."
+            "4-bit base and gradient checkpointing; a CPU runs it as a slow reference (for tests). auto: on in "
+            "the fast path (the CUDA graph with compiled layers, bf16) on Hopper GPUs, where it was measured "
+            "faster; off elsewhere. off: the compute dtype, as the tutorial."
         },
     )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
-    seeded_dropout: Literal["on", "off"] = field(
-        default="off",
+    seeded_dropout: Literal["auto", "on", "off"] = field(
+        default="auto",
         metadata={
             "help": "LoRA's dropout masks made from one random seed a module and micro-step, four elements "
             "from each random draw (a Triton kernel on CUDA), where compiled torch dropout draws one an "
             "element, twice with checkpointing. The same keep probability and scaling; other masks than "
-            "torch's (so not SFTTrainer's). Needs --lora-dropout above 0. off: torch's dropout, as the tutorial."
+            "torch's (so not SFTTrainer's). Needs --lora-dropout above 0. auto: on in the fast path (the CUDA "
+            "graph with compiled layers) where --lora-dropout is above 0, off elsewhere. off: torch's dropout, "
+            "as the tutorial."
         },
     )
     lora_targets: list[str] = field(
@@ -294,7 +297,7 @@ class Config:
                 "or use --fp8-matmuls off",
             ),
             (
-                self.seeded_dropout == "off" or self.lora_dropout > 0,
+                self.seeded_dropout != "on" or self.lora_dropout > 0,
                 "--seeded-dropout on makes LoRA's dropout masks, and --lora-dropout is 0 (no dropout); "
                 "drop --seeded-dropout on or set --lora-dropout",
             ),

@@ -81,6 +81,28 @@ class MatmulDequantizedOnce(torch.autograd.Function):
         return grad_output @ weight.to(grad_output.dtype), None, None  # the base is frozen: no weight gradient
 
 
+def resolve_fp8(setting: str, fast_path: bool, device: torch.device, skeleton_model) -> str:
+    """--fp8-matmuls auto|on|off -> "on" or "off". auto is on where it was measured to pay: in the
+    fast path (`fast_path`: compiled layers in the CUDA graph, bf16, a 4-bit base, checkpointing) on
+    a Hopper GPU (compute capability 9.x), for a model whose decoder linears cuBLAS's FP8 matmul takes
+    (sizes multiples of 16). On the H200 it made the tutorial's 16 x 64 15,148 -> 15,950 tokens/s and
+    16 x 512 19,334 -> 24,294, losses within 0.5% of bf16's (benchmarks/results/h200_levers/). Off
+    elsewhere: Ada GPUs (8.9) have FP8 matmuls but were not measured (`on` asks for them there);
+    older GPUs and CPUs have none. `on` on a GPU without FP8 gets one line before the model loads.
+
+    >>> resolve_fp8("auto", True, torch.device("cpu"), None), resolve_fp8("off", True, torch.device("cpu"), None)
+    ('off', 'off')
+    """
+    if setting == "on":
+        check_fp8_device(device)
+    if setting != "auto":
+        return setting
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    if not fast_path or capability is None or capability[0] != 9:
+        return "off"
+    return "off" if odd_sized([m for block in decoder_layers(skeleton_model) for m in block.modules()]) else "on"
+
+
 def check_fp8_device(device: torch.device) -> None:
     """FP8 matmuls run on GPUs of compute capability 8.9 and later (Ada, Hopper, Blackwell). A CPU
     runs them too, slowly (the tests do); anything else gets one line before the model loads."""
@@ -93,6 +115,12 @@ def check_fp8_device(device: torch.device) -> None:
             f"--fp8-matmuls on needs a GPU with FP8 matmuls (compute capability 8.9 or later: Ada, Hopper); "
             f"this is {found}; use --fp8-matmuls off"
         )
+
+
+def odd_sized(modules) -> list[torch.nn.Linear]:
+    """The linears (4-bit ones too) among `modules` whose sizes cuBLAS's FP8 matmul does not take: it
+    takes multiples of 16 (and any number of tokens)."""
+    return [m for m in modules if isinstance(m, torch.nn.Linear) and (m.in_features % 16 or m.out_features % 16)]
 
 
 def to_fp8_rowwise(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,8 +248,7 @@ def reuse_dequantized_weights(model, fp8: bool = False) -> int:
         if isinstance(module, bnb.nn.Linear4bit)
     ]
     if fp8:
-        # cuBLAS's FP8 matmul takes only sizes that are multiples of 16 (any number of tokens).
-        odd = [m for m in linears if m.in_features % 16 or m.out_features % 16]
+        odd = odd_sized(linears)
         if odd:
             raise YodaError(
                 f"--fp8-matmuls on needs every 4-bit linear's sizes to be multiples of 16; "

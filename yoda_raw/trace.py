@@ -84,7 +84,7 @@ def trace(cfg: Config) -> dict:
 
     heading(2, "one conversation -> ids and labels", "data.load_conversations, chat.tokenize_conversation")
     tokenizer = load_tokenizer(cfg.tokenizer_source, trust_remote_code=cfg.trust_remote_code)
-    cfg = settle_for_model(cfg, load_model_config(cfg, len(tokenizer)), device)  # as train.main does
+    cfg = settle_for_model(cfg, load_model_config(cfg, len(tokenizer)), device, precision)  # as train.main does
     conversations = load_conversations(
         cfg.dataset, cfg.prompt_field, cfg.response_field, "train", cfg.skip_invalid, cfg.system_prompt
     )

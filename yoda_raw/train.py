@@ -37,8 +37,9 @@ from yoda_raw.chat import IGNORE, load_tokenizer, tokenizer_sha256
 from yoda_raw.checkpoint import check_checkpoint, load_adapter_only, resume_from, save_adapter_only, save_checkpoint
 from yoda_raw.config import TUTORIAL_MODEL, Config
 from yoda_raw.data import content_sha256, load_conversations, split_conversations
-from yoda_raw.dequant import check_fp8_device, reuse_dequantized_weights
 from yoda_raw.dequant import resolve as resolve_reuse_dequant
+from yoda_raw.dequant import resolve_fp8, reuse_dequantized_weights
+from yoda_raw.dropout import resolve as resolve_seeded_dropout
 from yoda_raw.dropout import use_seeded_dropout
 from yoda_raw.errors import Interrupted, YodaError
 from yoda_raw.evaluate import end_of_run_report, format_report
@@ -115,29 +116,37 @@ def main(cfg: Config) -> RunResult:
 
 
 def settle_for_machine(cfg: Config, accelerator: Accelerator, precision: Precision) -> Config:
-    """--cuda-graph and --compile-layers auto -> on or off on this machine, so that the printed and
-    saved config say what this run does (yoda_raw.trace settles them the same way)."""
+    """--cuda-graph, --compile-layers and --seeded-dropout auto -> on or off on this machine, so that
+    the printed and saved config say what this run does (yoda_raw.trace settles them the same way)."""
     graph = resolve_cuda_graph(cfg.cuda_graph, accelerator.device, accelerator.num_processes, precision.name)
     compiled = resolve_compile(cfg.compile_layers, graph, accelerator.device)
-    return dataclasses.replace(cfg, cuda_graph=graph, compile_layers=compiled)
+    seeded = resolve_seeded_dropout(cfg.seeded_dropout, graph == "on" and compiled == "on", cfg.lora_dropout)
+    return dataclasses.replace(cfg, cuda_graph=graph, compile_layers=compiled, seeded_dropout=seeded)
 
 
-def settle_for_model(cfg: Config, model_config, device: torch.device) -> Config:
-    """--quant auto, --reuse-dequant auto and the default LoRA targets, from the machine and the
-    model's config, before any weights load: a wrong --lora-targets stops the run at once, and the
-    config printed and saved is the one that runs."""
+def settle_for_model(cfg: Config, model_config, device: torch.device, precision: Precision) -> Config:
+    """--quant, --fp8-matmuls and --reuse-dequant auto and the default LoRA targets, from the machine
+    and the model's config, before any weights load: a wrong --lora-targets stops the run at once,
+    and the config printed and saved is the one that runs."""
     skeleton_model = skeleton(model_config, cfg.trust_remote_code)
-    check_uncheckpointed_layers(cfg, skeleton_model)
     quant = resolve_quant(cfg.quant, device)
-    if cfg.fp8_matmuls == "on":
-        check_fp8_device(device)
-    reuse_dequant = resolve_reuse_dequant(
-        cfg.reuse_dequant, cfg.cuda_graph, quant, cfg.gradient_checkpointing, cfg.fp8_matmuls
+    fast_path = (  # where FP8 was measured: compiled layers in the CUDA graph, 4-bit weights computed in bf16
+        cfg.cuda_graph == "on"
+        and cfg.compile_layers == "on"
+        and precision.name == "bf16"
+        and quant == "nf4"
+        and cfg.quant_compute_dtype == "auto"
+        and cfg.gradient_checkpointing
+        and cfg.reuse_dequant != "off"
     )
+    fp8 = resolve_fp8(cfg.fp8_matmuls, fast_path, device, skeleton_model)
+    cfg = dataclasses.replace(cfg, quant=quant, fp8_matmuls=fp8)
+    check_uncheckpointed_layers(cfg, skeleton_model)  # against the --reuse-dequant given
     return dataclasses.replace(
         cfg,
-        quant=quant,
-        reuse_dequant=reuse_dequant,
+        reuse_dequant=resolve_reuse_dequant(
+            cfg.reuse_dequant, cfg.cuda_graph, quant, cfg.gradient_checkpointing, cfg.fp8_matmuls
+        ),
         lora_targets=choose_lora_targets(cfg.lora_targets, skeleton_model, cfg.model),
     )
 
@@ -148,7 +157,7 @@ def train_and_save(cfg: Config, accelerator: Accelerator, precision: Precision, 
     loading = time.perf_counter()
     tokenizer = load_tokenizer(cfg.tokenizer_source, trust_remote_code=cfg.trust_remote_code)
     model_config = load_model_config(cfg, len(tokenizer))
-    cfg = settle_for_model(cfg, model_config, accelerator.device)
+    cfg = settle_for_model(cfg, model_config, accelerator.device, precision)
     set_seed(cfg.seed)
 
     # Data: conversations (with the system prompt) -> held-out split -> token rows with labels.
