@@ -286,9 +286,9 @@ def test_fp8_matmuls_train_close_to_the_compute_dtype_run(tmp_path):
         ),
         (
             ["--quant", "nf4", "--no-gradient-checkpointing"],
-            "error: --fp8-matmuls on runs in the matmul that keeps each layer's dequantized weights from the "
-            "recompute to the backward, so it needs gradient checkpointing; drop --no-gradient-checkpointing "
-            "or use --fp8-matmuls off",
+            "error: --fp8-matmuls on is set up with gradient checkpointing on; to keep every layer's activations "
+            "with FP8, drop --no-gradient-checkpointing and pass --uncheckpointed-layers with the model's "
+            "layer count (or use --fp8-matmuls off)",
         ),
     ],
     ids=["unquantized", "reuse-dequant-off", "no-checkpointing"],

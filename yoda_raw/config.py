@@ -11,8 +11,8 @@ Some values are settled when the run starts, by the machine or the model, and sa
 (train.settle_for_machine, train.settle_for_model): `--quant auto` (4-bit on a GPU, unquantized on a
 CPU, where 4-bit saves memory that a small model does not need and costs time), `--cuda-graph`,
 `--compile-layers`, `--reuse-dequant`, `--fp8-matmuls` and `--seeded-dropout auto` (on where the
-fast path can run, off elsewhere), and the LoRA targets when none are given (every linear layer but the LM head,
-read from the model's config).
+fast path can run, off elsewhere), and the LoRA targets when none are given (every linear layer but
+the LM head, read from the model's config).
 
 The resolved configuration is printed at start and saved as `run_config.json` next to every
 checkpoint and adapter, so a result can always be traced back to the settings that made it.
@@ -292,9 +292,9 @@ class Config:
             ),
             (
                 self.gradient_checkpointing or self.fp8_matmuls != "on",
-                "--fp8-matmuls on runs in the matmul that keeps each layer's dequantized weights from the "
-                "recompute to the backward, so it needs gradient checkpointing; drop --no-gradient-checkpointing "
-                "or use --fp8-matmuls off",
+                "--fp8-matmuls on is set up with gradient checkpointing on; to keep every layer's activations "
+                "with FP8, drop --no-gradient-checkpointing and pass --uncheckpointed-layers with the model's "
+                "layer count (or use --fp8-matmuls off)",
             ),
             (
                 self.seeded_dropout != "on" or self.lora_dropout > 0,
