@@ -566,6 +566,20 @@ def test_probe_fp8_tensorwise_variant_is_close_and_moves_with_one_outlying_token
     assert not torch.equal(run(tensorwise, 1.0)[0], run(tensorwise, 1e4)[0])
 
 
+def test_probe_fp8_variants_pin_both_fast_path_options(tmp_path):
+    """Each probe_fp8 variant says --fp8-matmuls and --seeded-dropout itself, and its name says
+    which: `bf16` means bf16 products and torch's dropout whatever the defaults are (both default to
+    auto, on in the fast path on Hopper). Catches a variant that leaves one of them to the defaults,
+    where `bf16` would quietly measure seeded dropout too."""
+    from benchmarks import probe_fp8
+    from yoda_raw.config import parse_config
+
+    for name, (options, _) in probe_fp8.VARIANTS.items():
+        cfg = parse_config([*options, "--output-dir", str(tmp_path)])
+        assert cfg.fp8_matmuls == ("on" if name.startswith("fp8") else "off"), name
+        assert cfg.seeded_dropout == ("on" if name.endswith("-seeded") else "off"), name
+
+
 def test_probe_fp8_loop_child_puts_the_variants_matmul_in_the_loop(tmp_path, monkeypatch):
     """`probe_fp8.py --loop-child fp8-tensorwise` runs bench_loop.py with that variant's matmul
     in dequant.py's place (it casts with the probe's one-scale-a-tensor to_fp8); plain fp8 does
