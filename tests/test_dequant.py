@@ -252,24 +252,31 @@ def test_fp8_matmuls_train_close_to_the_compute_dtype_run(tmp_path):
     """run.py --fp8-matmuls on: the saved config says so (and that --reuse-dequant auto went on, the
     matmul FP8 runs in), and every step's loss is within 1% of the same run's without FP8, but not
     equal to it (the FP8 products really ran); the same with every layer left out of checkpointing,
-    where FP8 keeps its e4m3 weights from the forward to the backward. Two small steps: FP8 is slow
-    on a CPU."""
+    where FP8 keeps its e4m3 weights from the forward to the backward, and without checkpointing,
+    which must give those very losses (nothing to reuse: --reuse-dequant settles off). Two small
+    steps: FP8 is slow on a CPU."""
     import run
 
     losses = {}
-    for name, fp8, extra in (("on", "on", []), ("off", "off", []), ("on-uncheckpointed", "on", ["2"])):
+    runs = (
+        ("on", "on", [], "on"),
+        ("off", "off", [], "off"),
+        ("on-uncheckpointed", "on", ["--uncheckpointed-layers", "2"], "on"),  # the tiny model has 2 decoder layers
+        ("on-no-checkpointing", "on", ["--no-gradient-checkpointing"], "off"),
+    )
+    for name, fp8, extra, reuse in runs:
         out = tmp_path / name
         argv = ["--preset", "tiny", "--quant", "nf4", "--fp8-matmuls", fp8, "--batch-size", "2", "--max-length", "32"]
         argv += ["--no-auto-batch-size", "--max-steps", "2", "--logging-steps", "1", "--eval-fraction", "0"]
-        argv += ["--uncheckpointed-layers", *extra] if extra else []  # the tiny model has 2 decoder layers
-        assert run.main([*argv, "--no-samples", "--output-dir", str(out)]) == 0
+        assert run.main([*argv, *extra, "--no-samples", "--output-dir", str(out)]) == 0
         saved = json.loads((out / "run_config.json").read_text())
-        assert (saved["fp8_matmuls"], saved["reuse_dequant"]) == (fp8, "on" if fp8 == "on" else "off")
+        assert (saved["fp8_matmuls"], saved["reuse_dequant"]) == (fp8, reuse)
         losses[name] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    for name in ("on", "on-uncheckpointed"):
+    for name in ("on", "on-uncheckpointed", "on-no-checkpointing"):
         assert len(losses[name]) == len(losses["off"]) == 2
         worst = max(abs(a - b) / b for a, b in zip(losses[name], losses["off"], strict=True))
         assert 0 < worst < 0.01, losses
+    assert losses["on-no-checkpointing"] == losses["on-uncheckpointed"]
 
 
 @pytest.mark.parametrize(
@@ -284,14 +291,8 @@ def test_fp8_matmuls_train_close_to_the_compute_dtype_run(tmp_path):
             "error: --fp8-matmuls on runs inside the matmul that --reuse-dequant puts in place; "
             "drop --reuse-dequant off",
         ),
-        (
-            ["--quant", "nf4", "--no-gradient-checkpointing"],
-            "error: --fp8-matmuls on is set up with gradient checkpointing on; to keep every layer's activations "
-            "with FP8, drop --no-gradient-checkpointing and pass --uncheckpointed-layers with the model's "
-            "layer count (or use --fp8-matmuls off)",
-        ),
     ],
-    ids=["unquantized", "reuse-dequant-off", "no-checkpointing"],
+    ids=["unquantized", "reuse-dequant-off"],
 )
 def test_fp8_matmuls_without_what_they_need_is_one_line_and_nothing_written(tmp_path, capsys, argv, message):
     import run

@@ -161,12 +161,12 @@ class Config:
         default="auto",
         metadata={
             "help": "The frozen 4-bit weights' products (forward, recompute and input gradient) in FP8 "
-            "(e4m3), through the matmul --reuse-dequant puts in place (which it turns on), in the "
-            "uncheckpointed layers too: twice bf16's peak on GPUs of compute capability 8.9 and later (Ada, "
-            "Hopper). One scale a token for the input and the output gradient, one for the weight; each "
-            "product errs by a few percent, so the losses are close to, not equal to, the bf16 run's. Needs a "
-            "4-bit base and gradient checkpointing; a CPU runs it as a slow reference (for tests). auto: on in "
-            "the fast path (the CUDA graph with compiled layers, bf16) on Hopper GPUs, where it was measured "
+            "(e4m3), through the matmul --reuse-dequant puts in place (which it turns on with checkpointing), "
+            "in uncheckpointed layers and without checkpointing too: twice bf16's peak on GPUs of compute "
+            "capability 8.9 and later (Ada, Hopper). One scale a token for the input and the output gradient, "
+            "one for the weight; each product errs by a few percent, so the losses are close to, not equal to, "
+            "the bf16 run's. Needs a 4-bit base; a CPU runs it as a slow reference (for tests). auto: on in the "
+            "fast path (the CUDA graph with compiled layers, bf16) on Hopper GPUs, where it was measured "
             "faster; off elsewhere. off: the compute dtype, as the tutorial."
         },
     )
@@ -289,12 +289,6 @@ class Config:
                 self.gradient_checkpointing or self.reuse_dequant != "on",
                 "--reuse-dequant on keeps each layer's dequantized weights from the recompute to the backward, "
                 "so it needs gradient checkpointing; drop --no-gradient-checkpointing or use --reuse-dequant off",
-            ),
-            (
-                self.gradient_checkpointing or self.fp8_matmuls != "on",
-                "--fp8-matmuls on is set up with gradient checkpointing on; to keep every layer's activations "
-                "with FP8, drop --no-gradient-checkpointing and pass --uncheckpointed-layers with the model's "
-                "layer count (or use --fp8-matmuls off)",
             ),
             (
                 self.seeded_dropout != "on" or self.lora_dropout > 0,

@@ -44,23 +44,24 @@ E4M3 = torch.float8_e4m3fn
 def resolve(setting: str, cuda_graph: str, quant: str, gradient_checkpointing: bool, fp8_matmuls: str = "off") -> str:
     """--reuse-dequant auto|on|off -> "on" or "off". auto follows the CUDA graph, the fast path it
     was measured on, where the base is 4-bit and checkpointing is on; the eager loop stays plain.
-    --fp8-matmuls on runs inside this matmul, so it turns auto on.
+    --fp8-matmuls on runs inside this matmul, so it turns auto on; without checkpointing there is
+    no recompute to share with, and FP8's matmul keeps its e4m3 weight for the backward itself.
 
     >>> resolve("auto", "on", "nf4", True), resolve("auto", "off", "nf4", True), resolve("auto", "on", "none", True)
     ('on', 'off', 'off')
-    >>> resolve("auto", "off", "nf4", True, fp8_matmuls="on")
-    'on'
+    >>> resolve("auto", "off", "nf4", True, fp8_matmuls="on"), resolve("auto", "on", "nf4", False, fp8_matmuls="on")
+    ('on', 'off')
     """
     if fp8_matmuls == "on" and quant != "nf4":
         raise YodaError("--fp8-matmuls on multiplies by the dequantized 4-bit weights: it needs --quant nf4")
-    if fp8_matmuls == "on" and setting == "off":
+    if fp8_matmuls == "on" and setting == "off" and gradient_checkpointing:
         raise YodaError(
             "--fp8-matmuls on runs inside the matmul that --reuse-dequant puts in place; drop --reuse-dequant off"
         )
     if setting == "on" and quant != "nf4":
         raise YodaError("--reuse-dequant on needs a 4-bit base (--quant nf4); use --reuse-dequant off")
-    if fp8_matmuls == "on":
-        return "on"
+    if fp8_matmuls == "on":  # without checkpointing nothing is recomputed: FP8 keeps its own e4m3 weight
+        return "on" if gradient_checkpointing else "off"
     if setting == "auto":
         return "on" if cuda_graph == "on" and quant == "nf4" and gradient_checkpointing else "off"
     return setting

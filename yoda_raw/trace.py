@@ -124,16 +124,15 @@ def trace(cfg: Config) -> dict:
     model = add_lora(model, cfg)
     if cfg.seeded_dropout == "on":
         print(f"dropout.use_seeded_dropout: {use_seeded_dropout(model)} LoRA dropouts make their masks from one seed")
-    if cfg.reuse_dequant == "on":
+    if cfg.reuse_dequant == "on" or cfg.fp8_matmuls == "on":
         count = reuse_dequantized_weights(model, fp8=cfg.fp8_matmuls == "on")
-        print(
-            f"dequant.resolve -> --reuse-dequant on: {count} 4-bit linears dequantize once for recompute and backward"
-            + (
-                ", their products in FP8 (--fp8-matmuls on; in any uncheckpointed layer, once for forward and backward)"
-                if cfg.fp8_matmuls == "on"
-                else ""
-            )
+        once = "dequantize once for recompute and backward" if cfg.reuse_dequant == "on" else "are not recomputed"
+        fp8 = (
+            ", their products in FP8 (--fp8-matmuls on; in any uncheckpointed layer, once for forward and backward)"
+            if cfg.fp8_matmuls == "on"
+            else ""
         )
+        print(f"dequant.resolve -> --reuse-dequant {cfg.reuse_dequant}: {count} 4-bit linears {once}{fp8}")
     else:
         print("dequant.resolve -> --reuse-dequant off: bitsandbytes' own 4-bit matmul")
     if cfg.compile_layers == "on":

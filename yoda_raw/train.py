@@ -184,7 +184,7 @@ def train_and_save(cfg: Config, accelerator: Accelerator, precision: Precision, 
     model = add_lora(model, cfg)
     if cfg.seeded_dropout == "on":
         use_seeded_dropout(model)  # before compiling, as the two below
-    if cfg.reuse_dequant == "on":
+    if cfg.reuse_dequant == "on" or cfg.fp8_matmuls == "on":
         reuse_dequantized_weights(model, fp8=cfg.fp8_matmuls == "on")  # before compiling: they trace it
     if cfg.compile_layers == "on":
         compile_layers(model)  # compiled lazily, at the first step
