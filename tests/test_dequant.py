@@ -1,6 +1,7 @@
 """--reuse-dequant: the same loss and gradients as bitsandbytes' own 4-bit matmul, one dequantization
 fewer; --fp8-matmuls: the same matmul in FP8, close to it (torch._scaled_mm runs on a CPU too, slowly)."""
 
+import copy
 import json
 import os
 
@@ -174,25 +175,33 @@ def quantized_weights(tiny_qlora) -> list:
     return states
 
 
-def test_the_4bit_weights_dequantize_in_torch_as_in_bitsandbytes(tiny_qlora):
-    """FP8's weight cast dequantizes in torch ops on a CPU (a Triton kernel does the same on a GPU):
-    the same weights as bitsandbytes' dequantize_4bit, bit for bit once rounded to its dtype, and its
-    e4m3 weight is that divided by the scale. Catches the two 4-bit codes of a byte swapped, block
-    scales applied to the wrong block, or nested block scales used undequantized."""
-    from yoda_raw.dequant import E4M3, block_scales, dequantize_4bit_in_torch, weight_in_e4m3
+def dequantized_fp32(packed, state) -> torch.Tensor:
+    """bitsandbytes' own dequantization of a weight, from its quantization state (nested block scales
+    and all), to fp32 whatever dtype it was quantized from: the reference FP8's weight cast must
+    match."""
+    state = copy.copy(state)
+    state.dtype = torch.float32
+    return bnb.functional.dequantize_4bit(packed, state)
+
+
+def test_the_fp8_weight_is_bitsandbytes_dequantization_over_its_scale(tiny_qlora):
+    """FP8's weight cast on a CPU (a Triton kernel does it on a GPU) gives bitsandbytes' own
+    dequantization of the weight, from its quantization state, times 1 / scale, rounded to e4m3,
+    bit for bit: for the tiny model's weights (double quantization), plain ones, and a bf16 one
+    with a short last block. Catches nested block scales used undequantized or without their
+    offset, and scales from the wrong weight."""
+    from yoda_raw.dequant import E4M3, weight_in_e4m3
 
     for packed, state in quantized_weights(tiny_qlora):
-        want = bnb.functional.dequantize_4bit(packed, state)
-        got = dequantize_4bit_in_torch(packed, block_scales(state), state.code, state.blocksize, want.numel())
-        assert torch.equal(got.view(want.shape).to(want.dtype), want)
+        want = dequantized_fp32(packed, state)
         w8, scale = weight_in_e4m3(packed, state)
         assert w8.dtype == E4M3 and w8.shape == want.shape
-        assert torch.equal(w8.float(), (got.view(want.shape) * (1 / scale)).to(E4M3).float())
+        assert torch.equal(w8.float(), (want * (1 / scale)).to(E4M3).float())
 
 
-def test_the_triton_kernel_writes_what_the_torch_ops_do(tiny_qlora, tmp_path):
+def test_the_triton_kernel_writes_bitsandbytes_dequantization_over_the_scale(tiny_qlora, tmp_path):
     """kernels.py (the GPU's NF4-to-e4m3 kernel) in Triton's interpreter, on this CPU: bit for
-    bit the torch ops' weight x (1 / scale), before the rounding to e4m3 (written to an fp32 tensor:
+    bit bitsandbytes' dequantized weight x (1 / scale), before the rounding to e4m3 (written to an fp32 tensor:
     the interpreter's fp8 rounding is not the GPU's; the GPU suite checks the kernel's e4m3 itself).
     Skipped where Triton is not installed (CPU builds of torch lack it). Catches the high and low
     halves interleaved the wrong way, an off-by-one block, or the last values left unwritten."""
@@ -200,15 +209,14 @@ def test_the_triton_kernel_writes_what_the_torch_ops_do(tiny_qlora, tmp_path):
     import subprocess
     import sys
 
-    from yoda_raw.dequant import block_scales, dequantize_4bit_in_torch, weight_in_e4m3
+    from yoda_raw.dequant import block_scales, weight_in_e4m3
 
     cases = []
     for packed, state in quantized_weights(tiny_qlora):
         _, scale = weight_in_e4m3(packed, state)
-        absmax, code, n_values = block_scales(state), state.code.float(), state.shape.numel()
-        weight = dequantize_4bit_in_torch(packed, absmax, code, state.blocksize, n_values).view(state.shape)
+        absmax, code = block_scales(state), state.code.float()
         case = {"packed": packed.data.clone(), "absmax": absmax, "code": code, "blocksize": state.blocksize}
-        cases.append(case | {"inverse_scale": 1 / scale, "want": weight * (1 / scale)})
+        cases.append(case | {"inverse_scale": 1 / scale, "want": dequantized_fp32(packed, state) * (1 / scale)})
     torch.save(cases, tmp_path / "cases.pt")
     script = (
         "import sys, torch\n"

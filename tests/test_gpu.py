@@ -248,19 +248,23 @@ def test_fp8_matmuls_learn_as_the_bf16_run(phi3_runs, report):
 
 def test_the_nf4_to_e4m3_kernel_matches_the_torch_ops_on_the_gpu():
     """--fp8-matmuls on's weight cast on CUDA (kernels.py's Triton kernel, through the
-    yoda_raw::nf4_to_e4m3 op) gives bit for bit what the torch ops and torch's own e4m3 cast give,
-    for Phi-3-mini's qkv shape quantized by bitsandbytes on the GPU (double quantization, bf16), and
-    its values are bitsandbytes' dequantization to bf16's rounding. Catches a kernel whose rounding
-    to e4m3 is not torch's, or that reads bitsandbytes' CUDA layout otherwise than its CPU one."""
+    yoda_raw::nf4_to_e4m3 op) gives bit for bit what bitsandbytes' own dequantization to fp32 and
+    torch's e4m3 cast give, for Phi-3-mini's qkv shape quantized by bitsandbytes on the GPU (double
+    quantization, bf16), and those values are bitsandbytes' dequantization to bf16's rounding.
+    Catches a kernel whose rounding to e4m3 is not torch's, or that reads bitsandbytes' CUDA layout
+    otherwise than its CPU one."""
+    import copy
+
     import bitsandbytes as bnb
 
-    from yoda_raw.dequant import E4M3, block_scales, dequantize_4bit_in_torch, weight_in_e4m3
+    from yoda_raw.dequant import E4M3, weight_in_e4m3
 
     weight = (torch.randn(9216, 3072, device="cuda") * 0.02).bfloat16()
     packed, state = bnb.functional.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
     w8, scale = weight_in_e4m3(packed, state)
-    absmax, code = block_scales(state), state.code.float()
-    reference = dequantize_4bit_in_torch(packed, absmax, code, state.blocksize, weight.numel()).view(weight.shape)
+    state_fp32 = copy.copy(state)
+    state_fp32.dtype = torch.float32
+    reference = bnb.functional.dequantize_4bit(packed, state_fp32)
     assert torch.equal(w8.view(torch.uint8), (reference * (1 / scale)).to(E4M3).view(torch.uint8))
     assert torch.equal(reference.bfloat16(), bnb.functional.dequantize_4bit(packed, state))
 

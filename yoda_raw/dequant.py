@@ -143,14 +143,13 @@ def block_scales(quant_state) -> torch.Tensor:
     return absmax.float()
 
 
-def dequantize_4bit_in_torch(packed, absmax, code, blocksize: int, n_values: int) -> torch.Tensor:
-    """bitsandbytes' dequantize_4bit in torch's own ops, flat and in fp32: two 4-bit codes a byte, the
-    high half first, each looked up in the 16-value code (NF4's) and multiplied by its block's
-    scale. kernels.py does the same on a GPU in one kernel."""
-    packed = packed.view(torch.uint8).reshape(-1)
-    codes = torch.stack((packed >> 4, packed & 0xF), dim=-1).reshape(-1)[:n_values]
-    values = torch.nn.functional.pad(code[codes.int()], (0, -n_values % blocksize))  # the last block may be short
-    return (values.view(-1, blocksize) * absmax[:, None]).reshape(-1)[:n_values]
+def dequantized_in_fp32(packed, absmax, blocksize: int, rows: int, columns: int) -> torch.Tensor:
+    """bitsandbytes' dequantization of a packed NF4 weight to fp32, (rows, columns), from its block
+    scales already in fp32 (block_scales): every value its 16-value code times its block's scale."""
+    state = bnb.functional.QuantState(
+        absmax=absmax, shape=torch.Size((rows, columns)), dtype=torch.float32, blocksize=blocksize, quant_type="nf4"
+    )
+    return bnb.functional.dequantize_4bit(packed, state)
 
 
 @torch.library.custom_op("yoda_raw::nf4_to_e4m3", mutates_args=())
@@ -159,10 +158,10 @@ def nf4_to_e4m3(
     rows: int, columns: int,
 ) -> torch.Tensor:  # fmt: skip
     """The packed 4-bit weight, dequantized and multiplied by `inverse_scale`, in e4m3: (rows,
-    columns). A custom op, so that torch.compile calls it as it is; here in torch ops, on CUDA
-    kernels.py's Triton kernel (registered below, which says why)."""
-    weight = dequantize_4bit_in_torch(packed, absmax, code, blocksize, rows * columns).view(rows, columns)
-    return (weight * inverse_scale).to(E4M3)
+    columns). A custom op, so that torch.compile calls it as it is; here through bitsandbytes'
+    dequantization to fp32 (which knows NF4's `code`), on CUDA kernels.py's Triton kernel in one pass
+    (registered below, which says why)."""
+    return (dequantized_in_fp32(packed, absmax, blocksize, rows, columns) * inverse_scale).to(E4M3)
 
 
 @nf4_to_e4m3.register_fake

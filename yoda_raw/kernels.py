@@ -1,5 +1,6 @@
 """The fast path's two Triton kernels, used on a CUDA GPU only (Triton comes with torch's CUDA
-builds; a CPU runs the same arithmetic in torch ops). Each is reached through a custom op, so that
+builds; a CPU computes the same values otherwise: bitsandbytes' dequantization, a seeded torch
+generator). Each is reached through a custom op, so that
 torch.compile calls it as it is.
 
 nf4_to_e4m3 (--fp8-matmuls on, through dequant.weight_in_e4m3): a packed 4-bit (NF4) weight
