@@ -49,8 +49,8 @@ def train_command(argv: list[str]) -> int:
 
 
 def time_line(result, total_s: float) -> str:
-    """Where the run's wall time went, e.g. on the H200 `time: 53 s: 15 s importing, 0 s starting,
-    3 s loading, 35 s training (20 s of it to step 10, compiling included), 0 s saving`: the total
+    """Where the run's wall time went, e.g. `time: 53 s: 15 s importing, 0 s starting, 3 s loading,
+    35 s training (20 s of it to step 10, warm-up included), 0 s saving`: the total
     from this script's first import; importing is the libraries' imports (and reading the options);
     starting is the accelerator with CUDA's start, and the checks before any data; the first logging
     window holds the compiling and the capture. (Python's own start, and `accelerate launch`'s, come
@@ -60,8 +60,7 @@ def time_line(result, total_s: float) -> str:
         part = f"{seconds:.0f} s {stage}"
         if stage == "training" and result.fit.log:
             first = result.fit.log[0]
-            compiling = ", compiling included" if result.config.compile_layers == "on" else ""
-            part += f" ({first['elapsed_s']:.0f} s of it to step {first['step']}{compiling})"
+            part += f" ({first['elapsed_s']:.0f} s of it to step {first['step']}, warm-up included)"
         parts.append(part)
     return f"time: {total_s:.0f} s: " + ", ".join(parts)
 
@@ -69,8 +68,7 @@ def time_line(result, total_s: float) -> str:
 if __name__ == "__main__":
     status = main(sys.argv[1:])
     # Everything is written and closed by now. Frozen, the objects torch and transformers made are
-    # left out of Python's last garbage collections at exit: on a CPU that cut the time after the
-    # last line from 1.6 s to 0.2 s (benchmarks/results/cpu_exit/). The operating system takes the
-    # memory back either way.
+    # left out of Python's last garbage collections at exit, which would otherwise walk millions of
+    # them for a second or more after the last line. The operating system takes the memory back.
     gc.freeze()
     sys.exit(status)

@@ -160,9 +160,10 @@ def measure(cfg, args, name: str, timed: int, watch_device: bool = False) -> dic
             auto_batch_size=False,  # the batch measured is the batch asked for
         )
         allocated_at_start = meter.allocated_bytes(device)
+        memory = meter.MemoryReport(show=False)  # reads the model and optimizer through the loop's hooks
         with meter.DeviceUsedPeak(device if watch_device else None) as device_peak:
             with memory_history(args.snapshot, args.snapshot_entries):
-                run = train.main(cfg)
+                run = train.main(cfg, observer=memory)
     records = run.fit.log  # one a step: step_s, tokens, supervised_tokens, memory
     rows = run.fit.batch_size
     result = {"name": name, "pipeline": "yoda_raw", "device": common.device_name()}
@@ -210,12 +211,10 @@ def measure(cfg, args, name: str, timed: int, watch_device: bool = False) -> dic
     if device.type == "cuda" and "device_used_gib" not in last:
         result["device_used_gib_note"] = "NVML unavailable (pip install nvidia-ml-py)"
     if args.breakdown:
-        fit = run.fit
-        breakdown = meter.memory_breakdown(run.live.model, fit.optimizer, fit.allocated_before_loop_bytes, last, device)
-        result["memory_breakdown"] = breakdown
+        result["memory_breakdown"] = memory.breakdown_now(last)
     if args.snapshot:
         result["snapshot"] = str(args.snapshot)
-    del run  # the model, and the optimizer with its state
+    del run, memory  # the model, and the optimizer with its state
     release()
     return result
 

@@ -51,7 +51,7 @@ import torch  # noqa: E402
 
 from benchmarks import common, report  # noqa: E402
 from benchmarks.matmul_peak import PHI3_LINEARS, time_ms  # noqa: E402
-from yoda_raw.dequant import E4M3  # noqa: E402
+from yoda_raw.fast.dequant import E4M3  # noqa: E402
 
 E5M2 = torch.float8_e5m2
 LAYERS = 32
@@ -191,7 +191,7 @@ def loop(out: Path, options: list[str], variants: list[str]) -> int:
 def loop_child(variant: str, options: list[str]) -> int:
     """One variant's bench_loop.py run, in this process."""
     from benchmarks import bench_loop
-    from yoda_raw import dequant
+    from yoda_raw.fast import dequant
 
     matmul = VARIANTS[variant][1]
     if matmul is not None:

@@ -14,20 +14,20 @@ def test_a_retry_keeps_one_metrics_line_per_step_and_no_stale_gradients(tmp_path
     capture does at the edge of a card): the run retries with 0.9x the rows down to 4. metrics.jsonl
     then holds steps 1, 2, 3 once each, all at 4 rows (not the failed attempts' step-1 lines), and
     every retry starts without the failed attempt's gradients."""
-    real_forward_backward, steps_seen, grads_at_start = train.forward_backward, {}, []
+    real_forward_backward, steps_seen, grads_at_start = train.EagerStep.forward_backward, {}, []
 
-    def tight_memory(accelerator, model, micro_batches, n_supervised):
+    def tight_memory(step, micro_batches, n_supervised):
         rows = micro_batches[0]["input_ids"].shape[0]
         steps_seen[rows] = steps_seen.get(rows, 0) + 1
         if steps_seen[rows] == 1:
-            grads_at_start.append(any(p.grad is not None for p in model.parameters()))
+            grads_at_start.append(any(p.grad is not None for p in step.model.parameters()))
         if rows > 4 and steps_seen[rows] == 2:
-            lora = next(p for p in model.parameters() if p.requires_grad)
+            lora = next(p for p in step.model.parameters() if p.requires_grad)
             lora.grad = torch.ones_like(lora)  # a partial gradient
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_forward_backward(accelerator, model, micro_batches, n_supervised)
+        return real_forward_backward(step, micro_batches, n_supervised)
 
-    monkeypatch.setattr(train, "forward_backward", tight_memory)
+    monkeypatch.setattr(train.EagerStep, "forward_backward", tight_memory)
     overrides = {"batch_size": 6, "auto_batch_size": True, "max_steps": 3, "logging_steps": 1, "samples": False}
     train.main(tiny_config(overrides, output_dir=str(tmp_path)))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -44,7 +44,7 @@ def out_of_memory_always(*args, **kwargs):
 def test_out_of_memory_without_auto_batch_size_is_one_line(tmp_path, monkeypatch, tiny_config):
     """Catches an out-of-memory error in the loop ending in a traceback that names no option (issue 14,
     item 19): the line names the batch size and the options that lower it."""
-    monkeypatch.setattr(train, "forward_backward", out_of_memory_always)
+    monkeypatch.setattr(train.EagerStep, "forward_backward", out_of_memory_always)
     overrides = {"batch_size": 6, "auto_batch_size": False, "max_steps": 3, "samples": False}
     with pytest.raises(YodaError, match=r"out of GPU memory at --batch-size 6; pass --auto-batch-size") as info:
         train.main(tiny_config(overrides, output_dir=str(tmp_path)))
@@ -54,7 +54,7 @@ def test_out_of_memory_without_auto_batch_size_is_one_line(tmp_path, monkeypatch
 def test_auto_batch_size_down_to_one_row_is_one_line(tmp_path, monkeypatch, tiny_config):
     """Catches --auto-batch-size running out of batch sizes (2 rows, 1 row, then accelerate's
     'No executable batch size found, reached zero.' traceback)."""
-    monkeypatch.setattr(train, "forward_backward", out_of_memory_always)
+    monkeypatch.setattr(train.EagerStep, "forward_backward", out_of_memory_always)
     overrides = {"batch_size": 2, "auto_batch_size": True, "max_steps": 3, "samples": False}
     with pytest.raises(YodaError, match=r"at --batch-size 1; --auto-batch-size found no smaller batch"):
         train.main(tiny_config(overrides, output_dir=str(tmp_path)))
@@ -67,7 +67,7 @@ def test_out_of_memory_on_several_processes_is_not_retried(tmp_path, monkeypatch
     from accelerate import Accelerator
 
     monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
-    monkeypatch.setattr(train, "forward_backward", out_of_memory_always)
+    monkeypatch.setattr(train.EagerStep, "forward_backward", out_of_memory_always)
     overrides = {"batch_size": 6, "auto_batch_size": True, "max_steps": 3, "samples": False}
     with pytest.raises(YodaError, match=r"at --batch-size 6; with 2 processes --auto-batch-size cannot retry"):
         train.main(tiny_config(overrides, output_dir=str(tmp_path)))

@@ -547,7 +547,7 @@ def test_probe_fp8_tensorwise_variant_is_close_and_moves_with_one_outlying_token
     import torch
 
     from benchmarks import probe_fp8
-    from yoda_raw.dequant import MatmulDequantizedOnce
+    from yoda_raw.fast.dequant import MatmulDequantizedOnce
 
     linear = next(m for m in tiny_qlora().modules() if isinstance(m, bnb.nn.Linear4bit))
 
@@ -585,7 +585,7 @@ def test_probe_fp8_loop_child_puts_the_variants_matmul_in_the_loop(tmp_path, mon
     in dequant.py's place (it casts with the probe's one-scale-a-tensor to_fp8); plain fp8 does
     not. Catches a patch made after the linears got their matmul class, or none at all."""
     from benchmarks import probe_fp8
-    from yoda_raw import dequant
+    from yoda_raw.fast import dequant
 
     calls = []
     to_fp8 = probe_fp8.to_fp8

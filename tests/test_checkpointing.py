@@ -4,7 +4,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from yoda_raw.dequant import reuse_dequantized_weights
+from yoda_raw.fast.dequant import reuse_dequantized_weights
 from yoda_raw.loss import token_loss_sum
 from yoda_raw.model import decoder_layers
 from yoda_raw.packing import Collator
@@ -51,7 +51,7 @@ def test_reuse_dequant_only_in_checkpointed_layers_fp8_in_all(tiny_qlora):
     """An uncheckpointed layer keeps bitsandbytes' own 4-bit matmul: with the reuse its dequantized
     weights would stay from the forward to the backward, every one of them. With FP8 it takes the
     FP8 matmul too (its e4m3 weight, half the size, is what stays)."""
-    from yoda_raw.dequant import MatmulDequantizedOnceFP8
+    from yoda_raw.fast.dequant import MatmulDequantizedOnceFP8
 
     model = tiny_qlora(lora_dropout=0.1, uncheckpointed_layers=1)
     first, last = decoder_layers(model)

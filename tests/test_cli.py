@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from run import parse_config
 from yoda_raw.config import PRESETS, TINY, Config
@@ -114,12 +115,13 @@ def test_report_to_tensorboard_without_the_package_says_how_to_get_it():
     """Catches accelerate's own late failure (or a silently dropped tracker) when tensorboard is missing."""
     from accelerate.utils import is_tensorboard_available
 
+    from yoda_raw.precision import choose_precision
     from yoda_raw.train import make_accelerator
 
     if is_tensorboard_available():
         pytest.skip("tensorboard is installed here")
     with pytest.raises(YodaError, match="pip install tensorboard"):
-        make_accelerator(Config(report_to="tensorboard"))
+        make_accelerator(Config(report_to="tensorboard"), choose_precision("fp32", torch.device("cpu")))
 
 
 def _mistakes(tmp_path):

@@ -10,8 +10,8 @@ import pytest
 import torch
 import transformers
 
-from yoda_raw.dequant import MatmulDequantizedOnce, MatmulDequantizedOnceFP8, reuse_dequantized_weights
 from yoda_raw.errors import YodaError
+from yoda_raw.fast.dequant import MatmulDequantizedOnce, MatmulDequantizedOnceFP8, reuse_dequantized_weights
 from yoda_raw.loss import token_loss_sum
 from yoda_raw.packing import Collator
 
@@ -73,7 +73,7 @@ def test_reuse_dequant_auto_follows_the_cuda_graph_and_on_needs_a_4bit_base(tmp_
     import json
 
     import run
-    from yoda_raw.dequant import resolve
+    from yoda_raw.fast.dequant import resolve
 
     assert resolve("auto", "on", "nf4", True) == "on"
     assert resolve("auto", "on", "nf4", False) == "off"
@@ -190,7 +190,7 @@ def test_the_fp8_weight_is_bitsandbytes_dequantization_over_its_scale(tiny_qlora
     bit for bit: for the tiny model's weights (double quantization), plain ones, and a bf16 one
     with a short last block. Catches nested block scales used undequantized or without their
     offset, and scales from the wrong weight."""
-    from yoda_raw.dequant import E4M3, weight_in_e4m3
+    from yoda_raw.fast.dequant import E4M3, weight_in_e4m3
 
     for packed, state in quantized_weights(tiny_qlora):
         want = dequantized_fp32(packed, state)
@@ -209,7 +209,7 @@ def test_the_triton_kernel_writes_bitsandbytes_dequantization_over_the_scale(tin
     import subprocess
     import sys
 
-    from yoda_raw.dequant import block_scales, weight_in_e4m3
+    from yoda_raw.fast.dequant import block_scales, weight_in_e4m3
 
     cases = []
     for packed, state in quantized_weights(tiny_qlora):
@@ -220,7 +220,7 @@ def test_the_triton_kernel_writes_bitsandbytes_dequantization_over_the_scale(tin
     torch.save(cases, tmp_path / "cases.pt")
     script = (
         "import sys, torch\n"
-        "from yoda_raw import kernels\n"
+        "from yoda_raw.fast import kernels\n"
         "for c in torch.load(sys.argv[1]):\n"
         "    out = torch.full(c['want'].shape, float('nan'))\n"
         "    kernels.nf4_to_e4m3(c['packed'], c['absmax'], c['code'], c['inverse_scale'], c['blocksize'], out)\n"
@@ -238,7 +238,7 @@ def test_fp8_weight_scale_from_the_block_scales_is_the_dequantized_weights_own(t
     weight's own largest magnitude gives, and the cast stays finite. Catches nested block scales used
     undequantized, the code's range left out, or a scale that lets the cast overflow (e4m3 has no
     infinity: NaN)."""
-    from yoda_raw.dequant import E4M3, weight_in_e4m3
+    from yoda_raw.fast.dequant import E4M3, weight_in_e4m3
 
     linears = [m for m in tiny_qlora().modules() if isinstance(m, bnb.nn.Linear4bit)]
     states = [(m.weight, m.weight.quant_state) for m in linears]
@@ -315,7 +315,7 @@ def test_fp8_matmuls_refuse_a_gpu_without_fp8_and_sizes_cublas_cannot_take(tiny_
     """An Ampere GPU (compute capability 8.0) or a non-CUDA accelerator is told at once, before the
     model loads; a 4-bit linear whose sizes are not multiples of 16 (cuBLAS's FP8 matmul needs them)
     is named, rather than failing inside the first step."""
-    from yoda_raw.dequant import check_fp8_device
+    from yoda_raw.fast.dequant import check_fp8_device
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     with pytest.raises(YodaError, match=r"compute capability 8.9 or later.*this is compute capability 8.0"):
@@ -347,7 +347,7 @@ def test_compiled_layers_compile_once_for_every_layer_with_the_dequantized_matmu
     options |= {"max_length": 32, "auto_batch_size": False, "eval_fraction": 0, "samples": False, "fp8_matmuls": fp8}
     with torch._dynamo.config.patch(error_on_recompile=True):
         run = main(tiny_config(options, output_dir=str(tmp_path)))
-    assert run.live.model.config.num_hidden_layers >= 2 and len(run.fit.log) >= 1
+    assert run.model.config.num_hidden_layers >= 2 and len(run.fit.log) >= 1
     torch._dynamo.reset()
 
 
@@ -373,26 +373,27 @@ def test_fp8_auto_goes_on_in_the_fast_path_on_hopper_and_nowhere_else(tiny_confi
     an Ada or Ampere GPU is not switched to what was not measured there), and so does a model whose
     sizes cuBLAS's FP8 matmul cannot take; --reuse-dequant follows it. The settled config is the one
     printed and saved."""
-    from yoda_raw.precision import choose_precision
-    from yoda_raw.train import settle_for_model
+    from yoda_raw.fast import compile
+    from yoda_raw.settle import settle
 
     capability = (9, 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(compile, "has_triton", lambda: True)  # a GPU's torch has Triton
     cuda = torch.device("cuda")  # only its type is read: the model is a skeleton on the meta device
-    bf16 = choose_precision("bf16", torch.device("cpu"))
     sizes = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 32064}
     phi3 = transformers.Phi3Config(hidden_size=64, intermediate_size=128, **sizes)
     fast = {"cuda_graph": "on", "compile_layers": "on", "reuse_dequant": "auto", "quant": "auto"}
 
-    def settled(precision=bf16, model_config=phi3, **options):
-        cfg = settle_for_model(tiny_config({**fast, **options}), model_config, cuda, precision)
-        return cfg.fp8_matmuls, cfg.reuse_dequant
+    def settled(precision="bf16", model_config=phi3, **options):
+        cfg, _, plan = settle(tiny_config({**fast, **options}, precision=precision), cuda, 1, model_config)
+        assert (cfg.fp8_matmuls, cfg.reuse_dequant) == (plan.fp8_matmuls, plan.reuse_dequant)  # saved as run
+        return plan.fp8_matmuls, plan.reuse_dequant
 
     assert settled() == ("on", "on")
     assert settled(cuda_graph="off", compile_layers="off") == ("off", "off")  # the eager loop
     assert settled(compile_layers="off") == ("off", "on")
     assert settled(quant_compute_dtype="float32") == ("off", "on")  # the tutorial's numerics
-    assert settled(precision=choose_precision("fp32", torch.device("cpu"))) == ("off", "on")
+    assert settled(precision="fp32") == ("off", "on")
     assert settled(reuse_dequant="off") == ("off", "off")
     assert settled(gradient_checkpointing=False) == ("off", "off")
     assert settled(model_config=transformers.Phi3Config(hidden_size=72, intermediate_size=128, **sizes)) == (

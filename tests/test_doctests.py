@@ -4,10 +4,12 @@ import doctest
 
 import pytest
 
-from yoda_raw import config, data, evaluate, fetch, generate, graphs, meter, model, packing, precision, sources, tiny
+from yoda_raw import config, data, evaluate, fetch, generate, meter, model, packing, precision, sources, tiny
+from yoda_raw.fast import compile, dequant, dropout, graphs
 
 # Only modules that hold examples: a module with none would pass whatever its code did.
-MODULES = [config, sources, data, packing, tiny, precision, model, generate, evaluate, meter, graphs, fetch]
+MODULES = [config, sources, data, packing, tiny, precision, model, generate, evaluate, meter, fetch]
+MODULES += [graphs, compile, dequant, dropout]  # the fast path
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)

@@ -7,9 +7,10 @@ import sys
 import pytest
 import torch
 
-from yoda_raw.dropout import SeededDropout, dropout_mask, use_seeded_dropout
+from yoda_raw.fast.compile import compile_layers
+from yoda_raw.fast.dropout import SeededDropout, dropout_mask, use_seeded_dropout
 from yoda_raw.loss import token_loss_sum
-from yoda_raw.model import compile_layers, decoder_layers
+from yoda_raw.model import decoder_layers
 from yoda_raw.packing import Collator
 
 
@@ -99,7 +100,7 @@ def test_the_triton_mask_kernel_keeps_one_minus_p_and_follows_its_seed(tmp_path)
     pytest.importorskip("triton")
     script = (
         "import torch\n"
-        "from yoda_raw import kernels\n"
+        "from yoda_raw.fast import kernels\n"
         "def mask(seed, n, p=0.05, fill=False):\n"
         "    out = torch.full((n + 7,), fill)\n"
         "    kernels.dropout_mask(torch.tensor(seed), p, out[:n])\n"

@@ -121,7 +121,7 @@ def short_run(tmp_path_factory):
         }
     )
     AcceleratorState._reset_state(True)
-    live = train(cfg).live
+    live = train(cfg)
     return {
         "cfg": cfg,
         "adapter": folder / "adapter",

@@ -310,7 +310,7 @@ def test_parity_with_sfttrainer_4bit(tmp_path, sfttrainer, monkeypatch, tiny_con
     reference, _ = sfttrainer("tiny-nf4", cfg, load_conversations(TINY_DATASET), len(load_tokenizer("tiny")))
     monkeypatch.setattr(train, "add_lora", lambda model, cfg: cast_lora(add_lora(model, cfg), torch.bfloat16))
     result = train.main(cfg)
-    assert {p.dtype for p in result.live.model.parameters() if p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in result.model.parameters() if p.requires_grad} == {torch.bfloat16}
     delta = assert_same_losses(logged_losses(cfg.output_dir), reference)
     print(f"max |delta loss| nf4: {delta:.2e}")
 
@@ -346,7 +346,7 @@ def test_parity_with_sfttrainer_phi3_tokenizer(
         lambda cfg, precision, device, vocab_size: load_base_model(cfg, precision, device, PHI3_VOCAB),
     )
     result = train.main(cfg)
-    assert result.live.model.get_base_model().lm_head.out_features == PHI3_VOCAB
+    assert result.model.get_base_model().lm_head.out_features == PHI3_VOCAB
     delta = assert_same_losses(logged_losses(cfg.output_dir), reference)
     print(f"max |delta loss| phi3 vocab: {delta:.2e}")
 

@@ -54,7 +54,7 @@ def memorised(tmp_path_factory, tiny_config):
         output_dir=str(folder / "adapter"),
     )
     AcceleratorState._reset_state(True)
-    live = train(cfg).live
+    live = train(cfg)
     return {"model": live.model, "tokenizer": live.tokenizer, "pairs": pairs, "adapter": folder / "adapter"}
 
 

@@ -26,6 +26,7 @@ from accelerate.state import AcceleratorState
 
 from yoda_raw import optim
 from yoda_raw.config import PRESETS, Config
+from yoda_raw.fast.flat import FlatAdamW, flat_optimizer
 from yoda_raw.model import random_model
 
 pytestmark = [
@@ -257,7 +258,7 @@ def test_the_nf4_to_e4m3_kernel_matches_the_torch_ops_on_the_gpu():
 
     import bitsandbytes as bnb
 
-    from yoda_raw.dequant import E4M3, weight_in_e4m3
+    from yoda_raw.fast.dequant import E4M3, weight_in_e4m3
 
     weight = (torch.randn(9216, 3072, device="cuda") * 0.02).bfloat16()
     packed, state = bnb.functional.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
@@ -275,7 +276,7 @@ def test_the_seeded_dropout_kernel_on_the_gpu():
     mask for the same seed, another for another, and SeededDropout's gradient is its mask over
     1 - p. Catches a kernel whose threshold or seed handling differs on the GPU from the
     interpreter's run on a CPU."""
-    from yoda_raw.dropout import SeededDropout, dropout_mask
+    from yoda_raw.fast.dropout import SeededDropout, dropout_mask
 
     seed = torch.tensor(2024, device="cuda")
     mask = dropout_mask(seed, 16 * 512 * 8192, 0.05)
@@ -300,7 +301,7 @@ def test_checkpoint_recompute_draws_the_forward_dropout_mask_inside_a_graph(comp
     drawn anew at each replay, not recorded once."""
     from torch.utils.checkpoint import checkpoint
 
-    from yoda_raw.dropout import SeededDropout
+    from yoda_raw.fast.dropout import SeededDropout
 
     x = torch.ones(4096, device="cuda")
     w = torch.ones((), device="cuda", requires_grad=True)
@@ -363,7 +364,7 @@ def test_paged_adamw_8bit_is_paged_and_equals_bitsandbytes_own():
 
 
 def test_flat_paged_adamw_8bit_equals_bitsandbytes_own_and_resumes_from_its_state():
-    """The CUDA graph's optimizer (optim.FlatAdamW: Phi-3-mini's LoRA shapes as one flat tensor,
+    """The CUDA graph's optimizer (FlatAdamW: Phi-3-mini's LoRA shapes as one flat tensor,
     its state paged) updates exactly as bitsandbytes' PagedAdamW8bit over the separate tensors, with
     the gradients added by autograd into the flat gradient's views; and a checkpoint of either loads
     into the other and takes the same next step."""
@@ -373,15 +374,15 @@ def test_flat_paged_adamw_8bit_equals_bitsandbytes_own_and_resumes_from_its_stat
     shapes = [(16384, 8), (8, 3072), (9216, 8), (8, 8192), (3072, 8)]  # gate_up B, an A, qkv B, down A, o B
     ours = [torch.nn.Parameter(torch.randn(s, device="cuda") * 0.02) for s in shapes]
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
-    opt_ours = optim.build_optimizer(ours, "paged_adamw_8bit", 3e-4, 0.0, torch.device("cuda"), flat=True)
+    opt_ours = flat_optimizer(optim.build_optimizer(ours, "paged_adamw_8bit", 3e-4, 0.0, torch.device("cuda")))
     opt_theirs = bnb.optim.PagedAdamW8bit(theirs, lr=3e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    assert isinstance(opt_ours, optim.FlatAdamW)
+    assert isinstance(opt_ours, FlatAdamW)
 
     def step(params, optimizer, seed):
         generator = torch.Generator(device="cuda").manual_seed(seed)
         sum((p * torch.randn(p.shape, device="cuda", generator=generator)).sum() for p in params).backward()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=not isinstance(optimizer, optim.FlatAdamW))
+        optimizer.zero_grad(set_to_none=not isinstance(optimizer, FlatAdamW))
 
     for seed in range(3):
         step(ours, opt_ours, seed)
@@ -397,8 +398,8 @@ def test_flat_paged_adamw_8bit_equals_bitsandbytes_own_and_resumes_from_its_stat
     )
     opt_crossed_theirs.load_state_dict(ours_saved)
     crossed_ours = [torch.nn.Parameter(p.detach().clone()) for p in theirs]
-    opt_crossed_ours = optim.build_optimizer(
-        crossed_ours, "paged_adamw_8bit", 3e-4, 0.0, torch.device("cuda"), flat=True
+    opt_crossed_ours = flat_optimizer(
+        optim.build_optimizer(crossed_ours, "paged_adamw_8bit", 3e-4, 0.0, torch.device("cuda"))
     )
     opt_crossed_ours.load_state_dict(theirs_saved)
     for params, optimizer in ((ours, opt_ours), (crossed_theirs, opt_crossed_theirs), (crossed_ours, opt_crossed_ours)):

@@ -12,7 +12,7 @@ import torch
 
 import run
 from yoda_raw.chat import IGNORE
-from yoda_raw.graphs import CAUSAL_SDPA, CapturedStep
+from yoda_raw.fast.graphs import CAUSAL_SDPA, GraphStep
 from yoda_raw.loss import token_loss_sum
 from yoda_raw.packing import Collator
 
@@ -46,7 +46,7 @@ def test_padded_batch_without_a_mask_gives_the_eager_loss_and_gradients(
         eager_loss = token_loss_sum(tiny_model, batch)
     tiny_model.zero_grad(set_to_none=True)
 
-    captured = CapturedStep(tiny_model, batch_size=5, max_length=12, pad_id=tiny_tokenizer.pad_token_id, device="cpu")
+    captured = GraphStep(tiny_model, batch_size=5, max_length=12, pad_id=tiny_tokenizer.pad_token_id, device="cpu")
     captured._load(batch)
     assert set(captured.batch) == {"input_ids", "labels"}  # no mask: nothing that says where padding is
     assert (captured.batch["labels"][3:] == IGNORE).all() and (captured.batch["labels"][:, 8:] == IGNORE).all()
@@ -77,7 +77,7 @@ def test_padded_batch_without_a_mask_gives_the_eager_loss_and_gradients(
 def test_a_full_batch_after_a_short_one_leaves_no_stale_padding(tiny_tokenizer):
     """The buffers are reused: a short batch pads them, and the next full batch must overwrite
     every position (no labels of an earlier batch survive)."""
-    captured = CapturedStep(torch.nn.Identity(), batch_size=2, max_length=4, pad_id=0, device="cpu")
+    captured = GraphStep(torch.nn.Identity(), batch_size=2, max_length=4, pad_id=0, device="cpu")
     captured._load({"input_ids": torch.tensor([[1, 2]]), "labels": torch.tensor([[1, 2]])})
     full = {"input_ids": torch.arange(8).view(2, 4), "labels": torch.arange(8).view(2, 4) + 10}
     captured._load(full)
@@ -121,8 +121,8 @@ def test_compiled_layers_train_as_the_plain_ones(tmp_path, tiny_config):
                                compile_layers=setting))  # fmt: skip
         losses[setting] = [r["loss"] for r in run.fit.log]
         assert json.loads((out / "run_config.json").read_text())["compile_layers"] == setting
-    compiled = [m for m in run.live.model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
-    assert len(compiled) == run.live.model.config.num_hidden_layers
+    compiled = [m for m in run.model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert len(compiled) == run.model.config.num_hidden_layers
     assert losses["on"] == pytest.approx(losses["off"], rel=1e-4)
 
 
@@ -161,7 +161,7 @@ def test_the_first_step_runs_eagerly_on_the_padded_buffers(tiny_model, tiny_toke
     eager_grads = lora_like_grads(tiny_model)
     tiny_model.zero_grad(set_to_none=True)
 
-    captured = CapturedStep(tiny_model, batch_size=4, max_length=8, pad_id=tiny_tokenizer.pad_token_id, device="cpu")
+    captured = GraphStep(tiny_model, batch_size=4, max_length=8, pad_id=tiny_tokenizer.pad_token_id, device="cpu")
     loss = captured.forward_backward([batch], n_supervised)
     assert captured.warmed_up and captured.graph is None
     torch.testing.assert_close(loss, eager.detach(), rtol=1e-5, atol=1e-5)
@@ -173,18 +173,18 @@ def test_compile_layers_without_triton_on_a_gpu(monkeypatch):
     """On a GPU torch.compile needs Triton (compute capability 7.0+, the package installed): without
     it auto stays off, and on is one line naming the fix, before anything loads. A CPU compiles
     without Triton, so there nothing changes."""
-    from yoda_raw import model
     from yoda_raw.errors import YodaError
+    from yoda_raw.fast import compile
 
-    monkeypatch.setattr(model, "has_triton", lambda: False)
+    monkeypatch.setattr(compile, "has_triton", lambda: False)
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
-    assert model.resolve_compile("auto", "on", gpu) == "off"
+    assert compile.resolve("auto", "on", gpu) == "off"
     with pytest.raises(YodaError, match=r"^--compile-layers on needs Triton .*; use --compile-layers off$"):
-        model.resolve_compile("on", "on", gpu)
-    assert model.resolve_compile("on", "off", cpu) == "on"
-    monkeypatch.setattr(model, "has_triton", lambda: True)
-    assert model.resolve_compile("auto", "on", gpu) == "on"
-    assert model.resolve_compile("auto", "off", gpu) == "off"
+        compile.resolve("on", "on", gpu)
+    assert compile.resolve("on", "off", cpu) == "on"
+    monkeypatch.setattr(compile, "has_triton", lambda: True)
+    assert compile.resolve("auto", "on", gpu) == "on"
+    assert compile.resolve("auto", "off", gpu) == "off"
 
 
 def test_compiled_layers_compile_in_the_process_unless_told_otherwise(monkeypatch, tiny_qlora):
@@ -193,14 +193,14 @@ def test_compiled_layers_compile_in_the_process_unless_told_otherwise(monkeypatc
     (a user's choice stays). Catches the setting dropped, or overriding the user's variable."""
     import torch._inductor.config as inductor
 
-    from yoda_raw import model as yoda_model
+    from yoda_raw.fast.compile import compile_layers
 
     monkeypatch.setattr(inductor, "compile_threads", None)  # inductor's "not decided yet"
     monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
-    yoda_model.compile_layers(tiny_qlora())
+    compile_layers(tiny_qlora())
     assert inductor.compile_threads == 1
 
     monkeypatch.setattr(inductor, "compile_threads", None)
     monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "4")
-    yoda_model.compile_layers(tiny_qlora())
+    compile_layers(tiny_qlora())
     assert inductor.compile_threads is None  # left to inductor, which reads the variable

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from yoda_raw.optim import FlatAdamW, build_optimizer, learning_rate
+from yoda_raw.fast.flat import FlatAdamW, flat_optimizer
+from yoda_raw.optim import build_optimizer, learning_rate
 
 CPU = torch.device("cpu")
 
@@ -74,7 +75,7 @@ def test_flat_adamw_updates_exactly_as_the_per_tensor_one():
     tensor (the update would then see zeros), or a zero_grad that frees it."""
     plain, flat = lora_like_params(), lora_like_params()
     per_tensor = build_optimizer(plain, "adamw_8bit", 1e-2, 0.0, CPU)
-    one = build_optimizer(flat, "adamw_8bit", 1e-2, 0.0, CPU, flat=True)
+    one = flat_optimizer(build_optimizer(flat, "adamw_8bit", 1e-2, 0.0, CPU))
     assert isinstance(one, FlatAdamW) and not isinstance(per_tensor, FlatAdamW)
     for step in range(4):
         backward_of_a_step(plain, step)
@@ -95,7 +96,7 @@ def test_flat_adamw_checkpoints_hold_the_per_tensor_state():
     then takes the same next step as an optimizer never saved: resume works across the two layouts."""
     reference, flat = lora_like_params(), lora_like_params()
     ref_opt = build_optimizer(reference, "adamw_8bit", 1e-2, 0.0, CPU)
-    flat_opt = build_optimizer(flat, "adamw_8bit", 1e-2, 0.0, CPU, flat=True)
+    flat_opt = flat_optimizer(build_optimizer(flat, "adamw_8bit", 1e-2, 0.0, CPU))
     for step in range(2):
         for params, optimizer in ((reference, ref_opt), (flat, flat_opt)):
             backward_of_a_step(params, step)
@@ -108,7 +109,7 @@ def test_flat_adamw_checkpoints_hold_the_per_tensor_state():
     per_tensor_opt = build_optimizer(as_per_tensor, "adamw_8bit", 1e-2, 0.0, CPU)
     per_tensor_opt.load_state_dict(saved)
     as_flat = [torch.nn.Parameter(p.detach().clone()) for p in reference]
-    as_flat_opt = build_optimizer(as_flat, "adamw_8bit", 1e-2, 0.0, CPU, flat=True)
+    as_flat_opt = flat_optimizer(build_optimizer(as_flat, "adamw_8bit", 1e-2, 0.0, CPU))
     as_flat_opt.load_state_dict(ref_opt.state_dict())
     for params, optimizer in ((reference, ref_opt), (as_per_tensor, per_tensor_opt), (as_flat, as_flat_opt)):
         backward_of_a_step(params, 2)
@@ -125,7 +126,7 @@ def test_flat_adamw_survives_accelerates_prepare():
 
     plain, flat = lora_like_params(), lora_like_params()
     per_tensor = build_optimizer(plain, "adamw_8bit", 1e-2, 0.0, CPU)
-    prepared = Accelerator(cpu=True).prepare(build_optimizer(flat, "adamw_8bit", 1e-2, 0.0, CPU, flat=True))
+    prepared = Accelerator(cpu=True).prepare(flat_optimizer(build_optimizer(flat, "adamw_8bit", 1e-2, 0.0, CPU)))
     assert isinstance(prepared.optimizer, FlatAdamW)
     for step in range(2):
         backward_of_a_step(plain, step)
@@ -142,9 +143,9 @@ def test_flat_adamw_only_where_it_is_exact():
     """A tensor of fewer than 4096 elements (32-bit state) or of a partial block keeps the per-tensor
     optimizer; so does torch's AdamW."""
     odd = [torch.nn.Parameter(torch.zeros(8, 8)), torch.nn.Parameter(torch.zeros(8, 512))]
-    assert not isinstance(build_optimizer(odd, "adamw_8bit", 1e-3, 0.0, CPU, flat=True), FlatAdamW)
+    assert not isinstance(flat_optimizer(build_optimizer(odd, "adamw_8bit", 1e-3, 0.0, CPU)), FlatAdamW)
     partial = [torch.nn.Parameter(torch.zeros(4100))]
-    assert not isinstance(build_optimizer(partial, "adamw_8bit", 1e-3, 0.0, CPU, flat=True), FlatAdamW)
+    assert not isinstance(flat_optimizer(build_optimizer(partial, "adamw_8bit", 1e-3, 0.0, CPU)), FlatAdamW)
     assert not isinstance(build_optimizer(lora_like_params(), "adamw", 1e-3, 0.0, CPU, flat=True), FlatAdamW)
 
 

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import run
-from yoda_raw import checkpoint, output, train
+from yoda_raw import checkpoint, meter, output, train
 from yoda_raw.errors import Interrupted, YodaError
 
 # On top of the tiny preset (the tiny_config fixture): fp32, no quantization, no held-out set, a
@@ -70,7 +70,7 @@ def fake_finished_run(folder: Path) -> None:
 
 def send_signal_at(monkeypatch, step: int, signum: int = signal.SIGINT) -> None:
     """Send `signum` to this process from inside the loop, in the forward and backward of `step`."""
-    real_forward_backward, calls = train.forward_backward, []
+    real_forward_backward, calls = train.EagerStep.forward_backward, []
 
     def forward_backward_then_signal(*args, **kwargs):
         calls.append(1)
@@ -78,7 +78,7 @@ def send_signal_at(monkeypatch, step: int, signum: int = signal.SIGINT) -> None:
             os.kill(os.getpid(), signum)
         return real_forward_backward(*args, **kwargs)
 
-    monkeypatch.setattr(train, "forward_backward", forward_backward_then_signal)
+    monkeypatch.setattr(train.EagerStep, "forward_backward", forward_backward_then_signal)
 
 
 def disk_full_at_adapter_write(monkeypatch, n: int) -> None:
@@ -364,7 +364,7 @@ def test_resume_from_an_older_checkpoint_keeps_one_line_per_step(tmp_path, monke
 def test_a_signal_during_logging_saves_the_checkpoint_it_names(tmp_path, monkeypatch, tiny_config):
     """Catches a signal that comes while a step logs ending the run with no checkpoint of that step,
     and a resume hint naming a checkpoint that does not exist."""
-    real_log_window = train.log_window
+    real_log_window = meter.log_window
 
     def log_window_then_sigint(window, step, *args, **kwargs):
         record = real_log_window(window, step, *args, **kwargs)
@@ -372,7 +372,7 @@ def test_a_signal_during_logging_saves_the_checkpoint_it_names(tmp_path, monkeyp
             os.kill(os.getpid(), signal.SIGINT)
         return record
 
-    monkeypatch.setattr(train, "log_window", log_window_then_sigint)
+    monkeypatch.setattr(meter, "log_window", log_window_then_sigint)
     with pytest.raises(Interrupted, match=f"--resume {tmp_path / 'checkpoint-2'}"):
         train.main(tiny_config(RUN_OPTIONS, output_dir=str(tmp_path)))
     assert (tmp_path / "checkpoint-2" / "trainer_state.json").is_file()

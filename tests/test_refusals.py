@@ -12,7 +12,7 @@ import pytest
 from test_robustness import RUN_OPTIONS
 
 import run
-from yoda_raw import train
+from yoda_raw import meter, train
 from yoda_raw.checkpoint import ADAPTER_FILE
 from yoda_raw.config import TINY_DATASET, Config
 from yoda_raw.errors import YodaError
@@ -465,14 +465,14 @@ def test_second_ctrl_c_is_one_line(tmp_path, capsys, monkeypatch):
     import os
     import signal
 
-    real_log_window = train.log_window
+    real_log_window = meter.log_window
 
     def two_sigints(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)
         return real_log_window(*args, **kwargs)
 
-    monkeypatch.setattr(train, "log_window", two_sigints)
+    monkeypatch.setattr(meter, "log_window", two_sigints)
     assert run.main(run_argv(tmp_path / "out", "--no-samples")) == 130
     assert last_error_line(capsys).startswith("error: interrupted; stopped at once")
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored

@@ -211,7 +211,7 @@ def test_sigint_saves_a_checkpoint_that_resumes_exactly(straight, tmp_path, monk
     that does not say it was interrupted, and a checkpoint whose resume does not continue with the
     straight run's losses. SIGINT is sent to this process from inside the loop (in step 2's backward);
     fit's handler, installed in the main thread, turns it into a stop after the step."""
-    real_forward_backward, calls = train.forward_backward, []
+    real_forward_backward, calls = train.EagerStep.forward_backward, []
 
     def forward_backward_then_sigint(*args, **kwargs):
         calls.append(1)
@@ -219,12 +219,12 @@ def test_sigint_saves_a_checkpoint_that_resumes_exactly(straight, tmp_path, monk
             os.kill(os.getpid(), signal.SIGINT)
         return real_forward_backward(*args, **kwargs)
 
-    monkeypatch.setattr(train, "forward_backward", forward_backward_then_sigint)
+    monkeypatch.setattr(train.EagerStep, "forward_backward", forward_backward_then_sigint)
     interrupted = tmp_path / "interrupted"
     with pytest.raises(Interrupted, match="SIGINT: stopped after step 2") as info:
         train.main(tiny_config(RUN_OPTIONS, output_dir=str(interrupted)))
     assert info.value.exit_code == 130
-    monkeypatch.setattr(train, "forward_backward", real_forward_backward)
+    monkeypatch.setattr(train.EagerStep, "forward_backward", real_forward_backward)
     checkpoint = interrupted / "checkpoint-2"
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 2
     assert not list(interrupted.glob(".checkpoint-*"))

@@ -38,14 +38,14 @@ OPTIONS = [
 ]
 
 STAGES = [
-    "1. setup  [config.parse_config, train.make_accelerator]",
+    "1. setup  [config.parse_config, settle.settle, train.make_accelerator]",
     "2. one conversation -> ids and labels  [data.load_conversations, chat.tokenize_conversation]",
-    "3. rows, and the order they come in  [packing.build_rows, train.EpochSampler]",
+    "3. rows, and the order they come in  [packing.build_rows, packing.EpochSampler]",
     "4. the base model, its weights in 4 bits  [model.load_base_model]",
-    "5. LoRA on the frozen base  [model.add_lora]",
-    "6. the optimizer and the learning rate  [optim.build_optimizer, accelerator.prepare, optim.learning_rate]",
-    "7. the micro-batches of step 1  [the DataLoader with packing.Collator, loss.supervised_count]",
-    "8. forward and backward  [train.forward_backward or graphs.CapturedStep -> loss.token_loss_sum]",
+    "5. LoRA on the frozen base  [model.add_lora, fast.apply]",
+    "6. the optimizer  [optim.build_optimizer, fast.optimizer, accelerator.prepare]",
+    "7. the micro-batches of step 1  [train.step_batches, packing.Collator, loss.supervised_count]",
+    "8. forward and backward  [",  # then the step object the loop called: train.EagerStep on a CPU
     "9. clip and update  [accelerator.clip_grad_norm_, optimizer.step, optimizer.zero_grad]",
 ]
 
@@ -81,8 +81,24 @@ def stage(out: str, number: int) -> str:
 
 def test_every_stage_in_order(traced):
     out, _ = traced
-    positions = [out.index(f"== {heading} ==") for heading in STAGES]
+    positions = [out.index(f"== {heading}") for heading in STAGES]
     assert positions == sorted(positions)
+    assert "== 8. forward and backward  [train.EagerStep] ==" in out  # the step the eager loop calls
+
+
+def test_a_change_to_the_loop_shows_in_the_trace(traced, monkeypatch):
+    """The trace watches the loop; it does not copy it. A change to what the loop's step computes
+    (here its loss, doubled) reaches the trace's output with no change to trace.py. Catches a trace
+    that computes step 1 itself."""
+    from yoda_raw import train as train_module
+
+    real = train_module.token_loss_sum
+    monkeypatch.setattr(train_module, "token_loss_sum", lambda model, batch: 2 * real(model, batch))
+    out, _ = traced
+    doubled = run_trace(OPTIONS)
+    # Step 1's loss comes before any update, from the same seeds: exactly twice the loss. The bound
+    # is the log record's rounding to 6 decimals, once in each run and doubled in one of them.
+    assert step_1(doubled)[0] == pytest.approx(2 * step_1(out)[0], abs=4e-6)
 
 
 def test_conversation_ids_and_labels(traced):
@@ -225,7 +241,7 @@ def test_on_cuda_memory_after_every_stage_and_the_loops_step_1(tmp_path):
     """On one GPU the loop records a CUDA graph (--cuda-graph auto) and trains in bf16; the trace follows."""
     out = run_trace(OPTIONS)
     assert out.count("\n[cuda: ") == len(STAGES)  # one memory line closes every stage
-    assert "graphs.CapturedStep (--cuda-graph on)" in stage(out, 8)
+    assert "[fast.graphs.GraphStep]" in out  # the CUDA graph's step
     assert "set_to_none=False" in stage(out, 9)
     loss, grad_norm, _ = step_1(out)
     logged = loops_step_1(parse_config(["--preset", "tiny", *OPTIONS]), tmp_path)

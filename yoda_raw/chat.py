@@ -129,8 +129,6 @@ def tokenize_conversation(tokenizer, messages: list[dict], train_on: str = "assi
 
     `train_on="all"` puts a loss on every token (labels == ids), as the tutorial's SFTTrainer does.
     """
-    if train_on not in ("assistant", "all"):
-        raise YodaError(f"train_on must be 'assistant' or 'all', got {train_on!r}")
     ids = render(tokenizer, messages)
     if train_on == "all":
         return {"input_ids": ids, "labels": list(ids)}

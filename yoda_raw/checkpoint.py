@@ -4,6 +4,7 @@ A checkpoint is a folder `OUTPUT_DIR/checkpoint-N` holding what a run needs to c
 if it had never stopped: the LoRA adapter (safetensors; the 4-bit base never changes and is reloaded
 from its source), the optimizer state and every process's random states (Accelerate's save_state),
 the step (which fixes both the data position and the learning rate) and the resolved config.
+And at the end of a run, with --push-to-hub, the saved adapter uploaded to the Hub.
 """
 
 import hashlib
@@ -13,6 +14,7 @@ import pickle
 import shutil
 from pathlib import Path
 
+import huggingface_hub
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import extract_model_from_parallel
@@ -203,3 +205,39 @@ def load_adapter_only(models, input_dir):
     for model in list(models):
         set_peft_model_state_dict(extract_model_from_parallel(model), load_file(os.path.join(input_dir, ADAPTER_FILE)))
     models.clear()
+
+
+# --- the Hub: an adapter pushed after it is saved -------------------------------------------------
+
+
+def check_hub_token(cfg: Config) -> None:
+    """Fail before training, not after it, when --push-to-hub has no token to push with. The token
+    comes from HF_TOKEN or `huggingface-cli login`; it is never printed, logged or saved."""
+    if not cfg.push_to_hub:
+        return
+    if not huggingface_hub.get_token():
+        raise YodaError(f"--push-to-hub {cfg.push_to_hub}: no Hugging Face token; set HF_TOKEN or run `hf auth login`")
+    try:
+        huggingface_hub.whoami()  # the token is good and the Hub can be reached: a network call, once
+    except Exception as err:  # noqa: BLE001 - offline, no network, a bad token: all mean "cannot push"
+        raise YodaError(
+            f"--push-to-hub {cfg.push_to_hub}: cannot reach the Hugging Face Hub with this token ({_first_line(err)}); "
+            "check the network and token, or train without --push-to-hub and upload later with `hf upload`"
+        ) from None
+
+
+def push_to_hub(cfg: Config, out: Path) -> None:
+    api = huggingface_hub.HfApi()
+    try:
+        api.create_repo(cfg.push_to_hub, exist_ok=True, private=True)
+        api.upload_folder(repo_id=cfg.push_to_hub, folder_path=out, ignore_patterns=["checkpoint-*", ".*"])
+    except Exception as err:  # noqa: BLE001 - the network went away, the Hub refused: the adapter is saved either way
+        raise YodaError(
+            f"--push-to-hub {cfg.push_to_hub}: the upload failed ({_first_line(err)}); the adapter is saved in {out}: "
+            f"upload it later with `hf upload {cfg.push_to_hub} {out} --private --exclude 'checkpoint-*'`"
+        ) from None
+    print(f"pushed {out} to https://huggingface.co/{cfg.push_to_hub}")
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

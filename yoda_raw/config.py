@@ -7,15 +7,12 @@ replaces the defaults; options given on the command line win over both.
 
 `parse_config` does that for run.py and for `python -m yoda_raw.trace`, which take the same options.
 
-Some values are settled when the run starts, by the machine or the model, and saved resolved
-(train.settle_for_machine, train.settle_for_model): `--quant auto` (4-bit on a GPU, unquantized on a
-CPU, where 4-bit saves memory that a small model does not need and costs time), `--cuda-graph`,
-`--compile-layers`, `--reuse-dequant`, `--fp8-matmuls` and `--seeded-dropout auto` (on where the
-fast path can run, off elsewhere), and the LoRA targets when none are given (every linear layer but
-the LM head, read from the model's config).
+Each value is checked here, once, as it is read (types, ranges, choices). The `auto` values are
+settled when the run starts, from the machine and the model's config (yoda_raw/settle.py).
 
-The resolved configuration is printed at start and saved as `run_config.json` next to every
-checkpoint and adapter, so a result can always be traced back to the settings that made it.
+A run prints the options that differ from the defaults at start, and saves the whole settled
+configuration as `run_config.json` next to every checkpoint and adapter, so a result can always be
+traced back to the settings that made it.
 """
 
 import argparse
@@ -45,10 +42,8 @@ class Config:
     preset: Literal["tutorial", "smol", "tiny"] = field(
         default="tutorial",
         metadata={
-            "help": "tutorial: Phi-3-mini on dvgodoy/yoda_sentences (needs a GPU). "
-            "smol: the pretrained SmolLM2-135M-Instruct, real Yoda speak in minutes on a CPU "
-            "(`python -m yoda_raw.fetch smol` gets it without the Hub). "
-            "tiny: a tiny random Phi-3 and ~50 pairs shipped with yoda_raw; runs on a CPU."
+            "help": "tutorial: Phi-3-mini on the yoda set (a GPU). smol: SmolLM2-135M-Instruct, real Yoda speak "
+            "on a CPU in minutes. tiny: a tiny random Phi-3 on ~50 shipped pairs."
         },
     )
     model: str = field(default=TUTORIAL_MODEL, metadata={"help": "Hub id or local folder of a causal LM."})
@@ -79,8 +74,8 @@ class Config:
     system_prompt: str | None = field(
         default=None,
         metadata={
-            "help": "A system message put in front of every conversation that has none, in training, "
-            "evaluation and generation alike (default: none, and the chat template may add its own)."
+            "help": "A system message in front of every conversation without one, in training, evaluation and "
+            "generation alike (default: none; the chat template may add its own)."
         },
     )
     train_on: Literal["assistant", "all"] = field(
@@ -127,47 +122,36 @@ class Config:
     uncheckpointed_layers: int = field(
         default=0,
         metadata={
-            "help": "With checkpointing, the last N decoder layers keep their activations instead of recomputing "
-            "them: faster, by N layers' recompute, for N layers' activations of memory."
+            "help": "Leave the last N decoder layers out of checkpointing: faster by N layers' recompute, "
+            "for N layers' activations of memory."
         },
     )
     cuda_graph: Literal["auto", "on", "off"] = field(
         default="auto",
         metadata={
-            "help": "Record each micro-batch's forward and backward once as a CUDA graph and replay it: "
-            "much less launch overhead, the same memory and losses. auto: on where it can run "
-            "(one CUDA GPU, bf16 or fp32), off elsewhere. off: the plain eager loop."
+            "help": "Replay each micro-batch's forward and backward as a CUDA graph. auto: on where it can run "
+            "(one CUDA GPU, bf16 or fp32); off: the plain eager loop."
         },
     )
     compile_layers: Literal["auto", "on", "off"] = field(
         default="auto",
         metadata={
-            "help": "torch.compile each decoder layer: fused kernels for the norms, rotary embeddings, "
-            "activations and LoRA's element-wise work, for some seconds of compiling at the first step. "
-            "auto: on with the CUDA graph (which records the compiled layers), off elsewhere "
-            "(on a CPU compiling costs more than it saves)."
+            "help": "torch.compile each decoder layer (fused element-wise kernels; seconds of compiling at the "
+            "first step). auto: on with the CUDA graph, off elsewhere."
         },
     )
     reuse_dequant: Literal["auto", "on", "off"] = field(
         default="auto",
         metadata={
-            "help": "Dequantize each 4-bit weight once for the checkpointing recompute and the backward "
-            "(bitsandbytes does it twice): one dequantization in three saved, one layer's weights in the "
-            "compute dtype held meanwhile. Needs gradient checkpointing and a 4-bit base. auto: on with "
-            "the CUDA graph where those hold, off elsewhere."
+            "help": "Dequantize each 4-bit weight once for the recompute and the backward, not twice. Needs "
+            "checkpointing and a 4-bit base. auto: on with the CUDA graph."
         },
     )
     fp8_matmuls: Literal["auto", "on", "off"] = field(
         default="auto",
         metadata={
-            "help": "The frozen 4-bit weights' products (forward, recompute and input gradient) in FP8 "
-            "(e4m3), through the matmul --reuse-dequant puts in place (which it turns on with checkpointing), "
-            "in uncheckpointed layers and without checkpointing too: twice bf16's peak on GPUs of compute "
-            "capability 8.9 and later (Ada, Hopper). One scale a token for the input and the output gradient, "
-            "one for the weight; each product errs by a few percent, so the losses are close to, not equal to, "
-            "the bf16 run's. Needs a 4-bit base; a CPU runs it as a slow reference (for tests). auto: on in the "
-            "fast path (the CUDA graph with compiled layers, bf16) on Hopper GPUs, where it was measured "
-            "faster; off elsewhere. off: the compute dtype, as the tutorial."
+            "help": "The frozen 4-bit weights' products in FP8 (e4m3), close to bf16's, not equal. auto: on in the "
+            "fast path on Hopper GPUs (docs/fast-path.md); off: the compute dtype."
         },
     )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
@@ -176,20 +160,15 @@ class Config:
     seeded_dropout: Literal["auto", "on", "off"] = field(
         default="auto",
         metadata={
-            "help": "LoRA's dropout masks made from one random seed a module and micro-step, four elements "
-            "from each random draw (a Triton kernel on CUDA), where compiled torch dropout draws one an "
-            "element, twice with checkpointing. The same keep probability and scaling; other masks than "
-            "torch's (so not SFTTrainer's). Needs --lora-dropout above 0. auto: on in the fast path (the CUDA "
-            "graph with compiled layers) where --lora-dropout is above 0, off elsewhere. off: torch's dropout, "
-            "as the tutorial."
+            "help": "LoRA's dropout masks from one seed a module and micro-step (other masks than torch's, the same "
+            "distribution). auto: on in the fast path; off: torch's dropout."
         },
     )
     lora_targets: list[str] = field(
         default_factory=list,
         metadata={
-            "help": "Module names that get LoRA adapters. Default: every linear layer but the LM head, "
-            "read from the model's config: on Phi-3 the tutorial's o_proj qkv_proj gate_up_proj down_proj, "
-            "on Llama-style models (SmolLM2) q_proj k_proj v_proj o_proj gate_proj up_proj down_proj."
+            "help": "Module names that get LoRA adapters. Default: every linear layer but the LM head (on Phi-3 "
+            "the tutorial's o_proj qkv_proj gate_up_proj down_proj)."
         },
     )
 
@@ -226,8 +205,8 @@ class Config:
     overwrite: bool = field(
         default=False,
         metadata={
-            "help": "Replace the run already in output_dir: its adapter, and its checkpoints and metrics "
-            "unless --resume continues one of them. Never files that no run wrote."
+            "help": "Replace the run already in output_dir (its adapter, checkpoints and metrics); never files "
+            "that no run wrote."
         },
     )
     report_to: Literal["none", "tensorboard"] = field(
@@ -286,16 +265,6 @@ class Config:
                 "drop --no-gradient-checkpointing or --uncheckpointed-layers",
             ),
             (
-                self.gradient_checkpointing or self.reuse_dequant != "on",
-                "--reuse-dequant on keeps each layer's dequantized weights from the recompute to the backward, "
-                "so it needs gradient checkpointing; drop --no-gradient-checkpointing or use --reuse-dequant off",
-            ),
-            (
-                self.seeded_dropout != "on" or self.lora_dropout > 0,
-                "--seeded-dropout on makes LoRA's dropout masks, and --lora-dropout is 0 (no dropout); "
-                "drop --seeded-dropout on or set --lora-dropout",
-            ),
-            (
                 self.system_prompt is None or bool(self.system_prompt.strip()),
                 "--system-prompt must not be empty; leave it out for no system message",
             ),
@@ -312,6 +281,26 @@ class Config:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
+
+    def changes(self) -> dict:
+        """The options whose values differ from the defaults (a preset's among them), in field order."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.init and getattr(self, f.name) != (f.default_factory() if callable(f.default_factory) else f.default)
+        }
+
+    def changes_line(self) -> str:
+        """`changes()` as the options a run prints at start, e.g. `--preset tiny --epochs 30 ...`
+        ("the defaults" when none differ)."""
+        shown = []
+        for name, value in self.changes().items():
+            option = "--" + name.replace("_", "-")
+            if isinstance(value, bool):
+                shown.append(option if value else f"--no-{option[2:]}")
+            else:
+                shown.append(f"{option} {' '.join(value) if isinstance(value, list) else value}")
+        return " ".join(shown) or "the defaults"
 
     @classmethod
     def from_dict(cls, values: dict) -> "Config":

@@ -23,3 +23,30 @@ class Interrupted(YodaError):
     def __init__(self, message: str, signum: int = signal.SIGINT):
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+class OutOfMemory(YodaError):
+    """Out of GPU memory in the loop, with nothing left to retry: what ran out, and what lowers it."""
+
+    def __init__(self, batch_size: int, auto_batch_size: bool, num_processes: int):
+        if num_processes > 1:
+            why = f"with {num_processes} processes --auto-batch-size cannot retry (the others are mid-step)"
+        elif auto_batch_size:
+            why = "--auto-batch-size found no smaller batch to retry with"
+        else:
+            why = "pass --auto-batch-size to retry with 0.9x the rows each time"
+        super().__init__(
+            f"out of GPU memory at --batch-size {batch_size}; {why}; lower --batch-size (with --grad-accum "
+            "to keep the step size), or use --gradient-checkpointing, a shorter --max-length, "
+            "or --optim paged_adamw_8bit"
+        )
+
+
+class NonFiniteLoss(YodaError):
+    def __init__(self, bad_step: int, stopped_at: int | None = None):
+        stopped_at = bad_step if stopped_at is None else stopped_at
+        super().__init__(
+            f"step {bad_step}: the loss or a gradient is NaN or infinite; its gradients were zeroed, and the run "
+            f"stopped at step {stopped_at} without logging or saving anything after step {bad_step - 1} "
+            "(checkpoints already saved are intact). Try a lower --lr, or --precision bf16/fp32 instead of fp16"
+        )

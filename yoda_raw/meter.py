@@ -5,8 +5,14 @@ label is not -100 (what the loss is averaged over). Throughput is per second of 
 """
 
 import threading
+import time
+from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
+
+from yoda_raw import output
+from yoda_raw.hooks import Observer
 
 GIB = 1024**3
 
@@ -305,3 +311,129 @@ def format_breakdown(b: dict) -> str:
     check = "add up" if b["adds_up"] else f"do NOT add up within {b['tolerance_gib']} GiB"
     lines += [total, f"  the counted parts {check} against torch.cuda.memory_allocated()"]
     return "\n".join(lines)
+
+
+class MemoryReport(Observer):
+    """Where the GPU memory went, counted tensor by tensor, once a run: an observer of the loop
+    (yoda_raw/hooks.py). It reads torch's allocated memory with the model alone, before the
+    optimizer exists, and breaks the peak down at the first log line; `breakdown` keeps it.
+    Nothing on a CPU, where torch keeps no memory counts."""
+
+    def __init__(self, show: bool = True):
+        self.show, self.breakdown = show, None
+        self.model = self.optimizer = self.allocated_before_loop = self.device = None
+
+    def adapted(self, model) -> None:
+        self.device = next(model.parameters()).device
+        self.allocated_before_loop = allocated_bytes(self.device)
+
+    def loop_start(self, model, optimizer, loader, steps_per_epoch: int, total_steps: int) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    def logged(self, record: dict) -> None:
+        if self.breakdown is not None or self.device is None or self.device.type != "cuda" or not _is_main_process():
+            return
+        self.breakdown = self.breakdown_now(record)
+        if self.show:
+            tqdm.write(format_breakdown(self.breakdown))
+
+    def breakdown_now(self, record: dict) -> dict:
+        """The breakdown with the peaks of `record` (a logged record, e.g. the run's last)."""
+        unwrapped = getattr(self.model, "module", self.model)  # DDP's wrapper holds the model
+        return memory_breakdown(unwrapped, self.optimizer, self.allocated_before_loop, record, self.device)
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+# --- the loop's log: a record every --logging-steps --------------------------------------------
+
+
+def new_window(device: torch.device) -> dict:
+    """Running sums of one logging window, kept on the device so that adding to them never syncs."""
+    return {
+        "loss": torch.zeros((), device=device),
+        "tokens": 0,
+        "supervised": 0,
+        "steps": 0,
+        "start": time.perf_counter(),
+    }
+
+
+class Log:
+    """The loop's logging: running sums on the device between log lines, then one record a line:
+    on the progress bar, in metrics.jsonl, to the trackers and to the observer."""
+
+    def __init__(self, accelerator, out: Path, start_step: int, total_steps: int,
+                 steps_per_epoch: int, flops_per_token: float, batch_size: int, observer: Observer):  # fmt: skip
+        self.accelerator, self.out, self.observer = accelerator, out, observer
+        self.steps_per_epoch, self.flops_per_token, self.batch_size = steps_per_epoch, flops_per_token, batch_size
+        self.bar = tqdm(
+            total=total_steps, initial=start_step, disable=not accelerator.is_main_process, desc="training", unit="step"
+        )
+        self.records, self.skipped = [], 0
+        self.started = time.perf_counter()
+        self.window = new_window(accelerator.device)
+
+    def add(self, loss_share: torch.Tensor, micro_batches: list[dict], supervised, skipped: bool) -> None:
+        """One step into the window: this process's share of its loss, its tokens (no host sync)."""
+        self.window["loss"] += loss_share  # summed over processes at the log line
+        self.window["tokens"] += sum(b["attention_mask"].sum() for b in micro_batches)
+        self.window["supervised"] += supervised
+        self.window["steps"] += 1
+        self.skipped += int(skipped)  # fp16: updates the loss scaler skipped
+        self.bar.update(1)
+
+    def write(self, step: int, lr: float, grad_norm) -> dict:
+        """The window as a record, written out; a new window begins. Sync point (log_window)."""
+        record = log_window(
+            self.window, step, self.steps_per_epoch, lr, grad_norm, self.flops_per_token, self.accelerator
+        )
+        record |= {"skipped_steps": self.skipped, "batch_size": self.batch_size}  # what --auto-batch-size settled on
+        record["elapsed_s"] = round(time.perf_counter() - self.started, 2)  # the first includes compiling
+        self.records.append(record)
+        write_record(record, self.accelerator, self.bar, self.out)
+        self.observer.logged(record)
+        self.window = new_window(self.accelerator.device)
+        return record
+
+
+def log_window(
+    window: dict, step: int, steps_per_epoch: int, lr: float, grad_norm, flops_per_token: float, accelerator
+) -> dict:
+    """Average one logging window into a record. Sync point: .item() waits for the device."""
+    tokens = accelerator.reduce(torch.as_tensor(window["tokens"], device=accelerator.device), "sum").item()
+    supervised = accelerator.reduce(torch.as_tensor(window["supervised"], device=accelerator.device), "sum").item()
+    loss = accelerator.reduce(window["loss"], "sum").item() / window["steps"]
+    seconds = time.perf_counter() - window["start"]  # read after .item(), so the device work is done
+    record = {
+        "step": step,
+        "epoch": round(step / steps_per_epoch, 3),
+        "loss": round(loss, 6),
+        "lr": lr,
+        "grad_norm": round(float(grad_norm), 6),
+        "tokens": int(tokens),
+        "supervised_tokens": int(supervised),
+        "tokens_per_s": round(tokens / seconds, 1),
+        "supervised_tokens_per_s": round(supervised / seconds, 1),
+        "step_s": round(seconds / window["steps"], 4),
+    }
+    return (
+        record
+        | mfu(tokens / seconds, flops_per_token, accelerator.device, accelerator.num_processes)
+        | memory_gib(accelerator.device)
+    )
+
+
+def write_record(record: dict, accelerator, bar: tqdm, out: Path) -> None:
+    """Show a logged record on the progress bar, append it to metrics.jsonl, pass it to the trackers."""
+    if accelerator.is_main_process:
+        shown = {key: record[key] for key in ("loss", "lr", "tokens_per_s", "mfu") if key in record}
+        if "peak_allocated_gib" in record:
+            shown["peak_gib"] = record["peak_allocated_gib"]
+        bar.set_postfix(shown)
+        output.append_metrics(out, record)
+    accelerator.log(record, step=record["step"])

@@ -18,7 +18,6 @@ precision). `--fp32-frozen` restores the tutorial's upcast; benchmarks/ measures
 """
 
 import contextlib
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,7 +27,6 @@ import transformers
 from accelerate import PartialState, init_empty_weights
 from accelerate.utils import broadcast_object_list
 from peft import LoraConfig, get_peft_model
-from torch.utils._triton import has_triton
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -209,13 +207,6 @@ def check_uncheckpointed_layers(cfg: Config, skeleton_model) -> None:
             f"--uncheckpointed-layers {cfg.uncheckpointed_layers} is more than the model's {count} decoder layers; "
             f"use at most {count} (or --no-gradient-checkpointing)"
         )
-    # Without FP8 it works on the checkpointed layers only (dequant.reuse_dequantized_weights): with
-    # none left it would be on in the saved config and do nothing.
-    if cfg.reuse_dequant == "on" and cfg.fp8_matmuls == "off" and cfg.uncheckpointed_layers == count:
-        raise YodaError(
-            f"--reuse-dequant on works in the checkpointed layers, and --uncheckpointed-layers {count} leaves none; "
-            f"use fewer uncheckpointed layers or --reuse-dequant off"
-        )
 
 
 def add_lora(model, cfg: Config):
@@ -250,44 +241,6 @@ def add_lora(model, cfg: Config):
         # Name the base by its source (with a local folder peft would record the same path anyway).
         model.peft_config["default"].base_model_name_or_path = cfg.model
     return model
-
-
-def resolve_compile(setting: str, cuda_graph: str, device: torch.device) -> str:
-    """--compile-layers auto|on|off -> "on" or "off". auto follows the CUDA graph: that is where it
-    was measured to pay (the H200: 9,360 -> 12,768 tokens/s at 16 x 64); on a CPU the compiled
-    layers were slower than eager ones. On a GPU, torch.compile writes its kernels with Triton,
-    which needs compute capability 7.0+ and the triton package (not there by default on Windows):
-    without it auto is off, and on is one line instead of a traceback at the first step.
-
-    >>> cpu = torch.device("cpu")
-    >>> resolve_compile("auto", "off", cpu), resolve_compile("auto", "on", cpu), resolve_compile("on", "off", cpu)
-    ('off', 'on', 'on')
-    """
-    if device.type == "cuda" and setting != "off" and not has_triton():
-        if setting == "on":
-            raise YodaError(
-                "--compile-layers on needs Triton for this GPU (compute capability 7.0 or more, and "
-                "`pip install triton`); use --compile-layers off"
-            )
-        return "off"
-    return cuda_graph if setting == "auto" else setting
-
-
-def compile_layers(model) -> None:
-    """--compile-layers: torch.compile every decoder layer on its own (they share one compiled
-    code, all 32 of Phi-3's being alike). A layer is where the many small element-wise kernels are
-    (norms, rotary embeddings, the MLP's activation, LoRA's dropout, scaling and add); compiling it
-    fuses them, while the 4-bit matmuls stay bitsandbytes' own. One layer compiles in seconds; the
-    whole model would take minutes. dynamic=False: the shapes are fixed (wrapped packing, and the
-    CUDA graph's buffers), and a short last batch compiles once more."""
-    if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:  # the variable, when set, still decides
-        # One layer's 26 kernels compile here, in this process, with no pool of compile workers
-        # (each a new Python that imports torch, in memory for the whole run). On the H200 with an
-        # empty cache the first step took as long (19.0 s against 19.3 with the pool) and the exit
-        # 1.2-1.5 s less (benchmarks/results/h200_whole_run/). Read when the first layer compiles.
-        torch._inductor.config.compile_threads = 1
-    for layer in decoder_layers(model):
-        layer.compile(dynamic=False)
 
 
 def parameter_counts(model) -> tuple[int, int]:

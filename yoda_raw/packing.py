@@ -10,7 +10,8 @@ Two ways to make rows:
   in the row), so one label per row is lost to the cut.
 - "none": one conversation per row, cut to max_length when longer (the cut part is lost).
 
-The collator pads a batch of rows to the same length on the right.
+The collator pads a batch of rows to the same length on the right; the loader draws the rows in a
+seeded order, epoch by epoch, and collates them into micro-batches.
 """
 
 import random
@@ -68,8 +69,6 @@ def build_rows(
     With packing="none", rows cut short and rows left with no supervised token are reported on
     stderr; the latter are dropped (they would add no loss, only cost), as SFTTrainer does.
     """
-    if max_length < 2:
-        raise YodaError(f"max_length must be at least 2, got {max_length}")
     if shuffle:
         conversations = list(conversations)
         random.Random(seed).shuffle(conversations)
@@ -77,8 +76,6 @@ def build_rows(
 
     if packing == "wrapped":
         return pack_wrapped(examples, max_length)
-    if packing != "none":
-        raise YodaError(f"packing must be 'wrapped' or 'none', got {packing!r}")
 
     rows, n_truncated = truncate(examples, max_length)
     if n_truncated:
@@ -137,3 +134,46 @@ class Collator:
             attention_mask[b, :n] = 1
             labels[b, :n] = torch.tensor(row["labels"])
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# --- the loader: rows in a seeded order, collated into micro-batches ---------------------------------
+
+
+def make_loader(rows: list[dict], batch_size: int, collator: Collator, sampler, device: torch.device):
+    """The loop's DataLoader (train.fit)."""
+    # generator=: each epoch's iterator draws a seed from it instead of from the global RNG that dropout uses,
+    # so a run resumed mid-epoch draws the same dropout masks as an uninterrupted one.
+    # pin_memory (with non_blocking, make_accelerator): a copy to the GPU from ordinary memory makes
+    # the host wait until the GPU has finished all the work queued before it, three waits a step
+    # (one per tensor of the batch), and the GPU then idles while the host prepares the next step.
+    return torch.utils.data.DataLoader(
+        rows,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collator,
+        generator=torch.Generator(),
+        pin_memory=device.type == "cuda",
+    )
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Row order for one epoch: a permutation seeded by (seed + epoch), or the dataset order.
+
+    Seeding by epoch makes the order of any epoch reproducible on its own, which is what lets a
+    resumed run see exactly the rows an uninterrupted one would. Accelerate calls `set_epoch`.
+    """
+
+    def __init__(self, n_rows: int, shuffle: bool, seed: int):
+        self.n_rows, self.shuffle, self.seed, self.epoch = n_rows, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.n_rows))
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n_rows, generator=generator).tolist())

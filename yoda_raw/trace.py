@@ -5,234 +5,171 @@
     python -m yoda_raw.trace --preset tutorial                 # Phi-3-mini in 4 bits (a CUDA GPU)
 
 It takes every option run.py takes (config.parse_config), with `--preset tiny` unless told
-otherwise, and makes the first optimizer step of that run by calling the functions the run calls,
-in the order train.main and train.fit call them. Between the calls it prints what came out: one
-conversation as ids and labels, the packed rows, the batch, one layer's 4-bit weights and its LoRA
-matrices, the logits and the loss, the gradients, the clipped update and the optimizer state, and on
-CUDA the memory allocated after each stage. The loss and gradient norm it prints are those that
-`python run.py` with the same options logs for step 1. Nothing is written to disk.
+otherwise, and runs that very run, `train.main`, for one optimizer step, watching it through the
+loop's hooks (yoda_raw/hooks.py): it computes nothing itself. At each stage it prints what came out:
+one conversation as ids and labels, the packed rows, one layer's 4-bit weights and its LoRA
+matrices, the optimizer, the batch, the logits and the loss, the gradients, the clipped update and
+the optimizer state, and on CUDA the memory allocated after each stage. So the loss and gradient
+norm it prints are those that `python run.py` with the same options logs for step 1, and a change
+to the loop shows here without a change to this file. What the run writes goes to a temporary
+folder, removed at the end.
 """
 
-import itertools
+import dataclasses
 import math
 import sys
+import tempfile
 import textwrap
 
 import torch
-from accelerate.utils import set_seed
 
 from yoda_raw import meter
-from yoda_raw.chat import IGNORE, load_tokenizer, tokenize_conversation
+from yoda_raw.chat import IGNORE, tokenize_conversation
 from yoda_raw.cli import run_command
 from yoda_raw.config import Config, parse_config
-from yoda_raw.data import load_conversations, split_conversations
-from yoda_raw.dequant import reuse_dequantized_weights
-from yoda_raw.dropout import use_seeded_dropout
 from yoda_raw.errors import YodaError
-from yoda_raw.graphs import CapturedStep
+from yoda_raw.hooks import Observer
 from yoda_raw.inspect import row_as_text
 from yoda_raw.loss import supervised_count
-from yoda_raw.model import (
-    add_lora,
-    compile_layers,
-    load_base_model,
-    load_model_config,
-    parameter_line,
-)
-from yoda_raw.optim import build_optimizer, learning_rate
-from yoda_raw.packing import Collator, build_rows, count_tokens
-from yoda_raw.train import (
-    EpochSampler,
-    NonFiniteLoss,
-    check_device,
-    forward_backward,
-    make_accelerator,
-    make_loader,
-    settle_for_machine,
-    settle_for_model,
-    zero_nonfinite_grads,
-)
+from yoda_raw.model import parameter_line
+from yoda_raw.packing import EpochSampler, count_tokens
+from yoda_raw.train import main as train
 
 PEFT_PREFIX = "base_model.model."  # peft's wrapper puts this before every name of the base model
 
 
 def trace(cfg: Config) -> dict:
-    """Make the first optimizer step of the run `cfg` describes, printing each stage; returns
-    the step's loss, gradient norm and learning rate."""
+    """Run the first optimizer step of the run `cfg` describes, printing each stage; returns the
+    step's logged record (loss, grad_norm, lr, ...)."""
     print(f"yoda_raw.trace: the first optimizer step of `python run.py --preset {cfg.preset} ...`, stage by stage")
-
-    heading(1, "setup", "config.parse_config, train.make_accelerator")
-    accelerator, precision = make_accelerator(cfg)
-    check_device(cfg, accelerator)
-    if accelerator.num_processes > 1:
-        raise YodaError("the trace follows one process: run it as `python -m yoda_raw.trace`, not on several")
-    device = accelerator.device
-    cfg = settle_for_machine(cfg, accelerator, precision)  # as train.main does
-    set_seed(cfg.seed)
-    meter.reset_peaks(device)
-    print(f"model {cfg.model} (--init {cfg.init}, --quant {cfg.quant}), dataset {cfg.dataset}")
-    autocast = "no autocast" if precision.mixed_precision == "no" else f"the forward under {precision.dtype} autocast"
+    tracer = Tracer()
+    with tempfile.TemporaryDirectory(prefix="yoda_raw_trace_") as folder:
+        one_step = dataclasses.replace(
+            cfg, max_steps=1, logging_steps=1, save_steps=0, samples=False, output_dir=folder, overwrite=True,
+            resume=None, report_to="none", push_to_hub=None,
+        )  # fmt: skip
+        train(one_step, observer=tracer)
+    record = tracer.record
     print(
-        f"device {device}; precision.choose_precision -> {precision.name}: {autocast}; by default also the dtype of "
-        "the 4-bit matmuls and of the frozen weights (stage 4 reads both off the model)"
-    )
-    graph = "forward and backward as a CUDA graph from step 2 on (stage 8)" if cfg.cuda_graph == "on" else "eager"
-    print(f"graphs.resolve -> --cuda-graph {cfg.cuda_graph}: {graph}")
-    compiled = "each decoder layer compiled (stage 5), at its first call" if cfg.compile_layers == "on" else "off"
-    print(f"model.resolve_compile -> --compile-layers {cfg.compile_layers}: {compiled}")
-    memory(device)
-
-    heading(2, "one conversation -> ids and labels", "data.load_conversations, chat.tokenize_conversation")
-    tokenizer = load_tokenizer(cfg.tokenizer_source, trust_remote_code=cfg.trust_remote_code)
-    cfg = settle_for_model(cfg, load_model_config(cfg, len(tokenizer)), device, precision)  # as train.main does
-    conversations = load_conversations(
-        cfg.dataset, cfg.prompt_field, cfg.response_field, "train", cfg.skip_invalid, cfg.system_prompt
-    )
-    train_conversations, held_out = split_conversations(conversations, cfg.eval_fraction, cfg.seed)
-    print(
-        f"{len(conversations)} conversations; data.split_conversations holds {len(held_out)} out "
-        f"(--eval-fraction {cfg.eval_fraction}), {len(train_conversations)} are for training. The first of those:"
-    )
-    messages = train_conversations[0]
-    for message in messages:
-        print(f"  {message['role']:>9}: {message['content']}")
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    print(f"the tokenizer's chat template renders it as (chat.render):\n  {text!r}")
-    show_ids_and_labels(tokenizer, tokenize_conversation(tokenizer, messages, cfg.train_on), cfg.train_on)
-    memory(device)
-
-    heading(3, "rows, and the order they come in", "packing.build_rows, train.EpochSampler")
-    rows = build_rows(tokenizer, train_conversations, cfg.max_length, cfg.train_on, cfg.packing, cfg.shuffle, cfg.seed)
-    collator = Collator(tokenizer.pad_token_id)
-    # The sampler and loader as train.fit builds them.
-    sampler = EpochSampler(len(rows), cfg.shuffle, cfg.seed)
-    loader = make_loader(rows, cfg.batch_size, collator, sampler, device)
-    sampler.set_epoch(0)
-    order = list(sampler)  # the row order of epoch 0: what the loader will draw
-    show_rows(tokenizer, rows, order, cfg)
-    memory(device)
-
-    weights = "its weights in 4 bits" if cfg.quant == "nf4" else "not quantized"
-    heading(4, f"the base model, {weights}", "model.load_base_model")
-    model = load_base_model(cfg, precision, device, vocab_size=len(tokenizer))
-    name, layer = largest_target(model, cfg.lora_targets)
-    show_base(model)
-    show_4bit(name, layer)
-    memory(device)
-
-    heading(5, "LoRA on the frozen base", "model.add_lora")
-    model = add_lora(model, cfg)
-    if cfg.seeded_dropout == "on":
-        print(f"dropout.use_seeded_dropout: {use_seeded_dropout(model)} LoRA dropouts make their masks from one seed")
-    if cfg.reuse_dequant == "on" or cfg.fp8_matmuls == "on":
-        count = reuse_dequantized_weights(model, fp8=cfg.fp8_matmuls == "on")
-        once = "dequantize once for recompute and backward" if cfg.reuse_dequant == "on" else "are not recomputed"
-        fp8 = (
-            ", their products in FP8 (--fp8-matmuls on; in any uncheckpointed layer, once for forward and backward)"
-            if cfg.fp8_matmuls == "on"
-            else ""
-        )
-        print(f"dequant.resolve -> --reuse-dequant {cfg.reuse_dequant}: {count} 4-bit linears {once}{fp8}")
-    else:
-        print("dequant.resolve -> --reuse-dequant off: bitsandbytes' own 4-bit matmul")
-    if cfg.compile_layers == "on":
-        compile_layers(model)
-    show_lora(name, model.get_submodule(PEFT_PREFIX + name), cfg)
-    print(f"model.parameter_line: {parameter_line(model)}")
-    memory(device)
-
-    heading(6, "the optimizer and the learning rate", "optim.build_optimizer, accelerator.prepare, optim.learning_rate")
-    optimizer = build_optimizer(
-        model.parameters(), cfg.optim, cfg.lr, cfg.weight_decay, device, flat=cfg.cuda_graph == "on"
-    )
-    unwrapped = model  # names and hooks below use the model itself, not what prepare may wrap around it
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    # As train.fit: each process's LoRA dropout draws from its own stream, seeded by seed and process index.
-    set_seed((cfg.seed + accelerator.process_index) % 2**32)
-    # Steps counted as train.fit counts them; the learning rate is set by hand each step, as there.
-    micro_per_process = math.ceil(math.ceil(len(rows) / cfg.batch_size) / accelerator.num_processes)
-    steps_per_epoch = math.ceil(micro_per_process / cfg.grad_accum)
-    total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps < 0 else cfg.max_steps
-    lr = learning_rate(0, cfg.lr, cfg.warmup_steps, total_steps)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    show_optimizer(optimizer, cfg)
-    print(
-        f"accelerator.prepare: the model's forward gets {autocast}, batches come on {device}, "
-        "the optimizer is wrapped (for fp16 loss scaling)"
-    )
-    print(
-        f"the run has {total_steps} steps ({steps_per_epoch} an epoch); optim.learning_rate of step 1: {lr:g} "
-        f"(--lr {cfg.lr:g}, --warmup-steps {cfg.warmup_steps}, then linear decay to 0)"
-    )
-    memory(device)
-
-    heading(7, "the micro-batches of step 1", "the DataLoader with packing.Collator, loss.supervised_count")
-    model.train()
-    loader.set_epoch(0)
-    # (train.fit also skips the micro-batches a resumed run already trained on: none at step 1)
-    micro_batches = list(itertools.islice(iter(loader), cfg.grad_accum))
-    local_supervised = sum(supervised_count(b) for b in micro_batches)
-    n_supervised = accelerator.reduce(local_supervised, "sum").clamp(min=1)
-    show_batches(micro_batches, order, cfg)
-    print(f"the step's loss will be divided by its {int(n_supervised)} supervised tokens (all micro-batches)")
-    memory(device)
-
-    heading(8, "forward and backward", "train.forward_backward or graphs.CapturedStep -> loss.token_loss_sum")
-    # A hook on the LM head reads the logits' shape as they pass; it changes nothing.
-    logits_seen = []
-    hook = unwrapped.get_output_embeddings().register_forward_hook(
-        lambda module, args, output: logits_seen.append((tuple(output.shape), output.dtype))
-    )
-    captured = None
-    if cfg.cuda_graph == "on":
-        # As train.fit builds it: a batch of rows, or all the rows when there are fewer.
-        captured = CapturedStep(model, min(cfg.batch_size, len(rows)), cfg.max_length, collator.pad_id, device)
-    try:
-        if captured is None:
-            step_loss = forward_backward(accelerator, model, micro_batches, n_supervised)
-        else:
-            step_loss = captured.forward_backward(micro_batches, n_supervised)
-    finally:
-        hook.remove()
-    loss = (step_loss / n_supervised).item()
-    show_loss(logits_seen, step_loss.item(), int(n_supervised), loss, graph=captured is not None)
-    show_gradients(unwrapped, name)
-    memory(device)
-
-    heading(9, "clip and update", "accelerator.clip_grad_norm_, optimizer.step, optimizer.zero_grad")
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
-    # The loop's NaN guard, on the device: a non-finite step's gradients are zeroed, and the loop
-    # stops at its next log line (step 1 here).
-    first_bad_step = torch.zeros((), dtype=torch.long, device=device)
-    if not accelerator.scaler:
-        first_bad_step = zero_nonfinite_grads(grad_norm, optimizer, first_bad_step, 1)
-    show_clipping(grad_norm.item(), cfg.max_grad_norm)
-    lora_layer = unwrapped.get_submodule(PEFT_PREFIX + name)
-    before = {part: getattr(lora_layer, part).default.weight.detach().clone() for part in ("lora_A", "lora_B")}
-    optimizer.step()
-    if first_bad_step.item():
-        raise NonFiniteLoss(first_bad_step.item(), 1)
-    if accelerator.optimizer_step_was_skipped:
-        print("fp16: the loss scaler found overflowing gradients and skipped this update, as the loop would")
-    show_optimizer_state(unwrapped, optimizer, name)
-    for part, old in before.items():
-        change = (getattr(lora_layer, part).default.weight.detach() - old).abs().max().item()
-        print(f"{name}.{part} moved by at most {change:.6g}")
-    print(f"(Adam's first step moves a weight by about the learning rate, {lr:g}, unless its gradient is zero)")
-    # As in train.fit: a captured graph adds into the same gradient tensors every replay.
-    optimizer.zero_grad(set_to_none=captured is None)
-    if captured is None:
-        print("optimizer.zero_grad(set_to_none=True): the gradients are freed before the next step")
-    else:
-        print("optimizer.zero_grad(set_to_none=False): zeroed in place, where the CUDA graph adds the next ones")
-    memory(device)
-
-    print(
-        f"\nstep 1: loss {loss:.6f}, grad_norm {grad_norm.item():.6f}, lr {lr:g}: "
+        f"\nstep 1: loss {record['loss']:.6f}, grad_norm {record['grad_norm']:.6f}, lr {record['lr']:g}: "
         "what `python run.py` with these options logs for step 1 (--logging-steps 1)"
     )
-    return {"loss": loss, "grad_norm": grad_norm.item(), "lr": lr}
+    return record
+
+
+class Tracer(Observer):
+    """Prints each stage of the run as the loop's hooks report it (yoda_raw/hooks.py)."""
+
+    def settled(self, cfg, precision, plan, accelerator) -> None:
+        if accelerator.num_processes > 1:
+            raise YodaError("the trace follows one process: run it as `python -m yoda_raw.trace`, not on several")
+        self.cfg, self.device = cfg, accelerator.device
+        heading(1, "setup", "config.parse_config, settle.settle, train.make_accelerator")
+        print(f"model {cfg.model} (--init {cfg.init}, --quant {cfg.quant}), dataset {cfg.dataset}")
+        self.autocast = (
+            "no autocast" if precision.mixed_precision == "no" else f"the forward under {precision.dtype} autocast"
+        )
+        print(
+            f"device {self.device}; precision.choose_precision -> {precision.name}: {self.autocast}; by default also "
+            "the dtype of the 4-bit matmuls and of the frozen weights (stage 4 reads both off the model)"
+        )
+        print(f"fast.settle -> {plan}")
+        memory(self.device)
+
+    def data(self, tokenizer, conversations, train_conversations, held_out, rows) -> None:
+        cfg = self.cfg
+        heading(2, "one conversation -> ids and labels", "data.load_conversations, chat.tokenize_conversation")
+        print(
+            f"{len(conversations)} conversations; data.split_conversations holds {len(held_out)} out "
+            f"(--eval-fraction {cfg.eval_fraction}), {len(train_conversations)} are for training. The first of those:"
+        )
+        messages = train_conversations[0]
+        for message in messages:
+            print(f"  {message['role']:>9}: {message['content']}")
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        print(f"the tokenizer's chat template renders it as (chat.render):\n  {text!r}")
+        show_ids_and_labels(tokenizer, tokenize_conversation(tokenizer, messages, cfg.train_on), cfg.train_on)
+        memory(self.device)
+
+        heading(3, "rows, and the order they come in", "packing.build_rows, packing.EpochSampler")
+        sampler = EpochSampler(len(rows), cfg.shuffle, cfg.seed)
+        sampler.set_epoch(0)
+        self.order = list(sampler)  # the row order of epoch 0: what the loader will draw
+        show_rows(tokenizer, rows, self.order, cfg)
+        memory(self.device)
+
+    def base_model(self, model) -> None:
+        weights = "its weights in 4 bits" if self.cfg.quant == "nf4" else "not quantized"
+        heading(4, f"the base model, {weights}", "model.load_base_model")
+        self.name, layer = largest_target(model, self.cfg.lora_targets)
+        show_base(model)
+        show_4bit(self.name, layer)
+        memory(self.device)
+
+    def adapted(self, model) -> None:
+        heading(5, "LoRA on the frozen base", "model.add_lora, fast.apply")
+        self.model = model  # the LoRA model itself: names and hooks below use it, not what prepare wraps
+        show_lora(self.name, model.get_submodule(PEFT_PREFIX + self.name), self.cfg)
+        print(f"model.parameter_line: {parameter_line(model)}")
+        memory(self.device)
+
+    def loop_start(self, model, optimizer, loader, steps_per_epoch: int, total_steps: int) -> None:
+        heading(6, "the optimizer", "optim.build_optimizer, fast.optimizer, accelerator.prepare")
+        show_optimizer(optimizer, self.cfg)
+        print(
+            f"accelerator.prepare: the model's forward gets {self.autocast}, batches come on {self.device}, "
+            f"the optimizer is wrapped (for fp16 loss scaling); an epoch is {steps_per_epoch} steps"
+        )
+        # A hook on the LM head reads the logits' shape as they pass; it changes nothing.
+        self.logits_seen = []
+        self.model.get_output_embeddings().register_forward_hook(
+            lambda module, args, output: self.logits_seen.append((tuple(output.shape), output.dtype))
+        )
+        memory(self.device)
+
+    def micro_batches(self, step: int, micro_batches: list[dict], n_supervised) -> None:
+        heading(7, "the micro-batches of step 1", "train.step_batches, packing.Collator, loss.supervised_count")
+        show_batches(micro_batches, self.order, self.cfg)
+        self.n_supervised = int(n_supervised)
+        print(f"the step's loss will be divided by its {self.n_supervised} supervised tokens (all micro-batches)")
+        memory(self.device)
+
+    def backward_done(self, step: int, step_loss, step_fn) -> None:
+        kind = type(step_fn)
+        heading(8, "forward and backward", f"{kind.__module__.removeprefix('yoda_raw.')}.{kind.__qualname__}")
+        self.step_fn = step_fn
+        print(f"{kind.__name__}: {first_line(kind.__doc__)}")
+        loss_sum = step_loss.item()
+        show_loss(self.logits_seen, loss_sum, self.n_supervised, loss_sum / self.n_supervised)
+        show_gradients(self.model, self.name)
+        memory(self.device)
+
+    def before_update(self, step: int, grad_norm, optimizer) -> None:
+        heading(9, "clip and update", "accelerator.clip_grad_norm_, optimizer.step, optimizer.zero_grad")
+        show_clipping(grad_norm.item(), self.cfg.max_grad_norm)
+        layer = self.model.get_submodule(PEFT_PREFIX + self.name)
+        self.before = {part: getattr(layer, part).default.weight.detach().clone() for part in ("lora_A", "lora_B")}
+
+    def updated(self, step: int, lr: float, optimizer) -> None:
+        print(f"optim.learning_rate of step 1: {lr:g} (--lr {self.cfg.lr:g}, --warmup-steps {self.cfg.warmup_steps})")
+        show_optimizer_state(self.model, optimizer, self.name)
+        layer = self.model.get_submodule(PEFT_PREFIX + self.name)
+        for part, old in self.before.items():
+            change = (getattr(layer, part).default.weight.detach() - old).abs().max().item()
+            print(f"{self.name}.{part} moved by at most {change:.6g}")
+        print(f"(Adam's first step moves a weight by about the learning rate, {lr:g}, unless its gradient is zero)")
+        if self.step_fn.frees_gradients:
+            print("optimizer.zero_grad(set_to_none=True): the gradients are freed before the next step")
+        else:
+            print("optimizer.zero_grad(set_to_none=False): zeroed in place, where the CUDA graph adds the next ones")
+        memory(self.device)
+
+    def logged(self, record: dict) -> None:
+        self.record = record
+
+
+def first_line(doc: str | None) -> str:
+    return (doc or "").strip().splitlines()[0] if doc else ""
 
 
 # --- printing the stages ---------------------------------------------------------------------------
@@ -276,7 +213,7 @@ def show_rows(tokenizer, rows: list[dict], order: list[int], cfg: Config) -> Non
             f"one row per conversation{shuffled} cut to {cfg.max_length} tokens (--packing none): {len(rows)} rows, "
             f"{totals['tokens']:,} tokens, {totals['supervised_tokens']:,} supervised"
         )
-    print(f"train.EpochSampler's order for epoch 0 (--shuffle {cfg.shuffle}): rows {preview(order, 12)}")
+    print(f"packing.EpochSampler's order for epoch 0 (--shuffle {cfg.shuffle}): rows {preview(order, 12)}")
     row = rows[order[0]]
     n_supervised = sum(label != IGNORE for label in row["labels"])
     print(f"row {order[0]}, the first the loader draws: {len(row['input_ids'])} tokens, {n_supervised} supervised")
@@ -432,14 +369,7 @@ def show_batches(micro_batches: list[dict], order: list[int], cfg: Config) -> No
             print(f"  {key:<15} {str(tuple(tensor.shape)):<10} {str(tensor.dtype):<12} {tensor.device}  {note}")
 
 
-def show_loss(logits_seen: list, loss_sum: float, n_supervised: int, loss: float, graph: bool) -> None:
-    if graph:
-        print(
-            "graphs.CapturedStep (--cuda-graph on): each micro-batch is copied into fixed buffers, rows padded to "
-            "--max-length, no attention mask (SDPA masks causally itself). Step 1 runs eagerly on them, as the "
-            "warm-up a capture needs; step 2 records forward and backward as a CUDA graph, and every later "
-            "micro-batch replays it"
-        )
+def show_loss(logits_seen: list, loss_sum: float, n_supervised: int, loss: float) -> None:
     for i, (shape, dtype) in enumerate(logits_seen):
         batch, length, vocab = shape
         print(f"micro-batch {i + 1}: the model's forward -> logits {shape} = (B, T, V) {dtype}")
@@ -453,8 +383,7 @@ def show_loss(logits_seen: list, loss_sum: float, n_supervised: int, loss: float
         f"loss of the step = {loss_sum:.4f} / {n_supervised} = {loss:.6f} "
         f"(a uniform guess over the {vocab} entries scores ln {vocab} = {math.log(vocab):.4f})"
     )
-    backward = "backward()" if graph else "accelerator.backward"
-    print(f"{backward} of loss_sum / supervised tokens: the gradients accumulate in each trainable tensor's .grad")
+    print("backward of loss_sum / supervised tokens: the gradients accumulate in each trainable tensor's .grad")
 
 
 def show_gradients(model, name: str) -> None:

@@ -10,12 +10,10 @@ every frozen weight with checkpointing. This kernel reads the packed weight (hal
 and writes e4m3 (1 byte): 1.5. The layout it reads is bitsandbytes': two 4-bit codes a byte, the
 high half first; each code picks one of the 16 values of `code` (NF4's), multiplied by its block's
 scale (absmax: one fp32 a block of `blocksize` values, already dequantized where double
-quantization packed them too). On the H200 at 16 x 512 it takes 5.8 ms a step, and the step is 7-10
-ms shorter than with bitsandbytes' dequantization and a cast (benchmarks/results/h200_levers/).
+quantization packed them too).
 
 dropout_mask (--seeded-dropout on, through dropout.dropout_mask): LoRA's dropout mask from one seed,
-four elements from each Philox call (compiled dropout uses one call an element). On the H200 at
-16 x 512 it takes 9.0 ms a step, and the step is 20 ms shorter than with torch's compiled dropout.
+four elements from each Philox call (compiled dropout uses one call an element).
 """
 
 import torch

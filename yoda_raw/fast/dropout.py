@@ -1,7 +1,7 @@
 """--seeded-dropout: LoRA's dropout masks drawn from one seed a module and micro-step.
 
-Why: LoRA's dropout (the tutorial's 0.05, on the input of every LoRA module) costs 29 ms of the
-H200's checkpointed 16 x 512 step (benchmarks/NOTES.md item 30). Compiled, torch's dropout draws one
+Why: LoRA's dropout (the tutorial's 0.05, on the input of every LoRA module) is a large share of a
+checkpointed step's element-wise work at long rows. Compiled, torch's dropout draws one
 Philox random number an element (each call makes four; three go unused), and the compiled
 recompute draws them all again in the backward. This dropout draws one seed (a random integer on
 the device) and makes the mask from it, four elements from each Philox call (kernels.py on a CUDA
@@ -19,9 +19,8 @@ import torch
 
 def resolve(setting: str, fast_path: bool, lora_dropout: float) -> str:
     """--seeded-dropout auto|on|off -> "on" or "off". auto is on in the fast path (`fast_path`: the
-    CUDA graph with compiled layers, where it was measured) when LoRA has dropout: on the H200 it
-    made the tutorial's 16 x 64 15,950 -> 16,306 tokens/s with FP8 matmuls and 16 x 512 24,294 ->
-    25,810 (benchmarks/results/h200_levers/). Off elsewhere: the eager loop keeps torch's dropout,
+    CUDA graph with compiled layers, where it pays) when LoRA has dropout. Off elsewhere: the eager
+    loop keeps torch's dropout,
     the tutorial's.
 
     >>> resolve("auto", True, 0.05), resolve("auto", True, 0.0), resolve("auto", False, 0.05), resolve("on", False, 0.1)
@@ -47,7 +46,7 @@ def _(seed, numel, p):
 
 @dropout_mask.register_kernel("cuda")
 def _(seed, numel, p):
-    from yoda_raw import kernels  # Triton: torch's CUDA builds have it, CPU ones need not
+    from yoda_raw.fast import kernels  # Triton: torch's CUDA builds have it, CPU ones need not
 
     return kernels.dropout_mask(seed, p, torch.empty(numel, dtype=torch.bool, device=seed.device))
 

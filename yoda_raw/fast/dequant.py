@@ -4,16 +4,13 @@ Why: a 4-bit linear cannot multiply with its packed weight; bitsandbytes dequant
 compute dtype first, in every forward and again in backward (its `MatMul4Bit.backward` computes
 grad_input = grad_output @ dequantize(W)). With gradient checkpointing a layer runs forward twice
 (once in the forward pass, once recomputed just before its backward) and backward once: three
-dequantizations of every weight a step, 14 ms of the H200's step at 16 x 64. Keeping the weight the
+dequantizations of every weight a step, a real share of a short step. Keeping the weight the
 recompute dequantized until the backward, right after, saves one of the three.
 
 What it costs: one layer's weights in the compute dtype while that layer's backward runs (Phi-3-mini:
 113M weights a layer, 0.21 GiB in bf16). Nothing in the first forward: non-reentrant checkpointing
 keeps none of what a checkpointed layer saves for backward, it recomputes it. Without checkpointing
 every layer's weight would be kept (7.6 GB on Phi-3-mini), so it needs checkpointing on.
-
-Measured on the H200 at 16 x 64 with compiled layers in the CUDA graph
-(benchmarks/results/h200_flat/): 13,717 -> 14,402 tokens/s, peak allocated 2.86 -> 2.89 GiB.
 
 --fp8-matmuls on: the same matmul with its two products in FP8 (MatmulDequantizedOnceFP8 below).
 Hopper's and Ada's FP8 matmuls have twice bf16's peak, and with checkpointing every frozen weight
@@ -22,9 +19,8 @@ takes part in three products a step. Each operand is scaled into e4m3 (3 mantiss
 448), the weight with one scale for the whole tensor, taken from its 4-bit block scales. One scale a
 token lets the kernel that makes each row cast it too, where one scale a tensor needs the whole
 tensor's largest value first, and a token with outlier features costs no other token its precision
-(on the H200 at 16 x 512: 23,594 tokens/s against 23,070 with one scale a tensor, and the losses
-closer to bf16's; benchmarks/results/h200_fused/). The products err by a few percent each where
-bf16's err by a fraction of one, so the losses are no longer SFTTrainer's to the digit; LoRA's own
+(faster than one scale a tensor, and closer to bf16's losses). The products err by a few percent
+each where bf16's err by a fraction of one, so the losses are no longer SFTTrainer's to the digit; LoRA's own
 matmuls and everything else stay in the compute dtype. The dequantized weight is kept in FP8
 between the recompute and the backward, half the bf16 copy. On a CUDA GPU the packed weight goes
 to e4m3 in one Triton kernel (kernels.py), with no bf16 weight between.
@@ -43,7 +39,7 @@ E4M3 = torch.float8_e4m3fn
 
 def resolve(setting: str, cuda_graph: str, quant: str, gradient_checkpointing: bool, fp8_matmuls: str = "off") -> str:
     """--reuse-dequant auto|on|off -> "on" or "off". auto follows the CUDA graph, the fast path it
-    was measured on, where the base is 4-bit and checkpointing is on; the eager loop stays plain.
+    pays, where the base is 4-bit and checkpointing is on; the eager loop stays plain.
     --fp8-matmuls on runs inside this matmul, so it turns auto on; without checkpointing there is
     no recompute to share with, and FP8's matmul keeps its e4m3 weight for the backward itself.
 
@@ -83,11 +79,10 @@ class MatmulDequantizedOnce(torch.autograd.Function):
 
 
 def resolve_fp8(setting: str, fast_path: bool, device: torch.device, skeleton_model) -> str:
-    """--fp8-matmuls auto|on|off -> "on" or "off". auto is on where it was measured to pay: in the
+    """--fp8-matmuls auto|on|off -> "on" or "off". auto is on where it pays: in the
     fast path (`fast_path`: compiled layers in the CUDA graph, bf16, a 4-bit base, checkpointing) on
     a Hopper GPU (compute capability 9.x), for a model whose decoder linears cuBLAS's FP8 matmul takes
-    (sizes multiples of 16). On the H200 it made the tutorial's 16 x 64 15,148 -> 15,950 tokens/s and
-    16 x 512 19,334 -> 24,294, losses within 0.5% of bf16's (benchmarks/results/h200_levers/). Off
+    (sizes multiples of 16); benchmarks/ measures what it gains and how close its losses stay. Off
     elsewhere: Ada GPUs (8.9) have FP8 matmuls but were not measured (`on` asks for them there);
     older GPUs and CPUs have none. `on` on a GPU without FP8 gets one line before the model loads.
 
@@ -171,7 +166,7 @@ def _(packed, absmax, code, inverse_scale, blocksize, rows, columns):
 
 @nf4_to_e4m3.register_kernel("cuda")
 def _(packed, absmax, code, inverse_scale, blocksize, rows, columns):
-    from yoda_raw import kernels  # Triton: torch's CUDA builds have it, CPU ones need not
+    from yoda_raw.fast import kernels  # Triton: torch's CUDA builds have it, CPU ones need not
 
     out = torch.empty(rows, columns, dtype=E4M3, device=packed.device)
     return kernels.nf4_to_e4m3(packed, absmax, code, inverse_scale, blocksize, out)

@@ -1,0 +1,40 @@
+"""The options as run: every `auto` settled once, from the machine and the model's config.
+
+config.py checks each option's value on its own (types, ranges, choices) as it is read. What the
+options mean for this run depends on where it runs and on what model it loads, and each answer
+depends on the ones before, so they are settled here in that order, before any weights load:
+
+1. --precision auto: bf16 where the GPU does it natively, else fp32 (precision.py);
+2. --quant auto: 4-bit NF4 on a CUDA GPU, unquantized elsewhere (model.py);
+3. the LoRA targets when none are given: every linear layer but the LM head (model.py);
+   --uncheckpointed-layers against the model's layer count, --max-length against its context;
+4. the fast path's options, from all of the above (fast/__init__.py).
+
+The settled Config is what the run prints, saves in run_config.json, and trains with: a mistake
+costs seconds, and a result can always be traced to what made it.
+"""
+
+import dataclasses
+
+import torch
+
+from yoda_raw import fast
+from yoda_raw.config import Config
+from yoda_raw.errors import YodaError
+from yoda_raw.model import check_uncheckpointed_layers, choose_lora_targets, resolve_quant, skeleton
+from yoda_raw.precision import Precision, choose_precision
+
+
+def settle(cfg: Config, device: torch.device, num_processes: int, model_config) -> tuple[Config, Precision, fast.Plan]:
+    """(the Config as run, its precision, its fast-path plan) for `num_processes` processes on `device`."""
+    precision = choose_precision(cfg.precision, device)
+    quant = resolve_quant(cfg.quant, device)
+    skeleton_model = skeleton(model_config, cfg.trust_remote_code)
+    targets = choose_lora_targets(cfg.lora_targets, skeleton_model, cfg.model)
+    check_uncheckpointed_layers(cfg, skeleton_model)
+    context = model_config.max_position_embeddings
+    if cfg.max_length > context:
+        raise YodaError(f"--max-length {cfg.max_length} is longer than the model's context of {context} tokens")
+    plan = fast.settle(cfg, device, num_processes, precision.name, quant, skeleton_model)
+    cfg = dataclasses.replace(cfg, quant=quant, lora_targets=targets, **plan.options())
+    return cfg, precision, plan
