@@ -172,7 +172,7 @@ def test_the_run_says_where_its_wall_time_went(tmp_path, tiny_config):
     line = run.time_line(result, total_s=wall + 2.0)  # as if importing had taken 2 s before
     pattern = (
         r"time: (\d+) s: (\d+) s importing, \d+ s starting, \d+ s loading, \d+ s training "
-        r"\(\d+ s of it to step 1\), \d+ s saving"
+        r"\(\d+ s of it to step 1, warm-up included\), \d+ s saving"
     )
     match = re.fullmatch(pattern, line)
     assert match and int(match[1]) == round(wall + 2.0) and 2 <= int(match[2]) <= 3, line

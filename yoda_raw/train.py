@@ -93,14 +93,15 @@ def main(cfg: Config, observer: Observer | None = None) -> RunResult:
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     check_device(cfg, state.device)
     check_hub_token(cfg)
-    # The output folder is checked and locked before anything is loaded (yoda_raw/output.py).
-    with output.owned(cfg, state) as out:
-        # Settle every `auto` from the machine and the model's config, before any weights load.
-        tokenizer = load_tokenizer(cfg.tokenizer_source, trust_remote_code=cfg.trust_remote_code)
-        model_config = load_model_config(cfg, len(tokenizer))
-        given = cfg.changes_line()
-        cfg, precision, plan = settle(cfg, state.device, state.num_processes, model_config)
-        accelerator = make_accelerator(cfg, precision)
+    # Settle every `auto` from the machine and the model's config, before anything heavy loads: a
+    # mistake in the options costs seconds and touches no file.
+    tokenizer = load_tokenizer(cfg.tokenizer_source, trust_remote_code=cfg.trust_remote_code)
+    model_config = load_model_config(cfg, len(tokenizer))
+    given = cfg.changes_line()
+    cfg, precision, plan = settle(cfg, state.device, state.num_processes, model_config)
+    accelerator = make_accelerator(cfg, precision)
+    # The output folder is checked and locked before any data or weights load (yoda_raw/output.py).
+    with output.owned(cfg, accelerator) as out:
         accelerator.print(start_lines(given, precision, plan, accelerator))
         observer.settled(cfg, precision, plan, accelerator)
         return train_and_save(cfg, accelerator, precision, plan, tokenizer, out, started, observer)
@@ -304,7 +305,8 @@ def fit(
         # From here on metrics.jsonl holds each step once: lines after start_step are from the run
         # before a resume from an older checkpoint, or from an --auto-batch-size attempt that failed.
         output.keep_metrics_until(out, start_step)
-    flops_per_token = meter.flops_per_token(*reversed(parameter_counts(model)))  # frozen, trainable: for MFU
+    trainable, total = parameter_counts(model)
+    flops_per_token = meter.flops_per_token(total - trainable, trainable)  # for MFU in the log
     observer.loop_start(model, optimizer, loader, steps_per_epoch, total_steps)
 
     meter.reset_peaks(device)  # peaks from here on are the training loop's (the weights stay counted)

@@ -42,7 +42,7 @@ class Plan:
     reuse_dequant: str
     fp8_matmuls: str
     seeded_dropout: str
-    why_eager: str = ""  # why the CUDA graph is off, where it is: the one lever the others build on
+    why_eager: str = ""  # why the CUDA graph cannot run here, where it cannot: the lever the others build on
 
     @property
     def flat_optimizer(self) -> bool:
@@ -54,11 +54,12 @@ class Plan:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "why_eager"}
 
     def __str__(self) -> str:
-        """One line for the start of a run, e.g. `fast path: off (the CUDA graph needs a CUDA GPU)`."""
+        """One line for the start of a run, e.g. `fast path: off (the CUDA graph needs a CUDA GPU): the eager loop`."""
         on = [name.replace("_", "-") for name, value in self.options().items() if value == "on"]
         on += ["flat optimizer"] if self.flat_optimizer else []
         if not on:
-            return f"fast path: off ({self.why_eager or 'every lever off'}): the eager loop"
+            why = f"the CUDA graph {self.why_eager}" if self.why_eager else "every lever off"
+            return f"fast path: off ({why}): the eager loop"
         return "fast path: " + ", ".join(on)
 
 

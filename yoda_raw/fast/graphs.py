@@ -48,25 +48,25 @@ def why_not(device: torch.device, num_processes: int, precision_name: str) -> st
     """Why the CUDA graph cannot run here ("" where it can).
 
     >>> why_not(torch.device("cpu"), 1, "fp32")
-    'the CUDA graph needs a CUDA GPU'
+    'needs a CUDA GPU'
     """
     if device.type != "cuda":
-        return "the CUDA graph needs a CUDA GPU"
+        return "needs a CUDA GPU"
     if num_processes > 1:
-        return f"the CUDA graph runs on one process (this run has {num_processes})"
+        return f"runs on one process (this run has {num_processes})"
     if precision_name == "fp16":
-        return "the CUDA graph does not support fp16 (its loss scaler reads its scale on the host)"
+        return "does not support --precision fp16 (its loss scaler reads its scale on the host); use bf16 or fp32"
     return ""
 
 
 def resolve(setting: str, why_not_here: str) -> str:
     """--cuda-graph auto|on|off -> "on" or "off" for this run; "on" where it cannot run is an error.
 
-    >>> resolve("auto", ""), resolve("auto", "the CUDA graph needs a CUDA GPU"), resolve("off", "")
+    >>> resolve("auto", ""), resolve("auto", "needs a CUDA GPU"), resolve("off", "")
     ('on', 'off', 'off')
     """
     if setting == "on" and why_not_here:
-        raise YodaError(f"--cuda-graph on: {why_not_here}; use --cuda-graph auto or off")
+        raise YodaError(f"--cuda-graph on {why_not_here}; use --cuda-graph auto or off")
     return "off" if setting == "off" or why_not_here else "on"
 
 
