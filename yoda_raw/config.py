@@ -154,6 +154,13 @@ class Config:
             "fast path on Hopper GPUs (docs/fast-path.md); off: the compute dtype."
         },
     )
+    chunked_loss: Literal["auto", "on", "off"] = field(
+        default="auto",
+        metadata={
+            "help": "The LM head and cross-entropy over 1,024 positions at a time, never every position's "
+            "logits at once (less memory at long rows). auto: on a CUDA GPU."
+        },
+    )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})

@@ -30,7 +30,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from accelerate import Accelerator
+from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError
 
@@ -67,7 +67,7 @@ def left_by_a_run(out: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def owned(cfg: Config, accelerator: Accelerator) -> Iterator[Path]:
+def owned(cfg: Config, state: PartialState) -> Iterator[Path]:
     """Check `cfg.output_dir` and hold its lock for the run; yields the folder as a Path.
 
     The main process checks and locks, then hands its verdict to the others (a broadcast), so that
@@ -76,7 +76,7 @@ def owned(cfg: Config, accelerator: Accelerator) -> Iterator[Path]:
     """
     out = Path(cfg.output_dir)
     lock, problem = None, None
-    if accelerator.is_main_process:
+    if state.is_main_process:
         try:
             lock = claim(cfg, out)
         except YodaError as err:
@@ -95,10 +95,12 @@ def owned(cfg: Config, accelerator: Accelerator) -> Iterator[Path]:
 
 class Lock:
     """An exclusive flock on OUTPUT_DIR/.yoda_raw.lock, held until `release`. The file says which
-    process holds it. `made` lists the folders that taking the lock created (deepest first)."""
+    process holds it. `made` lists the folders that taking the lock created (deepest first). A run
+    that wrote nothing (it stopped on a bad option or bad data) takes the lock file it made with it."""
 
     def __init__(self, out: Path, made: list[Path]):
         self.out, self.made = out, made
+        self.made_file = not (out / LOCK_FILE).exists()
         self.fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -113,7 +115,7 @@ class Lock:
         os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
 
     def release(self) -> None:
-        if self.made and [p.name for p in self.out.iterdir()] == [LOCK_FILE]:
+        if (self.made or self.made_file) and [p.name for p in self.out.iterdir()] == [LOCK_FILE]:
             (self.out / LOCK_FILE).unlink()  # still held: no other run can have taken it meanwhile
             for folder in self.made:
                 folder.rmdir()

@@ -5,7 +5,8 @@ options mean for this run depends on where it runs and on what model it loads, a
 depends on the ones before, so they are settled here in that order, before any weights load:
 
 1. --precision auto: bf16 where the GPU does it natively, else fp32 (precision.py);
-2. --quant auto: 4-bit NF4 on a CUDA GPU, unquantized elsewhere (model.py);
+2. --quant auto: 4-bit NF4 on a CUDA GPU, unquantized elsewhere (model.py); --chunked-loss auto:
+   on a CUDA GPU, where the logits of long rows are the step's largest tensors (loss.py);
 3. the LoRA targets when none are given: every linear layer but the LM head (model.py);
    --uncheckpointed-layers against the model's layer count, --max-length against its context;
 4. the fast path's options, from all of the above (fast/__init__.py).
@@ -29,6 +30,7 @@ def settle(cfg: Config, device: torch.device, num_processes: int, model_config) 
     """(the Config as run, its precision, its fast-path plan) for `num_processes` processes on `device`."""
     precision = choose_precision(cfg.precision, device)
     quant = resolve_quant(cfg.quant, device)
+    chunked_loss = cfg.chunked_loss if cfg.chunked_loss != "auto" else ("on" if device.type == "cuda" else "off")
     skeleton_model = skeleton(model_config, cfg.trust_remote_code)
     targets = choose_lora_targets(cfg.lora_targets, skeleton_model, cfg.model)
     check_uncheckpointed_layers(cfg, skeleton_model)
@@ -36,5 +38,5 @@ def settle(cfg: Config, device: torch.device, num_processes: int, model_config) 
     if cfg.max_length > context:
         raise YodaError(f"--max-length {cfg.max_length} is longer than the model's context of {context} tokens")
     plan = fast.settle(cfg, device, num_processes, precision.name, quant, skeleton_model)
-    cfg = dataclasses.replace(cfg, quant=quant, lora_targets=targets, **plan.options())
+    cfg = dataclasses.replace(cfg, quant=quant, chunked_loss=chunked_loss, lora_targets=targets, **plan.options())
     return cfg, precision, plan

@@ -93,15 +93,14 @@ def main(cfg: Config, observer: Observer | None = None) -> RunResult:
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     check_device(cfg, state.device)
     check_hub_token(cfg)
-    # Settle every `auto` from the machine and the model's config, before anything heavy loads: a
-    # mistake in the options costs seconds and touches no file.
-    tokenizer = load_tokenizer(cfg.tokenizer_source, trust_remote_code=cfg.trust_remote_code)
-    model_config = load_model_config(cfg, len(tokenizer))
-    given = cfg.changes_line()
-    cfg, precision, plan = settle(cfg, state.device, state.num_processes, model_config)
-    accelerator = make_accelerator(cfg, precision)
-    # The output folder is checked and locked before any data or weights load (yoda_raw/output.py).
-    with output.owned(cfg, accelerator) as out:
+    # The output folder is checked and locked before anything is loaded (yoda_raw/output.py).
+    with output.owned(cfg, state) as out:
+        # Settle every `auto` from the machine and the model's config, before any weights load.
+        tokenizer = load_tokenizer(cfg.tokenizer_source, trust_remote_code=cfg.trust_remote_code)
+        model_config = load_model_config(cfg, len(tokenizer))
+        given = cfg.changes_line()
+        cfg, precision, plan = settle(cfg, state.device, state.num_processes, model_config)
+        accelerator = make_accelerator(cfg, precision)
         accelerator.print(start_lines(given, precision, plan, accelerator))
         observer.settled(cfg, precision, plan, accelerator)
         return train_and_save(cfg, accelerator, precision, plan, tokenizer, out, started, observer)
@@ -299,8 +298,8 @@ def fit(
     start_step = resume_from(cfg, accelerator, total_steps) if cfg.resume else 0
     # Forward and backward of a step: the eager one below, or the fast path's CUDA graph
     # (a batch of rows, or all the rows when there are fewer).
-    step_fn = fast.step(plan, EagerStep(accelerator, model), model, min(batch_size, len(rows)), cfg.max_length,
-                        collator.pad_id, device)  # fmt: skip
+    eager_step = EagerStep(accelerator, model, chunked_loss=cfg.chunked_loss == "on")
+    step_fn = fast.step(plan, eager_step, model, min(batch_size, len(rows)), cfg.max_length, collator.pad_id, device)
     if accelerator.is_main_process:
         # From here on metrics.jsonl holds each step once: lines after start_step are from the run
         # before a resume from an older checkpoint, or from an --auto-batch-size attempt that failed.
@@ -387,8 +386,8 @@ class EagerStep:
 
     frees_gradients = True  # zero_grad(set_to_none=True): the next backward makes them anew
 
-    def __init__(self, accelerator: Accelerator, model):
-        self.accelerator, self.model = accelerator, model
+    def __init__(self, accelerator: Accelerator, model, chunked_loss: bool = False):
+        self.accelerator, self.model, self.chunked_loss = accelerator, model, chunked_loss
 
     def forward_backward(self, micro_batches: list[dict], n_supervised: torch.Tensor) -> torch.Tensor:
         """Accumulate the gradients of one step; returns the sum of its token losses on this process."""
@@ -399,7 +398,7 @@ class EagerStep:
             # no_sync: skip DDP's all-reduce, one pass over every LoRA gradient between the processes,
             # until the step's last micro-batch (a no-op on one process).
             with accelerator.no_sync(self.model) if is_accumulating else contextlib.nullcontext():
-                loss_sum = token_loss_sum(self.model, batch)  # (,) summed over supervised tokens
+                loss_sum = token_loss_sum(self.model, batch, self.chunked_loss)  # (,) summed over supervised tokens
                 accelerator.backward(loss_sum * accelerator.num_processes / n_supervised)
             step_loss += loss_sum.detach()
         return step_loss

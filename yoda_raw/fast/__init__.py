@@ -124,7 +124,8 @@ def optimizer(plan: Plan, optimizer: torch.optim.Optimizer) -> torch.optim.Optim
 
 
 def step(plan: Plan, eager_step, model, rows: int, max_length: int, pad_id: int, device: torch.device):
-    """The CUDA graph's step for `rows` x `max_length` micro-batches, or `eager_step` as it is."""
+    """The CUDA graph's step for `rows` x `max_length` micro-batches (its loss computed as the eager
+    step's), or `eager_step` as it is."""
     if plan.cuda_graph == "off":
         return eager_step
-    return graphs.GraphStep(model, rows, max_length, pad_id, device)
+    return graphs.GraphStep(model, rows, max_length, pad_id, device, eager_step.chunked_loss)

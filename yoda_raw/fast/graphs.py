@@ -100,8 +100,8 @@ class GraphStep:
 
     frees_gradients = False
 
-    def __init__(self, model, batch_size: int, max_length: int, pad_id: int, device: torch.device):
-        self.model, self.pad_id = model, pad_id
+    def __init__(self, model, batch_size: int, max_length: int, pad_id: int, device: torch.device, chunked_loss=False):
+        self.model, self.pad_id, self.chunked_loss = model, pad_id, chunked_loss
         # The graph's inputs: ids and labels, filled before every replay; no attention mask (see
         # the module docstring).
         self.batch = {
@@ -137,7 +137,7 @@ class GraphStep:
         capture records. Returns its summed token loss; gradients go into .grad."""
         # The backward too: its checkpointing recompute runs the layers' forward again.
         with causal_attention(self.model):
-            loss_sum = token_loss_sum(self.model, self.batch)
+            loss_sum = token_loss_sum(self.model, self.batch, self.chunked_loss)
             (loss_sum * self.scale).backward()
         return loss_sum
 
