@@ -6,7 +6,7 @@ import pytest
 from tokenizers import AddedToken
 
 from yoda_raw.chat import IGNORE, load_tokenizer, tokenize_conversation, tokenize_conversations
-from yoda_raw.config import TINY_DATASET
+from yoda_raw.config import TINY_DATASET, Config
 from yoda_raw.data import load_conversations
 from yoda_raw.errors import YodaError
 
@@ -111,8 +111,9 @@ def test_conversation_ending_with_user(name, request):
 def test_train_on_all(tiny_tokenizer):
     example = tokenize_conversation(tiny_tokenizer, MULTI_TURN, train_on="all")
     assert example["labels"] == example["input_ids"]
-    with pytest.raises(YodaError, match="train_on"):
-        tokenize_conversation(tiny_tokenizer, FORCE, train_on="assistants")
+    # A misspelt choice is refused where options are read, once, for every command (config.py).
+    with pytest.raises(YodaError, match=r"^--train-on must be one of assistant, all, got 'assistants'$"):
+        Config(train_on="assistants")
 
 
 def with_template(tokenizer, template: str, extra_tokens: list[str] = ()):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from yoda_raw.chat import IGNORE, tokenize_conversations
+from yoda_raw.config import Config
 from yoda_raw.errors import YodaError
 from yoda_raw.packing import Collator, build_rows, count_tokens, pack_wrapped, truncate
 
@@ -137,12 +138,13 @@ def test_build_rows_without_packing(tiny_tokenizer, capsys):
         build_rows(tiny_tokenizer, conversations[1:], 16, packing="none")
 
 
-def test_build_rows_rejects_bad_options(tiny_tokenizer):
-    conversations = [[{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hm."}]]
-    with pytest.raises(YodaError, match="packing"):
-        build_rows(tiny_tokenizer, conversations, 16, packing="bfd")
-    with pytest.raises(YodaError, match="max_length"):
-        build_rows(tiny_tokenizer, conversations, 1)
+def test_bad_packing_options_are_refused_where_options_are_read():
+    """Checked once, in config.py, for every command: a misspelt strategy and rows too short to
+    predict anything (one token has no next token)."""
+    with pytest.raises(YodaError, match=r"^--packing must be one of wrapped, none, got 'bfd'$"):
+        Config(packing="bfd")
+    with pytest.raises(YodaError, match=r"^--max-length must be at least 2, got 1$"):
+        Config(max_length=1)
 
 
 def test_collator():

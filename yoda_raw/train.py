@@ -282,6 +282,8 @@ def fit(
     loader = make_loader(rows, batch_size, collator, EpochSampler(len(rows), cfg.shuffle, cfg.seed), device)
     optimizer = build_optimizer(model.parameters(), cfg.optim, cfg.lr, cfg.weight_decay, device)
     optimizer = fast.optimizer(plan, optimizer)  # with the CUDA graph: one flat update, the same numbers
+    trainable, total = parameter_counts(model)
+    flops_per_token = meter.flops_per_token(total - trainable, trainable)  # for MFU in the log
     # Accelerate shards the loader across processes (each row once per epoch), moves batches to
     # the device, wraps the model for DDP and autocast, and the optimizer for fp16 loss scaling.
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -304,8 +306,6 @@ def fit(
         # From here on metrics.jsonl holds each step once: lines after start_step are from the run
         # before a resume from an older checkpoint, or from an --auto-batch-size attempt that failed.
         output.keep_metrics_until(out, start_step)
-    trainable, total = parameter_counts(model)
-    flops_per_token = meter.flops_per_token(total - trainable, trainable)  # for MFU in the log
     observer.loop_start(model, optimizer, loader, steps_per_epoch, total_steps)
 
     meter.reset_peaks(device)  # peaks from here on are the training loop's (the weights stay counted)
