@@ -61,7 +61,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--whole-run",
         action="store_true",
         help="The tutorial's whole run: 10 epochs over the data as it is (not repeated to --steps), the adapter "
-        "saved at the end. benchmarks/sft_tutorial_run.sh times it from process start.",
+        "saved at the end. benchmarks/lab/sft_tutorial_run.sh times it from process start.",
     )
     parser.add_argument("--warmup", type=int, default=3, help="Steps run before timing starts (default 3).")
     parser.add_argument("--steps", type=int, default=8, help="Timed optimizer steps (default 8).")

@@ -1,6 +1,7 @@
-"""The benchmark scripts on a CPU: bench_loop.py runs a few steps of the tiny model through the
-real loop and its output is complete and well-formed; the suite's tables render from such output.
-Speed is never asserted (benchmarks report, they do not judge). GPU-only figures are None here."""
+"""The benchmark suite on a CPU, and at the end the lab's tools: bench_loop.py runs a few steps of
+the tiny model through the real loop and its output is complete and well-formed; the suite's tables
+render from such output. Speed is never asserted (benchmarks report, they do not judge). GPU-only
+figures are None here."""
 
 import doctest
 import json
@@ -205,9 +206,12 @@ def cards_of(suite: dict, card_gib: float) -> dict:
 
 
 def test_the_committed_h200_suite_renders_again(tmp_path):
-    """report.py re-renders a saved suite: the tables of benchmarks/results/h200 come out with the
+    """report.py re-renders a saved suite: the tables of benchmarks/results/archive/h200 come out with the
     figures they were published with."""
-    assert report.main([str(ROOT / "benchmarks/results/h200/h200.json"), "--out", str(tmp_path), "--no-plots"]) == 0
+    assert (
+        report.main([str(ROOT / "benchmarks/results/archive/h200/h200.json"), "--out", str(tmp_path), "--no-plots"])
+        == 0
+    )
     text = (tmp_path / "h200.md").read_text()
     assert "| yoda_raw, our defaults | 16 x 64 | 0.518 | 1,978 | 1,086 | 3.1% | 2.81 | 3.20 | 4.68 |" in text
     assert "| 4 | 528 (2.42) | 2,544 (2.81) | 8,307 (4.55) |" in text
@@ -376,11 +380,14 @@ def test_profile_step_splits_the_profiled_steps(tmp_path):
     assert json.loads((tmp_path / "tiny_trace.json").read_text())["traceEvents"]
 
 
+# --- The lab's tools (benchmarks/lab/), whose questions are still open: their arithmetic on a CPU ---
+
+
 def test_matmul_peak_times_the_shapes_of_phi3_minis_projections(phi3_path):
     """The floor argument at 16 x 512 divides the step's FLOPs by the rate matmul_peak.py measures:
     its shapes must be the real model's projections (in, out features), read here from Phi-3-mini's
     config. Catches a wrong width (e.g. gate_up as 8192, not 2 x 8192), which would time other work."""
-    from benchmarks import matmul_peak
+    from benchmarks.lab import matmul_peak
 
     config = json.loads((phi3_path / "config.json").read_text())
     hidden, intermediate = config["hidden_size"], config["intermediate_size"]
@@ -395,7 +402,7 @@ def test_matmul_peak_on_a_cpu_is_one_clear_line(capsys):
     """Without a GPU it stops with one line saying why, not a CUDA traceback."""
     import torch
 
-    from benchmarks import matmul_peak
+    from benchmarks.lab import matmul_peak
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -411,7 +418,7 @@ def test_whole_run_split_parts_the_wall_time_around_the_runs_own(tmp_path, capsy
     s, and the three parts add up to the wall time. A failed run is one line naming its log.
     Catches stamps taken at the wrong moment (after the run, or from the wrong line) and parts that
     do not add up."""
-    from benchmarks import whole_run_split
+    from benchmarks.lab import whole_run_split
 
     line = "time: 1 s: 0 s importing, 0 s starting, 1 s loading, 2 s training, 1 s saving"  # its parts made up
     stand_in = f"import time; time.sleep(1.2); print({line!r}); time.sleep(0.6)"
@@ -437,7 +444,7 @@ def test_whole_run_split_times_sftrainers_whole_run_from_its_model_load(tmp_path
     """The SFTTrainer side of whole_run_split.py (--sft), on the tiny model on a CPU: its wall time,
     and within it bench_sft.py's own time from the model's load to the saved adapter; a failed run
     is one line naming its log. Catches the two figures swapped or read from the wrong record."""
-    from benchmarks import whole_run_split
+    from benchmarks.lab import whole_run_split
 
     sft = whole_run_split.timed_sft(["--preset", "tiny"], dict(os.environ), tmp_path)
     assert 0 < sft["model_to_adapter_s"] < sft["wall_s"], sft
@@ -456,7 +463,7 @@ def test_bandwidth_table_splits_inductors_log_into_the_layers_two_graphs(tmp_pat
     layers x (2 forward passes + backward). An empty log is one line saying how to make one.
     Catches the backward kernels counted as forward ones (no split at the restart), the graph totals
     counted as kernels, or the recompute left out."""
-    from benchmarks import bandwidth_table
+    from benchmarks.lab import bandwidth_table
 
     prefix = "I1129 11:57:09.377000 1129 torch/_inductor/runtime/triton_heuristics.py:2200] "
     log = "\n".join(
@@ -487,175 +494,13 @@ def test_bandwidth_table_splits_inductors_log_into_the_layers_two_graphs(tmp_pat
     assert err == ["error: no kernel timings in the log: run with TORCHINDUCTOR_PROFILE=1 TORCH_LOGS=inductor"]
 
 
-def test_probe_lora_add_forms_give_pefts_output_and_gradients():
-    """The LoRA forms the probe times (the add inside a matmul, in place, or one GEMM over [x | h])
-    compute what peft's does: the output and the gradients of x, A and B, at small shapes in fp32.
-    Catches a form that drops the scaling, or a hand-written backward that gives a wrong gradient
-    (the concat form's, for B), before a GPU call times it. Timing refuses a CPU in one line."""
-    import torch
-
-    from benchmarks import probe_lora_add
-
-    inputs = probe_lora_add.make_inputs(12, in_features=24, out_features=40, dtype=torch.float32, device="cpu")
-    differences = probe_lora_add.check_forms(inputs)
-    assert set(differences) == {"peft", "addmm", "addmm_", "concat"}
-    assert all(d < 1e-5 for d in differences.values()), differences
-
-    if not torch.cuda.is_available():
-        with pytest.raises(SystemExit) as stop:
-            probe_lora_add.main(["--tokens", "8"])
-        assert stop.value.code == 2
-
-
-def test_probe_fp8_scales_each_tensor_into_the_format_and_back():
-    """The FP8 probe's products on a CPU (torch._scaled_mm runs there too): each equals the product
-    of its operands brought back by their scales, errs by a few percent against fp32 where bf16 errs
-    by a fraction of one, and a tensor's cast never overflows the format. Catches an inverted scale
-    (a product off by the scales squared), a lost transposition, or a cast that saturates."""
-    import torch
-
-    from benchmarks import probe_fp8
-
-    x, w, g = probe_fp8.inputs(32, 64, 48, "cpu")
-    (x8, xs), (w8, ws), (g8, gs) = (
-        probe_fp8.to_fp8(t, f) for t, f in ((x, probe_fp8.E4M3), (w, probe_fp8.E4M3), (g, probe_fp8.E5M2))
-    )
-    assert x8.float().abs().max() <= torch.finfo(probe_fp8.E4M3).max and torch.isfinite(x8.float()).all()
-    by_hand = (x8.float() * xs) @ (w8.float() * ws).T
-    assert torch.allclose(probe_fp8.fp8_forward(x8, xs, w8, ws).float(), by_hand, rtol=1e-2, atol=1e-2)
-    by_hand = (g8.float() * gs) @ (w8.float() * ws)
-    got = probe_fp8.fp8_input_gradient(g8, gs, w8.t().contiguous(), ws).float()
-    assert torch.allclose(got, by_hand, rtol=1e-2, atol=1e-2)
-
-    errors = probe_fp8.errors(x, w, g)
-    assert errors["bf16_forward"] < 0.01 and errors["bf16_input_gradient"] < 0.01, errors
-    assert 0.005 < errors["fp8_forward"] < 0.1 and 0.005 < errors["fp8_input_gradient"] < 0.15, errors
-
-    if not torch.cuda.is_available():
-        with pytest.raises(SystemExit) as stop:
-            probe_fp8.main(["--tokens", "8"])
-        assert stop.value.code == 2
-
-
-def test_probe_fp8_tensorwise_variant_is_close_and_moves_with_one_outlying_token(tiny_qlora):
-    """probe_fp8's fp8-tensorwise variant (the option as NOTES items 28-29 measured it) gives the
-    dequantized matmul's output and input gradient to FP8's rounding; with one scale for the whole
-    tensor, the other tokens' results change when one token is 10,000 x the rest (which the
-    option's one scale a token prevents: tests/test_dequant.py). Catches a variant that is not the
-    tensor-wise form it is measured as."""
-    import bitsandbytes as bnb
-    import torch
-
-    from benchmarks import probe_fp8
-    from yoda_raw.fast.dequant import MatmulDequantizedOnce
-
-    linear = next(m for m in tiny_qlora().modules() if isinstance(m, bnb.nn.Linear4bit))
-
-    def run(matmul, outlier: float):
-        x = torch.randn(1, 32, linear.in_features, generator=torch.Generator().manual_seed(0))
-        grad_output = torch.randn(1, 32, linear.out_features, generator=torch.Generator().manual_seed(1))
-        x[0, 7] *= outlier
-        leaf = x.requires_grad_(True)
-        out = matmul.apply(leaf, linear.weight, linear.weight.quant_state)
-        out.backward(grad_output)
-        return out.detach()[0, :7], leaf.grad[0, :7]
-
-    tensorwise = probe_fp8.MatmulDequantizedOnceFP8Tensorwise
-    for got, want in zip(run(tensorwise, 1.0), run(MatmulDequantizedOnce, 1.0), strict=True):
-        assert 0 < (got - want).norm() / want.norm() < 0.15
-    assert not torch.equal(run(tensorwise, 1.0)[0], run(tensorwise, 1e4)[0])
-
-
-def test_probe_fp8_variants_pin_both_fast_path_options(tmp_path):
-    """Each probe_fp8 variant says --fp8-matmuls and --seeded-dropout itself, and its name says
-    which: `bf16` means bf16 products and torch's dropout whatever the defaults are (both default to
-    auto, on in the fast path on Hopper). Catches a variant that leaves one of them to the defaults,
-    where `bf16` would quietly measure seeded dropout too."""
-    from benchmarks import probe_fp8
-    from yoda_raw.config import parse_config
-
-    for name, (options, _) in probe_fp8.VARIANTS.items():
-        cfg = parse_config([*options, "--output-dir", str(tmp_path)])
-        assert cfg.fp8_matmuls == ("on" if name.startswith("fp8") else "off"), name
-        assert cfg.seeded_dropout == ("on" if name.endswith("-seeded") else "off"), name
-
-
-def test_probe_fp8_loop_child_puts_the_variants_matmul_in_the_loop(tmp_path, monkeypatch):
-    """`probe_fp8.py --loop-child fp8-tensorwise` runs bench_loop.py with that variant's matmul
-    in dequant.py's place (it casts with the probe's one-scale-a-tensor to_fp8); plain fp8 does
-    not. Catches a patch made after the linears got their matmul class, or none at all."""
-    from benchmarks import probe_fp8
-    from yoda_raw.fast import dequant
-
-    calls = []
-    to_fp8 = probe_fp8.to_fp8
-    monkeypatch.setattr(probe_fp8, "to_fp8", lambda *args: calls.append(1) or to_fp8(*args))
-    monkeypatch.setattr(dequant, "MatmulDequantizedOnceFP8", dequant.MatmulDequantizedOnceFP8)  # restored after
-    options = ["--preset", "tiny", "--quant", "nf4", "--fp8-matmuls", "on", "--batch-size", "2", "--max-length", "32"]
-    options += ["--no-auto-batch-size", "--warmup", "1", "--steps", "1", "--json", str(tmp_path / "loop.jsonl")]
-    assert probe_fp8.loop_child("fp8", options) == 0
-    assert calls == []
-    assert probe_fp8.loop_child("fp8-tensorwise", options) == 0
-    assert calls  # every 4-bit linear, forward, recompute and backward
-    assert len((tmp_path / "loop.jsonl").read_text().splitlines()) == 2
-
-
-def test_probe_fp8_loop_runs_every_variant_when_one_fails_and_compares_the_rest(tmp_path, capsys, monkeypatch):
-    """One device call measures all the variants: a variant whose run fails is named with its log,
-    the runs after it still happen, the losses are compared with the first variant that ran, and
-    the exit status is 1. (The runs are stood in for: each appends its JSON line as bench_loop.py
-    does, and fp8 exits 1.) Catches a loop that stops at the first failure, or compares with a
-    variant that has no figures."""
-    import json
-    import subprocess
-
-    from benchmarks import probe_fp8
-
-    ran = []
-
-    def run(command, stdout, stderr):
-        variant = command[command.index("--loop-child") + 1]
-        ran.append(variant)
-        if variant == "fp8":
-            return subprocess.CompletedProcess(command, 1)
-        losses = {"bf16": [2.0, 1.0], "fp8-tensorwise": [2.01, 1.0]}[variant]
-        with open(command[command.index("--json") + 1], "a") as jsonl:
-            jsonl.write(json.dumps({"tokens_per_s": 100.0, "peak_allocated_gib": 1.5, "losses": losses}) + "\n")
-        return subprocess.CompletedProcess(command, 0)
-
-    monkeypatch.setattr(probe_fp8.subprocess, "run", run)
-    assert probe_fp8.loop(tmp_path, ["--preset", "tiny"], ["bf16", "fp8", "fp8-tensorwise"]) == 1
-    assert ran == ["bf16", "fp8", "fp8-tensorwise"]
-    captured = capsys.readouterr()
-    assert captured.out.splitlines() == [
-        "bf16: 100 tokens/s, 1.5 GiB peak allocated",
-        "fp8-tensorwise: 100 tokens/s, 1.5 GiB peak allocated; losses at most 0.5000% from bf16's over 2 steps "
-        "(the learning check: 1%)",
-    ]
-    log = tmp_path / "loop_fp8.log"
-    assert captured.err.splitlines() == [f"fp8: the run failed (exit status 1); its output is in {log}"]
-
-
-@pytest.mark.parametrize("variants", ["bf16,fp8-typo", "fp8"], ids=["unknown", "one"])
-def test_probe_fp8_loop_refuses_variants_it_cannot_compare_in_one_line(tmp_path, capsys, variants):
-    from benchmarks import probe_fp8
-
-    with pytest.raises(SystemExit) as stop:
-        probe_fp8.main(["--loop", "--out", str(tmp_path / "out"), "--variants", variants, "--preset", "tiny"])
-    assert stop.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
-        "error: --loop needs --out DIR and two or more --variants of bf16, fp8, fp8-tensorwise, fp8-seeded, bf16-seeded"
-    ]
-    assert not (tmp_path / "out").exists()  # nothing run
-
-
 def test_least_traffic_counts_each_forward_twice_and_adds_the_step_up():
     """least_traffic.py's bound: every forward row counted once per forward pass (two with the
     checkpointing recompute), the masks once, LoRA's matmuls apart from the element-wise work, and
     the shortest step the sum of the profiled matmuls and attention with the dequantizations and
     the element-wise bytes at the peak. Catches the recompute left out, LoRA's matmuls counted in
     the element-wise time (they are in the profile's matmul time), or a step that drops a part."""
-    from benchmarks import least_traffic as lt
+    from benchmarks.lab import least_traffic as lt
 
     forward = sum(fwd for _, fwd, _, _ in lt.rows())
     assert lt.elements_per_token(forward_passes=2) - lt.elements_per_token(forward_passes=1) == forward

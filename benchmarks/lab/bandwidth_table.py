@@ -3,7 +3,7 @@
     TORCHINDUCTOR_PROFILE=1 TORCH_LOGS=inductor python benchmarks/bench_loop.py --batch-size 16 \\
         --max-length 512 --cuda-graph off --compile-layers on --warmup 1 --steps 1 ... 2>&1 \\
         | grep -E "GB/s" > bandwidth.txt
-    python benchmarks/bandwidth_table.py bandwidth.txt --layers 32 --peak-tb-s 4.8 > bandwidth.md
+    python benchmarks/lab/bandwidth_table.py bandwidth.txt --layers 32 --peak-tb-s 4.8 > bandwidth.md
 
 With TORCHINDUCTOR_PROFILE=1, inductor times each Triton kernel it wrote the first time it runs
 (Triton's do_bench) and logs its time, the bytes of its arguments and their ratio. After that first
@@ -24,7 +24,7 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: yoda_raw and benchmarks/
 
 from benchmarks import common  # noqa: E402
 

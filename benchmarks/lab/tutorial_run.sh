@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole tutorial recipe on the H200 with random Phi-3-mini weights (none exist there), the real
-# Phi-3 tokenizer and the 720 yoda rows: `source .gpu/env.sh && bash benchmarks/tutorial_run.sh`.
+# Phi-3 tokenizer and the 720 yoda rows: `source .gpu/env.sh && bash benchmarks/lab/tutorial_run.sh`.
 # Writes run.log, metrics.jsonl, run_config.json and env.json under $OUT.
 set -euo pipefail
 out=${OUT:-/tmp/tutorial_run}

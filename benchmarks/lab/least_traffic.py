@@ -1,6 +1,6 @@
 """The least memory traffic a checkpointed step of this design must move, and the step it bounds.
 
-    python benchmarks/least_traffic.py --tokens 8192 --matmul-ms 272.1 --attention-ms 17.4 --peak-tb-s 4.8
+    python benchmarks/lab/least_traffic.py --tokens 8192 --matmul-ms 272.1 --attention-ms 17.4 --peak-tb-s 4.8
 
 A count by hand, not a measurement (benchmarks/NOTES.md, item 22). The design: cuBLAS for the frozen
 products, peft's LoRA products as matmuls of their own, element-wise kernels between them, every
@@ -17,16 +17,16 @@ e4m3: 3 bytes an element; each amax fused into the kernel that makes the tensor)
 cast twice (3 bytes) with one transposed copy for the backward (2 bytes; its amax from the 4-bit
 block scales).
 
-    python benchmarks/least_traffic.py --tokens 8192 --matmul-ms 162.2 --attention-ms 16.4 --peak-tb-s 4.8 --fp8
+    python benchmarks/lab/least_traffic.py --tokens 8192 --matmul-ms 162.2 --attention-ms 16.4 --peak-tb-s 4.8 --fp8
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: yoda_raw and benchmarks/
 
-from benchmarks.matmul_peak import PHI3_LINEARS  # noqa: E402
+from benchmarks.lab.matmul_peak import PHI3_LINEARS  # noqa: E402
 
 LAYERS, BYTES = 32, 2
 HIDDEN, QKV, INTERMEDIATE = 3072, 9216, 8192  # Phi-3-mini: d, the qkv projection's outputs, f

@@ -1,7 +1,7 @@
 """Where the whole run's wall time goes, the launcher's start and the process's exit included.
 
-    python benchmarks/whole_run_split.py --out DIR [run.py options]        # e.g. --init pretrained --model CKPT
-    python benchmarks/whole_run_split.py --out DIR --preset tiny --max-steps 2   # a CPU smoke run
+    python benchmarks/lab/whole_run_split.py --out DIR [run.py options]        # e.g. --init pretrained --model CKPT
+    python benchmarks/lab/whole_run_split.py --out DIR --preset tiny --max-steps 2   # a CPU smoke run
 
 Runs the whole training run as the README gives it, `accelerate launch run.py ...`, and stamps every
 line it prints with the wall clock as the line arrives. run.py's last line gives its own time from
@@ -37,11 +37,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: yoda_raw and benchmarks/
 
 from benchmarks import common  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1"]  # `accelerate launch`
 PYTHON = [sys.executable]
 RUNS = ["launched", "launched-again", "python", "compile-pool"]
@@ -124,7 +124,7 @@ def main(argv: list[str]) -> int:
     sft = timed_sft(shlex.split(args.sft), env, out) if args.sft else None
     result = {"runs": runs, "sft": sft, "device": common.device_name(), "versions": common.versions()}
     result["date"] = common.now_utc()
-    result["command"] = "python benchmarks/whole_run_split.py " + shlex.join(argv)
+    result["command"] = "python benchmarks/lab/whole_run_split.py " + shlex.join(argv)
     (out / "split.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"# Where the whole run's time goes: {result['device']}",

@@ -1,6 +1,6 @@
 """What bf16 matrix work sustains on this GPU, at the shapes of Phi-3-mini's frozen layers.
 
-    python benchmarks/matmul_peak.py --tokens 8192 --json DIR/matmul_peak.json
+    python benchmarks/lab/matmul_peak.py --tokens 8192 --json DIR/matmul_peak.json
 
 The 16 x 512 step's floor is an argument about matmuls: with gradient checkpointing a token costs
 three passes over the frozen weights (forward, recompute, input gradient). Its time at best is that
@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # yoda_raw and benchmarks/
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: yoda_raw and benchmarks/
 
 import torch  # noqa: E402
 

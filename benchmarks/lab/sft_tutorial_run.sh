@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The reference's whole run, timed as tutorial_run.sh times ours: TRL SFTTrainer with the tutorial's
 # SFTConfig, 10 epochs of the 720 yoda rows, from process start to the saved adapter, on a saved
-# random-weight checkpoint. `source .gpu/env.sh && bash benchmarks/sft_tutorial_run.sh CHECKPOINT`
+# random-weight checkpoint. `source .gpu/env.sh && bash benchmarks/lab/sft_tutorial_run.sh CHECKPOINT`
 # writes result.jsonl (bench_sft.py's figures) and wall.json under $OUT.
 set -euo pipefail
 out=${OUT:-/tmp/sft_tutorial_run}
