@@ -89,7 +89,8 @@ def test_tutorial_without_a_gpu_points_to_the_smol_preset():
 def test_smol_learns_yoda_speak_it_was_not_shown(smol_folder, tmp_path):
     """The real thing, small: 39 of yoda_raw's own pairs, 10 steps at the preset's lr (one
     conversation per row, 8 rows a step), then the 13 held-out pairs it never saw, translated by the
-    base model and by base + adapter (README.md's smol section has the full preset's measured run on the 720 pairs).
+    base model and by base + adapter (benchmarks/results/cpu_smol/ has the full preset's measured run
+    on the 720 pairs).
     A pipeline that trains on the wrong tokens, renders prompts other than training
     did, or saves or applies the adapter wrongly stays near the base model's chrF."""
     from yoda_raw.evaluate import compare

@@ -381,8 +381,8 @@ def _checked(name: str, value, kind):
 # What each preset changes; preset_defaults() fills in the smol model's location.
 #
 # smol: SmolLM2-135M-Instruct, a real pretrained instruct model 28x smaller than Phi-3-mini, trained
-# on the tutorial's data. One epoch at lr 2e-3 teaches it Yoda speak in one CPU sitting (measured on
-# 2 cores, README.md has the figures); the tutorial's 3e-4 learns only partly in one epoch. LoRA goes
+# on the tutorial's data. One epoch at lr 2e-3 teaches it Yoda speak in one CPU sitting
+# (benchmarks/results/cpu_smol/ has the figures); the tutorial's 3e-4 learns only partly in one epoch. LoRA goes
 # on every attention and MLP projection (the default targets). On a CPU: unquantized and fp32 (4-bit
 # and bf16 are no faster there at this size); on a GPU: NF4 and bf16, as the tutorial. Its chat
 # template injects a 21-token default system prompt ("You are a helpful AI assistant named
