@@ -33,10 +33,11 @@ def run_command(
         if "--debug" in argv:
             raise
         failure = f"error: {err}", err.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         if "--debug" in argv:
             raise
-        failure = f"error: {interrupted}", 128 + signal.SIGINT
+        # A second SIGTERM mid-step is a KeyboardInterrupt too (signals.StopAtOnce), and says which signal.
+        failure = f"error: {interrupted}", 128 + getattr(err, "signum", signal.SIGINT)
     # Free the failed run first, outside the except block (which holds the traceback): its progress
     # bar redraws as it closes, and the error is to be the last line. (Frames in the traceback refer
     # to each other: only the collector frees them.)
