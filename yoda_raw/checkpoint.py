@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from yoda_raw.config import Config, read_json
 from yoda_raw.errors import YodaError
+from yoda_raw.identity import check_base_model
 from yoda_raw.output import ADAPTER_FILE, WRITE_ERRORS, run_checkpoints, write_failed
 
 
@@ -154,16 +155,31 @@ def check_checkpoint(cfg: Config, num_processes: int) -> None:
             "or start a new run without --resume"
         )
 
+    check_base_model(
+        saved.get("base_model_id"), cfg.base_model_id, cfg.model, f"--resume {path}",
+        "restore the weights it was trained on, or start a new run without --resume",
+    )  # fmt: skip
+
     saved_processes = state.get("num_processes", 1)  # checkpoints from before it was recorded: 1 process
     if saved_processes != num_processes:
         raise YodaError(
             f"--resume {path}: the checkpoint was made on {saved_processes} process(es), this run has "
             f"{num_processes}; resume with `accelerate launch --num_processes {saved_processes}`"
         )
-    # Accelerate skips an unreadable random-state file silently: the resume would not be exact.
+    # Accelerate skips an unreadable random-state file silently: the resume would not be exact. So each
+    # is read here, before training (checkpoints from before the hashes have nothing else to check them).
     for rank in range(num_processes):
-        if not (path / f"random_states_{rank}.pkl").is_file():
-            raise YodaError(f"--resume {path}: random_states_{rank}.pkl is missing; {fix}")
+        name = f"random_states_{rank}.pkl"
+        if not (path / name).is_file():
+            raise YodaError(f"--resume {path}: {name} is missing; {fix}")
+        try:
+            states = torch.load(path / name, weights_only=False)  # a pickle this program wrote
+        except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, AttributeError):
+            states = None
+        if not isinstance(states, dict) or "torch_manual_seed" not in states:
+            raise YodaError(
+                f"--resume {path}: {name} cannot be read (damaged?), so the resume would not be exact; {fix}"
+            )
 
 
 def resume_from(cfg: Config, accelerator: Accelerator, total_steps: int) -> int:

@@ -129,14 +129,19 @@ def load_for_inference(
     # here lets a wrong --adapter or option be reported at once, before that wait.
     from peft import PeftModel
 
-    from yoda_raw.model import load_base_model
+    from yoda_raw.identity import base_model_identity, check_base_model
+    from yoda_raw.model import load_base_model, load_model_config
 
-    cfg = read_run_config(adapter_dir)
-    if quant is not None:
-        cfg = dataclasses.replace(cfg, quant=quant)
+    trained = read_run_config(adapter_dir)
+    # (replace() leaves the recorded identities out: they are read from `trained`.)
+    cfg = trained if quant is None else dataclasses.replace(trained, quant=quant)
     device = resolve_device(device)
     precision = choose_precision(cfg.precision, device)
-    tokenizer = load_tokenizer_for(adapter_dir, cfg)
+    tokenizer = load_tokenizer_for(adapter_dir, trained)
+    check_base_model(
+        trained.base_model_id, base_model_identity(cfg, load_model_config(cfg, len(tokenizer))), cfg.model,
+        f"--adapter {adapter_dir}", "restore the weights it was trained on, or retrain on these",
+    )  # fmt: skip
     base = load_base_model(cfg, precision, device, vocab_size=len(tokenizer))
     if dequantize_base and cfg.quant == "nf4":
         base = base.dequantize()  # each Linear4bit -> nn.Linear holding dequantize_4bit(weight)
