@@ -194,3 +194,35 @@ def test_under_accelerate_launch_a_signal_mid_step_saves_in_time(tmp_path, how):
     assert not (out / "checkpoint-2").exists()
     assert f"error: {name}: stopped after step 1 and saved {out / 'checkpoint-1'}" in output, output[-3000:]
     assert "stopped at once" not in output, output[-3000:]
+
+
+# --- several processes: one error line; the process count at start -----------------------------------------
+
+
+def test_under_torchrun_only_rank_0_prints_the_error(monkeypatch, capsys):
+    """Catches every process of a multi-process run printing the same error line (once per rank)."""
+    from yoda_raw.cli import run_command
+    from yoda_raw.errors import YodaError
+
+    def command(argv):
+        raise YodaError("--max-steps must be -1 or at least 1, got 0")
+
+    monkeypatch.setenv("RANK", "1")
+    assert run_command(command, []) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert run_command(command, []) == 2
+    assert capsys.readouterr().err == "error: --max-steps must be -1 or at least 1, got 0\n"
+
+
+def test_the_run_says_how_many_processes_it_has(monkeypatch):
+    """Catches `accelerate launch --cpu --num_processes 2` running one process without a word."""
+    import torch
+
+    from yoda_raw.launcher import one_process_hint
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    assert "--multi_gpu --num_processes N" in one_process_hint(1, torch.device("cpu"))
+    assert one_process_hint(2, torch.device("cpu")) == ""
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
+    assert one_process_hint(1, torch.device("cpu")) == ""  # python run.py: one process, as asked

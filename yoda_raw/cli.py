@@ -7,10 +7,12 @@ command exits with the error's `exit_code`: 2, or 128 + the signal's number (130
 stopped by SIGINT or SIGTERM (`Interrupted`, whose message says what was kept). A Ctrl-C that stops
 a command at once (a KeyboardInterrupt: while loading, or a second one mid-step) is one line too, and
 exit status 130. With `--debug` on the command line the traceback is shown instead. Any other
-exception is a bug in yoda_raw and keeps its traceback.
+exception is a bug in yoda_raw and keeps its traceback. Under torchrun (several processes) only rank 0
+prints the line: every process meets the same error, and one line is enough.
 """
 
 import gc
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -42,5 +44,6 @@ def run_command(
     # bar redraws as it closes, and the error is to be the last line. (Frames in the traceback refer
     # to each other: only the collector frees them.)
     gc.collect()
-    print(failure[0], file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, every process has the same error: rank 0 says it
+        print(failure[0], file=sys.stderr)
     return failure[1]

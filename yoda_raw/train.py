@@ -45,6 +45,7 @@ from yoda_raw.errors import Interrupted, NonFiniteLoss, OutOfMemory, YodaError
 from yoda_raw.evaluate import end_of_run_report, format_report
 from yoda_raw.hooks import Observer
 from yoda_raw.identity import base_model_identity
+from yoda_raw.launcher import one_process_hint
 from yoda_raw.loss import supervised_count, token_loss_sum
 from yoda_raw.model import add_lora, load_base_model, load_model_config, parameter_counts, parameter_line
 from yoda_raw.optim import build_optimizer, learning_rate
@@ -221,6 +222,7 @@ def start_lines(given: str, precision: Precision, plan: fast.Plan, accelerator: 
     """What a run says before it starts: the options given that differ from the defaults (the whole
     settled configuration goes to run_config.json), where it runs, and what the fast path does."""
     processes = f"{accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''}"
+    processes += one_process_hint(accelerator.num_processes, accelerator.device)
     return f"options: {given}\ndevice: {accelerator.device}, {processes}, precision {precision.name}\n{plan}"
 
 
