@@ -87,6 +87,8 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+_MISSING = object()  # a key run_config.json lacks (hand-edited, damaged): never equal to a value
+
 # Options that must be the same to resume: the model, the adapter, the data and how it is cut, and
 # the optimizer (another one has another state: AdamW's exp_avg is not 8-bit AdamW's state1).
 RESUME_MUST_MATCH = (
@@ -135,9 +137,9 @@ def check_checkpoint(cfg: Config, num_processes: int) -> None:
 
     saved = read_json(path / "run_config.json", fix)
     differ = [
-        f"{key} ({saved.get(key)!r} there, {getattr(cfg, key)!r} now)"
+        f"{key} ({repr(saved[key]) if key in saved else 'missing'} there, {getattr(cfg, key)!r} now)"
         for key in RESUME_MUST_MATCH
-        if saved.get(key) != getattr(cfg, key)
+        if saved.get(key, _MISSING) != getattr(cfg, key)
     ]
     if differ:
         raise YodaError(f"--resume {path}: the checkpoint was made with other settings: {'; '.join(differ)}")

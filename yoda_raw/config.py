@@ -473,11 +473,16 @@ def parse_config(argv: list[str], prog: str = "python run.py", description: str 
 
 
 def _read_yaml(path: str) -> dict:
+    # Not a regular file (a FIFO, a device, a folder): opening a FIFO would wait for a writer forever.
+    if Path(path).exists() and not Path(path).is_file():
+        raise YodaError(f"--config {path}: not a regular file; pass a YAML file of options")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             values = yaml.safe_load(f) or {}
     except OSError as err:
         raise YodaError(f"--config {path}: cannot read it ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise YodaError(f"--config {path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     except yaml.YAMLError as err:
         raise YodaError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(values, dict):

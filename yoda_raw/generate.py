@@ -24,6 +24,7 @@ quant, precision, system prompt), then the adapter is applied with peft.
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 from pathlib import Path
@@ -279,6 +280,16 @@ def generate_ids(
     return results
 
 
+def check_context(max_new_tokens: int, model) -> None:
+    """Refuse a --max-new-tokens no prompt fits beside, before any slow pass over the data."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and max_new_tokens >= context:
+        raise YodaError(
+            f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context of {context} "
+            f"tokens; pass at most {context - 1} (the default, 64, is enough for a sentence)"
+        )
+
+
 def check_fits(prompts: list[list[int]], max_new_tokens: int, context: int | None, first_number: int = 1) -> None:
     """Past its context a model computes garbage (or fails on position ids): refuse such a sentence."""
     for number, prompt in enumerate(prompts, start=first_number):
@@ -322,10 +333,17 @@ def translate(
     return [decode_answer(tokenizer, ids, end_ids) for ids in rows]
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_p: float, batch_size: int) -> None:
+def check_sampling(
+    max_new_tokens: int, temperature: float, top_p: float, batch_size: int, seed: int | None = None
+) -> None:
     checks = [
         (max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {max_new_tokens}"),
-        (temperature >= 0, f"--temperature must be 0 (greedy) or more, got {temperature}"),
+        (
+            math.isfinite(temperature) and temperature >= 0,
+            f"--temperature must be 0 (greedy) or a finite number above it, got {temperature}",
+        ),
+        # The same range as run.py's --seed (numpy's, which set_seed also seeds).
+        (seed is None or 0 <= seed < 2**32, f"--seed must be in [0, 2**32), got {seed}"),
         (0 < top_p <= 1, f"--top-p must be in (0, 1], got {top_p}"),
         (batch_size >= 1, f"--batch-size must be at least 1, got {batch_size}"),
     ]
@@ -404,7 +422,10 @@ def read_sentences(args: argparse.Namespace, stdin) -> list[str]:
         return list(args.sentences)
     if stdin is None or stdin.isatty():
         raise YodaError("no sentences: pass them as arguments, or one per line on stdin")
-    lines = stdin.read().splitlines()
+    try:
+        lines = stdin.read().splitlines()
+    except UnicodeDecodeError as err:
+        raise YodaError(f"stdin is not UTF-8 text (byte {err.start}); convert it, e.g. with iconv -t UTF-8") from None
     if not any(line.strip() for line in lines):
         raise YodaError("no sentences: stdin was empty")
     return lines
@@ -421,7 +442,7 @@ def generate_command(argv: list[str]) -> int:
         out = merge(args.adapter, args.merge, args.device)
         print(f"merged {args.adapter} into {out} (full precision: merging into 4-bit weights would round)")
         return 0
-    check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.batch_size)
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.batch_size, args.seed)
     read_run_config(args.adapter)  # a wrong folder is reported before any waiting on stdin
     sentences = read_sentences(args, sys.stdin)
     model, tokenizer, cfg = load_for_inference(args.adapter, args.device, args.quant)

@@ -148,6 +148,11 @@ def claim(cfg: Config, out: Path) -> Lock:
             f"would destroy that checkpoint; pass its run's folder ({Path(cfg.resume).resolve().parent}) or a new one"
         )
     for path in [out, *out.parents]:
+        if path.is_symlink() and not path.exists():
+            raise YodaError(
+                f"--output-dir {out}: {path} is a symbolic link to {os.readlink(path)}, which does not exist; "
+                "create that folder, remove the link, or choose another --output-dir"
+            )
         if path.exists() and not path.is_dir():
             what = "is a file" if path == out else f"{path} is a file"
             raise YodaError(f"--output-dir {out}: {what}, not a folder; choose a folder")

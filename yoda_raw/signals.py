@@ -34,6 +34,8 @@ import time
 import numpy as np
 import torch
 
+from yoda_raw.errors import StopAtOnce
+
 # A SIGTERM this soon after a SIGINT is a launcher passing the Ctrl-C on (accelerate sends it at once).
 ECHO_SECONDS = 3.0
 # Tests only: seconds every abandonable step but a run's first sleeps, to make a slow step without a
@@ -44,15 +46,6 @@ SLOW_STEP_ENV = "YODA_RAW_TEST_SLOW_STEP"
 class StepAbandoned(BaseException):
     """Raised by the signal handler inside an abandonable step. A BaseException, as KeyboardInterrupt
     is: library code that catches Exception must not swallow it."""
-
-
-class StopAtOnce(KeyboardInterrupt):
-    """A second signal that is not the launcher's echo: stop at once, without saving. A
-    KeyboardInterrupt, so that everything unwinds as from Ctrl-C; `signum` sets the exit status."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 class StopOnSignal:
