@@ -146,3 +146,70 @@ def test_a_missing_run_config_key_is_called_missing(tmp_path, tiny_config):
     cfg = tiny_config(resume=str(path))
     with pytest.raises(YodaError, match=r"lora_r \(missing there"):
         checkpoint.check_checkpoint(cfg, 1)
+
+
+# --- generate --merge: a temporary folder, renamed into place ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, tiny_config):
+    from accelerate.state import AcceleratorState
+
+    from yoda_raw import train
+
+    out = tmp_path_factory.mktemp("merge") / "adapter"
+    AcceleratorState._reset_state(True)
+    train.main(tiny_config(quant="none", eval_fraction=0.0, samples=False, max_steps=1, output_dir=str(out)))
+    return out
+
+
+def test_merge_into_an_unwritable_place_fails_before_loading(adapter, tmp_path, monkeypatch, capsys):
+    """Catches an unwritable --merge folder found only after the (slow) load, with a traceback."""
+    (tmp_path / "a_file").write_text("")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("loaded the model before checking the folder")
+
+    monkeypatch.setattr(generate, "load_for_inference", no_load)
+    assert generate.main(["--adapter", str(adapter), "--merge", str(tmp_path / "a_file" / "merged")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --merge") and "cannot write there" in err and err.count("\n") == 1, err
+
+
+def test_merge_on_a_full_disk_leaves_nothing_and_a_retry_works(adapter, tmp_path, monkeypatch, capsys):
+    """Catches a full disk mid-merge ending in a traceback and leaving a half folder that blocks the
+    retry ("is not empty")."""
+    import transformers
+
+    real = transformers.PreTrainedModel.save_pretrained
+
+    def full(self, folder, *args, **kwargs):
+        (Path(folder) / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full)
+    out = tmp_path / "merged"
+    assert generate.main(["--adapter", str(adapter), "--merge", str(out)]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no merged folder, no temporary one
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", real)
+    assert generate.main(["--adapter", str(adapter), "--merge", str(out)]) == 0
+    assert (out / "config.json").is_file()
+
+
+def test_two_merges_into_one_folder_do_not_both_succeed(adapter, tmp_path, monkeypatch, capsys):
+    """Catches two merges into the same new folder both reporting success, their files mixed."""
+    import transformers
+
+    real = transformers.PreTrainedModel.save_pretrained
+    out = tmp_path / "merged"
+
+    def other_merge_finishes_first(self, folder, *args, **kwargs):
+        out.mkdir(exist_ok=True)
+        (out / "config.json").write_text("{}")  # the other merge's folder, renamed into place
+        return real(self, folder, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", other_merge_finishes_first)
+    assert generate.main(["--adapter", str(adapter), "--merge", str(out)]) == 2
+    assert "another merge wrote it meanwhile" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]

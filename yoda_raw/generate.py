@@ -26,7 +26,9 @@ import argparse
 import dataclasses
 import math
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import safetensors
@@ -364,22 +366,47 @@ def merge(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, device: st
     first, exactly to the weights the adapter was trained against, and the update is added in
     full precision. The merged model is therefore full size (7.6 GB in bf16 for Phi-3-mini).
     """
-    out = Path(out_dir)
+    out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise YodaError(f"--merge {out_dir}: is a file; choose a new or empty folder")
     if out.is_dir() and any(out.iterdir()):
         raise YodaError(
             f"--merge {out_dir}: is not empty (files there would be replaced); choose a new or empty folder"
         )
-    model, tokenizer, cfg = load_for_inference(adapter_dir, device, dequantize_base=True)
-    merged = model.merge_and_unload()  # W <- W + (alpha / r) B A in every adapted layer; LoRA removed
-    merged.config.use_cache = True  # a deployed model generates
-    # So that a plain `merged.generate(...)` stops where translate() does (the end-of-turn marker included).
-    merged.generation_config.eos_token_id = end_token_ids(tokenizer, merged.generation_config)
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / RUN_CONFIG).write_text(cfg.to_json())
+    # Written into a temporary folder beside it, then renamed into place: a full disk or a crash
+    # leaves no half model that blocks a retry. Made now, before the slow load: a place that cannot
+    # be written to is found at once. Two merges into one folder: the rename lets one of them win.
+    try:
+        out.absolute().parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.absolute().parent))
+    except OSError as err:
+        raise YodaError(
+            f"--merge {out_dir}: cannot write there ({err.strerror}); choose a folder you can write to"
+        ) from None
+    try:
+        model, tokenizer, cfg = load_for_inference(adapter_dir, device, dequantize_base=True)
+        merged = model.merge_and_unload()  # W <- W + (alpha / r) B A in every adapted layer; LoRA removed
+        merged.config.use_cache = True  # a deployed model generates
+        # So that a plain `merged.generate(...)` stops where translate() does (the end-of-turn marker included).
+        merged.generation_config.eos_token_id = end_token_ids(tokenizer, merged.generation_config)
+        try:
+            merged.save_pretrained(partial)
+            tokenizer.save_pretrained(partial)
+            (partial / RUN_CONFIG).write_text(cfg.to_json())
+        except (OSError, safetensors.SafetensorError) as err:
+            reason = getattr(err, "strerror", None) or str(err).strip().splitlines()[0]
+            raise YodaError(
+                f"--merge {out_dir}: could not write the merged model ({reason}); nothing was left there: "
+                "free some space and run it again"
+            ) from None
+        try:
+            os.rename(partial, out)  # replaces an empty folder; fails on one that another merge filled
+        except OSError:
+            raise YodaError(
+                f"--merge {out_dir}: another merge wrote it meanwhile; use that one, or merge into a new folder"
+            ) from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return out
 
 
