@@ -18,6 +18,7 @@ import huggingface_hub
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import extract_model_from_parallel
+from accelerate.utils.other import load as accelerate_load
 from peft import set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -175,7 +176,7 @@ def check_checkpoint(cfg: Config, num_processes: int) -> None:
         if not (path / name).is_file():
             raise YodaError(f"--resume {path}: {name} is missing; {fix}")
         try:
-            states = torch.load(path / name, weights_only=False)  # a pickle this program wrote
+            states = accelerate_load(path / name)  # as load_state reads it: torch's weights_only unpickler
         except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, AttributeError):
             states = None
         if not isinstance(states, dict) or "torch_manual_seed" not in states:
