@@ -45,6 +45,15 @@ def test_generate_refuses_stdin_that_is_not_utf8():
         generate.read_sentences(args, io.TextIOWrapper(io.BytesIO(b"caf\xe9\n"), encoding="utf-8"))
 
 
+def test_generate_refuses_stdin_whose_text_layer_hides_another_encoding():
+    """Catches stdin decoded with surrogateescape (Python's choice under the C locale) passing a
+    Latin-1 byte on to the tokenizer, which fails with a TypeError traceback."""
+    args = generate.parse_args(["--adapter", "x"])
+    stdin = io.TextIOWrapper(io.BytesIO(b"caf\xe9\n"), encoding="utf-8", errors="surrogateescape")
+    with pytest.raises(YodaError, match="stdin is not UTF-8 text"):
+        generate.read_sentences(args, stdin)
+
+
 def test_a_max_new_tokens_beyond_the_context_is_refused_before_any_pass():
     """Catches evaluate --max-new-tokens 100000 refused only after the whole loss pass."""
 
@@ -173,7 +182,7 @@ def test_merge_into_an_unwritable_place_fails_before_loading(adapter, tmp_path, 
     monkeypatch.setattr(generate, "load_for_inference", no_load)
     assert generate.main(["--adapter", str(adapter), "--merge", str(tmp_path / "a_file" / "merged")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --merge") and "cannot write there" in err and err.count("\n") == 1, err
+    assert err.startswith("error: --merge") and "is a file, not a folder" in err and err.count("\n") == 1, err
 
 
 def test_merge_on_a_full_disk_leaves_nothing_and_a_retry_works(adapter, tmp_path, monkeypatch, capsys):

