@@ -12,11 +12,15 @@ import time
 
 STARTED = time.perf_counter()  # before the heavy imports: the run's time line counts them
 
-import torch  # noqa: E402
+try:  # Ctrl-C in the first seconds, while the libraries load: one line, as later on
+    import torch
 
-from yoda_raw.cli import run_command  # noqa: E402
-from yoda_raw.config import parse_config  # noqa: E402
-from yoda_raw.errors import YodaError  # noqa: E402
+    from yoda_raw.cli import run_command
+    from yoda_raw.config import parse_config
+    from yoda_raw.errors import YodaError
+except KeyboardInterrupt:
+    print("error: interrupted while starting; nothing was done", file=sys.stderr)
+    sys.exit(130)
 
 # Ctrl-C while loading, or a second Ctrl-C / SIGTERM mid-step (the first one saves a checkpoint).
 INTERRUPTED = (

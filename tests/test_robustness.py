@@ -209,8 +209,9 @@ def test_resume_with_other_settings_names_the_fields(straight, tmp_path, tiny_co
 def test_sigint_saves_a_checkpoint_that_resumes_exactly(straight, tmp_path, monkeypatch, tiny_config):
     """Catches Ctrl-C killing the run mid-step with nothing saved (or a half-written checkpoint), a run
     that does not say it was interrupted, and a checkpoint whose resume does not continue with the
-    straight run's losses. SIGINT is sent to this process from inside the loop (in step 2's backward);
-    fit's handler, installed in the main thread, turns it into a stop after the step."""
+    straight run's losses. SIGINT is sent to this process from inside the loop, in step 2's forward
+    and backward: fit's handler, installed in the main thread, abandons step 2 (signals.py) and saves
+    step 1, from which the resumed run trains steps 2 to 4 as the straight run did."""
     real_forward_backward, calls = train.EagerStep.forward_backward, []
 
     def forward_backward_then_sigint(*args, **kwargs):
@@ -221,13 +222,13 @@ def test_sigint_saves_a_checkpoint_that_resumes_exactly(straight, tmp_path, monk
 
     monkeypatch.setattr(train.EagerStep, "forward_backward", forward_backward_then_sigint)
     interrupted = tmp_path / "interrupted"
-    with pytest.raises(Interrupted, match="SIGINT: stopped after step 2") as info:
+    with pytest.raises(Interrupted, match="SIGINT: stopped after step 1") as info:
         train.main(tiny_config(RUN_OPTIONS, output_dir=str(interrupted)))
     assert info.value.exit_code == 130
     monkeypatch.setattr(train.EagerStep, "forward_backward", real_forward_backward)
-    checkpoint = interrupted / "checkpoint-2"
-    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 2
-    assert not list(interrupted.glob(".checkpoint-*"))
+    checkpoint = interrupted / "checkpoint-1"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 1
+    assert not list(interrupted.glob(".checkpoint-*")) and not (interrupted / "checkpoint-2").exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
     from accelerate.state import AcceleratorState
@@ -237,9 +238,9 @@ def test_sigint_saves_a_checkpoint_that_resumes_exactly(straight, tmp_path, monk
     result = train.main(tiny_config(RUN_OPTIONS, output_dir=str(resumed_out), resume=str(checkpoint)))
     assert result.fit.steps == 4
     expected, got = logged(straight), logged(resumed_out)
-    assert sorted(got) == [3, 4]
+    assert sorted(got) == [2, 3, 4]
     assert all(abs(got[step] - expected[step]) <= 1e-6 for step in got), (got, expected)
-    assert logged(interrupted) == {1: expected[1], 2: expected[2]}
+    assert logged(interrupted) == {1: expected[1]}
 
 
 # --- 5. a non-finite loss stops the run, keeping earlier checkpoints --------------------------------
@@ -251,9 +252,9 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoints(tmp_path, monkeypatch, t
     real_loss = train.token_loss_sum
     calls = []
 
-    def nan_at_step_3(model, batch):
+    def nan_at_step_3(*args, **kwargs):
         calls.append(1)
-        loss = real_loss(model, batch)
+        loss = real_loss(*args, **kwargs)
         return loss * float("nan") if len(calls) == 3 else loss
 
     monkeypatch.setattr(train, "token_loss_sum", nan_at_step_3)

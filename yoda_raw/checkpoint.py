@@ -18,12 +18,14 @@ import huggingface_hub
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import extract_model_from_parallel
+from accelerate.utils.other import load as accelerate_load
 from peft import set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from yoda_raw.config import Config, read_json
 from yoda_raw.errors import YodaError
+from yoda_raw.identity import check_base_model
 from yoda_raw.output import ADAPTER_FILE, WRITE_ERRORS, run_checkpoints, write_failed
 
 
@@ -86,6 +88,8 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+_MISSING = object()  # a key run_config.json lacks (hand-edited, damaged): never equal to a value
+
 # Options that must be the same to resume: the model, the adapter, the data and how it is cut, and
 # the optimizer (another one has another state: AdamW's exp_avg is not 8-bit AdamW's state1).
 RESUME_MUST_MATCH = (
@@ -134,9 +138,9 @@ def check_checkpoint(cfg: Config, num_processes: int) -> None:
 
     saved = read_json(path / "run_config.json", fix)
     differ = [
-        f"{key} ({saved.get(key)!r} there, {getattr(cfg, key)!r} now)"
+        f"{key} ({repr(saved[key]) if key in saved else 'missing'} there, {getattr(cfg, key)!r} now)"
         for key in RESUME_MUST_MATCH
-        if saved.get(key) != getattr(cfg, key)
+        if saved.get(key, _MISSING) != getattr(cfg, key)
     ]
     if differ:
         raise YodaError(f"--resume {path}: the checkpoint was made with other settings: {'; '.join(differ)}")
@@ -154,16 +158,31 @@ def check_checkpoint(cfg: Config, num_processes: int) -> None:
             "or start a new run without --resume"
         )
 
+    check_base_model(
+        saved.get("base_model_id"), cfg.base_model_id, cfg.model, f"--resume {path}",
+        "restore the weights it was trained on, or start a new run without --resume",
+    )  # fmt: skip
+
     saved_processes = state.get("num_processes", 1)  # checkpoints from before it was recorded: 1 process
     if saved_processes != num_processes:
         raise YodaError(
             f"--resume {path}: the checkpoint was made on {saved_processes} process(es), this run has "
             f"{num_processes}; resume with `accelerate launch --num_processes {saved_processes}`"
         )
-    # Accelerate skips an unreadable random-state file silently: the resume would not be exact.
+    # Accelerate skips an unreadable random-state file silently: the resume would not be exact. So each
+    # is read here, before training (checkpoints from before the hashes have nothing else to check them).
     for rank in range(num_processes):
-        if not (path / f"random_states_{rank}.pkl").is_file():
-            raise YodaError(f"--resume {path}: random_states_{rank}.pkl is missing; {fix}")
+        name = f"random_states_{rank}.pkl"
+        if not (path / name).is_file():
+            raise YodaError(f"--resume {path}: {name} is missing; {fix}")
+        try:
+            states = accelerate_load(path / name)  # as load_state reads it: torch's weights_only unpickler
+        except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, AttributeError):
+            states = None
+        if not isinstance(states, dict) or "torch_manual_seed" not in states:
+            raise YodaError(
+                f"--resume {path}: {name} cannot be read (damaged?), so the resume would not be exact; {fix}"
+            )
 
 
 def resume_from(cfg: Config, accelerator: Accelerator, total_steps: int) -> int:

@@ -7,15 +7,19 @@ command exits with the error's `exit_code`: 2, or 128 + the signal's number (130
 stopped by SIGINT or SIGTERM (`Interrupted`, whose message says what was kept). A Ctrl-C that stops
 a command at once (a KeyboardInterrupt: while loading, or a second one mid-step) is one line too, and
 exit status 130. With `--debug` on the command line the traceback is shown instead. Any other
-exception is a bug in yoda_raw and keeps its traceback.
+exception is a bug in yoda_raw and keeps its traceback. Under torchrun (several processes) only rank 0
+prints the line: every process meets the same error, and one line is enough.
 """
 
+import errno
 import gc
+import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 
-from yoda_raw.errors import YodaError
+from yoda_raw.errors import StopAtOnce, YodaError
 
 
 def run_command(
@@ -27,19 +31,45 @@ def run_command(
     `interrupted`: the line printed (after `error: `) when Ctrl-C stops the command at once.
     """
     argv = sys.argv[1:] if argv is None else argv
+    # SIGTERM (a scheduler, `kill`) outside training unwinds like Ctrl-C, so temporary folders go;
+    # training puts its own handlers in place (yoda_raw/signals.py). The main thread alone may set one.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop_at_once) if main_thread else None
     try:
-        return command(argv)
+        status = command(argv)
+        sys.stdout.flush()  # a closed pipe or a full disk shows here, in the handlers below, not at exit
+        return status
     except YodaError as err:
         if "--debug" in argv:
             raise
         failure = f"error: {err}", err.exit_code
-    except KeyboardInterrupt:
+    except BrokenPipeError:
+        # `inspect | head`: the reader has gone, which is no error. Further writes (Python's own flush
+        # at exit) go nowhere; the status is a shell's for a writer stopped by SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT) or "--debug" in argv:
+            raise
+        # A full disk (or quota) wherever it strikes outside the writes that say so themselves (stdout, a log).
+        where = f" writing {err.filename}" if err.filename else ""
+        failure = f"error: {err.strerror.lower()}{where}; free some space and run again", 2
+    except KeyboardInterrupt as err:
         if "--debug" in argv:
             raise
-        failure = f"error: {interrupted}", 128 + signal.SIGINT
+        # A SIGTERM is a KeyboardInterrupt too (errors.StopAtOnce), and says which signal it was.
+        failure = f"error: {interrupted}", 128 + getattr(err, "signum", signal.SIGINT)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     # Free the failed run first, outside the except block (which holds the traceback): its progress
     # bar redraws as it closes, and the error is to be the last line. (Frames in the traceback refer
     # to each other: only the collector frees them.)
     gc.collect()
-    print(failure[0], file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, every process has the same error: rank 0 says it
+        print(failure[0], file=sys.stderr)
     return failure[1]
+
+
+def _stop_at_once(signum, frame):
+    raise StopAtOnce(signum)

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -231,6 +232,7 @@ class Config:
     # held-out split, notices another tokenizer or a changed file behind the same path.
     tokenizer_sha256: str | None = field(default=None, init=False)
     data_sha256: str | None = field(default=None, init=False)
+    base_model_id: str | None = field(default=None, init=False)  # what the base weights were (identity.py)
 
     def __post_init__(self):
         # Types first, for every field, whatever filled it: the command line's parser checks types,
@@ -238,7 +240,14 @@ class Config:
         # (The annotations, not dataclasses.fields(): HfArgumentParser rewrites a field's `str | None` to `str`.)
         for name, kind in typing.get_type_hints(Config).items():
             setattr(self, name, _checked(name, getattr(self, name), kind))
+        # `~/x` as the shell expands it unquoted (--dataset and --tokenizer are expanded where they are read).
+        self.output_dir = os.path.expanduser(self.output_dir)
+        self.resume = None if self.resume is None else os.path.expanduser(self.resume)
         checks = [
+            (
+                self.resume is None or bool(self.resume.strip()),
+                "--resume is empty (an unset variable?); name an OUTPUT_DIR/checkpoint-N folder, or leave --resume out",
+            ),
             (self.max_length >= 2, f"--max-length must be at least 2, got {self.max_length}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.grad_accum >= 1, f"--grad-accum must be at least 1, got {self.grad_accum}"),
@@ -316,6 +325,7 @@ class Config:
         options = {f.name for f in dataclasses.fields(cls) if f.init}
         cfg = cls(**{key: value for key, value in values.items() if key in options})
         cfg.tokenizer_sha256, cfg.data_sha256 = values.get("tokenizer_sha256"), values.get("data_sha256")
+        cfg.base_model_id = values.get("base_model_id")
         return cfg
 
 
@@ -463,11 +473,16 @@ def parse_config(argv: list[str], prog: str = "python run.py", description: str 
 
 
 def _read_yaml(path: str) -> dict:
+    # Not a regular file (a FIFO, a device, a folder): opening a FIFO would wait for a writer forever.
+    if Path(path).exists() and not Path(path).is_file():
+        raise YodaError(f"--config {path}: not a regular file; pass a YAML file of options")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             values = yaml.safe_load(f) or {}
     except OSError as err:
         raise YodaError(f"--config {path}: cannot read it ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise YodaError(f"--config {path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     except yaml.YAMLError as err:
         raise YodaError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(values, dict):

@@ -50,3 +50,13 @@ class NonFiniteLoss(YodaError):
             f"stopped at step {stopped_at} without logging or saving anything after step {bad_step - 1} "
             "(checkpoints already saved are intact). Try a lower --lr, or --precision bf16/fp32 instead of fp16"
         )
+
+
+class StopAtOnce(KeyboardInterrupt):
+    """A signal that stops a command at once, without saving: SIGTERM outside training, or a second
+    signal during it (yoda_raw/signals.py). A KeyboardInterrupt, so that everything unwinds as from
+    Ctrl-C (temporary folders are removed on the way out); `signum` sets the exit status."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum

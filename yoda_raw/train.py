@@ -44,12 +44,15 @@ from yoda_raw.data import content_sha256, load_conversations, split_conversation
 from yoda_raw.errors import Interrupted, NonFiniteLoss, OutOfMemory, YodaError
 from yoda_raw.evaluate import end_of_run_report, format_report
 from yoda_raw.hooks import Observer
+from yoda_raw.identity import base_model_identity
+from yoda_raw.launcher import one_process_hint
 from yoda_raw.loss import supervised_count, token_loss_sum
 from yoda_raw.model import add_lora, load_base_model, load_model_config, parameter_counts, parameter_line
 from yoda_raw.optim import build_optimizer, learning_rate
 from yoda_raw.packing import Collator, EpochSampler, build_rows, make_loader
 from yoda_raw.precision import Precision
 from yoda_raw.settle import settle
+from yoda_raw.signals import StopOnSignal
 
 
 @dataclasses.dataclass
@@ -100,6 +103,7 @@ def main(cfg: Config, observer: Observer | None = None) -> RunResult:
         model_config = load_model_config(cfg, len(tokenizer))
         given = cfg.changes_line()
         cfg, precision, plan = settle(cfg, state.device, state.num_processes, model_config)
+        cfg.base_model_id = base_model_identity(cfg, model_config)  # recorded and checked as the data's hash
         accelerator = make_accelerator(cfg, precision)
         accelerator.print(start_lines(given, precision, plan, accelerator))
         observer.settled(cfg, precision, plan, accelerator)
@@ -218,6 +222,7 @@ def start_lines(given: str, precision: Precision, plan: fast.Plan, accelerator: 
     """What a run says before it starts: the options given that differ from the defaults (the whole
     settled configuration goes to run_config.json), where it runs, and what the fast path does."""
     processes = f"{accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''}"
+    processes += one_process_hint(accelerator.num_processes, accelerator.device)
     return f"options: {given}\ndevice: {accelerator.device}, {processes}, precision {precision.name}\n{plan}"
 
 
@@ -313,11 +318,12 @@ def fit(
     first_bad_step = torch.zeros((), dtype=torch.long, device=device)  # the NaN guard's flag: 0 while all is well
     model.train()
     step, stopping = start_step, False
+    grad_norm = None  # the last finished step's: logged when a signal abandons the next one
     batches = step_batches(loader, start_step, total_steps, steps_per_epoch, cfg.grad_accum)
     # However the loop ends (done, a NaN, out of memory, a full disk, a second Ctrl-C), the bar is
     # closed and the signal handlers are given back: left installed, they would swallow the next
     # Ctrl-C of this process.
-    with StopOnSignal() as stop, log.bar:
+    with StopOnSignal(accelerator.num_processes) as stop, log.bar:
         for micro_batches in batches:
             # Learning rate of this step (a plain function of the step: see optim.learning_rate).
             lr = learning_rate(step, cfg.lr, cfg.warmup_steps, total_steps)
@@ -332,8 +338,18 @@ def fit(
             n_supervised = accelerator.reduce(local_supervised, "sum").clamp(min=1)  # all masked: loss 0, not 0/0
             observer.micro_batches(step, micro_batches, n_supervised)
 
-            # Forward and backward, one micro-batch at a time: gradients accumulate in .grad.
-            step_loss = step_fn.forward_backward(micro_batches, n_supervised)
+            # Forward and backward, one micro-batch at a time: gradients accumulate in .grad. A signal
+            # abandons them (signals.py): the gradients were never applied; zero them, keep the last step.
+            step_loss = stop.abandonable(step_fn.forward_backward, micro_batches, n_supervised)
+            if stop.abandoned:
+                optimizer.zero_grad(set_to_none=step_fn.frees_gradients)
+                if log.window["steps"]:  # the finished steps since the last log line
+                    log.write(step, learning_rate(step - 1, cfg.lr, cfg.warmup_steps, total_steps), grad_norm)
+                if step:
+                    check_finite(first_bad_step, step)
+                    save_checkpoint(cfg, accelerator, out, step)
+                stopping = True
+                break
             observer.backward_done(step, step_loss, step_fn)
 
             # Clip and update. The grad norm is non-finite when the loss or any gradient is; the NaN
@@ -364,6 +380,12 @@ def fit(
                 save_checkpoint(cfg, accelerator, out, step)
             if stopping:
                 break
+    if stopping and step == 0:
+        raise Interrupted(
+            f"{signal.Signals(stop.signum).name}: stopped during step 1, before any step finished, so nothing "
+            "was saved; run the same command again to start over",
+            stop.signum,
+        )
     if stopping and step < total_steps:
         # Not a finished run: no final adapter, no evaluation, and a non-zero exit status.
         checkpoint = out / f"checkpoint-{step}"
@@ -418,47 +440,6 @@ def step_batches(loader, start_step: int, total_steps: int, steps_per_epoch: int
         for _ in range(step % steps_per_epoch, min(steps_per_epoch, total_steps - epoch * steps_per_epoch)):
             yield list(itertools.islice(batches, grad_accum))
             step += 1
-
-
-class StopOnSignal:
-    """Turn Ctrl-C (SIGINT) and SIGTERM into a request to stop after the current step, so that the
-    run can save a resumable checkpoint instead of dying mid-step. A second Ctrl-C stops at once.
-    The handlers are in place inside a `with` block only, and the ones before are given back after it."""
-
-    def __init__(self):
-        self.requested, self.signum = False, None
-
-    def __enter__(self):
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested, self.signum = True, signum
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint", file=sys.stderr)
-
-    def agreed(self, accelerator: Accelerator, at_sync_point: bool) -> bool:
-        """Whether to stop after this step, the same answer on every process. A signal can reach one
-        process only (a scheduler, a `kill` by hand); if that one alone stopped to save, the others
-        would wait for it forever in their next all-reduce. So with several processes they agree
-        through an all-reduce, at the loop's sync points only (a log line, a checkpoint): a stop
-        comes at the next one of those, and the steps between stay free of host syncs. They agree on
-        the signal too, the largest number any of them got (SIGTERM, 15, over SIGINT, 2), so that
-        every process exits with the same status."""
-        if accelerator.num_processes == 1:
-            return self.requested
-        if not at_sync_point:
-            return False
-        signum = torch.tensor(self.signum or 0, device=accelerator.device)
-        torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX)
-        if signum.item():
-            self.signum = int(signum.item())
-        return self.signum is not None
 
 
 def unsupervised_batch(collator: Collator, rows: list[dict], device: torch.device) -> dict:

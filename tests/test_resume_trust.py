@@ -1,0 +1,195 @@
+"""A resume (and generate, evaluate) trusts only what it checked (issue 30, items 3-8): the base
+model's weights, the output folder against the checkpoint, an --overwrite that fails, the live
+branch after a resume from an older checkpoint, unreadable random states, empty and `~` paths."""
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import run
+from yoda_raw import output, train
+from yoda_raw.checkpoint import ADAPTER_FILE
+from yoda_raw.config import Config
+from yoda_raw.errors import Interrupted, YodaError
+from yoda_raw.identity import base_model_identity
+
+OPTIONS = {
+    "tokenizer": "tiny",
+    "init": "pretrained",
+    "quant": "none",
+    "precision": "fp32",
+    "eval_fraction": 0.0,
+    "samples": False,
+    "auto_batch_size": False,
+    "logging_steps": 1,
+    "max_steps": 2,
+    "save_steps": 1,
+}
+
+
+def save_tiny_base(folder: Path, seed: int) -> None:
+    """The tiny Phi-3 with random weights (seeded), saved as a local model folder."""
+    import torch
+
+    from yoda_raw import tiny
+    from yoda_raw.model import random_model
+
+    random_model(tiny.model_config(len(tiny.build_tokenizer())), seed, torch.float32).save_pretrained(folder)
+
+
+def fresh_accelerator_state():
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_config):
+    """A 2-step run on a local base folder, with checkpoint-1, checkpoint-2 and the final adapter."""
+    root = tmp_path_factory.mktemp("trust")
+    save_tiny_base(root / "base", seed=1)
+    fresh_accelerator_state()
+    train.main(tiny_config(OPTIONS, model=str(root / "base"), output_dir=str(root / "run")))
+    return root
+
+
+def copy_run(trained: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """The base folder the run recorded (shared: put back if changed), and a copy of the run."""
+    shutil.copytree(trained / "run", tmp_path / "run")
+    return trained / "base", tmp_path / "run"
+
+
+# --- 3. the base model is recorded and checked ---------------------------------------------------------
+
+
+def test_the_base_model_is_recorded_and_other_weights_are_refused(trained, tmp_path, tiny_config):
+    """Catches a resume, generate or evaluate on other weights behind the same --model folder: the
+    adapter trained on one base applied to another, silently (exit 0, other losses)."""
+    from yoda_raw.generate import load_for_inference
+
+    base, run_dir = copy_run(trained, tmp_path)
+    recorded = json.loads((run_dir / "run_config.json").read_text())["base_model_id"]
+    assert recorded.startswith("sha256:")
+    load_for_inference(run_dir, "cpu")  # the same weights: accepted
+    save_tiny_base(base, seed=2)  # other weights, same folder
+    try:
+        resume = tiny_config(OPTIONS, model=str(base), output_dir=str(run_dir), overwrite=True)
+        fresh_accelerator_state()
+        with pytest.raises(YodaError, match="the base model .* is not the one it was trained on"):
+            train.main(dataclasses.replace(resume, resume=str(run_dir / "checkpoint-1")))
+        with pytest.raises(YodaError, match=f"--adapter {run_dir}: the base model"):
+            load_for_inference(run_dir, "cpu")
+    finally:
+        save_tiny_base(base, seed=1)
+
+
+def test_base_identity_of_a_hub_id_and_random_init(tiny_config):
+    """Catches a Hub model recorded without its commit (a new commit would pass) and a random base
+    recorded without its seed."""
+    hub = tiny_config(model="someone/model", init="pretrained")
+    assert base_model_identity(hub, SimpleNamespace(_commit_hash="abc123")) == "hub:someone/model@abc123"
+    assert base_model_identity(tiny_config(seed=7), None).startswith("random:seed=7:")
+
+
+# --- 4. the output folder is not the checkpoint resumed ------------------------------------------------
+
+
+@pytest.mark.parametrize("inside", ["", "sub"], ids=["equal", "inside"])
+def test_output_dir_in_the_resumed_checkpoint_is_refused(trained, tmp_path, capsys, inside):
+    """Catches --overwrite with --output-dir equal to (or inside) the --resume checkpoint deleting its
+    adapter and run_config.json, then failing to load it."""
+    _, run_dir = copy_run(trained, tmp_path)
+    checkpoint = run_dir / "checkpoint-1"
+    before = sorted(p.name for p in checkpoint.iterdir())
+    argv = ["--preset", "tiny", "--resume", str(checkpoint), "--output-dir", str(checkpoint / inside), "--overwrite"]
+    assert run.main(argv) == 2
+    assert "lies inside it" in capsys.readouterr().err
+    assert sorted(p.name for p in checkpoint.iterdir()) == before
+
+
+# --- 5. --overwrite keeps the old adapter until the new one is saved -------------------------------------
+
+
+def test_an_interrupted_overwrite_keeps_the_old_adapter(trained, tmp_path, monkeypatch, tiny_config):
+    """Catches --overwrite deleting the finished run's adapter as the new run starts: stopped, it
+    leaves neither."""
+    base, run_dir = copy_run(trained, tmp_path)
+    old = (run_dir / ADAPTER_FILE).read_bytes()
+    real, calls = train.learning_rate, []
+
+    def sigint_at_step_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "learning_rate", sigint_at_step_2)
+    fresh_accelerator_state()
+    with pytest.raises(Interrupted):
+        train.main(tiny_config(OPTIONS, model=str(base), max_steps=4, output_dir=str(run_dir), overwrite=True))
+    assert (run_dir / ADAPTER_FILE).read_bytes() == old
+    assert json.loads((run_dir / "run_config.json").read_text())["max_steps"] == 2  # the old adapter's own
+    monkeypatch.undo()
+    fresh_accelerator_state()
+    train.main(tiny_config(OPTIONS, model=str(base), max_steps=3, output_dir=str(run_dir), overwrite=True))
+    assert (run_dir / ADAPTER_FILE).read_bytes() != old
+    assert json.loads((run_dir / "run_config.json").read_text())["max_steps"] == 3
+
+
+# --- 6. resume advice follows the live branch -------------------------------------------------------------
+
+
+def test_advice_names_the_live_branchs_checkpoint(tmp_path, tiny_config):
+    """Catches the "continue it with --resume" advice naming the highest-numbered checkpoint, left
+    from before a resume from an older one, instead of the live branch's newest."""
+    out = tmp_path / "out"
+    for step in (2, 3, 4):
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+        (out / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"step": step}))
+    past = time.time() - 60
+    for step in (3, 4):
+        os.utime(out / f"checkpoint-{step}" / "trainer_state.json", (past, past))
+    (out / "metrics.jsonl").write_text("")
+    # The run resumed from checkpoint-2 in its own folder (and stopped before its next checkpoint).
+    output.start(tiny_config(output_dir=str(out), resume=str(out / "checkpoint-2")), out)
+    assert output.latest_checkpoint(out) == out / "checkpoint-2"
+    with pytest.raises(YodaError, match=f"continue it with --resume {out / 'checkpoint-2'},"):
+        output.check_run_state(tiny_config(output_dir=str(out)), out)
+
+
+# --- 7. random states are read before training ---------------------------------------------------------------
+
+
+def test_an_unreadable_random_state_without_hashes_is_refused(trained, tmp_path, tiny_config):
+    """Catches a checkpoint from before per-file hashes, whose random states cannot be read, resuming
+    silently and inexactly (Accelerate skips such a file)."""
+    base, run_dir = copy_run(trained, tmp_path)
+    checkpoint = run_dir / "checkpoint-1"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    del state["files"]
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    (checkpoint / "random_states_0.pkl").write_bytes(b"not a pickle")
+    fresh_accelerator_state()
+    cfg = tiny_config(OPTIONS, model=str(base), output_dir=str(run_dir), overwrite=True, resume=str(checkpoint))
+    with pytest.raises(YodaError, match="random_states_0.pkl cannot be read"):
+        train.main(cfg)
+
+
+# --- 8. empty and ~ paths ---------------------------------------------------------------------------------------
+
+
+def test_empty_resume_is_refused_and_tilde_is_expanded(tmp_path, monkeypatch, capsys):
+    """Catches `--resume "$CKPT"` with CKPT unset training from scratch, and `--output-dir '~/x'`
+    making a folder named `~`."""
+    assert run.main(["--preset", "tiny", "--resume", "", "--output-dir", str(tmp_path / "out")]) == 2
+    assert "--resume is empty" in capsys.readouterr().err
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = Config(output_dir="~/x", resume="~/x/checkpoint-1")
+    assert cfg.output_dir == str(tmp_path / "x") and cfg.resume == str(tmp_path / "x" / "checkpoint-1")

@@ -1,0 +1,58 @@
+"""What identifies the base model an adapter was trained on, recorded in run_config.json.
+
+A LoRA adapter is a small correction to one particular set of base weights: on other weights it is
+noise. The same `--model` can name other weights by another day (a folder whose files were
+replaced, a Hub repository with a new commit), so a run records what it loaded, and a resume,
+`generate` and `evaluate` refuse another base instead of training or translating on it silently:
+
+- a local folder: the sha256 of its weight files' contents (names and bytes; reading them costs
+  about a second per GB, once a command);
+- a Hub id: the repository and the commit its files came from;
+- `--init random`: the seed, and the device kind it was drawn on (model.random_model draws on the
+  GPU when there is one, so the same seed gives other weights on a CPU-only machine).
+"""
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from yoda_raw.errors import YodaError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def base_model_identity(cfg, model_config) -> str:
+    """e.g. `sha256:3f2a...`, `hub:microsoft/Phi-3-mini-4k-instruct@0a67737c...`, `random:seed=42:cpu`."""
+    if cfg.init == "random":
+        return f"random:seed={cfg.seed}:{'cuda' if torch.cuda.is_available() else 'cpu'}"
+    folder = Path(cfg.model).expanduser()
+    if folder.is_dir():
+        return f"sha256:{weights_sha256(folder)}"
+    commit = getattr(model_config, "_commit_hash", None)  # set by from_pretrained for a Hub repository
+    return f"hub:{cfg.model}@{commit}" if commit else f"hub:{cfg.model}"
+
+
+def weights_sha256(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)):
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_base_model(saved: str | None, now: str, model: str, where: str, fix: str) -> None:
+    """Refuse a base model other than the one recorded (`saved`; None: recorded by an earlier version)."""
+    if saved is None or saved == now:
+        return
+    raise YodaError(
+        f"{where}: the base model {model} is not the one it was trained on ({_short(saved)} there, "
+        f"{_short(now)} now); {fix}"
+    )
+
+
+def _short(identity: str) -> str:
+    kind, _, value = identity.partition(":")
+    return f"{kind} {value[:12]}..." if kind == "sha256" else identity
