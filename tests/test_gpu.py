@@ -459,24 +459,37 @@ def test_steps_between_log_lines_never_wait_for_the_gpu(tmp_path, tiny_config):
     """Between log lines the host never waits for the GPU, so it queues the next step while the GPU
     runs this one: steps 2 to 7 of 8 run under torch's sync debug mode "error", which raises on any
     synchronizing call (a batch copied from unpinned memory or without non_blocking, an .item(), a
-    host-side NaN check). Step 1 warms up the CUDA graph and step 8 logs, outside it. Catches the
-    copies waiting again (three waits a step at 16 x 64, 2026-11-29) or a sync added to the step."""
+    host-side NaN check). Step 1 warms up the CUDA graph and logs, step 8 logs, outside it: the mode
+    goes on once step 1's line is written (the loop's logged hook) and off after step 7's update.
+    Catches the copies waiting again or a sync added to the step."""
     from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from yoda_raw.hooks import Observer
+    from yoda_raw.train import main
+
+    class StrictAfterStep1(Observer):
+        def logged(self, record: dict) -> None:
+            if record["step"] == 1:
+                torch.cuda.set_sync_debug_mode("error")
 
     done = []
 
-    def strict_from_step_2_to_7(optimizer, args, kwargs):  # after each optimizer step
+    def lenient_after_step_7(optimizer, args, kwargs):  # after each optimizer step
         done.append(len(done) + 1)
-        torch.cuda.set_sync_debug_mode("error" if done[-1] < 7 else "default")
+        if done[-1] == 7:
+            torch.cuda.set_sync_debug_mode("default")
 
-    hook = register_optimizer_step_post_hook(strict_from_step_2_to_7)
+    hook = register_optimizer_step_post_hook(lenient_after_step_7)
+    AcceleratorState._reset_state(True)
     try:
         options = {"precision": "bf16", "max_steps": 8, "logging_steps": 8, "eval_fraction": 0.0, "samples": False}
-        run = train(tiny_config(options, output_dir=str(tmp_path)))
+        run = main(tiny_config(options, output_dir=str(tmp_path)), observer=StrictAfterStep1())
     finally:
         hook.remove()
         torch.cuda.set_sync_debug_mode("default")
+        AcceleratorState._reset_state(True)
     assert run.config.cuda_graph == "on" and done == list(range(1, 9))
+    assert [record["step"] for record in run.fit.log] == [1, 8]
 
 
 @pytest.mark.parametrize("graph", ["off", "on"])

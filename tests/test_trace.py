@@ -93,7 +93,7 @@ def test_a_change_to_the_loop_shows_in_the_trace(traced, monkeypatch):
     from yoda_raw import train as train_module
 
     real = train_module.token_loss_sum
-    monkeypatch.setattr(train_module, "token_loss_sum", lambda model, batch: 2 * real(model, batch))
+    monkeypatch.setattr(train_module, "token_loss_sum", lambda model, batch, *chunked: 2 * real(model, batch, *chunked))
     out, _ = traced
     doubled = run_trace(OPTIONS)
     # Step 1's loss comes before any update, from the same seeds: exactly twice the loss. The bound

@@ -30,7 +30,7 @@ from yoda_raw.config import Config, parse_config
 from yoda_raw.errors import YodaError
 from yoda_raw.hooks import Observer
 from yoda_raw.inspect import row_as_text
-from yoda_raw.loss import supervised_count
+from yoda_raw.loss import CHUNK, supervised_count
 from yoda_raw.model import parameter_line
 from yoda_raw.packing import EpochSampler, count_tokens
 from yoda_raw.train import main as train
@@ -120,10 +120,11 @@ class Tracer(Observer):
             f"accelerator.prepare: the model's forward gets {self.autocast}, batches come on {self.device}, "
             f"the optimizer is wrapped (for fp16 loss scaling); an epoch is {steps_per_epoch} steps"
         )
-        # A hook on the LM head reads the logits' shape as they pass; it changes nothing.
-        self.logits_seen = []
-        self.model.get_output_embeddings().register_forward_hook(
-            lambda module, args, output: self.logits_seen.append((tuple(output.shape), output.dtype))
+        # A hook on the model reads the shape of what its forward returns (the logits; with
+        # --chunked-loss the last hidden states) as they pass; it changes nothing.
+        self.outputs_seen = []
+        self.model.get_base_model().register_forward_hook(
+            lambda module, args, output: self.outputs_seen.append((tuple(output.logits.shape), output.logits.dtype))
         )
         memory(self.device)
 
@@ -140,7 +141,8 @@ class Tracer(Observer):
         self.step_fn = step_fn
         print(f"{kind.__name__}: {first_line(kind.__doc__)}")
         loss_sum = step_loss.item()
-        show_loss(self.logits_seen, loss_sum, self.n_supervised, loss_sum / self.n_supervised)
+        vocab = self.model.get_output_embeddings().out_features
+        show_loss(self.outputs_seen, vocab, loss_sum, self.n_supervised, loss_sum / self.n_supervised)
         show_gradients(self.model, self.name)
         memory(self.device)
 
@@ -369,18 +371,26 @@ def show_batches(micro_batches: list[dict], order: list[int], cfg: Config) -> No
             print(f"  {key:<15} {str(tuple(tensor.shape)):<10} {str(tensor.dtype):<12} {tensor.device}  {note}")
 
 
-def show_loss(logits_seen: list, loss_sum: float, n_supervised: int, loss: float) -> None:
-    for i, (shape, dtype) in enumerate(logits_seen):
-        batch, length, vocab = shape
-        print(f"micro-batch {i + 1}: the model's forward -> logits {shape} = (B, T, V) {dtype}")
-        print(
-            f"  loss.token_loss_sum: logits[:, :-1] as float32 {(batch, length - 1, vocab)} (a copy of "
-            f"{batch * (length - 1) * vocab * 4 / 2**20:.1f} MiB) against labels[:, 1:] {(batch, length - 1)}"
-        )
-    vocab = logits_seen[0][0][2]
+def show_loss(outputs_seen: list, vocab: int, loss_sum: float, n_supervised: int, step_loss: float) -> None:
+    for i, (shape, dtype) in enumerate(outputs_seen):
+        batch, length, width = shape
+        if width == vocab:
+            print(f"micro-batch {i + 1}: the model's forward -> logits {shape} = (B, T, V) {dtype}")
+            print(
+                f"  loss.token_loss_sum: logits[:, :-1] as float32 {(batch, length - 1, vocab)} (a copy of "
+                f"{batch * (length - 1) * vocab * 4 / 2**20:.1f} MiB) against labels[:, 1:] {(batch, length - 1)}"
+            )
+        else:
+            print(
+                f"micro-batch {i + 1}: the model's forward, its LM head set aside -> hidden states {shape} = (B, T, H)"
+            )
+            print(
+                f"  loss.chunked_cross_entropy (--chunked-loss on): the head and cross-entropy over "
+                f"{CHUNK} positions at a time, never all {batch * (length - 1)} positions' logits at once"
+            )
     print(f"cross-entropy summed over the step's {n_supervised} supervised positions: {loss_sum:.4f}")
     print(
-        f"loss of the step = {loss_sum:.4f} / {n_supervised} = {loss:.6f} "
+        f"loss of the step = {loss_sum:.4f} / {n_supervised} = {step_loss:.6f} "
         f"(a uniform guess over the {vocab} entries scores ln {vocab} = {math.log(vocab):.4f})"
     )
     print("backward of loss_sum / supervised tokens: the gradients accumulate in each trainable tensor's .grad")
