@@ -180,6 +180,7 @@ def measure(cfg, args, name: str, timed: int, watch_device: bool = False) -> dic
         "reuse_dequant": run.config.reuse_dequant,
         "fp8_matmuls": run.config.fp8_matmuls,
         "seeded_dropout": run.config.seeded_dropout,
+        "chunked_loss": run.config.chunked_loss,
         "uncheckpointed_layers": cfg.uncheckpointed_layers,
         "lora_dropout": cfg.lora_dropout,
         "optim": cfg.optim,
