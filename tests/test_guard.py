@@ -16,11 +16,11 @@ def test_a_nan_between_log_lines_stops_at_the_next_one_with_finite_weights(tmp_p
     that is never read (the run finishes), or one that names the step it noticed instead of the bad one."""
     real_loss, calls, models = train.token_loss_sum, [], []
 
-    def nan_at_step_3(model, batch):
+    def nan_at_step_3(model, batch, *chunked):
         calls.append(1)
         if not models:
             models.append(model)
-        loss = real_loss(model, batch)
+        loss = real_loss(model, batch, *chunked)
         return loss * float("nan") if len(calls) == 3 else loss
 
     monkeypatch.setattr(train, "token_loss_sum", nan_at_step_3)
