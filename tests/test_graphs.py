@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from conftest import assert_close_up_to_rounding, rounding_tolerance
 
 import run
 from yoda_raw.chat import IGNORE
@@ -67,11 +68,14 @@ def test_padded_batch_without_a_mask_gives_the_eager_loss_and_gradients(
         assert len(sdpa_calls) == tiny_model.config.num_hidden_layers
         assert all(mask is None and causal and name == CAUSAL_SDPA for mask, causal, name in sdpa_calls), sdpa_calls
     assert tiny_model.config._attn_implementation == attention
-    torch.testing.assert_close(loss.detach(), eager_loss, rtol=1e-5, atol=1e-5)
+    # The 5 x 12 buffer changes the shapes and so the order each kernel adds in: equal up to fp32
+    # rounding of the tiny model's sums (conftest), 7.2e-5 of each tensor's size; a padded position
+    # in the loss or attended to changes them by a whole token's share, percents.
+    assert_close_up_to_rounding(loss.detach(), eager_loss, name="loss sum")
     grads = lora_like_grads(tiny_model)
     assert grads.keys() == eager_grads.keys() and grads
     for name in grads:
-        torch.testing.assert_close(grads[name], eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        assert_close_up_to_rounding(grads[name], eager_grads[name], name=name)
 
 
 def test_a_full_batch_after_a_short_one_leaves_no_stale_padding(tiny_tokenizer):
@@ -123,7 +127,9 @@ def test_compiled_layers_train_as_the_plain_ones(tmp_path, tiny_config):
         assert json.loads((out / "run_config.json").read_text())["compile_layers"] == setting
     compiled = [m for m in run.model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
     assert len(compiled) == run.model.config.num_hidden_layers
-    assert losses["on"] == pytest.approx(losses["off"], rel=1e-4)
+    # Inductor fuses the layer's ops and adds in its own order: equal up to fp32 rounding of the
+    # tiny model's sums (conftest), 7.2e-5 of the loss; a dropped adapter or mask changes it by percents.
+    assert losses["on"] == pytest.approx(losses["off"], rel=0, abs=rounding_tolerance(max(losses["off"])))
 
 
 def test_the_end_of_run_report_runs_the_compiled_layers_eagerly(tmp_path, monkeypatch, tiny_config):
@@ -164,9 +170,10 @@ def test_the_first_step_runs_eagerly_on_the_padded_buffers(tiny_model, tiny_toke
     captured = GraphStep(tiny_model, batch_size=4, max_length=8, pad_id=tiny_tokenizer.pad_token_id, device="cpu")
     loss = captured.forward_backward([batch], n_supervised)
     assert captured.warmed_up and captured.graph is None
-    torch.testing.assert_close(loss, eager.detach(), rtol=1e-5, atol=1e-5)
+    # Padded buffers, other shapes: equal up to fp32 rounding of the tiny model's sums (conftest).
+    assert_close_up_to_rounding(loss, eager.detach(), name="loss sum")
     for name, grad in lora_like_grads(tiny_model).items():
-        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        assert_close_up_to_rounding(grad, eager_grads[name], name=name)
 
 
 def test_compile_layers_without_triton_on_a_gpu(monkeypatch):

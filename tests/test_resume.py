@@ -4,8 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from accelerate.state import AcceleratorState
+from conftest import assert_close_up_to_rounding, rounding_tolerance
 from safetensors.torch import load_file
 
 from yoda_raw import checkpoint, train
@@ -57,9 +57,14 @@ def test_resumed_run_equals_straight_run(k, straight, tmp_path, tiny_config):
     train.main(tiny_config(RESUME_OPTIONS, output_dir=str(out), resume=str(straight / f"checkpoint-{k}")))
     resumed = logged(out)
     assert sorted(resumed) == list(range(k + 1, 2 * STEPS_PER_EPOCH + 1))
+    # The same steps on the same CPU from a state saved exactly: within fp32 rounding of the tiny
+    # model's step (conftest: 7.2e-5 of the loss); replayed rows, a restarted schedule or lost
+    # moments change the losses by percents.
     delta = max(abs(resumed[step] - expected[step]) for step in resumed)
-    assert delta <= 1e-6, {step: (resumed[step], expected[step]) for step in resumed}
+    assert delta <= rounding_tolerance(max(expected.values())), {
+        step: (resumed[step], expected[step]) for step in resumed
+    }
     final, straight_final = load_file(out / checkpoint.ADAPTER_FILE), load_file(straight / checkpoint.ADAPTER_FILE)
     assert final.keys() == straight_final.keys()
     for name in final:
-        torch.testing.assert_close(final[name], straight_final[name], rtol=1e-5, atol=1e-6, msg=name)
+        assert_close_up_to_rounding(final[name], straight_final[name], name=name)
