@@ -241,7 +241,8 @@ def test_plots_are_written(loop_result, tmp_path):
     pytest.importorskip("matplotlib")
     report.write_plots(fake_gpu_suite(loop_result), tmp_path, "test")
     assert (tmp_path / "test_sweep.png").stat().st_size > 0
-    assert (tmp_path / "test_memory.png").stat().st_size > 0
+    assert (tmp_path / "test_memory.png").stat().st_size > 0  # peak memory by part, one panel
+    assert (tmp_path / "test_cards.png").stat().st_size > 0  # what fits on a card: its own file, with card results
 
 
 @pytest.mark.parametrize("first_guess", [1, 9, 30, 64])
