@@ -24,6 +24,8 @@ def test_seeded_dropout_keeps_one_minus_p_and_scales_as_torch_dropout():
     x = torch.ones(200_000, requires_grad=True)
     y = dropout(x)
     kept = y != 0
+    # 200,000 draws kept with p 0.95: the share's standard deviation is sqrt(0.95 * 0.05 / 2e5) = 4.9e-4,
+    # so +-0.003 is 6 of them (a false alarm once in 1e9 runs); p and 1 - p swapped gives 0.05.
     assert 0.947 < kept.float().mean().item() < 0.953
     # One fp32 multiply or divide each side, rounded once (u = 6e-8 of the value): assert_close's fp32
     # default (rtol 1.3e-6) holds on any CPU, and a missing or inverted scale is 5% off.
@@ -105,6 +107,8 @@ def test_the_triton_mask_kernel_keeps_one_minus_p_and_follows_its_seed(tmp_path)
     builds of torch lack it; the GPU suite runs the kernel itself). Catches p and 1 - p swapped, the
     four numbers of a draw written over each other, or a tail left unwritten."""
     pytest.importorskip("triton")
+    # 50,003 draws kept with p 0.95: standard deviation of the share sqrt(0.95 * 0.05 / 50003) = 9.7e-4,
+    # +-0.005 is 5 of them; at p 0.999 the share is 0.001 +- 1.4e-4, and 0.01 is 64 of them.
     script = (
         "import torch\n"
         "from yoda_raw.fast import kernels\n"
