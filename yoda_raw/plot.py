@@ -70,6 +70,7 @@ def draw(records: list[dict], png: Path, title: str) -> Path:
 
     matplotlib.use("Agg")  # files only, no window: works on a server without a display
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (loss_ax, speed_ax, memory_ax) = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
     steps, loss = series(records, "loss")
@@ -98,10 +99,12 @@ def draw(records: list[dict], png: Path, title: str) -> Path:
         memory_ax.set_ylim(bottom=0)
         memory_ax.legend(fontsize=8, loc="lower right")
     else:
+        memory_ax.set_yticks([])
         memory_ax.text(0.5, 0.5, "no device memory logged (a CPU run logs none)", ha="center", va="center",
                        transform=memory_ax.transAxes, color="grey")  # fmt: skip
     memory_ax.set_ylabel("memory (GiB)")
     memory_ax.set_xlabel("optimizer step")
+    memory_ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # steps are whole numbers
     for ax in (loss_ax, speed_ax, memory_ax):
         ax.grid(alpha=0.3)
     fig.suptitle(title)
