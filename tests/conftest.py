@@ -139,17 +139,21 @@ LAMBDA = 8
 TINY_ROUNDINGS = 42 * 512
 
 
-def rounding_tolerance(magnitude: float, roundings: int = TINY_ROUNDINGS, dtype=None) -> float:
+def rounding_tolerance(magnitude: float, roundings: int = TINY_ROUNDINGS, dtype=None, steps: int = 1) -> float:
     """The most two correct computations of a value of size `magnitude` may differ by when each
     went through `roundings` roundings, in another order: LAMBDA * sqrt(roundings) * u * magnitude,
     u of fp32 unless `dtype` says otherwise. E.g. the tiny model's loss or gradients: 8 * sqrt(21504)
-    * 6.0e-8 = 7.2e-5 of their size; one fp32 dot product of 64 terms: 3.8e-6 of its size."""
+    * 6.0e-8 = 7.2e-5 of their size; one fp32 dot product of 64 terms: 3.8e-6 of its size.
+
+    A loss after `steps` optimizer steps carries each step's rounding: Adam's update m / sqrt(v)
+    keeps a gradient's relative error as it is (it divides out the size), so the weights, and the
+    next loss, move by that fraction of an update per step, and the bound grows by `steps`."""
     import math
 
     import torch
 
     u = torch.finfo(dtype or torch.float32).eps / 2
-    return LAMBDA * math.sqrt(roundings) * u * magnitude
+    return LAMBDA * math.sqrt(roundings) * u * magnitude * steps
 
 
 def assert_close_up_to_rounding(actual, expected, roundings: int = TINY_ROUNDINGS, name: str = ""):
