@@ -448,6 +448,7 @@ def test_whole_run_split_parts_the_wall_time_around_the_runs_own(tmp_path, capsy
     assert err == [f"error: broken: the run failed (exit status 3); its output is in {tmp_path / 'broken'}.log"]
 
 
+@pytest.mark.slow  # SFTTrainer's whole tiny-preset run (30 epochs) in a subprocess: minutes on 2 cores
 def test_whole_run_split_times_sftrainers_whole_run_from_its_model_load(tmp_path, capsys):
     """The SFTTrainer side of whole_run_split.py (--sft), on the tiny model on a CPU: its wall time,
     and within it bench_sft.py's own time from the model's load to the saved adapter; a failed run

@@ -112,6 +112,7 @@ def test_auto_resolves_to_what_the_run_does(tmp_path, tiny_config):
     assert saved["compile_layers"] == saved["cuda_graph"]  # auto follows the graph
 
 
+@pytest.mark.slow  # two runs, one compiling every layer on a CPU (on a GPU the default; the GPU suite runs it)
 def test_compiled_layers_train_as_the_plain_ones(tmp_path, tiny_config):
     """--compile-layers on (here on a CPU, where it is not the default) runs the same arithmetic as
     the plain layers: the same per-step losses. Catches a compiled layer that drops the LoRA
@@ -134,6 +135,7 @@ def test_compiled_layers_train_as_the_plain_ones(tmp_path, tiny_config):
     assert losses["on"] == pytest.approx(losses["off"], rel=0, abs=bound)
 
 
+@pytest.mark.slow  # compiles the layers on a CPU, then a full end-of-run report: half a minute on 2 cores
 def test_the_end_of_run_report_runs_the_compiled_layers_eagerly(tmp_path, monkeypatch, tiny_config):
     """With --compile-layers on, the held-out evaluation and translations after training compile
     nothing: through the compiled layers, the no-gradient mode and every length that generation

@@ -66,6 +66,7 @@ def _losses(out: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
 
 
+@pytest.mark.slow  # three accelerate launches, two processes each: half a minute or more on 2 cores
 @pytest.mark.parametrize("per_process", [8, 12], ids=["8+8,8+5", "12+12,5+none"])
 def test_two_processes_give_one_process_losses(per_process, tmp_path):
     """2 processes x B rows give the per-step losses of 1 process x 2B rows (shuffled, same seed), over
@@ -179,6 +180,7 @@ def _with(options: list[str], **changes) -> list[str]:
     return options
 
 
+@pytest.mark.slow  # two two-process runs and a resume: about a minute on 2 cores
 def test_each_process_draws_its_own_dropout_and_resumes_exactly(tmp_path):
     """With LoRA dropout on 2 processes, each process's RNG (which dropout draws from) is its own:
     the random states the checkpoint saves per process after step 1 differ. Catches every process
@@ -215,6 +217,7 @@ def test_each_process_draws_its_own_dropout_and_resumes_exactly(tmp_path):
     )
 
 
+@pytest.mark.slow  # a two-process run stopped and checked: half a minute on 2 cores
 def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     """A SIGTERM that reaches one process only (here rank 1, found by its RANK environment variable)
     stops both processes after the same step, with one checkpoint holding both processes' random
