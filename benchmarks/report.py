@@ -418,8 +418,7 @@ def memory_by_part(plt, breakdown: dict, sft: dict | None, png: Path) -> None:
     ax.set_xlabel("GiB")
     ax.set_title("peak memory of a step, by part")
     ax.grid(axis="x", alpha=0.3)
-    # The legend below the axes, not over the bars.
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize=8, frameon=False)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)  # beside, not over, the bars
     fig.savefig(png, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -439,8 +438,9 @@ def what_fits(plt, cards: list[dict], png: Path) -> None:
         ax.bar(xs, heights, width=width, label=f"{tokens} tokens per row")
     ax.set_xticks(range(len(kinds)), [f"{gib:g} GiB\n{precision}" for precision, gib in kinds])
     ax.set_ylabel("most rows that fit")
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.2)  # headroom: the legend sits above the tallest bars
     ax.set_title("what fits on a card (NVML, measured on one GPU)")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper center", ncol=len(lengths))
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
