@@ -338,6 +338,7 @@ def test_scripts_explain_themselves(script):
     assert done.returncode == 0 and "usage:" in done.stdout
 
 
+@pytest.mark.slow  # run_all.py in subprocesses: a quarter of a minute on 2 cores
 def test_run_all_lists_the_suite():
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--out", "unused", "--list"],
@@ -367,6 +368,7 @@ def test_examples_in_docstrings_hold(module, examples):
     assert result.attempted >= examples and result.failed == 0
 
 
+@pytest.mark.slow  # profiles tiny steps under torch.profiler: a quarter of a minute on 2 cores
 def test_profile_step_splits_the_profiled_steps(tmp_path):
     """profile_step.py on the tiny model (a CPU): the profiled steps' time split by kind of work,
     written as JSON, Markdown and a trace. Catches steps timed across the wrong marks (a negative or

@@ -341,6 +341,7 @@ def test_fp8_matmuls_refuse_a_gpu_without_fp8_and_sizes_cublas_cannot_take(tiny_
         reuse_dequantized_weights(model, fp8=True)
 
 
+@pytest.mark.slow  # compiles every layer on a CPU, twice: a quarter of a minute on 2 cores
 @pytest.mark.parametrize("fp8", ["off", "on"])
 def test_compiled_layers_compile_once_for_every_layer_with_the_dequantized_matmul(tmp_path, tiny_config, fp8):
     """The GPU default (--compile-layers on with --reuse-dequant on), and with --fp8-matmuls on: every

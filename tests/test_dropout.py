@@ -48,7 +48,8 @@ def seeded_step(model, batch, seed: int):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+# Compiled: inductor on a CPU takes seconds a layer, so that case runs in the slow tier.
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
 def test_the_recompute_draws_the_forward_masks(tiny_tokenizer, tiny_qlora, compiled):
     """With every layer checkpointed, the recompute makes the forward's masks again from the same
     seeds: the same loss and LoRA gradients as with the last layer left out of checkpointing (where
