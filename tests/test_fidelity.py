@@ -336,6 +336,7 @@ def test_parity_with_sfttrainer_paged_adamw_8bit(tmp_path, sfttrainer, tiny_conf
     print(f"max |delta loss| paged_adamw_8bit: {delta:.2e}")
 
 
+@pytest.mark.slow  # the real Phi-3 tokenizer's 32k-row embedding: the tiny tokenizer's parity runs by default
 def test_parity_with_sfttrainer_phi3_tokenizer(
     tmp_path, sfttrainer, monkeypatch, phi3_path, yoda_conversations, tiny_config
 ):

@@ -45,7 +45,16 @@ def straight(tmp_path_factory, tiny_config):
     return out
 
 
-@pytest.mark.parametrize("k", [2, STEPS_PER_EPOCH, 6], ids=["mid-epoch-1", "epoch-boundary", "mid-epoch-2"])
+# The epoch boundary in the default tier; the two mid-epoch resumes (a quarter of a minute each on 2
+# cores) in the slow tier.
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "k",
+    [pytest.param(2, marks=SLOW), STEPS_PER_EPOCH, pytest.param(6, marks=SLOW)],
+    ids=["mid-epoch-1", "epoch-boundary", "mid-epoch-2"],
+)
 def test_resumed_run_equals_straight_run(k, straight, tmp_path, tiny_config):
     """Resumed from checkpoint-k into a fresh output folder: the same loss at every later step and the
     same final adapter as the straight run. Catches a resume that restarts the epoch (rows seen
