@@ -18,6 +18,7 @@ try:  # Ctrl-C in the first seconds, while the libraries load: one line, as late
     from yoda_raw.cli import run_command
     from yoda_raw.config import parse_config
     from yoda_raw.errors import YodaError
+    from yoda_raw.plot import write_plot
 except KeyboardInterrupt:
     print("error: interrupted while starting; nothing was done", file=sys.stderr)
     sys.exit(130)
@@ -49,6 +50,7 @@ def train_command(argv: list[str]) -> int:
     if result.is_main_process:
         print(f"saved the adapter to {result.output_dir} after {result.fit.steps} steps")
         print(time_line(result, time.perf_counter() - STARTED))
+        write_plot(result.output_dir)  # metrics.png: loss, tokens/s and memory over steps (yoda_raw/plot.py)
     return 0
 
 

@@ -4,7 +4,8 @@
     python benchmarks/report.py a/h200.json b/h200.json --out results/h200 --name h200   # several as one
 
 run_all.py calls it after every job; run by hand it re-renders a saved suite without a GPU
-(NAME.md, NAME_sweep.png and NAME_memory.png into --out, by default the JSON's folder). Several
+(NAME.md, NAME_sweep.png, NAME_memory.png and, with card results, NAME_cards.png into --out, by
+default the JSON's folder). Several
 suites (parts of one run with `run_all.py --only`) are rendered as one, and written as one NAME.json
 too: their results together (a later measurement replaces an earlier one of the same name), each
 part's command and date kept. The rules every figure is measured by are in benchmarks/README.md;
@@ -379,42 +380,70 @@ def write_plots(suite: dict, out: Path, name: str) -> None:
         fig.savefig(out / f"{name}_sweep.png", dpi=110)
         plt.close(fig)
     ours = by_job(results, "ours")
-    cards = [r for r in results if r.get("card")]
     breakdown = (ours or {}).get("memory_breakdown") or {}
-    if "activations_at_peak_gib" in breakdown or cards:
-        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-        if "activations_at_peak_gib" in breakdown:
-            bottom = 0.0
-            for key, label, _ in BREAKDOWN_PARTS:
-                value = max(breakdown[key], 0.0)
-                left.bar(["ours, 16 x 64"], [value], bottom=bottom, label=label.split(" (")[0])
-                bottom += value
-            sft = by_job(results, "sft")
-            if sft and sft.get("peak_reserved_gib"):
-                left.bar(
-                    ["SFTTrainer, 16 x 64"], [sft["peak_reserved_gib"]], color="grey", label="SFTTrainer peak reserved"
-                )
-            left.set_ylabel("GiB")
-            left.set_title("peak memory, by part")
-            left.legend(fontsize=7)
-        if cards:
-            kinds = sorted({(r["card"]["precision"], r["card"]["card_gib"]) for r in cards})
-            rows_fit = {(r["card"]["precision"], r["card"]["card_gib"], r["card"]["tokens_per_row"]): r for r in cards}
-            for i, tokens in enumerate(sorted({r["card"]["tokens_per_row"] for r in cards})):
-                xs = [k + 0.25 * (i - 1) for k in range(len(kinds))]
-                heights = [
-                    rows_fit[(*kind, tokens)]["card"]["rows_fit"] if (*kind, tokens) in rows_fit else 0
-                    for kind in kinds
-                ]
-                right.bar(xs, heights, width=0.25, label=f"{tokens} tokens per row")
-            labels = [f"{gib:g} GiB\n{precision}" for precision, gib in kinds]
-            right.set_xticks(range(len(kinds)), labels)
-            right.set_ylabel("most rows that fit")
-            right.set_title("what fits on a card (NVML, measured on the H200)")
-            right.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / f"{name}_memory.png", dpi=110)
-        plt.close(fig)
+    if "activations_at_peak_gib" in breakdown:
+        memory_by_part(plt, breakdown, by_job(results, "sft"), out / f"{name}_memory.png")
+    cards = [r for r in results if r.get("card")]
+    if cards:
+        what_fits(plt, cards, out / f"{name}_cards.png")
+
+
+def memory_by_part(plt, breakdown: dict, sft: dict | None, png: Path) -> None:
+    """One horizontal bar of the loop's peak memory, part by part (meter.BREAKDOWN_PARTS) up to
+    peak reserved, then what the driver saw beyond torch; SFTTrainer's peak reserved below it."""
+    parts = [(label.split(" (")[0], max(breakdown[key], 0.0)) for key, label, _ in BREAKDOWN_PARTS]
+    if breakdown.get("outside_torch_gib") is not None:
+        parts.append(("outside torch: CUDA context, libraries (NVML)", max(breakdown["outside_torch_gib"], 0.0)))
+    bars = ["yoda_raw, 16 x 64"]
+    if sft and sft.get("peak_reserved_gib"):
+        bars.append("SFTTrainer, 16 x 64")
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.9 * len(bars)))
+    left = 0.0
+    colors = plt.get_cmap("tab10").colors
+    for i, (label, value) in enumerate(parts):
+        outside = label.startswith("outside torch")
+        color = "white" if outside else colors[i % len(colors)]
+        ax.barh([bars[0]], [value], left=left, color=color, edgecolor="grey" if outside else None,
+                hatch="//" if outside else None, label=f"{label}: {value:.2f}")  # fmt: skip
+        left += value
+    reserved = breakdown["peak_reserved_gib"]
+    ax.axvline(reserved, ymin=0.55 if len(bars) > 1 else 0.1, ymax=0.95, color="black", linewidth=1)
+    total = f" {left:.2f} GiB device used" if "outside_torch_gib" in breakdown else f" {left:.2f} GiB"
+    ax.text(left, 0, f"{total}\n (peak reserved {reserved:.2f})", va="center")
+    if len(bars) > 1:
+        ax.barh([bars[1]], [sft["peak_reserved_gib"]], color="grey", label="SFTTrainer's peak reserved")
+        ax.text(sft["peak_reserved_gib"], 1, f" {sft['peak_reserved_gib']:.2f} GiB peak reserved", va="center")
+    ax.invert_yaxis()  # ours on top
+    ax.set_xlim(0, max(left, sft["peak_reserved_gib"] if len(bars) > 1 else 0) * 1.3)
+    ax.set_xlabel("GiB")
+    ax.set_title("peak memory of a step, by part")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)  # beside, not over, the bars
+    fig.savefig(png, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def what_fits(plt, cards: list[dict], png: Path) -> None:
+    """The most rows of each length that fit on each card size and precision (bench_loop --cards)."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    kinds = sorted({(r["card"]["precision"], r["card"]["card_gib"]) for r in cards})
+    rows_fit = {(r["card"]["precision"], r["card"]["card_gib"], r["card"]["tokens_per_row"]): r for r in cards}
+    lengths = sorted({r["card"]["tokens_per_row"] for r in cards})
+    width = 0.8 / len(lengths)
+    for i, tokens in enumerate(lengths):
+        xs = [k + width * (i - (len(lengths) - 1) / 2) for k in range(len(kinds))]
+        heights = [
+            rows_fit[(*kind, tokens)]["card"]["rows_fit"] if (*kind, tokens) in rows_fit else 0 for kind in kinds
+        ]
+        ax.bar(xs, heights, width=width, label=f"{tokens} tokens per row")
+    ax.set_xticks(range(len(kinds)), [f"{gib:g} GiB\n{precision}" for precision, gib in kinds])
+    ax.set_ylabel("most rows that fit")
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.2)  # headroom: the legend sits above the tallest bars
+    ax.set_title("what fits on a card (NVML, measured on one GPU)")
+    ax.legend(fontsize=8, loc="upper center", ncol=len(lengths))
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

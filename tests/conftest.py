@@ -114,3 +114,54 @@ def tiny_qlora(tiny_tokenizer, tiny_config):
         return add_lora(model, cfg)
 
     return make
+
+
+# --- how close two correct fp32 computations of the same numbers are ------------------------------
+# Kernels add in different orders on different CPUs: torch picks AVX-512, AVX2 or plain loops at
+# start (ATEN_CPU_CAPABILITY), oneDNN and MKL block a matmul by the cache they find, and a padded or
+# regrouped batch changes the shapes and so the blocking. Each addition rounds, by at most u (the
+# unit roundoff, 2**-24 in fp32) of its size. Higham and Mary ("A New Approach to Probabilistic
+# Rounding Error Analysis", SIAM J. Sci. Comput. 2019) show that n such roundings, independent and
+# of mean zero, move a result by more than LAMBDA * sqrt(n) * u of its size with probability below
+# 2 exp(-LAMBDA**2 / 2): under 1e-13 for LAMBDA = 8, a bound for any CPU's order, not a wish.
+# Comparisons are norm-wise, scaled by the largest |value| of the tensor compared: an element that
+# came out near zero by cancellation carries the rounding of the large terms it summed, not of its
+# own size (an elementwise rtol fails on it). The largest |value| stands in for the sum of |terms|,
+# which a test cannot see; LAMBDA's margin covers the difference.
+LAMBDA = 8
+
+# The tiny model's forward and backward, its longest chain of sums: per decoder layer the norm (64),
+# qkv (64), scores (16, a head), the softmax and its weighted sum (up to 64 positions), o (64), the
+# norm, gate_up (64) and down (256), 9 sums; two layers, the final norm, the LM head (64) and the
+# softmax over 512 tokens, 21 in the forward; the backward runs each one again, and its weight
+# gradients sum over the batch's (at most 512) positions: 42 sums of at most 512 terms, so a value
+# at the end of a step has passed through at most 42 * 512 roundings. Its bound: 7.2e-5 of its size.
+TINY_ROUNDINGS = 42 * 512
+
+
+def rounding_tolerance(magnitude: float, roundings: int = TINY_ROUNDINGS, dtype=None, steps: int = 1) -> float:
+    """The most two correct computations of a value of size `magnitude` may differ by when each
+    went through `roundings` roundings, in another order: LAMBDA * sqrt(roundings) * u * magnitude,
+    u of fp32 unless `dtype` says otherwise. E.g. the tiny model's loss or gradients: 8 * sqrt(21504)
+    * 6.0e-8 = 7.2e-5 of their size; one fp32 dot product of 64 terms: 3.8e-6 of its size.
+
+    A loss after `steps` optimizer steps carries each step's rounding: Adam's update m / sqrt(v)
+    keeps a gradient's relative error as it is (it divides out the size), so the weights, and the
+    next loss, move by that fraction of an update per step, and the bound grows by `steps`."""
+    import math
+
+    import torch
+
+    u = torch.finfo(dtype or torch.float32).eps / 2
+    return LAMBDA * math.sqrt(roundings) * u * magnitude * steps
+
+
+def assert_close_up_to_rounding(actual, expected, roundings: int = TINY_ROUNDINGS, name: str = ""):
+    """torch.testing.assert_close with the bound of `rounding_tolerance`, scaled by expected's
+    largest |value| (all elements share it: see above). A zero tensor must come out exactly zero."""
+    import torch
+
+    tolerance = rounding_tolerance(expected.detach().abs().max().item(), roundings, expected.dtype)
+    torch.testing.assert_close(
+        actual, expected, rtol=0, atol=tolerance, msg=lambda text: f"{name}: {text}\n(bound: {tolerance:.2e})"
+    )

@@ -69,9 +69,11 @@ def test_bench_loop_output_is_complete_and_well_formed(loop_result):
         assert r[key] > 0, key
     assert r["step_min_s"] <= r["step_s"] <= r["step_max_s"]
     assert r["supervised_tokens_per_s"] < r["tokens_per_s"], "assistant-only labels supervise part of the tokens"
+    # A median of full steps' token counts: a full step has >= 99% of rows x tokens (full_step_share).
     assert r["tokens_per_step"] == pytest.approx(4 * 32, rel=0.01)
     assert r["full_step_share"] == 1.0
-    # tokens/s of the median step ~ tokens per step / median step time (exact for an odd count of full steps)
+    # tokens/s of the median step ~ tokens per step / median step time (exact for an odd count of full steps);
+    # 2%: step_s is rounded to 0.1 ms of a few-ms CPU step, mfu to 4 significant digits.
     assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / r["step_s"], rel=0.02)
     assert r["mfu"] == pytest.approx(r["flops_per_token"] * r["tokens_per_s"] / 1e12, rel=0.02)
     for key in ("peak_allocated_gib", "peak_reserved_gib", "device_used_gib"):
@@ -91,6 +93,7 @@ def test_memory_breakdown_counts_the_tiny_model(loop_result):
     ):
         assert b[key] > 0, key
     # Tiny model: LoRA r=8 on 4 modules x 2 layers, fp32 = 20,480 parameters x 4 bytes.
+    # The breakdown rounds GiB to 6 decimals: within 5e-7; a wrong byte width is off by 2x.
     assert b["lora_params_gib"] == pytest.approx(loop_result["trainable_params"] * 4 / common.GIB, abs=1e-6)
     assert all(k.endswith("_gib") for k, v in b.items() if isinstance(v, float))
 
@@ -160,6 +163,7 @@ def fake_gpu_suite(loop_result: dict) -> dict:
 def test_suite_tables_render_from_results(loop_result):
     """report.py's Markdown and summary table from results shaped like the H200's."""
     suite = fake_gpu_suite(loop_result)
+    # Ratios of the fake suite's figures, which are rounded to 0.1 tokens/s and 3 decimals of GiB.
     assert suite["comparison"]["ours"]["tokens_per_s_ratio"] == pytest.approx(2.0, rel=0.01)
     assert suite["comparison"]["ours"]["peak_allocated_ratio"] == pytest.approx(0.5)
     text = report.markdown(suite, "test")
@@ -241,7 +245,8 @@ def test_plots_are_written(loop_result, tmp_path):
     pytest.importorskip("matplotlib")
     report.write_plots(fake_gpu_suite(loop_result), tmp_path, "test")
     assert (tmp_path / "test_sweep.png").stat().st_size > 0
-    assert (tmp_path / "test_memory.png").stat().st_size > 0
+    assert (tmp_path / "test_memory.png").stat().st_size > 0  # peak memory by part, one panel
+    assert (tmp_path / "test_cards.png").stat().st_size > 0  # what fits on a card: its own file, with card results
 
 
 @pytest.mark.parametrize("first_guess", [1, 9, 30, 64])
@@ -321,7 +326,7 @@ def test_card_prior_prefers_card_runs(loop_result):
     for r in runs:
         r["card"]["probes"][0]["device_used_peak_gib"] = 3.0 + 0.001 * r["card"]["rows_fit"] * 256
     a, b = run_all.card_prior(runs)
-    assert (a, b) == (pytest.approx(3.0), pytest.approx(0.001))
+    assert (a, b) == (pytest.approx(3.0), pytest.approx(0.001))  # a line through exact points, in fp64: 1e-6 is ample
     assert run_all.card_prior(suite["results"][:3]) is None, "one tokens-per-step point: no line"
 
 
@@ -333,6 +338,7 @@ def test_scripts_explain_themselves(script):
     assert done.returncode == 0 and "usage:" in done.stdout
 
 
+@pytest.mark.slow  # run_all.py in subprocesses: a quarter of a minute on 2 cores
 def test_run_all_lists_the_suite():
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--out", "unused", "--list"],
@@ -362,6 +368,7 @@ def test_examples_in_docstrings_hold(module, examples):
     assert result.attempted >= examples and result.failed == 0
 
 
+@pytest.mark.slow  # profiles tiny steps under torch.profiler: a quarter of a minute on 2 cores
 def test_profile_step_splits_the_profiled_steps(tmp_path):
     """profile_step.py on the tiny model (a CPU): the profiled steps' time split by kind of work,
     written as JSON, Markdown and a trace. Catches steps timed across the wrong marks (a negative or
@@ -372,6 +379,7 @@ def test_profile_step_splits_the_profiled_steps(tmp_path):
     assert profile_step.main(argv) == 0
     result = json.loads((tmp_path / "tiny.json").read_text())
     assert result["step_s"] > 0 and 0 < result["kernel_s"] <= result["step_s"]
+    # Each bucket and the total are rounded to 1e-5 s: a handful of buckets stay within 1e-4 of it.
     assert sum(result["buckets_s"].values()) == pytest.approx(result["kernel_s"], abs=1e-4)
     assert {"matmuls", "element-wise and other", "optimizer and clipping", "loss"} <= result["buckets_s"].keys()
     assert result["kernel_s"] >= 0.3 * result["step_s"]  # the step's work is in the buckets, not lost
@@ -426,10 +434,12 @@ def test_whole_run_split_parts_the_wall_time_around_the_runs_own(tmp_path, capsy
     split = whole_run_split.timed_run("stand-in", [sys.executable, "-c", stand_in], env, tmp_path)
     assert split["run_py_s"] == 1.0 and split["time_line"] == line
     assert split["model_to_adapter_s"] == 4.0  # loading, training and saving: not importing or starting
+    # Wall-clock bounds around the stand-in's sleeps (0.2 s before its line, 0.6 s after): room for a
+    # slow Python start on a busy machine; a stamp from the wrong line is off by 0.6 s or more.
     assert 0.1 <= split["before_run_py_s"] <= 0.8, split
     assert 0.55 <= split["after_last_line_s"] <= 1.2, split
     parts = split["before_run_py_s"] + split["run_py_s"] + split["after_last_line_s"]
-    assert parts == pytest.approx(split["wall_s"], abs=0.05)
+    assert parts == pytest.approx(split["wall_s"], abs=0.05)  # four figures, each rounded to 0.01 s
     stamped = (tmp_path / "stand-in.log").read_text().split()
     assert float(stamped[0]) >= 1.2 and stamped[1:3] == ["time:", "1"]  # the line, stamped as it came
 
@@ -440,6 +450,7 @@ def test_whole_run_split_parts_the_wall_time_around_the_runs_own(tmp_path, capsy
     assert err == [f"error: broken: the run failed (exit status 3); its output is in {tmp_path / 'broken'}.log"]
 
 
+@pytest.mark.slow  # SFTTrainer's whole tiny-preset run (30 epochs) in a subprocess: minutes on 2 cores
 def test_whole_run_split_times_sftrainers_whole_run_from_its_model_load(tmp_path, capsys):
     """The SFTTrainer side of whole_run_split.py (--sft), on the tiny model on a CPU: its wall time,
     and within it bench_sft.py's own time from the model's load to the saved adapter; a failed run
@@ -484,7 +495,7 @@ def test_bandwidth_table_splits_inductors_log_into_the_layers_two_graphs(tmp_pat
     f = bandwidth_table.step_figures(kernels, layers=4, forward_passes=2, peak_tb_s=4.5)
     assert f["forward"] == {"ms": 1.5, "gb": 2.5} and f["backward"] == {"ms": 2.0, "gb": 5.0}
     assert f["step_ms"] == 4 * (2 * 1.5 + 2.0) and f["step_gb"] == 4 * (2 * 2.5 + 5.0)
-    assert f["step_ms_at_peak"] == pytest.approx(40.0 / 4.5)
+    assert f["step_ms_at_peak"] == pytest.approx(40.0 / 4.5)  # fp64 arithmetic: approx's 1e-6 is ample
 
     (tmp_path / "empty.txt").write_text("nothing timed here\n")
     with pytest.raises(SystemExit) as stop:
@@ -506,6 +517,7 @@ def test_least_traffic_counts_each_forward_twice_and_adds_the_step_up():
     assert lt.elements_per_token(forward_passes=2) - lt.elements_per_token(forward_passes=1) == forward
     assert lt.elements_per_token() == lt.elements_per_token(lora=False) + lt.elements_per_token(lora=True)
     f = lt.bound(tokens=1000, matmul_ms=100.0, attention_ms=10.0, peak_tb_s=2.0)
+    # fp64 arithmetic of the same formula: approx's default 1e-6 relative is ample.
     assert f["elementwise_ms"] == pytest.approx(lt.elements_per_token(lora=False) * 2 * 1000 * 32 / 1e9 / 2.0)
     assert f["step_ms"] == pytest.approx(110.0 + f["dequant_ms"] + f["elementwise_ms"])
     assert f["tokens_per_s"] == pytest.approx(1000 / f["step_ms"] * 1000)

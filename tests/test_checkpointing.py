@@ -3,6 +3,7 @@
 import bitsandbytes as bnb
 import pytest
 import torch
+from conftest import assert_close_up_to_rounding
 
 from yoda_raw.fast.dequant import reuse_dequantized_weights
 from yoda_raw.loss import token_loss_sum
@@ -41,10 +42,12 @@ def test_uncheckpointed_layers_learn_the_same_and_skip_their_recompute(tiny_toke
     loss, grads, runs = step(all_checkpointed, batch, seed=7)
     kept_loss, kept_grads, kept_runs = step(last_kept, batch, seed=7)
     assert runs == [2, 2] and kept_runs == [2, 1]
-    torch.testing.assert_close(kept_loss, loss, rtol=1e-6, atol=1e-6)
+    # The same sums whether recomputed or kept, so equal up to fp32 rounding of the tiny model's step
+    # (conftest: 7.2e-5 of each tensor's size); other dropout masks (p = 0.1) change them by percents.
+    assert_close_up_to_rounding(kept_loss, loss, name="loss sum")
     assert kept_grads.keys() == grads.keys() and grads
     for name in grads:
-        torch.testing.assert_close(kept_grads[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
+        assert_close_up_to_rounding(kept_grads[name], grads[name], name=name)
 
 
 def test_reuse_dequant_only_in_checkpointed_layers_fp8_in_all(tiny_qlora):

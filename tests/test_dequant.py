@@ -9,6 +9,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import transformers
+from conftest import assert_close_up_to_rounding
 
 from yoda_raw.errors import YodaError
 from yoda_raw.fast.dequant import MatmulDequantizedOnce, MatmulDequantizedOnceFP8, reuse_dequantized_weights
@@ -46,10 +47,10 @@ def test_reused_dequantization_gives_bitsandbytes_loss_and_gradients(tiny_tokeni
     loss, grads = loss_and_grads(model, batch)
     assert len(calls) == 2 * layers  # forward and recompute; bitsandbytes' backward would add one more each
 
-    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-5)
+    assert_close_up_to_rounding(loss, plain_loss, name="loss sum")
     assert grads.keys() == plain_grads.keys() and grads
     for name in grads:
-        torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        assert_close_up_to_rounding(grads[name], plain_grads[name], name=name)
 
 
 def test_reuse_dequant_needs_checkpointing(tmp_path, capsys):
@@ -134,6 +135,9 @@ def test_fp8_matmul_gives_the_dequantized_matmuls_output_and_gradient_to_fp8s_ro
     (out, grad), (out8, grad8) = results
     assert out8.shape == out.shape == (2, 5, linear.out_features) and grad8.shape == grad.shape == x.shape
     assert out8.dtype == out.dtype and grad8.dtype == grad.dtype
+    # Norm-wise: e4m3 rounds each operand by up to u = 2**-4, about u / sqrt(3) = 3.6% on average, so
+    # a product of two is ~5% off (e5m2 gradients, u = 2**-3: ~8%); a transposed weight or scales that
+    # do not cancel are off by 100% or more.
     assert 0 < relative_error(out8, out) < 0.1
     assert 0 < relative_error(grad8, grad) < 0.1
 
@@ -161,7 +165,7 @@ def test_fp8_scales_each_token_on_its_own(tiny_qlora):
     for plain, outlying in zip(run(MatmulDequantizedOnceFP8, 1.0), run(MatmulDequantizedOnceFP8, 1e4), strict=True):
         assert torch.equal(plain, outlying)
     for got, want in zip(run(MatmulDequantizedOnceFP8, 1e4), run(MatmulDequantizedOnce, 1e4), strict=True):
-        assert ((got - want).norm(dim=-1) / want.norm(dim=-1)).max() < 0.1
+        assert ((got - want).norm(dim=-1) / want.norm(dim=-1)).max() < 0.1  # FP8's ~5% per token, see above
 
 
 def quantized_weights(tiny_qlora) -> list:
@@ -251,9 +255,11 @@ def test_fp8_weight_scale_from_the_block_scales_is_the_dequantized_weights_own(t
     for packed, state in states:
         dequantized = bnb.functional.dequantize_4bit(packed, state).float()
         w8, scale = weight_in_e4m3(packed, state)
+        # The largest weight is NF4's code 1.0 times its block's scale, exact, then one fp32 division
+        # each side: within a rounding or two (u = 6e-8); 1e-6 still catches a scale from another block.
         torch.testing.assert_close(scale, dequantized.abs().max() / torch.finfo(E4M3).max, rtol=1e-6, atol=0)
         assert torch.isfinite(w8.float()).all()
-        assert relative_error(w8.float() * scale, dequantized) < 0.05
+        assert relative_error(w8.float() * scale, dequantized) < 0.05  # e4m3 rounding of one operand: ~3.6%
 
 
 def test_fp8_matmuls_train_close_to_the_compute_dtype_run(tmp_path):
@@ -282,6 +288,8 @@ def test_fp8_matmuls_train_close_to_the_compute_dtype_run(tmp_path):
         losses[name] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     for name in ("on", "on-uncheckpointed", "on-no-checkpointing"):
         assert len(losses[name]) == len(losses["off"]) == 2
+        # FP8's ~5% product noise is zero-mean: over a step's 64-term sums and hundreds of tokens it moves
+        # the mean loss by far less than 1%; scales that do not cancel move it by their size.
         worst = max(abs(a - b) / b for a, b in zip(losses[name], losses["off"], strict=True))
         assert 0 < worst < 0.01, losses
     assert losses["on-no-checkpointing"] == losses["on-uncheckpointed"]
@@ -333,6 +341,7 @@ def test_fp8_matmuls_refuse_a_gpu_without_fp8_and_sizes_cublas_cannot_take(tiny_
         reuse_dequantized_weights(model, fp8=True)
 
 
+@pytest.mark.slow  # compiles every layer on a CPU, twice: a quarter of a minute on 2 cores
 @pytest.mark.parametrize("fp8", ["off", "on"])
 def test_compiled_layers_compile_once_for_every_layer_with_the_dequantized_matmul(tmp_path, tiny_config, fp8):
     """The GPU default (--compile-layers on with --reuse-dequant on), and with --fp8-matmuls on: every

@@ -7,7 +7,8 @@
 - masking: positions labelled -100 carry no loss and no gradient.
 
 Everything runs on a tiny random-init Phi-3-architecture model (tiny.py) in fp32, where the
-references are exact to rounding: tolerances are 1e-5, not "close enough".
+references are exact to rounding: tolerances are fp32's rounding bound for the tiny model's step
+(tests/conftest.py, 7.2e-5 of a value's size), not "close enough".
 """
 
 import dataclasses
@@ -19,6 +20,7 @@ import pytest
 import torch
 import transformers
 from accelerate.state import AcceleratorState
+from conftest import assert_close_up_to_rounding, rounding_tolerance
 from peft import LoraConfig, get_peft_model
 
 from yoda_raw import optim, train
@@ -30,7 +32,10 @@ from yoda_raw.packing import Collator, build_rows
 from yoda_raw.precision import choose_precision
 
 CPU = torch.device("cpu")
-TOLERANCE = 1e-5
+# Relative: the two sides add the same fp32 numbers in other orders (other shapes, other libraries'
+# kernels), each value through at most the tiny model's chain of roundings (conftest). Norm-wise
+# relative errors of gradients weigh each element's error by its size, so the bound holds for them too.
+TOLERANCE = rounding_tolerance(1.0)
 PHI3_VOCAB = 32064  # Phi-3-mini's embedding rows (len(tokenizer) is 32011; the rest is padding)
 
 # The tutorial's SFTConfig, as far as a CPU parity run allows:
@@ -176,7 +181,10 @@ def sfttrainer_losses(cfg: Config, conversations: list, output_dir: Path, vocab_
 def assert_same_losses(ours: list[float], reference: list[float]) -> float:
     assert len(ours) == len(reference) >= 2 * EPOCHS
     delta = max(abs(a - b) for a, b in zip(ours, reference, strict=True))
-    assert delta <= TOLERANCE, f"max |loss difference| {delta:.2e}\nours:      {ours}\nreference: {reference}"
+    # Step k carries k steps' rounding (conftest's rounding_tolerance, steps): the last step's bound.
+    assert delta <= TOLERANCE * max(reference) * len(reference), (
+        f"max |loss difference| {delta:.2e}\nours:      {ours}\nreference: {reference}"
+    )
     return delta
 
 
@@ -328,6 +336,7 @@ def test_parity_with_sfttrainer_paged_adamw_8bit(tmp_path, sfttrainer, tiny_conf
     print(f"max |delta loss| paged_adamw_8bit: {delta:.2e}")
 
 
+@pytest.mark.slow  # the real Phi-3 tokenizer's 32k-row embedding: the tiny tokenizer's parity runs by default
 def test_parity_with_sfttrainer_phi3_tokenizer(
     tmp_path, sfttrainer, monkeypatch, phi3_path, yoda_conversations, tiny_config
 ):
@@ -426,7 +435,7 @@ def test_accumulation_is_exact(packing, tmp_path, monkeypatch, tiny_config):
     reference_losses, reference_grads = runs[16, 1]
     assert len(reference_losses) == 2 and all(g.norm() > 0 for g in reference_grads)
     for losses, step_grads in runs.values():
-        assert losses == pytest.approx(reference_losses, rel=TOLERANCE, abs=0)
+        assert losses == pytest.approx(reference_losses, rel=2 * TOLERANCE, abs=0)  # 2 steps' rounding
         errors = [relative_error(g, r) for g, r in zip(step_grads, reference_grads, strict=True)]
         assert max(errors) <= TOLERANCE, max(errors)
 
@@ -473,7 +482,7 @@ def logits_and_lora_grads(model, batch: dict) -> tuple[torch.Tensor, dict[str, t
 def assert_matches_oracle(quantized, oracle, batch: dict) -> None:
     logits, grads = logits_and_lora_grads(quantized, batch)
     oracle_logits, oracle_grads = logits_and_lora_grads(oracle, batch)
-    torch.testing.assert_close(logits, oracle_logits, rtol=TOLERANCE, atol=TOLERANCE)
+    assert_close_up_to_rounding(logits, oracle_logits, name="logits")
     assert grads.keys() == oracle_grads.keys() and len(grads) == 2 * 4 * 2
     errors = {name: relative_error(grads[name], oracle_grads[name]) for name in grads}
     assert max(errors.values()) <= TOLERANCE, {name: f"{e:.1e}" for name, e in errors.items() if e > TOLERANCE}

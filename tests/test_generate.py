@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 from accelerate.state import AcceleratorState
+from conftest import assert_close_up_to_rounding
 
 from yoda_raw import generate
 from yoda_raw.config import TINY_DATASET
@@ -175,7 +176,9 @@ def test_merged_model_computes_what_base_plus_adapter_computes(memorised, tmp_pa
     model, tokenizer, _ = generate.load_for_inference(memorised["adapter"])
     ids = torch.tensor([generate.prompt_ids(tokenizer, memorised["pairs"][0]["sentence"])])  # (1, T)
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)
+        # W + BA merged against x W^T + (x A^T) B^T: the same fp32 sums grouped otherwise, equal up to
+        # the tiny forward's rounding (conftest), 7.2e-5 of the logits' size; NF4-rounded merges are ~0.2 off.
+        assert_close_up_to_rounding(merged(input_ids=ids).logits, model(input_ids=ids).logits, name="logits")
     assert set(end_token_ids(tokenizer)) <= set(merged.generation_config.eos_token_id)
 
 
@@ -219,8 +222,10 @@ def test_training_after_generation_gets_the_same_gradients(tiny_config):
     untouched = lora_grads_after(tiny_config, lambda model, tokenizer: None)
     after = lora_grads_after(tiny_config, generate_once)
     assert untouched.keys() == after.keys() and len(untouched) > 0
+    # The same step twice: within fp32 rounding of the tiny model's step (conftest), 7.2e-5 of each
+    # tensor's size, where the repacked weights are ~76% off.
     for name in untouched:
-        torch.testing.assert_close(after[name], untouched[name], msg=name)
+        assert_close_up_to_rounding(after[name], untouched[name], name=name)
 
 
 # --- the system prompt --------------------------------------------------------------------------

@@ -280,13 +280,14 @@ def test_the_seeded_dropout_kernel_on_the_gpu():
 
     seed = torch.tensor(2024, device="cuda")
     mask = dropout_mask(seed, 16 * 512 * 8192, 0.05)
+    # 67M draws: the kept share's standard deviation is sqrt(0.95 * 0.05 / 6.7e7) = 2.7e-5; +-5e-4 is 19 of them.
     assert 0.9495 < mask.float().mean().item() < 0.9505
     assert torch.equal(mask, dropout_mask(seed, 16 * 512 * 8192, 0.05))
     assert not torch.equal(mask, dropout_mask(seed + 1, 16 * 512 * 8192, 0.05))
     x = torch.ones(4096, 1024, device="cuda", requires_grad=True)
     y = SeededDropout(0.05)(x)
     y.backward(torch.ones_like(y))
-    torch.testing.assert_close(x.grad, (y != 0).float() / 0.95)
+    torch.testing.assert_close(x.grad, (y != 0).float() / 0.95)  # one fp32 division each side: the fp32 default
 
 
 @pytest.mark.parametrize("seeded", [False, True], ids=["torch-dropout", "seeded-dropout"])

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from conftest import assert_close_up_to_rounding, rounding_tolerance
 
 import run
 from yoda_raw.chat import IGNORE
@@ -67,11 +68,14 @@ def test_padded_batch_without_a_mask_gives_the_eager_loss_and_gradients(
         assert len(sdpa_calls) == tiny_model.config.num_hidden_layers
         assert all(mask is None and causal and name == CAUSAL_SDPA for mask, causal, name in sdpa_calls), sdpa_calls
     assert tiny_model.config._attn_implementation == attention
-    torch.testing.assert_close(loss.detach(), eager_loss, rtol=1e-5, atol=1e-5)
+    # The 5 x 12 buffer changes the shapes and so the order each kernel adds in: equal up to fp32
+    # rounding of the tiny model's sums (conftest), 7.2e-5 of each tensor's size; a padded position
+    # in the loss or attended to changes them by a whole token's share, percents.
+    assert_close_up_to_rounding(loss.detach(), eager_loss, name="loss sum")
     grads = lora_like_grads(tiny_model)
     assert grads.keys() == eager_grads.keys() and grads
     for name in grads:
-        torch.testing.assert_close(grads[name], eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        assert_close_up_to_rounding(grads[name], eager_grads[name], name=name)
 
 
 def test_a_full_batch_after_a_short_one_leaves_no_stale_padding(tiny_tokenizer):
@@ -108,6 +112,7 @@ def test_auto_resolves_to_what_the_run_does(tmp_path, tiny_config):
     assert saved["compile_layers"] == saved["cuda_graph"]  # auto follows the graph
 
 
+@pytest.mark.slow  # two runs, one compiling every layer on a CPU (on a GPU the default; the GPU suite runs it)
 def test_compiled_layers_train_as_the_plain_ones(tmp_path, tiny_config):
     """--compile-layers on (here on a CPU, where it is not the default) runs the same arithmetic as
     the plain layers: the same per-step losses. Catches a compiled layer that drops the LoRA
@@ -123,9 +128,14 @@ def test_compiled_layers_train_as_the_plain_ones(tmp_path, tiny_config):
         assert json.loads((out / "run_config.json").read_text())["compile_layers"] == setting
     compiled = [m for m in run.model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
     assert len(compiled) == run.model.config.num_hidden_layers
-    assert losses["on"] == pytest.approx(losses["off"], rel=1e-4)
+    # Inductor fuses the layer's ops and adds in its own order: equal up to fp32 rounding of the
+    # tiny model's sums over 2 steps (conftest), 1.4e-4 of the loss; a dropped adapter or mask
+    # changes it by percents.
+    bound = rounding_tolerance(max(losses["off"]), steps=2)
+    assert losses["on"] == pytest.approx(losses["off"], rel=0, abs=bound)
 
 
+@pytest.mark.slow  # compiles the layers on a CPU, then a full end-of-run report: half a minute on 2 cores
 def test_the_end_of_run_report_runs_the_compiled_layers_eagerly(tmp_path, monkeypatch, tiny_config):
     """With --compile-layers on, the held-out evaluation and translations after training compile
     nothing: through the compiled layers, the no-gradient mode and every length that generation
@@ -164,9 +174,10 @@ def test_the_first_step_runs_eagerly_on_the_padded_buffers(tiny_model, tiny_toke
     captured = GraphStep(tiny_model, batch_size=4, max_length=8, pad_id=tiny_tokenizer.pad_token_id, device="cpu")
     loss = captured.forward_backward([batch], n_supervised)
     assert captured.warmed_up and captured.graph is None
-    torch.testing.assert_close(loss, eager.detach(), rtol=1e-5, atol=1e-5)
+    # Padded buffers, other shapes: equal up to fp32 rounding of the tiny model's sums (conftest).
+    assert_close_up_to_rounding(loss, eager.detach(), name="loss sum")
     for name, grad in lora_like_grads(tiny_model).items():
-        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        assert_close_up_to_rounding(grad, eager_grads[name], name=name)
 
 
 def test_compile_layers_without_triton_on_a_gpu(monkeypatch):

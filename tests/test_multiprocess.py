@@ -16,12 +16,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import rounding_tolerance
 
 from yoda_raw.errors import YodaError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ACCELERATE = Path(sys.executable).with_name("accelerate")
-TOLERANCE = 1e-5  # fp32 on both sides; only the order of the gradient sums differs (measured <= 1e-6)
 
 
 def _env() -> dict:
@@ -66,6 +66,7 @@ def _losses(out: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
 
 
+@pytest.mark.slow  # three accelerate launches, two processes each: half a minute or more on 2 cores
 @pytest.mark.parametrize("per_process", [8, 12], ids=["8+8,8+5", "12+12,5+none"])
 def test_two_processes_give_one_process_losses(per_process, tmp_path):
     """2 processes x B rows give the per-step losses of 1 process x 2B rows (shuffled, same seed), over
@@ -109,7 +110,10 @@ def test_two_processes_give_one_process_losses(per_process, tmp_path):
     assert [step for step, _ in got] == [1, 2, 3, 4], "one metrics.jsonl line per step, from the main process only"
     assert [step for step, _ in expected] == [1, 2, 3, 4]
     delta = max(abs(a - b) for (_, a), (_, b) in zip(expected, got, strict=True))
-    assert delta <= TOLERANCE, {"1 process": expected, "2 processes": got}
+    # fp32 on both sides; only the order of the gradient sums differs (two halves all-reduced against
+    # one sum): within fp32 rounding of the tiny model's step, once for each of the 4 (conftest).
+    bound = rounding_tolerance(max(a for _, a in expected), steps=4)
+    assert delta <= bound, {"1 process": expected, "2 processes": got}
     state = json.loads((two / "checkpoint-3" / "trainer_state.json").read_text())
     assert (state["step"], state["num_processes"]) == (3, 2)
     assert sorted(p.name for p in (two / "checkpoint-3").glob("random_states_*.pkl")) == [
@@ -176,6 +180,7 @@ def _with(options: list[str], **changes) -> list[str]:
     return options
 
 
+@pytest.mark.slow  # two two-process runs and a resume: about a minute on 2 cores
 def test_each_process_draws_its_own_dropout_and_resumes_exactly(tmp_path):
     """With LoRA dropout on 2 processes, each process's RNG (which dropout draws from) is its own:
     the random states the checkpoint saves per process after step 1 differ. Catches every process
@@ -206,9 +211,13 @@ def test_each_process_draws_its_own_dropout_and_resumes_exactly(tmp_path):
     _run(_launch(29611, _with(options, output_dir=resumed, resume=straight / "checkpoint-2")))
     expected, got = dict(_losses(straight)), dict(_losses(resumed))
     assert sorted(got) == [3, 4]
-    assert all(abs(got[step] - expected[step]) <= TOLERANCE for step in got), (got, expected)
+    assert all(abs(got[step] - expected[step]) <= rounding_tolerance(expected[step], steps=step) for step in got), (
+        got,
+        expected,
+    )
 
 
+@pytest.mark.slow  # a two-process run stopped and checked: half a minute on 2 cores
 def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     """A SIGTERM that reaches one process only (here rank 1, found by its RANK environment variable)
     stops both processes after the same step, with one checkpoint holding both processes' random

@@ -4,8 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from accelerate.state import AcceleratorState
+from conftest import assert_close_up_to_rounding, rounding_tolerance
 from safetensors.torch import load_file
 
 from yoda_raw import checkpoint, train
@@ -45,7 +45,16 @@ def straight(tmp_path_factory, tiny_config):
     return out
 
 
-@pytest.mark.parametrize("k", [2, STEPS_PER_EPOCH, 6], ids=["mid-epoch-1", "epoch-boundary", "mid-epoch-2"])
+# The epoch boundary in the default tier; the two mid-epoch resumes (a quarter of a minute each on 2
+# cores) in the slow tier.
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "k",
+    [pytest.param(2, marks=SLOW), STEPS_PER_EPOCH, pytest.param(6, marks=SLOW)],
+    ids=["mid-epoch-1", "epoch-boundary", "mid-epoch-2"],
+)
 def test_resumed_run_equals_straight_run(k, straight, tmp_path, tiny_config):
     """Resumed from checkpoint-k into a fresh output folder: the same loss at every later step and the
     same final adapter as the straight run. Catches a resume that restarts the epoch (rows seen
@@ -57,9 +66,14 @@ def test_resumed_run_equals_straight_run(k, straight, tmp_path, tiny_config):
     train.main(tiny_config(RESUME_OPTIONS, output_dir=str(out), resume=str(straight / f"checkpoint-{k}")))
     resumed = logged(out)
     assert sorted(resumed) == list(range(k + 1, 2 * STEPS_PER_EPOCH + 1))
+    # The same steps on the same CPU from a state saved exactly: within fp32 rounding of the tiny
+    # model's step (conftest: 7.2e-5 of the loss); replayed rows, a restarted schedule or lost
+    # moments change the losses by percents.
     delta = max(abs(resumed[step] - expected[step]) for step in resumed)
-    assert delta <= 1e-6, {step: (resumed[step], expected[step]) for step in resumed}
+    assert delta <= rounding_tolerance(max(expected.values())), {
+        step: (resumed[step], expected[step]) for step in resumed
+    }
     final, straight_final = load_file(out / checkpoint.ADAPTER_FILE), load_file(straight / checkpoint.ADAPTER_FILE)
     assert final.keys() == straight_final.keys()
     for name in final:
-        torch.testing.assert_close(final[name], straight_final[name], rtol=1e-5, atol=1e-6, msg=name)
+        assert_close_up_to_rounding(final[name], straight_final[name], name=name)

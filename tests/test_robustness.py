@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import rounding_tolerance
 from safetensors.torch import load_file
 
 import run
@@ -239,7 +240,8 @@ def test_sigint_saves_a_checkpoint_that_resumes_exactly(straight, tmp_path, monk
     assert result.fit.steps == 4
     expected, got = logged(straight), logged(resumed_out)
     assert sorted(got) == [2, 3, 4]
-    assert all(abs(got[step] - expected[step]) <= 1e-6 for step in got), (got, expected)
+    # Resumed on the same CPU from an exact state: within fp32 rounding of the tiny model's step (conftest).
+    assert all(abs(got[step] - expected[step]) <= rounding_tolerance(expected[step]) for step in got), (got, expected)
     assert logged(interrupted) == {1: expected[1]}
 
 
