@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Device call 2 (2026-12-07): the README's table in one call. Our defaults at 16 x 64 and 16 x 512,
+# The next device call (written 2026-12-07, not yet run): the README's table in one call. Our defaults at 16 x 64 and 16 x 512,
 # then the peers (TRL SFTTrainer with the tutorial's SFTConfig, Unsloth) at the same shapes through
 # the peer runner (.peers/run.sh: its README gives versions and what each variant is).
-#   source .gpu/env.sh && bash benchmarks/results/door/call2.sh      (carry .gpu and .peers)
+#   source .gpu/env.sh && bash benchmarks/results/door/next_peers.sh      (carry .gpu and .peers)
 set -u
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/env.txt"
