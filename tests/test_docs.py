@@ -26,10 +26,6 @@ def test_readme_is_a_short_read():
     assert size < 15_000, f"README.md is {size:,} bytes; keep it under 15,000 and move detail to docs/"
 
 
-# Written on another branch (the robustness work); drop from this set once it is merged.
-ELSEWHERE = {ROOT / "docs" / "troubleshooting.md"}
-
-
 def test_every_local_link_and_cited_path_exists():
     """Markdown links to local files, and backticked paths into benchmarks/ or docs/ (the results
     folder a figure cites, a page), all exist. Catches a file moved or a results folder pruned while
@@ -41,6 +37,6 @@ def test_every_local_link_and_cited_path_exists():
         targets = [(doc.parent / link) for link in links if "://" not in link and not link.startswith("mailto:")]
         cited = re.findall(r"`((?:benchmarks|docs)/[\w./-]*[\w/])`", text)
         targets += [ROOT / path for path in cited if "*" not in path]
-        gone = [t for t in targets if not t.resolve().exists() and t.resolve() not in ELSEWHERE]
+        gone = [t for t in targets if not t.resolve().exists()]
         missing += [f"{doc.relative_to(ROOT)} -> {t.resolve().relative_to(ROOT)}" for t in gone]
     assert not missing, "pointers to nothing:\n" + "\n".join(missing)

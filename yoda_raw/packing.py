@@ -14,6 +14,7 @@ The collator pads a batch of rows to the same length on the right; the loader dr
 seeded order, epoch by epoch, and collates them into micro-batches.
 """
 
+import itertools
 import random
 import sys
 
@@ -177,3 +178,26 @@ class EpochSampler(torch.utils.data.Sampler):
             return iter(range(self.n_rows))
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         return iter(torch.randperm(self.n_rows, generator=generator).tolist())
+
+
+def step_batches(loader, start_step: int, total_steps: int, steps_per_epoch: int, grad_accum: int):
+    """Each step's micro-batches, from `start_step` to `total_steps`, epoch after epoch: a list of
+    `grad_accum` batches, fewer at an epoch's end (none: this process's share of the epoch ran out)."""
+    step = start_step
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        loader.set_epoch(epoch)
+        # On resume, skip the micro-batches this epoch already trained on: drawn (collated and copied,
+        # a few small token tensors each) and dropped, once per resume. Accelerate's skip_first_batches
+        # would copy the batches after them without non_blocking.
+        batches = itertools.islice(loader, (step % steps_per_epoch) * grad_accum, None)
+        for _ in range(step % steps_per_epoch, min(steps_per_epoch, total_steps - epoch * steps_per_epoch)):
+            yield list(itertools.islice(batches, grad_accum))
+            step += 1
+
+
+def unsupervised_batch(collator: Collator, rows: list[dict], device: torch.device) -> dict:
+    """One row with every label masked: contributes 0 to the loss and to the gradients."""
+    batch = {key: value.to(device) for key, value in collator(rows[:1]).items()}
+    batch["labels"] = torch.full_like(batch["labels"], IGNORE)
+    return batch

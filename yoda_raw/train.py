@@ -17,7 +17,6 @@ levers at four calls, each marked `fast.`: the loop itself is the same.
 
 import contextlib
 import dataclasses
-import itertools
 import math
 import signal
 import sys
@@ -29,7 +28,7 @@ from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.utils import find_executable_batch_size, is_tensorboard_available, parse_flag_from_env, set_seed
 
 from yoda_raw import fast, meter, output
-from yoda_raw.chat import IGNORE, load_tokenizer, tokenizer_sha256
+from yoda_raw.chat import load_tokenizer, tokenizer_sha256
 from yoda_raw.checkpoint import (
     check_checkpoint,
     check_hub_token,
@@ -49,7 +48,7 @@ from yoda_raw.launcher import one_process_hint
 from yoda_raw.loss import supervised_count, token_loss_sum
 from yoda_raw.model import add_lora, load_base_model, load_model_config, parameter_counts, parameter_line
 from yoda_raw.optim import build_optimizer, learning_rate
-from yoda_raw.packing import Collator, EpochSampler, build_rows, make_loader
+from yoda_raw.packing import Collator, EpochSampler, build_rows, make_loader, step_batches, unsupervised_batch
 from yoda_raw.precision import Precision
 from yoda_raw.settle import settle
 from yoda_raw.signals import StopOnSignal
@@ -303,8 +302,7 @@ def fit(
     # A resume then restores each process's own RNG state from the checkpoint (random_states_N.pkl).
     set_seed((cfg.seed + accelerator.process_index) % 2**32)
     start_step = resume_from(cfg, accelerator, total_steps) if cfg.resume else 0
-    # Forward and backward of a step: the eager one below, or the fast path's CUDA graph
-    # (a batch of rows, or all the rows when there are fewer).
+    # Forward and backward of a step: the eager one below, or the fast path's CUDA graph of a batch of rows.
     eager_step = EagerStep(accelerator, model, chunked_loss=cfg.chunked_loss == "on")
     step_fn = fast.step(plan, eager_step, model, min(batch_size, len(rows)), cfg.max_length, collator.pad_id, device)
     if accelerator.is_main_process:
@@ -320,9 +318,8 @@ def fit(
     step, stopping = start_step, False
     grad_norm = None  # the last finished step's: logged when a signal abandons the next one
     batches = step_batches(loader, start_step, total_steps, steps_per_epoch, cfg.grad_accum)
-    # However the loop ends (done, a NaN, out of memory, a full disk, a second Ctrl-C), the bar is
-    # closed and the signal handlers are given back: left installed, they would swallow the next
-    # Ctrl-C of this process.
+    # However the loop ends (done, a NaN, out of memory, a full disk, a second Ctrl-C), the bar is closed
+    # and the signal handlers are given back: left installed, they would swallow the next Ctrl-C.
     with StopOnSignal(accelerator.num_processes) as stop, log.bar:
         for micro_batches in batches:
             # Learning rate of this step (a plain function of the step: see optim.learning_rate).
@@ -364,9 +361,8 @@ def fit(
             log.add(step_loss / n_supervised, micro_batches, local_supervised, accelerator.optimizer_step_was_skipped)
             step += 1
 
-            # Log and checkpoint: the only host syncs of the loop (.item(), the clock). A stop (Ctrl-C,
-            # SIGTERM) is read here; with several processes only at these sync points, where they
-            # agree on it (see StopOnSignal.agreed).
+            # Log and checkpoint: the only host syncs of the loop (.item(), the clock). A stop (Ctrl-C, SIGTERM)
+            # is read here; several processes agree on it at these sync points only (StopOnSignal.agreed).
             log_due = step == 1 or step % cfg.logging_steps == 0 or step == total_steps
             save_due = cfg.save_steps > 0 and step % cfg.save_steps == 0
             if log_due or stop.agreed(accelerator, at_sync_point=save_due):
@@ -380,21 +376,26 @@ def fit(
                 save_checkpoint(cfg, accelerator, out, step)
             if stopping:
                 break
-    if stopping and step == 0:
-        raise Interrupted(
-            f"{signal.Signals(stop.signum).name}: stopped during step 1, before any step finished, so nothing "
-            "was saved; run the same command again to start over",
-            stop.signum,
-        )
     if stopping and step < total_steps:
-        # Not a finished run: no final adapter, no evaluation, and a non-zero exit status.
-        checkpoint = out / f"checkpoint-{step}"
-        raise Interrupted(
-            f"{signal.Signals(stop.signum).name}: stopped after step {step} and saved {checkpoint}; "
-            f"continue with --resume {checkpoint} (and the same options)",
-            stop.signum,
-        )
+        raise interrupted(stop.signum, step, out)  # no final adapter, no evaluation, a non-zero exit status
     return FitResult(step, total_steps, steps_per_epoch, batch_size, log.skipped, log.records)
+
+
+def interrupted(signum: int, step: int, out: Path) -> Interrupted:
+    """What a run stopped by a signal after `step` steps says, and its exit status (128 + signum)."""
+    name = signal.Signals(signum).name
+    if step == 0:
+        return Interrupted(
+            f"{name}: stopped during step 1, before any step finished, so nothing was saved; "
+            "run the same command again to start over",
+            signum,
+        )
+    checkpoint = out / f"checkpoint-{step}"
+    return Interrupted(
+        f"{name}: stopped after step {step} and saved {checkpoint}; continue with --resume {checkpoint} "
+        "(and the same options)",
+        signum,
+    )
 
 
 class EagerStep:
@@ -424,29 +425,6 @@ class EagerStep:
                 accelerator.backward(loss_sum * accelerator.num_processes / n_supervised)
             step_loss += loss_sum.detach()
         return step_loss
-
-
-def step_batches(loader, start_step: int, total_steps: int, steps_per_epoch: int, grad_accum: int):
-    """Each step's micro-batches, from `start_step` to `total_steps`, epoch after epoch: a list of
-    `grad_accum` batches, fewer at an epoch's end (none: this process's share of the epoch ran out)."""
-    step = start_step
-    while step < total_steps:
-        epoch = step // steps_per_epoch
-        loader.set_epoch(epoch)
-        # On resume, skip the micro-batches this epoch already trained on: drawn (collated and copied,
-        # a few small token tensors each) and dropped, once per resume. Accelerate's skip_first_batches
-        # would copy the batches after them without non_blocking.
-        batches = itertools.islice(loader, (step % steps_per_epoch) * grad_accum, None)
-        for _ in range(step % steps_per_epoch, min(steps_per_epoch, total_steps - epoch * steps_per_epoch)):
-            yield list(itertools.islice(batches, grad_accum))
-            step += 1
-
-
-def unsupervised_batch(collator: Collator, rows: list[dict], device: torch.device) -> dict:
-    """One row with every label masked: contributes 0 to the loss and to the gradients."""
-    batch = {key: value.to(device) for key, value in collator(rows[:1]).items()}
-    batch["labels"] = torch.full_like(batch["labels"], IGNORE)
-    return batch
 
 
 def zero_nonfinite_grads(grad_norm: torch.Tensor, optimizer, first_bad_step: torch.Tensor, step: int) -> torch.Tensor:
