@@ -141,6 +141,15 @@ def short_run(tmp_path_factory):
     }
 
 
+def test_a_refusal_leaves_no_empty_output_folder(short_run, tmp_path):
+    """A --max-new-tokens longer than the model's context is refused before any pass, and the
+    --output-dir it had made for the results is gone again. Catches an empty folder left behind."""
+    out = tmp_path / "scores"
+    args = ["--adapter", str(short_run["adapter"]), "--output-dir", str(out), "--max-new-tokens", "100000"]
+    assert evaluate.main(args) == 2
+    assert not out.exists()
+
+
 def test_cli_scores_the_split_training_held_out(short_run, tmp_path, capsys):
     """eval.json scores exactly the 3 conversations the run held out (same seed and fraction),
     base and adapter; eval.md holds the table. Catches scoring the training split, or a split

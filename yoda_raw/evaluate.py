@@ -337,7 +337,25 @@ def evaluate_command(argv: list[str]) -> int:
     check_sampling(args.max_new_tokens, 0.0, 1.0, args.batch_size)
     _sacrebleu()
     cfg = read_run_config(args.adapter)
+    made = not out.exists()
     check_writable_dir(out, "--output-dir")
+    try:
+        results, conversations, described = score(args, cfg)
+    except BaseException:
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a refusal or Ctrl-C before any result leaves no empty folder behind
+        raise
+    table = markdown_table(results)
+    record = {"adapter": os.fspath(args.adapter), "data": described} | results
+    (out / "eval.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / "eval.md").write_text(f"{described}: {len(conversations)} conversations\n\n{table}\n")
+    print(f"{described}: {len(conversations)} conversations\n\n{table}\n")
+    print(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")
+    return 0
+
+
+def score(args: argparse.Namespace, cfg) -> tuple[dict, list, str]:
+    """The data, the model, the scores: (results, the conversations scored, what they are)."""
     conversations, described = conversations_to_score(
         cfg, args.dataset, args.split, args.prompt_field, args.response_field, args.limit
     )
@@ -351,13 +369,7 @@ def evaluate_command(argv: list[str]) -> int:
         max_new_tokens=args.max_new_tokens,
         system_prompt=cfg.system_prompt,
     )
-    table = markdown_table(results)
-    record = {"adapter": os.fspath(args.adapter), "data": described} | results
-    (out / "eval.json").write_text(json.dumps(record, indent=2) + "\n")
-    (out / "eval.md").write_text(f"{described}: {len(conversations)} conversations\n\n{table}\n")
-    print(f"{described}: {len(conversations)} conversations\n\n{table}\n")
-    print(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")
-    return 0
+    return results, conversations, described
 
 
 if __name__ == "__main__":
