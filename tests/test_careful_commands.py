@@ -222,3 +222,21 @@ def test_two_merges_into_one_folder_do_not_both_succeed(adapter, tmp_path, monke
     assert generate.main(["--adapter", str(adapter), "--merge", str(out)]) == 2
     assert "another merge wrote it meanwhile" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]
+
+
+def test_ctrl_c_while_a_command_imports_is_one_line():
+    """Catches Ctrl-C in the first seconds of `python -m yoda_raw.COMMAND`, while torch and the
+    other libraries import, ending in a KeyboardInterrupt traceback. The signal goes out as soon as
+    `-X importtime` reports yoda_raw.quiet imported (the package's first import), so it lands while
+    the command's libraries are still importing, on any machine."""
+    command = [sys.executable, "-X", "importtime", "-m", "yoda_raw.generate", "--help"]
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen(command, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if line.rstrip().endswith("yoda_raw.quiet"):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130
+    said = [line for line in rest.splitlines() if not line.startswith("import time:")]
+    assert said == ["error: interrupted while starting; nothing was done"], rest[-2000:]

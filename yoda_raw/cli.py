@@ -31,6 +31,8 @@ def run_command(
     `interrupted`: the line printed (after `error: `) when Ctrl-C stops the command at once.
     """
     argv = sys.argv[1:] if argv is None else argv
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is a KeyboardInterrupt again (see below)
     # SIGTERM (a scheduler, `kill`) outside training unwinds like Ctrl-C, so temporary folders go;
     # training puts its own handlers in place (yoda_raw/signals.py). The main thread alone may set one.
     main_thread = threading.current_thread() is threading.main_thread()
