@@ -19,20 +19,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import run
+from tests.options import PLAIN_RUN
 from yoda_raw import checkpoint, meter, output, train
 from yoda_raw.errors import Interrupted, YodaError
 
 # On top of the tiny preset (the tiny_config fixture): fp32, no quantization, no held-out set, a
 # loss logged every step, 4 steps.
-RUN_OPTIONS = {
-    "quant": "none",
-    "precision": "fp32",
-    "eval_fraction": 0.0,
-    "samples": False,
-    "auto_batch_size": False,
-    "logging_steps": 1,
-    "max_steps": 4,
-}
+RUN_OPTIONS = PLAIN_RUN
 
 
 def steps(output_dir: Path) -> list[int]:

@@ -14,24 +14,14 @@ from types import SimpleNamespace
 import pytest
 
 import run
+from tests.options import PLAIN_RUN
 from yoda_raw import output, train
 from yoda_raw.checkpoint import ADAPTER_FILE
 from yoda_raw.config import Config
 from yoda_raw.errors import Interrupted, YodaError
 from yoda_raw.identity import base_model_identity
 
-OPTIONS = {
-    "tokenizer": "tiny",
-    "init": "pretrained",
-    "quant": "none",
-    "precision": "fp32",
-    "eval_fraction": 0.0,
-    "samples": False,
-    "auto_batch_size": False,
-    "logging_steps": 1,
-    "max_steps": 2,
-    "save_steps": 1,
-}
+OPTIONS = PLAIN_RUN | {"tokenizer": "tiny", "init": "pretrained", "max_steps": 2, "save_steps": 1}
 
 
 def save_tiny_base(folder: Path, seed: int) -> None:

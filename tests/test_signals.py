@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import run
+from tests.options import PLAIN_RUN
 from yoda_raw import checkpoint, train
 from yoda_raw.errors import Interrupted
 
@@ -21,16 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 # Dropout on: a resume is exact only if the abandoned step's draws from the RNG are undone.
-OPTIONS = {
-    "quant": "none",
-    "precision": "fp32",
-    "eval_fraction": 0.0,
-    "samples": False,
-    "auto_batch_size": False,
-    "logging_steps": 1,
-    "max_steps": 4,
-    "lora_dropout": 0.1,
-}
+OPTIONS = PLAIN_RUN | {"lora_dropout": 0.1}
 
 
 def losses(out: Path) -> dict[int, float]:
