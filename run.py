@@ -12,16 +12,16 @@ import time
 
 STARTED = time.perf_counter()  # before the heavy imports: the run's time line counts them
 
-try:  # Ctrl-C in the first seconds, while the libraries load: one line, as later on
-    import torch
+from yoda_raw.cli import one_line_on_ctrl_c_while_starting, run_command  # noqa: E402 - light, before torch
 
-    from yoda_raw.cli import run_command
-    from yoda_raw.config import parse_config
-    from yoda_raw.errors import YodaError
-    from yoda_raw.plot import write_plot
-except KeyboardInterrupt:
-    print("error: interrupted while starting; nothing was done", file=sys.stderr)
-    sys.exit(130)
+if __name__ == "__main__":  # (not when tests import this file)
+    one_line_on_ctrl_c_while_starting()  # Ctrl-C in the first seconds, while the libraries load: one line
+
+import torch  # noqa: E402
+
+from yoda_raw.config import parse_config  # noqa: E402
+from yoda_raw.errors import YodaError  # noqa: E402
+from yoda_raw.plot import write_plot  # noqa: E402
 
 # Ctrl-C while loading, or a second Ctrl-C / SIGTERM mid-step (the first one saves a checkpoint).
 INTERRUPTED = (

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import run
+from tests.common import last_error_line
 from yoda_raw import checkpoint, generate, model
 from yoda_raw.errors import YodaError
 
@@ -101,7 +102,7 @@ def test_sigterm_while_loading_removes_the_random_weights(tmp_path, monkeypatch,
 
     monkeypatch.setattr(model, "random_model", random_model_then_sigterm)
     assert run.main([*TINY_RUN, "--output-dir", str(tmp_path / "out")]) == 143
-    assert capsys.readouterr().err.splitlines()[-1].startswith("error: interrupted")
+    assert last_error_line(capsys).startswith("error: interrupted")
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
@@ -117,7 +118,7 @@ def test_a_full_tmpdir_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, cap
 
     monkeypatch.setattr("transformers.PreTrainedModel.save_pretrained", full)
     assert run.main([*TINY_RUN, "--output-dir", str(tmp_path / "out")]) == 2
-    line = capsys.readouterr().err.splitlines()[-1]
+    line = last_error_line(capsys)
     assert line.startswith("error: --init random: cannot write the random weights") and "TMPDIR" in line, line
     assert list((tmp_path / "tmp").iterdir()) == []
 

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import run
-from tests.options import PLAIN_RUN
+from tests.common import PLAIN_RUN, last_error_line
 from yoda_raw import checkpoint, meter, output, train
 from yoda_raw.errors import Interrupted, YodaError
 
@@ -331,7 +331,7 @@ def test_interrupted_run_exits_non_zero_and_does_not_look_finished(tmp_path, mon
     send_signal_at(monkeypatch, 2, signum)
     argv = ["--preset", "tiny", "--quant", "none", "--logging-steps", "1", "--max-steps", "4"]
     assert run.main([*argv, "--eval-fraction", "0.1", "--output-dir", str(tmp_path)]) == code
-    last = [line for line in capsys.readouterr().err.splitlines() if line.strip()][-1]
+    last = last_error_line(capsys)
     assert last.startswith("error:") and f"--resume {tmp_path / 'checkpoint-2'}" in last, last
     assert not (tmp_path / checkpoint.ADAPTER_FILE).exists() and not (tmp_path / "run_config.json").exists()
     assert steps(tmp_path) == [1, 2]  # no evaluation line

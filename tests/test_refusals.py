@@ -12,19 +12,11 @@ import pytest
 from test_robustness import RUN_OPTIONS
 
 import run
+from tests.common import last_error_line
 from yoda_raw import meter, train
 from yoda_raw.checkpoint import ADAPTER_FILE
 from yoda_raw.config import TINY_DATASET, Config
 from yoda_raw.errors import YodaError
-
-
-def last_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err  # one line, not a traceback before it
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert lines, "nothing on stderr"
-    return lines[-1]
-
 
 # --- numbers and types: one check in Config for the command line and YAML alike ------------------
 

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 import run
-from tests.options import PLAIN_RUN
+from tests.common import PLAIN_RUN
 from yoda_raw import output, train
 from yoda_raw.checkpoint import ADAPTER_FILE
 from yoda_raw.config import Config

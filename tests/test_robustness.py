@@ -17,6 +17,7 @@ from conftest import rounding_tolerance
 from safetensors.torch import load_file
 
 import run
+from tests.common import last_error_line
 from yoda_raw import checkpoint, train
 from yoda_raw.errors import Interrupted, YodaError
 
@@ -141,7 +142,7 @@ def test_resume_of_a_non_checkpoint_is_one_line(tmp_path, capsys):
         str(not_a_checkpoint),
     ]
     assert run.main(argv) == 2
-    last = [line for line in capsys.readouterr().err.splitlines() if line.strip()][-1]
+    last = last_error_line(capsys)
     assert last.startswith("error: --resume") and str(not_a_checkpoint) in last and "not a checkpoint" in last
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import run
-from tests.options import PLAIN_RUN
+from tests.common import PLAIN_RUN, last_error_line
 from yoda_raw import checkpoint, train
 from yoda_raw.errors import Interrupted
 
@@ -23,6 +23,8 @@ ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 # Dropout on: a resume is exact only if the abandoned step's draws from the RNG are undone.
 OPTIONS = PLAIN_RUN | {"lora_dropout": 0.1}
+# The same plain run through run.py's command line.
+TINY_ARGV = "--preset tiny --quant none --no-samples --eval-fraction 0 --logging-steps 1 --max-steps 4".split()
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -98,9 +100,8 @@ def test_the_launchers_sigterm_after_ctrl_c_is_the_same_request(tmp_path, monkey
     signal_after_a_forward(monkeypatch, 2, signal.SIGINT)
     signal_as_saving_begins(monkeypatch, signal.SIGTERM)
     out = tmp_path / "out"
-    argv = ["--preset", "tiny", "--quant", "none", "--no-samples", "--eval-fraction", "0", "--logging-steps", "1"]
-    assert run.main([*argv, "--max-steps", "4", "--output-dir", str(out)]) == 130
-    last = [line for line in capsys.readouterr().err.splitlines() if line.strip()][-1]
+    assert run.main([*TINY_ARGV, "--output-dir", str(out)]) == 130
+    last = last_error_line(capsys)
     assert last.startswith("error: SIGINT: stopped after step 1 and saved") and "--resume" in last, last
     assert (out / "checkpoint-1" / checkpoint.ADAPTER_FILE).is_file()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers given back
@@ -112,9 +113,8 @@ def test_a_second_sigterm_stops_at_once_with_sigterms_status(tmp_path, monkeypat
     signal_after_a_forward(monkeypatch, 2, signal.SIGTERM)
     signal_as_saving_begins(monkeypatch, signal.SIGTERM)
     out = tmp_path / "out"
-    argv = ["--preset", "tiny", "--quant", "none", "--no-samples", "--eval-fraction", "0", "--logging-steps", "1"]
-    assert run.main([*argv, "--max-steps", "4", "--output-dir", str(out)]) == 143
-    last = [line for line in capsys.readouterr().err.splitlines() if line.strip()][-1]
+    assert run.main([*TINY_ARGV, "--output-dir", str(out)]) == 143
+    last = last_error_line(capsys)
     assert last.startswith("error: interrupted; stopped at once without saving"), last
 
 

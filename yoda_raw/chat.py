@@ -27,6 +27,7 @@ import transformers
 from yoda_raw import tiny
 from yoda_raw.config import TINY
 from yoda_raw.errors import YodaError
+from yoda_raw.errors import reason as error_reason
 from yoda_raw.fetch import offline_hint
 from yoda_raw.sources import looks_like_local_path
 
@@ -52,7 +53,7 @@ def load_tokenizer(source: str, trust_remote_code: bool = False) -> transformers
                 str(path) if path.exists() else source, trust_remote_code=trust_remote_code
             )
         except (OSError, ValueError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = error_reason(e)
             if path.exists():
                 raise YodaError(f"cannot load a tokenizer from {source}: {reason}") from None
             raise YodaError(

@@ -25,7 +25,8 @@ from safetensors.torch import load_file
 
 from yoda_raw.config import Config, read_json
 from yoda_raw.errors import YodaError
-from yoda_raw.identity import check_base_model
+from yoda_raw.errors import reason as error_reason
+from yoda_raw.identity import add_file, check_base_model
 from yoda_raw.output import ADAPTER_FILE, WRITE_ERRORS, run_checkpoints, write_failed
 
 
@@ -82,9 +83,7 @@ def save_checkpoint(cfg: Config, accelerator: Accelerator, out: Path, step: int)
 
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    add_file(digest, path)
     return digest.hexdigest()
 
 
@@ -175,6 +174,8 @@ def check_checkpoint(cfg: Config, num_processes: int) -> None:
         name = f"random_states_{rank}.pkl"
         if not (path / name).is_file():
             raise YodaError(f"--resume {path}: {name} is missing; {fix}")
+        if name in state.get("files", {}):
+            continue  # its sha256 was checked above: the file is the one that was saved
         try:
             states = accelerate_load(path / name)  # as load_state reads it: torch's weights_only unpickler
         except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, AttributeError):
@@ -204,7 +205,7 @@ def resume_from(cfg: Config, accelerator: Accelerator, total_steps: int) -> int:
         accelerator.load_state(str(path))
     except (OSError, EOFError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError, SafetensorError) as err:
         # What the hashes cannot catch: a checkpoint from before they were saved, or one from another version.
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = error_reason(err)
         raise YodaError(
             f"--resume {path}: cannot load it ({reason}); resume from another checkpoint-N, or start again"
         ) from None
@@ -240,8 +241,9 @@ def check_hub_token(cfg: Config) -> None:
         huggingface_hub.whoami()  # the token is good and the Hub can be reached: a network call, once
     except Exception as err:  # noqa: BLE001 - offline, no network, a bad token: all mean "cannot push"
         raise YodaError(
-            f"--push-to-hub {cfg.push_to_hub}: cannot reach the Hugging Face Hub with this token ({_first_line(err)}); "
-            "check the network and token, or train without --push-to-hub and upload later with `hf upload`"
+            f"--push-to-hub {cfg.push_to_hub}: cannot reach the Hugging Face Hub with this token "
+            f"({error_reason(err)}); check the network and token, or train without --push-to-hub and upload "
+            "later with `hf upload`"
         ) from None
 
 
@@ -252,11 +254,7 @@ def push_to_hub(cfg: Config, out: Path) -> None:
         api.upload_folder(repo_id=cfg.push_to_hub, folder_path=out, ignore_patterns=["checkpoint-*", ".*"])
     except Exception as err:  # noqa: BLE001 - the network went away, the Hub refused: the adapter is saved either way
         raise YodaError(
-            f"--push-to-hub {cfg.push_to_hub}: the upload failed ({_first_line(err)}); the adapter is saved in {out}: "
+            f"--push-to-hub {cfg.push_to_hub}: the upload failed ({error_reason(err)}); the adapter is saved in {out}: "
             f"upload it later with `hf upload {cfg.push_to_hub} {out} --private --exclude 'checkpoint-*'`"
         ) from None
     print(f"pushed {out} to https://huggingface.co/{cfg.push_to_hub}")
-
-
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -22,6 +22,20 @@ from collections.abc import Callable
 from yoda_raw.errors import StopAtOnce, YodaError
 
 
+def one_line_on_ctrl_c_while_starting() -> None:
+    """A command's libraries take seconds to import, and Ctrl-C meanwhile would end in a traceback:
+    one line and exit status 130 instead, until `run_command` takes Ctrl-C back. Called first by
+    run.py and, for `python -m yoda_raw.COMMAND`, by yoda_raw/__init__.py."""
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+
+def _interrupted_while_starting(signum, frame):
+    # Exit here, without unwinding: an exception raised in the middle of a library's import can set
+    # that library's import machinery spinning, and nothing has been done that needs undoing.
+    print("error: interrupted while starting; nothing was done", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
 def run_command(
     command: Callable[[list[str]], int], argv: list[str] | None = None, interrupted: str = "interrupted"
 ) -> int:
@@ -31,11 +45,12 @@ def run_command(
     `interrupted`: the line printed (after `error: `) when Ctrl-C stops the command at once.
     """
     argv = sys.argv[1:] if argv is None else argv
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is a KeyboardInterrupt again (see below)
-    # SIGTERM (a scheduler, `kill`) outside training unwinds like Ctrl-C, so temporary folders go;
-    # training puts its own handlers in place (yoda_raw/signals.py). The main thread alone may set one.
+    # Ctrl-C is a KeyboardInterrupt again (see below), and SIGTERM (a scheduler, `kill`) outside training
+    # unwinds like it, so temporary folders go; training puts its own handlers in place
+    # (yoda_raw/signals.py). The main thread alone may set them.
     main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     previous = signal.signal(signal.SIGTERM, _stop_at_once) if main_thread else None
     try:
         status = command(argv)

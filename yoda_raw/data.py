@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from yoda_raw.errors import YodaError
+from yoda_raw.errors import reason as error_reason
 from yoda_raw.sources import DATA_SUFFIXES, looks_like_local_path
 
 ROLES = ("system", "user", "assistant")
@@ -130,7 +131,7 @@ def _read_rows(source: str, split: str) -> list[tuple[str, object]]:
                 "save it as UTF-8, or check that it is the file you meant"
             ) from None
         except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError: a damaged .parquet
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            reason = error_reason(err)
             raise YodaError(f"{path}: cannot read it as {path.suffix} ({reason})") from None
     if looks_like_local_path(source):
         raise YodaError(f"dataset file not found: {source}")

@@ -9,6 +9,13 @@ without a traceback (unless --debug), and exit with its `exit_code`: 2, or 128 +
 import signal
 
 
+def reason(err: BaseException) -> str:
+    """What went wrong, in a few words for an error line: the OS's own words for an OSError, else the
+    error's first line, else its type's name."""
+    text = str(err).strip()
+    return getattr(err, "strerror", None) or (text.splitlines()[0] if text else type(err).__name__)
+
+
 class YodaError(Exception):
     """A problem with the user's input or setup, explained in one line."""
 

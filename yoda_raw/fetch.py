@@ -52,6 +52,7 @@ from safetensors import SafetensorError
 
 from yoda_raw.cli import run_command
 from yoda_raw.errors import YodaError
+from yoda_raw.errors import reason as error_reason
 
 MANIFEST = ".yoda_raw_fetched.json"  # the fetched folder's files and sizes, written last
 
@@ -270,7 +271,7 @@ def cache_writes(cache: Path):
         cache.mkdir(parents=True, exist_ok=True)
         yield
     except (OSError, SafetensorError) as err:  # safetensors' own error for a full disk
-        reason = getattr(err, "strerror", None) or str(err).strip().splitlines()[0]
+        reason = error_reason(err)
         raise YodaError(
             f"cannot write to the cache {cache} ({reason}); free some space there, or set YODA_RAW_CACHE "
             "to a folder you can write to"

@@ -41,6 +41,7 @@ from yoda_raw.cli import run_command
 from yoda_raw.config import Config, read_json
 from yoda_raw.data import with_system_prompt
 from yoda_raw.errors import YodaError
+from yoda_raw.errors import reason as error_reason
 from yoda_raw.precision import choose_precision
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -141,10 +142,11 @@ def load_for_inference(
     device = resolve_device(device)
     precision = choose_precision(cfg.precision, device)
     tokenizer = load_tokenizer_for(adapter_dir, trained)
-    check_base_model(
-        trained.base_model_id, base_model_identity(cfg, load_model_config(cfg, len(tokenizer))), cfg.model,
-        f"--adapter {adapter_dir}", "restore the weights it was trained on, or retrain on these",
-    )  # fmt: skip
+    if trained.base_model_id is not None:  # adapters of earlier versions recorded none: nothing to check
+        check_base_model(
+            trained.base_model_id, base_model_identity(cfg, load_model_config(cfg, len(tokenizer))), cfg.model,
+            f"--adapter {adapter_dir}", "restore the weights it was trained on, or retrain on these",
+        )  # fmt: skip
     base = load_base_model(cfg, precision, device, vocab_size=len(tokenizer))
     if dequantize_base and cfg.quant == "nf4":
         base = base.dequantize()  # each Linear4bit -> nn.Linear holding dequantize_4bit(weight)
@@ -397,7 +399,7 @@ def merge(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, device: st
             tokenizer.save_pretrained(partial)
             (partial / RUN_CONFIG).write_text(cfg.to_json())
         except (OSError, safetensors.SafetensorError) as err:
-            reason = getattr(err, "strerror", None) or str(err).strip().splitlines()[0]
+            reason = error_reason(err)
             raise YodaError(
                 f"--merge {out_dir}: could not write the merged model ({reason}); nothing was left there: "
                 "free some space and run it again"

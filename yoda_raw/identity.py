@@ -37,10 +37,15 @@ def weights_sha256(folder: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)):
         digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                digest.update(chunk)
+        add_file(digest, path)
     return digest.hexdigest()
+
+
+def add_file(digest, path: Path) -> None:
+    """Feed a file's bytes to a hashlib digest, a few MB at a time (weights run to gigabytes)."""
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
 
 
 def check_base_model(saved: str | None, now: str, model: str, where: str, fix: str) -> None:

@@ -378,6 +378,11 @@ class Log:
         self.started = time.perf_counter()
         self.window = new_window(accelerator.device)
 
+    @property
+    def unlogged_steps(self) -> int:
+        """Steps added since the last log line."""
+        return self.window["steps"]
+
     def add(self, loss_share: torch.Tensor, micro_batches: list[dict], supervised, skipped: bool) -> None:
         """One step into the window: this process's share of its loss, its tokens (no host sync)."""
         self.window["loss"] += loss_share  # summed over processes at the log line

@@ -34,6 +34,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from yoda_raw import tiny
 from yoda_raw.config import TINY, Config
 from yoda_raw.errors import YodaError
+from yoda_raw.errors import reason as error_reason
 from yoda_raw.fetch import offline_hint
 from yoda_raw.precision import Precision
 from yoda_raw.sources import looks_like_local_path
@@ -173,7 +174,7 @@ def _random_checkpoint(cfg: Config, vocab_size: int, dtype: torch.dtype):
             try:
                 model.save_pretrained(folder[0])
             except (OSError, RuntimeError, SafetensorError) as err:
-                reason = getattr(err, "strerror", None) or str(err).strip().splitlines()[0]
+                reason = error_reason(err)
                 raise YodaError(
                     f"--init random: cannot write the random weights to {tempfile.gettempdir()} ({reason}); "
                     "free some space there, or point TMPDIR to a folder with room"

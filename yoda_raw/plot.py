@@ -20,6 +20,7 @@ from pathlib import Path
 
 from yoda_raw.cli import run_command
 from yoda_raw.errors import YodaError
+from yoda_raw.errors import reason as error_reason
 
 METRICS_FILE = "metrics.jsonl"  # yoda_raw.output.METRICS_FILE, repeated: output imports accelerate
 PLOT_FILE = "metrics.png"
@@ -139,7 +140,7 @@ def write_plot(out_dir: str | Path) -> Path | None:
     try:
         png = plot_metrics(out_dir)
     except Exception as err:  # noqa: BLE001 - the adapter is saved; a missing picture must not lose the run
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = error_reason(err)
         print(f"plot: no metrics.png ({reason}); the run is saved", file=sys.stderr)
         return None
     print(f"plotted loss, tokens/s and memory in {png}")

@@ -60,6 +60,7 @@ class StopOnSignal:
         self.requested, self.signum, self.abandoned = False, None, False
         self._can_abandon = num_processes == 1
         self._in_step, self._first_at, self._steps = False, 0.0, 0
+        self._slow_step_s = float(os.environ.get(SLOW_STEP_ENV) or 0)  # tests only
 
     def __enter__(self):
         self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -89,15 +90,14 @@ class StopOnSignal:
         """`forward_backward(*args)`, or None when a signal abandoned it: then `self.abandoned` is
         True, the random-number generators are as they were before the call, and the caller must
         zero the partial gradients and save the last finished step."""
-        states = rng_states()
+        states = rng_states() if self._can_abandon else None  # only a step that can be abandoned needs them
         self._in_step = True
         try:
             self._steps += 1
-            if os.environ.get(SLOW_STEP_ENV) and self._steps > 1:
-                _slow_step_for_tests(float(os.environ[SLOW_STEP_ENV]))
+            if self._slow_step_s and self._steps > 1:
+                _slow_step_for_tests(self._slow_step_s)
             return forward_backward(*args)
         except StepAbandoned:
-            self._in_step = False
             set_rng_states(states)
             self.abandoned = True
             return None
@@ -118,8 +118,9 @@ class StopOnSignal:
             return False
         signum = torch.tensor(self.signum or 0, device=accelerator.device)
         torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX)
-        if signum.item():
-            self.signum = int(signum.item())
+        agreed = int(signum.item())  # sync point
+        if agreed:
+            self.signum = agreed
         return self.signum is not None
 
 

@@ -31,7 +31,6 @@ from yoda_raw.errors import YodaError
 from yoda_raw.hooks import Observer
 from yoda_raw.inspect import row_as_text
 from yoda_raw.loss import CHUNK, supervised_count
-from yoda_raw.model import parameter_line
 from yoda_raw.packing import EpochSampler, count_tokens
 from yoda_raw.train import main as train
 
@@ -110,7 +109,6 @@ class Tracer(Observer):
         heading(5, "LoRA on the frozen base", "model.add_lora, fast.apply")
         self.model = model  # the LoRA model itself: names and hooks below use it, not what prepare wraps
         show_lora(self.name, model.get_submodule(PEFT_PREFIX + self.name), self.cfg)
-        print(f"model.parameter_line: {parameter_line(model)}")
         memory(self.device)
 
     def loop_start(self, model, optimizer, loader, steps_per_epoch: int, total_steps: int) -> None:

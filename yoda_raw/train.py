@@ -340,7 +340,7 @@ def fit(
             step_loss = stop.abandonable(step_fn.forward_backward, micro_batches, n_supervised)
             if stop.abandoned:
                 optimizer.zero_grad(set_to_none=step_fn.frees_gradients)
-                if log.window["steps"]:  # the finished steps since the last log line
+                if log.unlogged_steps:  # finished steps since the last log line
                     log.write(step, learning_rate(step - 1, cfg.lr, cfg.warmup_steps, total_steps), grad_norm)
                 if step:
                     check_finite(first_bad_step, step)
