@@ -1,4 +1,10 @@
-"""What several test modules share: the option set of a plain tiny run, and reading an error line."""
+"""What several test modules share: the option set of a plain tiny run, reading an error line and
+metrics.jsonl, and waiting on a run in another process."""
+
+import json
+import subprocess
+import time
+from pathlib import Path
 
 # A short, plain run on a CPU: fp32, unquantized, nothing held out, no samples, the batch asked for,
 # a loss logged every step, 4 steps.
@@ -20,3 +26,31 @@ def last_error_line(capsys) -> str:
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines, "nothing on stderr"
     return lines[-1]
+
+
+# --- metrics.jsonl ---------------------------------------------------------------------------------
+
+
+def metrics(output_dir) -> list[dict]:
+    """Every record of a run's metrics.jsonl, in file order."""
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(output_dir) -> dict[int, float]:
+    """{step: loss} of a run's metrics.jsonl (the end-of-run evaluation's line has no loss)."""
+    return {record["step"]: record["loss"] for record in metrics(output_dir) if "loss" in record}
+
+
+# --- runs in other processes -----------------------------------------------------------------------
+
+
+def wait_for_first_log_line(proc: subprocess.Popen, output_dir: Path, timeout: float = 240) -> None:
+    """Wait until the run `proc` has logged its first step (its slow steps, see signals.py's
+    SLOW_STEP_ENV, start after it), then one second more: into step 2."""
+    deadline = time.monotonic() + timeout
+    path = Path(output_dir) / "metrics.jsonl"
+    while not path.is_file() or not path.read_text().strip():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "the run did not reach step 1"
+        time.sleep(0.2)
+    time.sleep(1)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import rounding_tolerance
 
+from tests.common import losses, wait_for_first_log_line
 from yoda_raw.errors import YodaError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -259,6 +260,67 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     assert _losses(out)[-1][0] == step, "the last metrics line is the stopping step's"
     # Not success: the run says where it stopped, as SIGTERM, also on the process the signal missed.
     assert proc.returncode != 0 and f"error: SIGTERM: stopped after step {step}" in output, output[-3000:]
+
+
+@pytest.fixture(scope="module")
+def straight_with_dropout(tmp_path_factory) -> Path:
+    """A two-process run of 3 steps, 4 micro-batches each, with LoRA dropout: what a stopped and
+    resumed run must match."""
+    out = tmp_path_factory.mktemp("straight")
+    _run(_launch(29613, _with(_options(out, 2), **UNEVEN_STEPS)))
+    return out
+
+
+# 29 rows in micro-batches of 2 on 2 processes, 4 to a step: 16 rows a step. Step 2 ends the epoch
+# with 4 micro-batches on rank 0 and 3 on rank 1, so the processes agree at 3 of its micro-batches.
+UNEVEN_STEPS = {"grad_accum": 4, "lora_dropout": 0.1, "max_steps": 3, "save_steps": 0}
+
+
+@pytest.mark.slow  # a two-process run stopped, then resumed: about a minute on 2 cores
+@pytest.mark.parametrize("to", ["launcher", "rank 1"])
+def test_a_signal_stops_two_processes_within_a_micro_batch_and_resumes_exactly(straight_with_dropout, tmp_path, to):
+    """Two processes abandon a long step together at the next micro-batch and save the step before,
+    whether the launcher passes SIGTERM to both (torchrun gives them 30 s, then SIGKILL) or it
+    reaches rank 1 only (a `kill` by hand). Step 2 takes 12 s here (4 micro-batches of 3 s, a test
+    hook in signals.py); the signal comes 1 s into it. Catches the processes finishing the step
+    (stopping 11 s later: a real step of minutes would be killed with nothing saved), one process
+    abandoning alone (the other hangs in the gradient all-reduce: here the timeout), agreements
+    called a different number of times on the two processes, whose micro-batch counts differ in
+    step 2 (a hang), and a checkpoint whose random states are those after the abandoned step's
+    dropout draws on either process (the resumed losses would differ from the straight run's)."""
+    import signal
+    import time
+
+    stopped, resumed = tmp_path / "stopped", tmp_path / "resumed"
+    options = _with(_options(stopped, 2), **UNEVEN_STEPS)
+    proc = subprocess.Popen(
+        _launch(29614, options), cwd=REPO_ROOT, env=_env() | {"YODA_RAW_TEST_SLOW_STEP": "3"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for_first_log_line(proc, stopped)
+        sent = time.monotonic()
+        if to == "launcher":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            os.kill(next(pid for pid in _descendants(proc.pid) if b"\0RANK=1\0" in _environ(pid)), signal.SIGTERM)
+        output = proc.communicate(timeout=120)[0]
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert f"error: SIGTERM: stopped after step 1 and saved {stopped / 'checkpoint-1'}" in output, output[-3000:]
+    # One micro-batch (3 s) and the save, not the 11 s left of the step.
+    assert took < 8, f"{took:.1f} s after the signal: the step was not abandoned\n{output[-3000:]}"
+    assert [p.name for p in stopped.glob("checkpoint-*")] == ["checkpoint-1"]
+
+    _run(_launch(29615, _with(options, output_dir=resumed, resume=stopped / "checkpoint-1")))
+    expected, got = losses(straight_with_dropout), losses(resumed)
+    assert sorted(got) == [2, 3]
+    assert all(abs(got[step] - expected[step]) <= rounding_tolerance(expected[step], steps=step) for step in got), (
+        got,
+        expected,
+    )
 
 
 def _descendants(pid: int) -> list[int]:

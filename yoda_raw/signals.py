@@ -16,8 +16,22 @@ exception. A long operation in C (one matmul; a whole backward pass without grad
 whose recomputation is Python code the handler can interrupt) finishes first.
 
 Several processes: a process cannot abandon its step alone, the others would wait for it in the
-gradient all-reduce forever. There the request is agreed on at the loop's next log line or
-checkpoint (`StopOnSignal.agreed`), and the step in progress finishes.
+gradient all-reduce forever. So the handler only takes note, and the processes agree, all at the
+same points, whether any of them got a signal: before each micro-batch of a step and once after the
+step. Where they agree to stop before a micro-batch, every process abandons the step there, as one
+process does (no process is inside a collective then); after the step, they stop as they would at
+its end. A stop therefore comes within one micro-batch, a few seconds for any sensible batch, well
+inside torchrun's 30 s between SIGTERM and SIGKILL; with a micro-batch longer than that, lower
+--batch-size and raise --grad-accum (the step stays the same). A signal that reaches one process
+only (a `kill` by hand) stops them all at the same point too.
+
+Agreeing costs one all-reduce of one number, over a gloo group of its own on the CPU: the GPU never
+waits for it. The points must be the same on every process, in the same order among the other
+collectives, or a process would wait for a partner that is waiting elsewhere. Two things make that
+hold: the first micro-batch's agreement, before any forward, also agrees on the fewest micro-batches
+any process has in this step (an epoch's last step can give one process fewer); and the agreements
+in the middle of a step sit between the first forward (where DDP may broadcast buffers) and the last
+backward (the gradient all-reduce), before the micro-batches every process has.
 
 Two signals: Ctrl-C in a terminal sends SIGINT to every process of the job, and `accelerate launch`,
 which gets it too, then sends its worker a SIGTERM. That SIGTERM is the launcher's echo of the same
@@ -38,27 +52,31 @@ from yoda_raw.errors import StopAtOnce
 
 # A SIGTERM this soon after a SIGINT is a launcher passing the Ctrl-C on (accelerate sends it at once).
 ECHO_SECONDS = 3.0
-# Tests only: seconds every abandonable step but a run's first sleeps, to make a slow step without a
-# big model (the first step runs at full speed, so that a test can wait for its metrics line).
+# Tests only: seconds each micro-batch sleeps (those of a run's first step aside), to make a slow step
+# without a big model (the first step runs at full speed, so that a test can wait for its metrics line).
 SLOW_STEP_ENV = "YODA_RAW_TEST_SLOW_STEP"
 
 
 class StepAbandoned(BaseException):
-    """Raised by the signal handler inside an abandonable step. A BaseException, as KeyboardInterrupt
-    is: library code that catches Exception must not swallow it."""
+    """Raised inside an abandonable step: by the signal handler (one process) or where the processes
+    agreed to stop (several). A BaseException, as KeyboardInterrupt is: library code that catches
+    Exception must not swallow it."""
 
 
 class StopOnSignal:
     """Turn Ctrl-C (SIGINT) and SIGTERM into a request to stop and save a checkpoint.
 
-    On one process a signal that comes during `abandonable(...)` abandons that step (see the module
-    docstring); one that comes between steps lets the step finish. The handlers are in place inside
-    a `with` block only, and the ones before are given back after it.
+    A signal that comes during `abandonable(...)` abandons that step (see the module docstring): at
+    once on one process, at the next micro-batch on several. One that comes between steps lets the
+    step finish. The handlers are in place inside a `with` block only, and the ones before are given
+    back after it. The step calls `before_micro_batch` before each of its micro-batches.
     """
 
     def __init__(self, num_processes: int = 1):
         self.requested, self.signum, self.abandoned = False, None, False
-        self._can_abandon = num_processes == 1
+        self._several = num_processes > 1
+        self._group = None  # several processes: the gloo group they agree over, made at the first agreement
+        self._fewest = 0  # several processes: the fewest micro-batches any of them has in this step
         self._in_step, self._first_at, self._steps = False, 0.0, 0
         self._slow_step_s = float(os.environ.get(SLOW_STEP_ENV) or 0)  # tests only
 
@@ -76,10 +94,15 @@ class StopOnSignal:
             if echo and time.monotonic() - self._first_at < ECHO_SECONDS:
                 return  # the launcher passing the same Ctrl-C on: already being handled
             raise StopAtOnce(signum)
-        self.requested, self.signum, self._first_at = True, signum, time.monotonic()
+        self.requested, self._first_at = True, time.monotonic()
+        self.signum = self.signum or signum  # the stop the processes already agreed on, if any, stays
         name = signal.Signals(signum).name
+        if self._several:
+            # Only noted: raising here could leave the other processes waiting in a collective.
+            print(f"\n{name}: stopping with the other processes at the next micro-batch or step end", file=sys.stderr)
+            return
         # Not from the frame of `abandonable` itself: an exception there would escape its try block.
-        if self._in_step and self._can_abandon and frame.f_code is not _ABANDONABLE_CODE:
+        if self._in_step and frame.f_code is not _ABANDONABLE_CODE:
             print(
                 f"\n{name}: abandoning the unfinished step, then saving a checkpoint of the last one", file=sys.stderr
             )
@@ -90,12 +113,10 @@ class StopOnSignal:
         """`forward_backward(*args)`, or None when a signal abandoned it: then `self.abandoned` is
         True, the random-number generators are as they were before the call, and the caller must
         zero the partial gradients and save the last finished step."""
-        states = rng_states() if self._can_abandon else None  # only a step that can be abandoned needs them
+        states = rng_states()
         self._in_step = True
         try:
             self._steps += 1
-            if self._slow_step_s and self._steps > 1:
-                _slow_step_for_tests(self._slow_step_s)
             return forward_backward(*args)
         except StepAbandoned:
             set_rng_states(states)
@@ -104,24 +125,41 @@ class StopOnSignal:
         finally:
             self._in_step = False
 
-    def agreed(self, accelerator, at_sync_point: bool) -> bool:
-        """Whether to stop after this step, the same answer on every process. A signal can reach one
-        process only (a scheduler, a `kill` by hand); if that one alone stopped to save, the others
-        would wait for it forever in their next all-reduce. So with several processes they agree
-        through an all-reduce, at the loop's sync points only (a log line, a checkpoint): a stop
-        comes at the next one of those, and the steps between stay free of host syncs. They agree on
+    def before_micro_batch(self, index: int, count: int) -> None:
+        """Called by the step before micro-batch `index` of its `count` on this process. On several
+        processes, where they agree whether to stop: if any of them got a signal, every one raises
+        StepAbandoned here, at the same point. The points, the same on every process (see the module
+        docstring): before the first micro-batch, and before each later one up to the fewest any
+        process has in this step."""
+        if self._several:
+            if index == 0:
+                self._fewest = count  # agreed on with the stop, below
+            if index < self._fewest and self._agree(count if index == 0 else None):
+                raise StepAbandoned
+        if self._slow_step_s and self._steps > 1:
+            _slow_step_for_tests(self._slow_step_s)
+
+    def agreed(self) -> bool:
+        """Whether to stop after this step, the same answer on every process: called once at the end
+        of every step. Several processes agree on it (a signal can reach one of them only), and on
         the signal too, the largest number any of them got (SIGTERM, 15, over SIGINT, 2), so that
         every process exits with the same status."""
-        if accelerator.num_processes == 1:
-            return self.requested
-        if not at_sync_point:
-            return False
-        signum = torch.tensor(self.signum or 0, device=accelerator.device)
-        torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX)
-        agreed = int(signum.item())  # sync point
-        if agreed:
-            self.signum = agreed
-        return self.signum is not None
+        return self._agree() if self._several else self.requested
+
+    def _agree(self, micro_batches: int | None = None) -> bool:
+        """One all-reduce (MAX) over the CPU: the signal any process got, and with `micro_batches`
+        the fewest micro-batches any process has in this step (as its negative), into self._fewest."""
+        if self._group is None:
+            # All processes get here at the same point, so they make the group together.
+            self._group = torch.distributed.new_group(backend="gloo")
+        values = torch.tensor([self.signum or 0, -(micro_batches or 0)], dtype=torch.long)
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX, group=self._group)
+        signum, fewest = int(values[0]), -int(values[1])
+        if micro_batches is not None:
+            self._fewest = fewest
+        if signum:
+            self.signum = signum
+        return bool(signum)
 
 
 _ABANDONABLE_CODE = StopOnSignal.abandonable.__code__

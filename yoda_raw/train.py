@@ -303,7 +303,9 @@ def fit(
     set_seed((cfg.seed + accelerator.process_index) % 2**32)
     start_step = resume_from(cfg, accelerator, total_steps) if cfg.resume else 0
     # Forward and backward of a step: the eager one below, or the fast path's CUDA graph of a batch of rows.
-    eager_step = EagerStep(accelerator, model, chunked_loss=cfg.chunked_loss == "on")
+    # Ctrl-C and SIGTERM (signals.py): the eager step tells it where each micro-batch begins.
+    stop = StopOnSignal(accelerator.num_processes)
+    eager_step = EagerStep(accelerator, model, cfg.chunked_loss == "on", stop.before_micro_batch)
     step_fn = fast.step(plan, eager_step, model, min(batch_size, len(rows)), cfg.max_length, collator.pad_id, device)
     if accelerator.is_main_process:
         # From here on metrics.jsonl holds each step once: lines after start_step are from the run
@@ -320,7 +322,7 @@ def fit(
     batches = step_batches(loader, start_step, total_steps, steps_per_epoch, cfg.grad_accum)
     # However the loop ends (done, a NaN, out of memory, a full disk, a second Ctrl-C), the bar is closed
     # and the signal handlers are given back: left installed, they would swallow the next Ctrl-C.
-    with StopOnSignal(accelerator.num_processes) as stop, log.bar:
+    with stop, log.bar:
         for micro_batches in batches:
             # Learning rate of this step (a plain function of the step: see optim.learning_rate).
             lr = learning_rate(step, cfg.lr, cfg.warmup_steps, total_steps)
@@ -336,7 +338,8 @@ def fit(
             observer.micro_batches(step, micro_batches, n_supervised)
 
             # Forward and backward, one micro-batch at a time: gradients accumulate in .grad. A signal
-            # abandons them (signals.py): the gradients were never applied; zero them, keep the last step.
+            # abandons them (signals.py; on several processes at the next micro-batch, all together):
+            # the gradients were never applied; zero them, keep the last step.
             step_loss = stop.abandonable(step_fn.forward_backward, micro_batches, n_supervised)
             if stop.abandoned:
                 optimizer.zero_grad(set_to_none=step_fn.frees_gradients)
@@ -361,16 +364,18 @@ def fit(
             log.add(step_loss / n_supervised, micro_batches, local_supervised, accelerator.optimizer_step_was_skipped)
             step += 1
 
-            # Log and checkpoint: the only host syncs of the loop (.item(), the clock). A stop (Ctrl-C, SIGTERM)
-            # is read here; several processes agree on it at these sync points only (StopOnSignal.agreed).
+            # Log and checkpoint: the only host syncs of the loop (.item(), the clock). A stop (Ctrl-C,
+            # SIGTERM) is read once, after the log line (a signal may come during it); one that comes
+            # later abandons the next step. Several processes agree on it (StopOnSignal.agreed).
             log_due = step == 1 or step % cfg.logging_steps == 0 or step == total_steps
             save_due = cfg.save_steps > 0 and step % cfg.save_steps == 0
-            if log_due or stop.agreed(accelerator, at_sync_point=save_due):
+            if log_due:
                 check_finite(first_bad_step, step)  # nothing is logged after a NaN
                 log.write(step, lr, grad_norm)
-            # The stop is read once, after the logging (a signal may come during it): one that comes
-            # after it stops the next step (on several processes: the next log line or checkpoint).
-            stopping = stop.agreed(accelerator, at_sync_point=log_due or save_due)
+            stopping = stop.agreed()
+            if stopping and not log_due:  # the step a stop saves has its log line
+                check_finite(first_bad_step, step)
+                log.write(step, lr, grad_norm)
             if save_due or stopping:
                 check_finite(first_bad_step, step)  # nothing is saved after a NaN
                 save_checkpoint(cfg, accelerator, out, step)
@@ -409,14 +414,18 @@ class EagerStep:
 
     frees_gradients = True  # zero_grad(set_to_none=True): the next backward makes them anew
 
-    def __init__(self, accelerator: Accelerator, model, chunked_loss: bool = False):
+    def __init__(self, accelerator: Accelerator, model, chunked_loss=False, before_micro_batch=None):
         self.accelerator, self.model, self.chunked_loss = accelerator, model, chunked_loss
+        # Called with (index, count) before each micro-batch: where several processes agree to stop
+        # (StopOnSignal.before_micro_batch). None: nothing.
+        self.before_micro_batch = before_micro_batch or (lambda index, count: None)
 
     def forward_backward(self, micro_batches: list[dict], n_supervised: torch.Tensor) -> torch.Tensor:
         """Accumulate the gradients of one step; returns the sum of its token losses on this process."""
         accelerator = self.accelerator
         step_loss = torch.zeros((), device=accelerator.device)
         for i, batch in enumerate(micro_batches):
+            self.before_micro_batch(i, len(micro_batches))
             is_accumulating = i < len(micro_batches) - 1
             # no_sync: skip DDP's all-reduce, one pass over every LoRA gradient between the processes,
             # until the step's last micro-batch (a no-op on one process).
