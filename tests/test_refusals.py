@@ -368,7 +368,7 @@ BAD_TOOL_ARGS = [
     ("generate", ["x " * 3000], "more than the model's context"),
     ("evaluate", ["--max-new-tokens", "0"], "--max-new-tokens"),
     ("evaluate", ["--device", "tpu9"], "--device tpu9"),
-    ("evaluate", ["--output-dir", "{file}"], "a file is in the way"),
+    ("evaluate", ["--output-dir", "{file}"], "is a file, not a folder"),
 ]
 
 

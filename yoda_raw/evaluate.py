@@ -46,6 +46,7 @@ from yoda_raw.generate import (
     translate,
 )
 from yoda_raw.loss import supervised_count, token_loss_sum
+from yoda_raw.output import check_no_file_in_the_way
 from yoda_raw.packing import Collator
 
 METRICS = ("loss", "perplexity", "exact_match", "chrf", "bleu")  # the table's rows, in order
@@ -291,10 +292,9 @@ def conversations_to_score(
 
 def check_writable_dir(path: Path, option: str) -> None:
     """Make the folder `path` (or find it there) and check that files can be written into it."""
+    check_no_file_in_the_way(path, f"{option} {path}", "choose a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise YodaError(f"{option} {path}: a file is in the way; choose a folder") from None
     except OSError as err:
         raise YodaError(f"{option} {path}: cannot make the folder ({err.strerror}); choose another") from None
     if not os.access(path, os.W_OK | os.X_OK):

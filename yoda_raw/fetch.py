@@ -264,9 +264,9 @@ def fetch(name: str, force: bool = False) -> tuple[Path, bool]:
 @contextlib.contextmanager
 def cache_writes(cache: Path):
     """Writing into the cache: a file in its place, no permission, a full disk are one line each."""
-    a_file = next((p for p in [cache, *cache.parents] if p.exists() and not p.is_dir()), None)
-    if a_file:
-        raise YodaError(f"the cache {cache}: {a_file} is a file, not a folder; set YODA_RAW_CACHE to a folder")
+    from yoda_raw.output import check_no_file_in_the_way  # here: it imports Accelerate, which a cached fetch needs not
+
+    check_no_file_in_the_way(cache, f"the cache {cache}", "set YODA_RAW_CACHE to a folder")
     try:
         cache.mkdir(parents=True, exist_ok=True)
         yield

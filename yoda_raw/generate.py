@@ -42,6 +42,7 @@ from yoda_raw.config import Config, read_json
 from yoda_raw.data import with_system_prompt
 from yoda_raw.errors import YodaError
 from yoda_raw.errors import reason as error_reason
+from yoda_raw.output import WRITE_ERRORS, check_no_file_in_the_way
 from yoda_raw.precision import choose_precision
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -369,8 +370,7 @@ def merge(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, device: st
     full precision. The merged model is therefore full size (7.6 GB in bf16 for Phi-3-mini).
     """
     out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise YodaError(f"--merge {out_dir}: is a file; choose a new or empty folder")
+    check_no_file_in_the_way(out, f"--merge {out_dir}", "choose a new or empty folder")
     if out.is_dir() and any(out.iterdir()):
         raise YodaError(
             f"--merge {out_dir}: is not empty (files there would be replaced); choose a new or empty folder"
@@ -378,9 +378,6 @@ def merge(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, device: st
     # Written into a temporary folder beside it, then renamed into place: a full disk or a crash
     # leaves no half model that blocks a retry. Made now, before the slow load: a place that cannot
     # be written to is found at once. Two merges into one folder: the rename lets one of them win.
-    below_a_file = next((p for p in out.absolute().parents if p.exists() and not p.is_dir()), None)
-    if below_a_file:
-        raise YodaError(f"--merge {out_dir}: {below_a_file} is a file, not a folder; choose another place")
     try:
         out.absolute().parent.mkdir(parents=True, exist_ok=True)
         partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.absolute().parent))
@@ -398,7 +395,7 @@ def merge(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, device: st
             merged.save_pretrained(partial)
             tokenizer.save_pretrained(partial)
             (partial / RUN_CONFIG).write_text(cfg.to_json())
-        except (OSError, safetensors.SafetensorError) as err:
+        except WRITE_ERRORS as err:  # a full disk, no permission: what saving can raise, nothing broader
             reason = error_reason(err)
             raise YodaError(
                 f"--merge {out_dir}: could not write the merged model ({reason}); nothing was left there: "

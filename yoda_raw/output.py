@@ -74,6 +74,18 @@ def left_by_a_run(out: Path) -> list[str]:
     return sorted(p.name for p in out.iterdir() if p.name in names or PARTIAL_NAME.fullmatch(p.name))
 
 
+def check_no_file_in_the_way(folder: Path, what: str, fix: str) -> None:
+    """Refuse, in one line, a folder to write into that is a file or lies below one: making it would
+    fail with "File exists" or "Not a directory", which names neither the file nor the way out.
+    `what` names the folder as the user gave it (`--output-dir out`); `fix` says what to do instead.
+    Every command that writes a folder (a run, `generate --merge`, `evaluate`, `fetch`) checks this."""
+    folder = Path(folder).expanduser().absolute()
+    a_file = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None)
+    if a_file:
+        where = "is a file" if a_file == folder else f"{a_file} is a file"
+        raise YodaError(f"{what}: {where}, not a folder; {fix}")
+
+
 # --- owning the folder ------------------------------------------------------------------------------
 
 
@@ -153,9 +165,7 @@ def claim(cfg: Config, out: Path) -> Lock:
                 f"--output-dir {out}: {path} is a symbolic link to {os.readlink(path)}, which does not exist; "
                 "create that folder, remove the link, or choose another --output-dir"
             )
-        if path.exists() and not path.is_dir():
-            what = "is a file" if path == out else f"{path} is a file"
-            raise YodaError(f"--output-dir {out}: {what}, not a folder; choose a folder")
+    check_no_file_in_the_way(out, f"--output-dir {out}", "choose a folder")
     if out.is_dir() and any(out.iterdir()) and not left_by_a_run(out) and not (out / LOCK_FILE).exists():
         others = sorted(p.name for p in out.iterdir())
         listed = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
