@@ -154,6 +154,29 @@ def test_advice_names_the_live_branchs_checkpoint(tmp_path, tiny_config):
         output.check_run_state(tiny_config(output_dir=str(out)), out)
 
 
+def test_the_live_branch_is_recorded_not_read_from_file_times(tmp_path, tiny_config):
+    """A run saves checkpoints 2, 4, 6; a resume from checkpoint-2 with --save-steps 3 and
+    --save-total-limit 2 saves 3 and 6. The live branch is 2, 3, 6: --save-total-limit deletes 2 and
+    keeps the abandoned branch's 4 (not its to count). Catches the limit counting checkpoints by
+    number (it kept 4 and deleted the live 3), and advice that follows file times: here a copy (or a
+    coarse clock) leaves checkpoint-4's the newest time, and the advice must still name checkpoint-6."""
+    out = tmp_path / "out"
+    fresh_accelerator_state()
+    train.main(tiny_config(PLAIN_RUN, output_dir=str(out), max_steps=6, save_steps=2))
+    (out / ADAPTER_FILE).unlink()  # as if it had stopped after step 6
+    fresh_accelerator_state()
+    resumed = {"max_steps": 6, "save_steps": 3, "save_total_limit": 2, "resume": str(out / "checkpoint-2")}
+    train.main(tiny_config(PLAIN_RUN, output_dir=str(out), **resumed))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4", "checkpoint-6"]
+    assert output.live_branch(out) == [out / "checkpoint-3", out / "checkpoint-6"]
+
+    (out / ADAPTER_FILE).unlink()  # as if the resumed run had stopped after step 6
+    future = time.time() + 60
+    os.utime(out / "checkpoint-4" / "trainer_state.json", (future, future))
+    with pytest.raises(YodaError, match=f"continue it with --resume {out / 'checkpoint-6'},"):
+        output.check_run_state(tiny_config(output_dir=str(out)), out)
+
+
 # --- 7. random states are read before training ---------------------------------------------------------------
 
 

@@ -27,14 +27,15 @@ from yoda_raw.config import Config, read_json
 from yoda_raw.errors import YodaError
 from yoda_raw.errors import reason as error_reason
 from yoda_raw.identity import add_file, check_base_model
-from yoda_raw.output import ADAPTER_FILE, WRITE_ERRORS, run_checkpoints, write_failed
+from yoda_raw.output import ADAPTER_FILE, WRITE_ERRORS, Branch, live_branch, write_failed
 
 
-def save_checkpoint(cfg: Config, accelerator: Accelerator, out: Path, step: int) -> None:
+def save_checkpoint(cfg: Config, accelerator: Accelerator, out: Path, step: int, branch: Branch | None = None) -> None:
     """A resumable checkpoint: adapter (safetensors), optimizer and RNG states (Accelerate's
     save_state), the step (which fixes the data position and the learning rate) and the config.
     Written into a temporary folder, then renamed: a crash or a full disk mid-save leaves the
-    checkpoints before it whole, and no half-written one."""
+    checkpoints before it whole, and no half-written one. `branch` (the main process's, from
+    output.start) places it on the run's branch of checkpoints (see output.live_branch)."""
     final = out / f"checkpoint-{step}"
     partial = out / f".checkpoint-{step}.partial"
 
@@ -65,6 +66,7 @@ def save_checkpoint(cfg: Config, accelerator: Accelerator, out: Path, step: int)
             # Hashing costs a read of the adapter and optimizer state (~0.1 s for Phi-3-mini's LoRA).
             files = {file.name: file_sha256(file) for file in sorted(partial.iterdir()) if file.is_file()}
             state = {"step": step, "num_processes": accelerator.num_processes, "files": files}
+            state |= branch.place(step) if branch else {}
             (partial / "trainer_state.json").write_text(json.dumps(state, indent=2))
         except WRITE_ERRORS as err:
             failure = err
@@ -73,10 +75,9 @@ def save_checkpoint(cfg: Config, accelerator: Accelerator, out: Path, step: int)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         if cfg.save_total_limit:
-            # The newest up to this step: checkpoints numbered higher are left from before a resume
-            # from an older one, and this run replaces them as it gets there.
-            own = [path for n, path in sorted(run_checkpoints(out).items()) if n <= step]
-            for old in own[: -cfg.save_total_limit]:
+            # The live branch's only: checkpoints left from before a resume from an older one are not
+            # this run's to count, and it replaces those of the same numbers as it gets there.
+            for old in live_branch(out)[: -cfg.save_total_limit]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
 

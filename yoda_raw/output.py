@@ -20,6 +20,7 @@ The rules, checked before anything is loaded (so a mistake costs seconds, not a 
 """
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -41,6 +42,7 @@ ADAPTER_FILE = "adapter_model.safetensors"
 LOCK_FILE = ".yoda_raw.lock"
 METRICS_FILE = "metrics.jsonl"
 RUN_CONFIG = "run_config.json"
+TRAINER_STATE = "trainer_state.json"  # in each checkpoint: its step, its files' hashes, its branch
 TRACKER_DIR = "yoda_raw"  # --report-to tensorboard writes its event files here
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 PARTIAL_NAME = re.compile(r"\.(checkpoint-\d+|final)\.partial")
@@ -57,15 +59,111 @@ def run_checkpoints(out: Path) -> dict[int, Path]:
     return {int(m[1]): p for m, p in matches if m}
 
 
+# --- the live branch of checkpoints -----------------------------------------------------------------
+# After a resume from an older checkpoint, higher-numbered checkpoints of the abandoned branch remain
+# until the new run reaches their numbers and replaces them. The advice to --resume and
+# --save-total-limit must follow the branch in progress, so each checkpoint says where it belongs, in
+# its trainer_state.json: `generation`, the run that saved it (1 + the highest generation in the
+# folder when that run started), and `lineage`, the [step, generation] of its branch's checkpoints
+# before it. A resumed checkpoint gets `continued_by`: the generation of the run that continued it.
+# File times would be simpler, and wrong in a copied folder or on a clock coarser than a save.
+
+
+def checkpoint_state(path: Path) -> dict:
+    """A checkpoint's trainer_state.json; {} when it cannot be read (damaged, cut short)."""
+    try:
+        state = json.loads((path / TRAINER_STATE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def _number(state: dict, key: str) -> int:
+    value = state.get(key, 0)
+    return value if isinstance(value, int) else 0
+
+
+def _rank(state: dict) -> int:
+    """The latest run (generation) that saved or continued a checkpoint; 0 for one from before."""
+    return max(_number(state, "generation"), _number(state, "continued_by"))
+
+
+def _recency(path: Path, state: dict) -> tuple[int, float]:
+    """What orders checkpoints by when their branch was last worked on: the latest run that saved or
+    continued it; for checkpoints from before generations were recorded, their file time."""
+    rank = _rank(state)
+    if rank:
+        return rank, 0.0
+    with contextlib.suppress(OSError):
+        return 0, (path / TRAINER_STATE).stat().st_mtime
+    return 0, 0.0
+
+
+def _lineage(state: dict, older: list[int]) -> set[tuple[int, int]]:
+    """(step, generation) of the checkpoints before this one on its branch. A checkpoint from before
+    lineages were recorded: the ones numbered below it (`older`), as they were counted then."""
+    try:
+        return {(int(step), int(generation)) for step, generation in state["lineage"]}
+    except (KeyError, TypeError, ValueError):
+        return {(step, 0) for step in older}
+
+
+def live_branch(out: Path) -> list[Path]:
+    """The checkpoints of the branch in progress, oldest first: the newest checkpoint of the latest
+    run (by generation, then step) and the ones its lineage names."""
+    found = {step: (path, checkpoint_state(path)) for step, path in run_checkpoints(out).items()}
+    if not found:
+        return []
+    tip = max(found, key=lambda step: (*_recency(*found[step]), step))
+    ancestors = _lineage(found[tip][1], [step for step in found if step < tip])
+    return [
+        path
+        for step, (path, state) in sorted(found.items())
+        if step == tip or (step, _number(state, "generation")) in ancestors
+    ]
+
+
 def latest_checkpoint(out: Path) -> Path | None:
-    """The checkpoint written last: after a resume from an older checkpoint, higher-numbered ones of
-    the abandoned branch can remain, and the live branch is the one to continue."""
+    """The live branch's newest checkpoint: the one to continue (see live_branch)."""
+    live = live_branch(out)
+    return live[-1] if live else None
 
-    def written(item: tuple[int, Path]) -> tuple[float, int]:
-        state = item[1] / "trainer_state.json"
-        return (state.stat().st_mtime if state.exists() else 0.0, item[0])
 
-    return max(run_checkpoints(out).items(), key=written, default=(0, None))[1]
+@dataclasses.dataclass
+class Branch:
+    """The branch a run saves its checkpoints on: its generation, and the lineage so far."""
+
+    generation: int
+    lineage: list[list[int]]  # [step, generation] of the branch's checkpoints, oldest first
+
+    def place(self, step: int) -> dict:
+        """trainer_state.json's fields for checkpoint-`step`, which joins the branch's lineage."""
+        fields = {"generation": self.generation, "lineage": [list(entry) for entry in self.lineage]}
+        self.lineage.append([step, self.generation])
+        return fields
+
+
+def new_branch(cfg: Config, out: Path) -> Branch:
+    """This run's branch: a generation above every checkpoint in `out` and the resumed one, and the
+    resumed checkpoint's lineage and itself. A checkpoint resumed in its own folder is marked as
+    continued (`continued_by`), so that it is the live branch's newest until this run saves one."""
+    states = [checkpoint_state(path) for path in run_checkpoints(out).values()]
+    if not cfg.resume:
+        return Branch(1 + max(map(_rank, states), default=0), [])
+    resumed = Path(cfg.resume)
+    state = checkpoint_state(resumed)
+    generation = 1 + max(map(_rank, [*states, state]))
+    older = [step for step in run_checkpoints(resumed.parent) if step < state["step"]]
+    lineage = sorted(_lineage(state, older)) + [(state["step"], _number(state, "generation"))]
+    if continues_here(cfg, out):
+        temporary = resumed / f".{TRAINER_STATE}.partial"
+        try:
+            temporary.write_text(json.dumps(state | {"continued_by": generation}, indent=2))
+            os.replace(temporary, resumed / TRAINER_STATE)
+        except OSError as err:
+            temporary.unlink(missing_ok=True)
+            raise write_failed(f"{resumed.name}/{TRAINER_STATE}", out, err) from err
+    return Branch(generation, [list(entry) for entry in lineage])
 
 
 def left_by_a_run(out: Path) -> list[str]:
@@ -216,19 +314,16 @@ def check_run_state(cfg: Config, out: Path) -> None:
         )
 
 
-def start(cfg: Config, out: Path) -> None:
+def start(cfg: Config, out: Path) -> Branch:
     """Make the folder ready for this run (main process; the data and model are known good by now).
 
     --overwrite deletes the earlier run's checkpoints and metrics, unless this run continues one of
     its checkpoints. Its adapter (with its run_config.json and tokenizer) stays until the final save
     replaces it: a run that is interrupted, stops on a NaN or fills the disk leaves the old adapter.
     Leftover .partial folders (a save cut short) go in any case. A README.md already there is kept.
+    Returns the branch this run's checkpoints go on (see live_branch).
     """
     doomed = [p for p in out.iterdir() if PARTIAL_NAME.fullmatch(p.name)]
-    if continues_here(cfg, out):
-        # Marks the resumed checkpoint as the live branch's newest (latest_checkpoint), above any
-        # higher-numbered ones left from the run before it.
-        os.utime(Path(cfg.resume) / "trainer_state.json")
     if cfg.overwrite:
         if not continues_here(cfg, out):
             doomed += list(run_checkpoints(out).values())
@@ -238,6 +333,7 @@ def start(cfg: Config, out: Path) -> None:
             shutil.rmtree(path)
         else:
             path.unlink()
+    return new_branch(cfg, out)
 
 
 # --- writing ---------------------------------------------------------------------------------------

@@ -149,9 +149,9 @@ def train_and_save(
     accelerator.print(parameter_line(model))
     observer.adapted(model)
 
-    # Only now, with the data and model known good, clear what --overwrite replaces.
-    if accelerator.is_main_process:
-        output.start(cfg, out)
+    # Only now, with the data and model known good, clear what --overwrite replaces. `start` returns
+    # the branch the run's checkpoints go on (output.live_branch), for the main process to record.
+    branch = output.start(cfg, out) if accelerator.is_main_process else None
     if cfg.report_to != "none":
         # Trackers take flat scalars: the list of LoRA targets goes in as one string.
         hparams = {k: " ".join(v) if isinstance(v, list) else v for k, v in dataclasses.asdict(cfg).items()}
@@ -169,7 +169,7 @@ def train_and_save(
         if batch_size != cfg.batch_size:
             accelerator.print(f"out of memory: retrying with --batch-size {batch_size}", file=sys.stderr)
         try:
-            return fit(cfg, accelerator, plan, model, rows, collator, batch_size, out, observer)
+            return fit(cfg, accelerator, plan, model, rows, collator, batch_size, out, observer, branch)
         except torch.OutOfMemoryError as err:
             if retry_on_oom and batch_size > 1:
                 raise  # find_executable_batch_size tries again with 0.9x the rows
@@ -280,6 +280,7 @@ def fit(
     batch_size: int,
     out: Path,
     observer: Observer,
+    branch: output.Branch | None = None,
 ) -> FitResult:
     """Train `model` on `rows`. The loop: one iteration = one optimizer step."""
     device = accelerator.device
@@ -347,7 +348,7 @@ def fit(
                     log.write(step, learning_rate(step - 1, cfg.lr, cfg.warmup_steps, total_steps), grad_norm)
                 if step:
                     check_finite(first_bad_step, step)
-                    save_checkpoint(cfg, accelerator, out, step)
+                    save_checkpoint(cfg, accelerator, out, step, branch)
                 stopping = True
                 break
             observer.backward_done(step, step_loss, step_fn)
@@ -378,7 +379,7 @@ def fit(
                 log.write(step, lr, grad_norm)
             if save_due or stopping:
                 check_finite(first_bad_step, step)  # nothing is saved after a NaN
-                save_checkpoint(cfg, accelerator, out, step)
+                save_checkpoint(cfg, accelerator, out, step, branch)
             if stopping:
                 break
     if stopping and step < total_steps:
