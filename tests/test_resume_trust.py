@@ -88,6 +88,26 @@ def test_base_identity_of_a_hub_id_and_random_init(tiny_config):
     assert base_model_identity(tiny_config(seed=7), None).startswith("random:seed=7:")
 
 
+def test_several_processes_read_the_base_weights_once_a_machine(trained, monkeypatch, tiny_config):
+    """A process that is not its machine's first takes the identity the first one read: catches every
+    process reading the base's weights (a resume on N processes reading Phi-3's 7.6 GB N times), and
+    machines whose copies differ passing unnoticed (each would train for another base)."""
+    from yoda_raw import identity
+
+    cfg = tiny_config(OPTIONS, model=str(trained / "base"))
+    first = identity.base_model_identity(cfg, None)
+    reads = []
+    monkeypatch.setattr(identity, "weights_sha256", lambda folder: reads.append(folder) or "read here")
+    second = SimpleNamespace(num_processes=2, is_local_main_process=False)
+    # All processes' answers, the first machine's first process first (as gather_object returns them).
+    monkeypatch.setattr(identity, "gather_object", lambda mine: [first, *mine])
+    assert identity.shared_base_model_identity(cfg, None, second) == first and reads == []
+    other_machine = "sha256:" + "0" * 64
+    monkeypatch.setattr(identity, "gather_object", lambda mine: [first, *mine, other_machine])
+    with pytest.raises(YodaError, match="the machines of this run hold other weights under that name"):
+        identity.shared_base_model_identity(cfg, None, second)
+
+
 # --- 4. the output folder is not the checkpoint resumed ------------------------------------------------
 
 

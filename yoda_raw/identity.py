@@ -10,12 +10,16 @@ replaced, a Hub repository with a new commit), so a run records what it loaded, 
 - a Hub id: the repository and the commit its files came from;
 - `--init random`: the seed, and the device kind it was drawn on (model.random_model draws on the
   GPU when there is one, so the same seed gives other weights on a CPU-only machine).
+
+With several processes the weights are read once a machine, not once a process
+(`shared_base_model_identity`).
 """
 
 import hashlib
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 
 from yoda_raw.errors import YodaError
 
@@ -31,6 +35,23 @@ def base_model_identity(cfg, model_config) -> str:
         return f"sha256:{weights_sha256(folder)}"
     commit = getattr(model_config, "_commit_hash", None)  # set by from_pretrained for a Hub repository
     return f"hub:{cfg.model}@{commit}" if commit else f"hub:{cfg.model}"
+
+
+def shared_base_model_identity(cfg, model_config, state) -> str:
+    """base_model_identity, the same on every process of a run (`state`: Accelerate's PartialState).
+    Each machine's first process reads the weights and the others get its answer: reading Phi-3's
+    7.6 GB once a process would cost a resume on N processes N times the time. Machines whose copies
+    differ are refused: their processes would train adapters for other bases, averaged as one."""
+    if state.num_processes == 1:
+        return base_model_identity(cfg, model_config)
+    mine = base_model_identity(cfg, model_config) if state.is_local_main_process else None
+    found = sorted({identity for identity in gather_object([mine]) if identity is not None})
+    if len(found) > 1:
+        raise YodaError(
+            f"--model {cfg.model}: the machines of this run hold other weights under that name "
+            f"({', '.join(map(_short, found))}); give every machine the same copy"
+        )
+    return found[0]
 
 
 def weights_sha256(folder: Path) -> str:

@@ -43,7 +43,7 @@ from yoda_raw.data import content_sha256, load_conversations, split_conversation
 from yoda_raw.errors import Interrupted, NonFiniteLoss, OutOfMemory, YodaError
 from yoda_raw.evaluate import end_of_run_report, format_report
 from yoda_raw.hooks import Observer
-from yoda_raw.identity import base_model_identity
+from yoda_raw.identity import shared_base_model_identity
 from yoda_raw.launcher import one_process_hint
 from yoda_raw.loss import supervised_count, token_loss_sum
 from yoda_raw.model import add_lora, load_base_model, load_model_config, parameter_counts, parameter_line
@@ -102,7 +102,8 @@ def main(cfg: Config, observer: Observer | None = None) -> RunResult:
         model_config = load_model_config(cfg, len(tokenizer))
         given = cfg.changes_line()
         cfg, precision, plan = settle(cfg, state.device, state.num_processes, model_config)
-        cfg.base_model_id = base_model_identity(cfg, model_config)  # recorded and checked as the data's hash
+        # Recorded and checked as the data's hash; the weights read once a machine, not once a process.
+        cfg.base_model_id = shared_base_model_identity(cfg, model_config, state)
         accelerator = make_accelerator(cfg, precision)
         accelerator.print(start_lines(given, precision, plan, accelerator))
         observer.settled(cfg, precision, plan, accelerator)
