@@ -1,7 +1,8 @@
-"""What several test modules share: the option set of a plain tiny run, reading an error line and
-metrics.jsonl, and waiting on a run in another process."""
+"""What several test modules share: the option set of a plain tiny run, a fresh Accelerate state, a
+signal sent mid-run, reading an error line and metrics.jsonl, and waiting on a run in another process."""
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -17,6 +18,32 @@ PLAIN_RUN = {
     "logging_steps": 1,
     "max_steps": 4,
 }
+
+
+def fresh_accelerator_state() -> None:
+    """Forget Accelerate's per-process singleton state, so that the next train.main builds its own
+    (conftest does this after every test; a test that runs several trainings calls it between them)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+
+
+def signal_at_call(monkeypatch, owner, name: str, call: int, signum: int, before: bool = False) -> None:
+    """Send `signum` to this process at the `call`-th call of `owner.name` (a function of a module,
+    or a method of a class): right after the real call returns, or with `before`, just before it.
+    E.g. right after step 3's forward (`train`, "token_loss_sum", 3): in the middle of a step."""
+    real, calls = getattr(owner, name), []
+
+    def call_and_signal(*args, **kwargs):
+        calls.append(1)
+        if before and len(calls) == call:
+            os.kill(os.getpid(), signum)
+        result = real(*args, **kwargs)
+        if not before and len(calls) == call:
+            os.kill(os.getpid(), signum)
+        return result
+
+    monkeypatch.setattr(owner, name, call_and_signal)
 
 
 def last_error_line(capsys) -> str:

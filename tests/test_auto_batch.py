@@ -1,10 +1,9 @@
 """--auto-batch-size: an attempt that runs out of memory leaves nothing behind for the next one."""
 
-import json
-
 import pytest
 import torch
 
+from tests.common import metrics
 from yoda_raw import train
 from yoda_raw.errors import YodaError
 
@@ -30,7 +29,7 @@ def test_a_retry_keeps_one_metrics_line_per_step_and_no_stale_gradients(tmp_path
     monkeypatch.setattr(train.EagerStep, "forward_backward", tight_memory)
     overrides = {"batch_size": 6, "auto_batch_size": True, "max_steps": 3, "logging_steps": 1, "samples": False}
     train.main(tiny_config(overrides, output_dir=str(tmp_path)))
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = metrics(tmp_path)
     assert [r["step"] for r in records] == [1, 2, 3]
     assert {r["batch_size"] for r in records} == {4}
     assert "retrying with --batch-size 5" in capsys.readouterr().err

@@ -23,6 +23,7 @@ from accelerate.state import AcceleratorState
 from conftest import assert_close_up_to_rounding, rounding_tolerance
 from peft import LoraConfig, get_peft_model
 
+from tests.common import metrics
 from yoda_raw import optim, train
 from yoda_raw.chat import IGNORE, load_tokenizer
 from yoda_raw.config import TINY_DATASET, Config
@@ -72,7 +73,7 @@ PARITY_OPTIONS = {
 
 
 def logged_losses(output_dir: str | Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [record["loss"] for record in metrics(output_dir)]
 
 
 def lora_config(cfg: Config) -> LoraConfig:

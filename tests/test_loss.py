@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import assert_close_up_to_rounding, rounding_tolerance
 
+from tests.common import metrics
 from yoda_raw import loss
 from yoda_raw.chat import IGNORE
 from yoda_raw.loss import token_loss_sum
@@ -90,7 +91,7 @@ def test_a_run_with_the_chunked_loss_logs_the_same_losses(tmp_path, tiny_config,
         out = tmp_path / setting
         options = {"max_steps": 3, "logging_steps": 1, "samples": False, "eval_fraction": 0.0}
         train.main(tiny_config(options, chunked_loss=setting, output_dir=str(out)))
-        losses[setting] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[setting] = [record["loss"] for record in metrics(out)]
         assert json.loads((out / "run_config.json").read_text())["chunked_loss"] == setting
     # Three steps from the same start, the sums grouped otherwise: fp32 rounding of the tiny model's
     # step, once a step (conftest), 2.2e-4 of the loss; the option not reaching the step changes nothing

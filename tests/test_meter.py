@@ -2,7 +2,6 @@
 way as CUDA ones), the NVML peak sampler, MFU in the loop's own records, and where a run's wall time
 went."""
 
-import json
 import re
 import threading
 import types
@@ -11,6 +10,7 @@ import pytest
 import torch
 from bitsandbytes.nn import Linear4bit
 
+from tests.common import metrics
 from yoda_raw import meter
 from yoda_raw.config import PRESETS, Config
 from yoda_raw.model import parameter_counts
@@ -167,7 +167,7 @@ def test_the_run_says_where_its_wall_time_went(tmp_path, tiny_config):
     assert list(seconds) == ["starting", "loading", "training", "saving"], seconds
     assert all(s > 0 for s in seconds.values()), seconds
     assert wall - 1.0 < sum(seconds.values()) <= wall  # the stages cover the run, once each
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = metrics(tmp_path)
     elapsed = [r["elapsed_s"] for r in records]
     assert len(elapsed) == 3 and 0 < elapsed[0] < elapsed[1] < elapsed[2] <= seconds["training"] + 0.01, elapsed
     line = run.time_line(result, total_s=wall + 2.0)  # as if importing had taken 2 s before

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import rounding_tolerance
 
-from tests.common import losses, wait_for_first_log_line
+from tests.common import losses, metrics, wait_for_first_log_line
 from yoda_raw.errors import YodaError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -63,10 +63,6 @@ def _run(command: list[str]) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
-def _losses(out: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
-
-
 @pytest.mark.slow  # three accelerate launches, two processes each: half a minute or more on 2 cores
 @pytest.mark.parametrize("per_process", [8, 12], ids=["8+8,8+5", "12+12,5+none"])
 def test_two_processes_give_one_process_losses(per_process, tmp_path):
@@ -107,7 +103,8 @@ def test_two_processes_give_one_process_losses(per_process, tmp_path):
             *_options(two, per_process),
         ]
     )
-    expected, got = _losses(one), _losses(two)
+    # Every line, in file order: a line per step per process would show here as a step twice.
+    expected, got = ([(r["step"], r["loss"]) for r in metrics(out)] for out in (one, two))
     assert [step for step, _ in got] == [1, 2, 3, 4], "one metrics.jsonl line per step, from the main process only"
     assert [step for step, _ in expected] == [1, 2, 3, 4]
     delta = max(abs(a - b) for (_, a), (_, b) in zip(expected, got, strict=True))
@@ -210,7 +207,7 @@ def test_each_process_draws_its_own_dropout_and_resumes_exactly(tmp_path):
     ]
     assert not torch.equal(states[0], states[1]), "both processes hold the same RNG state: the same dropout masks"
     _run(_launch(29611, _with(options, output_dir=resumed, resume=straight / "checkpoint-2")))
-    expected, got = dict(_losses(straight)), dict(_losses(resumed))
+    expected, got = losses(straight), losses(resumed)
     assert sorted(got) == [3, 4]
     assert all(abs(got[step] - expected[step]) <= rounding_tolerance(expected[step], steps=step) for step in got), (
         got,
@@ -257,7 +254,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
         "random_states_0.pkl",
         "random_states_1.pkl",
     ]
-    assert _losses(out)[-1][0] == step, "the last metrics line is the stopping step's"
+    assert metrics(out)[-1]["step"] == step, "the last metrics line is the stopping step's"
     # Not success: the run says where it stopped, as SIGTERM, also on the process the signal missed.
     assert proc.returncode != 0 and f"error: SIGTERM: stopped after step {step}" in output, output[-3000:]
 

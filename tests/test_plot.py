@@ -32,16 +32,37 @@ def write_metrics(folder, gpu: bool):
 
 
 @pytest.mark.parametrize("gpu", [False, True], ids=["cpu-run", "gpu-run"])
-def test_the_command_draws_a_png_beside_any_metrics_file(tmp_path, capsys, gpu):
-    """From a folder or the file itself, with or without memory records (a CPU run logs none):
-    a whole PNG beside the metrics, and the command says where."""
+def test_the_command_draws_a_png_beside_any_metrics_file(tmp_path, capsys, monkeypatch, gpu):
+    """From a folder or the file itself, with or without memory records (a CPU run logs none): a
+    whole PNG beside the metrics, and the command says where. The memory panel draws a GPU run's
+    three readings and says a CPU run has none: catches a panel left empty (or a misleading note)
+    for a GPU run, and lines of zeros for a CPU run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drawn, close = [], plt.close
+    monkeypatch.setattr(plt, "close", drawn.append)  # keep the figure to look at its panels
     folder = write_metrics(tmp_path / "run", gpu)
-    assert plot.main([str(folder)]) == 0
+    try:
+        assert plot.main([str(folder)]) == 0
+    finally:
+        for figure in drawn:
+            close(figure)
+    memory = drawn[0].axes[2]
+    notes = [text.get_text() for text in memory.texts]
+    if gpu:
+        assert [line.get_label() for line in memory.get_lines()] == [label for _, label in plot.MEMORY_KEYS]
+        assert notes == []
+    else:
+        assert memory.get_lines() == [] and notes == ["no device memory logged (a CPU run logs none)"]
     png = folder / "metrics.png"
     assert capsys.readouterr().out.strip() == f"wrote {png}"
     width, height = png_size(png)
     assert width > 300 and height > 300
     png.unlink()
+    monkeypatch.undo()
     assert plot.main([str(folder / "metrics.jsonl")]) == 0 and png_size(png)
     assert not list(folder.glob(".*partial"))
 

@@ -1,13 +1,11 @@
 """Resume exactness: a run stopped at step k and resumed gives the losses of one straight run."""
 
-import json
-from pathlib import Path
-
 import pytest
 from accelerate.state import AcceleratorState
 from conftest import assert_close_up_to_rounding, rounding_tolerance
 from safetensors.torch import load_file
 
+from tests.common import losses
 from yoda_raw import checkpoint, train
 
 # The tiny set packs into 29 rows: 4 steps an epoch at batch 8 (8, 8, 8, 5 rows); 2 epochs = 8 steps.
@@ -28,11 +26,6 @@ RESUME_OPTIONS = {
     "auto_batch_size": False,
     "samples": False,
 }
-
-
-def logged(output_dir: Path) -> dict[int, float]:
-    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
-    return {record["step"]: record["loss"] for record in map(json.loads, lines)}
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +53,11 @@ def test_resumed_run_equals_straight_run(k, straight, tmp_path, tiny_config):
     same final adapter as the straight run. Catches a resume that restarts the epoch (rows seen
     twice), reshuffles it, replays the learning-rate schedule from 0, loses the optimizer's moments,
     or restores random states that make dropout draw other masks than the straight run did."""
-    expected = logged(straight)
+    expected = losses(straight)
     assert sorted(expected) == list(range(1, 2 * STEPS_PER_EPOCH + 1))
     out = tmp_path / "resumed"
     train.main(tiny_config(RESUME_OPTIONS, output_dir=str(out), resume=str(straight / f"checkpoint-{k}")))
-    resumed = logged(out)
+    resumed = losses(out)
     assert sorted(resumed) == list(range(k + 1, 2 * STEPS_PER_EPOCH + 1))
     # The same steps on the same CPU from a state saved exactly: within fp32 rounding of the tiny
     # model's step (conftest: 7.2e-5 of the loss); replayed rows, a restarted schedule or lost

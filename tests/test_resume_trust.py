@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 import run
-from tests.common import PLAIN_RUN
+from tests.common import PLAIN_RUN, fresh_accelerator_state
 from yoda_raw import output, train
 from yoda_raw.checkpoint import ADAPTER_FILE
 from yoda_raw.config import Config
@@ -32,12 +32,6 @@ def save_tiny_base(folder: Path, seed: int) -> None:
     from yoda_raw.model import random_model
 
     random_model(tiny.model_config(len(tiny.build_tokenizer())), seed, torch.float32).save_pretrained(folder)
-
-
-def fresh_accelerator_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from conftest import rounding_tolerance
 from safetensors.torch import load_file
 
 import run
-from tests.common import last_error_line
+from tests.common import fresh_accelerator_state, last_error_line, losses, signal_at_call
 from yoda_raw import checkpoint, train
 from yoda_raw.errors import Interrupted, YodaError
 
@@ -38,11 +38,6 @@ RUN_OPTIONS = {
     "logging_steps": 1,
     "max_steps": 4,
 }
-
-
-def logged(output_dir: Path) -> dict[int, float]:
-    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
-    return {record["step"]: record["loss"] for record in map(json.loads, lines) if "loss" in record}
 
 
 # --- 1. one clear line and exit code 2 from run.py ------------------------------------------------
@@ -214,36 +209,26 @@ def test_sigint_saves_a_checkpoint_that_resumes_exactly(straight, tmp_path, monk
     straight run's losses. SIGINT is sent to this process from inside the loop, in step 2's forward
     and backward: fit's handler, installed in the main thread, abandons step 2 (signals.py) and saves
     step 1, from which the resumed run trains steps 2 to 4 as the straight run did."""
-    real_forward_backward, calls = train.EagerStep.forward_backward, []
-
-    def forward_backward_then_sigint(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_forward_backward(*args, **kwargs)
-
-    monkeypatch.setattr(train.EagerStep, "forward_backward", forward_backward_then_sigint)
+    signal_at_call(monkeypatch, train.EagerStep, "forward_backward", 2, signal.SIGINT, before=True)
     interrupted = tmp_path / "interrupted"
     with pytest.raises(Interrupted, match="SIGINT: stopped after step 1") as info:
         train.main(tiny_config(RUN_OPTIONS, output_dir=str(interrupted)))
     assert info.value.exit_code == 130
-    monkeypatch.setattr(train.EagerStep, "forward_backward", real_forward_backward)
+    monkeypatch.undo()
     checkpoint = interrupted / "checkpoint-1"
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 1
     assert not list(interrupted.glob(".checkpoint-*")) and not (interrupted / "checkpoint-2").exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
+    fresh_accelerator_state()
     resumed_out = tmp_path / "resumed"
     result = train.main(tiny_config(RUN_OPTIONS, output_dir=str(resumed_out), resume=str(checkpoint)))
     assert result.fit.steps == 4
-    expected, got = logged(straight), logged(resumed_out)
+    expected, got = losses(straight), losses(resumed_out)
     assert sorted(got) == [2, 3, 4]
     # Resumed on the same CPU from an exact state: within fp32 rounding of the tiny model's step (conftest).
     assert all(abs(got[step] - expected[step]) <= rounding_tolerance(expected[step]) for step in got), (got, expected)
-    assert logged(interrupted) == {1: expected[1]}
+    assert losses(interrupted) == {1: expected[1]}
 
 
 # --- 5. a non-finite loss stops the run, keeping earlier checkpoints --------------------------------

@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 
 import run
-from tests.common import PLAIN_RUN, last_error_line
+from tests.common import (
+    PLAIN_RUN,
+    fresh_accelerator_state,
+    last_error_line,
+    losses,
+    signal_at_call,
+    wait_for_first_log_line,
+)
 from yoda_raw import checkpoint, train
 from yoda_raw.errors import Interrupted
 
@@ -27,41 +34,15 @@ OPTIONS = PLAIN_RUN | {"lora_dropout": 0.1}
 TINY_ARGV = "--preset tiny --quant none --no-samples --eval-fraction 0 --logging-steps 1 --max-steps 4".split()
 
 
-def losses(out: Path) -> dict[int, float]:
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return {record["step"]: record["loss"] for record in map(json.loads, lines) if "loss" in record}
-
-
 def signal_after_a_forward(monkeypatch, call: int, signum: int) -> None:
-    """Send `signum` to this process right after the `call`-th micro-batch's forward (its dropout
-    has drawn from the RNG), before its backward: in the middle of a step."""
-    real, calls = train.token_loss_sum, []
-
-    def loss_then_signal(*args, **kwargs):
-        loss = real(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == call:
-            os.kill(os.getpid(), signum)
-        return loss
-
-    monkeypatch.setattr(train, "token_loss_sum", loss_then_signal)
+    """`signum` right after the `call`-th micro-batch's forward (its dropout has drawn from the RNG),
+    before its backward: in the middle of a step."""
+    signal_at_call(monkeypatch, train, "token_loss_sum", call, signum)
 
 
 def signal_as_saving_begins(monkeypatch, signum: int) -> None:
-    """Send `signum` to this process as the loop begins to save a checkpoint: a second signal."""
-    real = train.save_checkpoint
-
-    def signal_then_save(*args, **kwargs):
-        os.kill(os.getpid(), signum)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train, "save_checkpoint", signal_then_save)
-
-
-def fresh_accelerator_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
+    """`signum` as the loop begins to save a checkpoint: a second signal."""
+    signal_at_call(monkeypatch, train, "save_checkpoint", 1, signum, before=True)
 
 
 def test_a_signal_mid_step_saves_the_last_finished_step_and_resumes_exactly(tmp_path, monkeypatch, tiny_config):
@@ -149,15 +130,6 @@ def _launch(out: Path) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def _wait_for_step_1(proc: subprocess.Popen, out: Path) -> None:
-    deadline = time.monotonic() + 240
-    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        assert time.monotonic() < deadline, "the run did not reach step 1"
-        time.sleep(0.2)
-    time.sleep(1)  # into step 2's slow forward
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["sigterm-to-launcher", "ctrl-c-to-group"])
 def test_under_accelerate_launch_a_signal_mid_step_saves_in_time(tmp_path, how):
@@ -168,7 +140,7 @@ def test_under_accelerate_launch_a_signal_mid_step_saves_in_time(tmp_path, how):
     out = tmp_path / "out"
     proc = _launch(out)
     try:
-        _wait_for_step_1(proc, out)
+        wait_for_first_log_line(proc, out)
         sent = time.monotonic()
         if how == "sigterm-to-launcher":
             proc.send_signal(signal.SIGTERM)
