@@ -162,6 +162,13 @@ class Config:
             "logits at once (less memory at long rows). auto: on a CUDA GPU."
         },
     )
+    offload_activations: Literal["auto", "on", "off"] = field(
+        default="auto",
+        metadata={
+            "help": "What the forward saves for the backward (each checkpointed layer's input) waits in host memory, "
+            "copied beside the compute (less memory at long rows). auto: off; on needs a CUDA GPU."
+        },
+    )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})

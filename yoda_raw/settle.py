@@ -7,6 +7,7 @@ depends on the ones before, so they are settled here in that order, before any w
 1. --precision auto: bf16 where the GPU does it natively, else fp32 (precision.py);
 2. --quant auto: 4-bit NF4 on a CUDA GPU, unquantized elsewhere (model.py); --chunked-loss auto:
    on a CUDA GPU, where the logits of long rows are the step's largest tensors (loss.py);
+   --offload-activations: only a GPU has other memory to offload to (offload.py);
 3. the LoRA targets when none are given: every linear layer but the LM head (model.py);
    --uncheckpointed-layers against the model's layer count, --max-length against its context;
 4. the fast path's options, from all of the above (fast/__init__.py).
@@ -31,6 +32,7 @@ def settle(cfg: Config, device: torch.device, num_processes: int, model_config) 
     precision = choose_precision(cfg.precision, device)
     quant = resolve_quant(cfg.quant, device)
     chunked_loss = cfg.chunked_loss if cfg.chunked_loss != "auto" else ("on" if device.type == "cuda" else "off")
+    offload_activations = resolve_offload(cfg.offload_activations, device)
     skeleton_model = skeleton(model_config, cfg.trust_remote_code)
     targets = choose_lora_targets(cfg.lora_targets, skeleton_model, cfg.model)
     check_uncheckpointed_layers(cfg, skeleton_model)
@@ -38,5 +40,23 @@ def settle(cfg: Config, device: torch.device, num_processes: int, model_config) 
     if cfg.max_length > context:
         raise YodaError(f"--max-length {cfg.max_length} is longer than the model's context of {context} tokens")
     plan = fast.settle(cfg, device, num_processes, precision.name, quant, skeleton_model)
-    cfg = dataclasses.replace(cfg, quant=quant, chunked_loss=chunked_loss, lora_targets=targets, **plan.options())
+    cfg = dataclasses.replace(
+        cfg,
+        quant=quant,
+        chunked_loss=chunked_loss,
+        offload_activations=offload_activations,
+        lora_targets=targets,
+        **plan.options(),
+    )
     return cfg, precision, plan
+
+
+def resolve_offload(setting: str, device: torch.device) -> str:
+    """--offload-activations auto|on|off -> "on" or "off". auto is off: the copies cost PCIe time
+    that compute hides only at long rows (docs/options.md)."""
+    if setting == "on" and device.type != "cuda":
+        raise YodaError(
+            "--offload-activations on moves what the forward saves from a GPU's memory to the host's, and this run "
+            f"is on the {device.type.upper()}, whose memory is the host's; use --offload-activations off"
+        )
+    return "on" if setting == "on" else "off"

@@ -47,6 +47,7 @@ from yoda_raw.identity import shared_base_model_identity
 from yoda_raw.launcher import one_process_hint
 from yoda_raw.loss import supervised_count, token_loss_sum
 from yoda_raw.model import add_lora, load_base_model, load_model_config, parameter_counts, parameter_line
+from yoda_raw.offload import OffloadActivations
 from yoda_raw.optim import build_optimizer, learning_rate
 from yoda_raw.packing import Collator, EpochSampler, build_rows, make_loader, step_batches, unsupervised_batch
 from yoda_raw.precision import Precision
@@ -307,7 +308,9 @@ def fit(
     # Forward and backward of a step: the eager one below, or the fast path's CUDA graph of a batch of rows.
     # Ctrl-C and SIGTERM (signals.py): the eager step tells it where each micro-batch begins.
     stop = StopOnSignal(accelerator.num_processes)
-    eager_step = EagerStep(accelerator, model, cfg.chunked_loss == "on", stop.before_micro_batch)
+    # --offload-activations: what the forward saves for the backward waits in host memory (offload.py).
+    offload = OffloadActivations(model, device) if cfg.offload_activations == "on" else None
+    eager_step = EagerStep(accelerator, model, cfg.chunked_loss == "on", stop.before_micro_batch, offload)
     step_fn = fast.step(plan, eager_step, model, min(batch_size, len(rows)), cfg.max_length, collator.pad_id, device)
     if accelerator.is_main_process:
         # From here on metrics.jsonl holds each step once: lines after start_step are from the run
@@ -416,8 +419,9 @@ class EagerStep:
 
     frees_gradients = True  # zero_grad(set_to_none=True): the next backward makes them anew
 
-    def __init__(self, accelerator: Accelerator, model, chunked_loss=False, before_micro_batch=None):
+    def __init__(self, accelerator: Accelerator, model, chunked_loss=False, before_micro_batch=None, offload=None):
         self.accelerator, self.model, self.chunked_loss = accelerator, model, chunked_loss
+        self.offload = offload  # an offload.OffloadActivations, entered around each forward; None: off
         # Called with (index, count) before each micro-batch: where several processes agree to stop
         # (StopOnSignal.before_micro_batch). None: nothing.
         self.before_micro_batch = before_micro_batch or (lambda index, count: None)
@@ -432,7 +436,8 @@ class EagerStep:
             # no_sync: skip DDP's all-reduce, one pass over every LoRA gradient between the processes,
             # until the step's last micro-batch (a no-op on one process).
             with accelerator.no_sync(self.model) if is_accumulating else contextlib.nullcontext():
-                loss_sum = token_loss_sum(self.model, batch, self.chunked_loss)  # (,) summed over supervised tokens
+                with self.offload or contextlib.nullcontext():
+                    loss_sum = token_loss_sum(self.model, batch, self.chunked_loss)  # (,) summed over supervised tokens
                 accelerator.backward(loss_sum * accelerator.num_processes / n_supervised)
             step_loss += loss_sum.detach()
         return step_loss

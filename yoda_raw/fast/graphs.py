@@ -100,8 +100,19 @@ class GraphStep:
 
     frees_gradients = False
 
-    def __init__(self, model, batch_size: int, max_length: int, pad_id: int, device: torch.device, chunked_loss=False):
+    def __init__(
+        self,
+        model,
+        batch_size: int,
+        max_length: int,
+        pad_id: int,
+        device: torch.device,
+        chunked_loss=False,
+        offload=None,
+    ):
         self.model, self.pad_id, self.chunked_loss = model, pad_id, chunked_loss
+        # --offload-activations: its copies to and from host memory are recorded and replayed too.
+        self.offload = offload
         # The graph's inputs: ids and labels, filled before every replay; no attention mask (see
         # the module docstring).
         self.batch = {
@@ -137,7 +148,8 @@ class GraphStep:
         capture records. Returns its summed token loss; gradients go into .grad."""
         # The backward too: its checkpointing recompute runs the layers' forward again.
         with causal_attention(self.model):
-            loss_sum = token_loss_sum(self.model, self.batch, self.chunked_loss)
+            with self.offload or contextlib.nullcontext():
+                loss_sum = token_loss_sum(self.model, self.batch, self.chunked_loss)
             (loss_sum * self.scale).backward()
         return loss_sum
 

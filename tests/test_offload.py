@@ -1,0 +1,113 @@
+"""--offload-activations: what the forward saves for the backward waits in host memory.
+
+On a CPU the offloader runs the same bookkeeping with plain copies (the GPU's streams and pinned
+buffers are tests/test_gpu.py's): these tests check that the backward gets back exactly what the
+forward saved, in any order and after a step cut short, and that weights are never moved.
+"""
+
+import pytest
+import torch
+from test_loss import rows_batch
+
+from yoda_raw.errors import YodaError
+from yoda_raw.loss import token_loss_sum
+from yoda_raw.model import add_lora, decoder_layers
+from yoda_raw.offload import OffloadActivations
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def lora_model(tiny_model, tiny_config):
+    """The tiny model with LoRA and gradient checkpointing, as the loop trains it."""
+    model = add_lora(tiny_model, tiny_config())
+    model.train()
+    return model
+
+
+def loss_and_grads(model, batch, offload=None, chunked=False) -> tuple[torch.Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    with offload or torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        value = token_loss_sum(model, batch, chunked)
+    value.backward()
+    return value.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(actual, expected):
+    loss, grads = actual
+    assert torch.equal(loss, expected[0])
+    assert grads.keys() == expected[1].keys() and grads
+    for name, grad in grads.items():
+        assert torch.equal(grad, expected[1][name]), name
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_the_backward_gets_back_exactly_what_the_forward_saved(lora_model, tiny_tokenizer, chunked):
+    """Loss and every LoRA gradient bit for bit as without offloading (the same kernels on the same
+    values: a copy there and back rounds nothing), and each checkpointed layer's input is among what
+    went to host memory. Catches a tensor given back to the wrong saver (two layers' inputs swapped),
+    a stale buffer, or a layer input left on the device."""
+    batch = rows_batch(tiny_tokenizer)
+    expected = loss_and_grads(lora_model, batch, chunked=chunked)
+    offload = OffloadActivations(lora_model, CPU, min_bytes=0)
+    assert_same(loss_and_grads(lora_model, batch, offload, chunked), expected)
+    rows, length = batch["input_ids"].shape
+    layer_input = (rows, length, lora_model.config.hidden_size)
+    moved = [tuple(saved.host.shape) for saved in offload.saved]
+    assert moved.count(layer_input) >= len(decoder_layers(lora_model))
+    assert offload.bytes_moved == sum(saved.host.nbytes for saved in offload.saved)
+
+
+def test_weights_and_small_tensors_stay_where_they_are(lora_model, tiny_tokenizer, monkeypatch):
+    """Without the chunked loss the LM head's product saves the head's weight: it must not be copied
+    out and back every step (it stays on the device anyway). Nor must a tensor under min_bytes."""
+    weights = {p.untyped_storage().data_ptr() for p in lora_model.parameters()}
+    offload = OffloadActivations(lora_model, CPU, min_bytes=0)
+    moved, kept = [], []
+    real = offload._worth_moving
+
+    def spy(tensor):
+        (moved if real(tensor) else kept).append(tensor)
+        return real(tensor)
+
+    monkeypatch.setattr(offload, "_worth_moving", spy)
+    loss_and_grads(lora_model, rows_batch(tiny_tokenizer), offload)
+    assert moved and not any(t.untyped_storage().data_ptr() in weights for t in moved)
+    assert any(t.untyped_storage().data_ptr() in weights for t in kept)  # the head's weight was offered
+
+    big = OffloadActivations(lora_model, CPU, min_bytes=10**9)
+    loss_and_grads(lora_model, rows_batch(tiny_tokenizer), big)
+    assert big.saved == [] and big.bytes_moved == 0
+
+
+def test_micro_batches_of_other_shapes_and_a_forward_cut_short(lora_model, tiny_tokenizer):
+    """One offloader serves a whole run: micro-batches of different lengths (a buffer too small is
+    made larger), and a forward stopped by an error (a signal abandons a step so) leaves nothing that
+    changes the next micro-batch's gradients."""
+    long = rows_batch(tiny_tokenizer)
+    short = {key: value[:2, :5] for key, value in long.items()}
+    expected = {name: loss_and_grads(lora_model, batch) for name, batch in (("long", long), ("short", short))}
+    offload = OffloadActivations(lora_model, CPU, min_bytes=0)
+    assert_same(loss_and_grads(lora_model, short, offload), expected["short"])
+    assert_same(loss_and_grads(lora_model, long, offload), expected["long"])  # its buffers outgrow the short's
+
+    layers = decoder_layers(lora_model)
+    handle = layers[-1].register_forward_pre_hook(lambda module, args: (_ for _ in ()).throw(RuntimeError("cut")))
+    with pytest.raises(RuntimeError, match="cut"):
+        loss_and_grads(lora_model, long, offload)
+    handle.remove()
+    assert_same(loss_and_grads(lora_model, short, offload), expected["short"])
+
+
+def test_a_cpu_run_refuses_it_in_one_line(tmp_path, tiny_config):
+    """On a CPU there is no other memory to offload to: `on` is refused before anything loads, and
+    auto settles to off (saved so in run_config.json)."""
+    import json
+
+    from yoda_raw import train
+
+    with pytest.raises(YodaError, match="--offload-activations on .* use --offload-activations off"):
+        train.main(tiny_config(offload_activations="on", output_dir=str(tmp_path / "on")))
+    out = tmp_path / "auto"
+    train.main(tiny_config({"max_steps": 1, "samples": False, "eval_fraction": 0.0}, output_dir=str(out)))
+    assert json.loads((out / "run_config.json").read_text())["offload_activations"] == "off"
