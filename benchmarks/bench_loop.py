@@ -335,6 +335,8 @@ def probe(cfg, args, card_gib: float, rows: int, tokens: int) -> dict:
     """
     import torch
 
+    from yoda_raw.errors import OutOfMemory
+
     usable_gib = card_gib - args.margin_gib
     torch.zeros(1, device="cuda")  # the CUDA context exists from here on, so the reading below counts it
     free, total = torch.cuda.mem_get_info()
@@ -349,7 +351,9 @@ def probe(cfg, args, card_gib: float, rows: int, tokens: int) -> dict:
     point = dataclasses.replace(cfg, batch_size=rows, max_length=tokens)
     try:
         result = measure(point, args, f"card-{card_gib:g}gib-{rows}x{tokens}", args.steps, watch_device=True)
-    except RuntimeError as err:  # out of memory is an answer here; anything else is raised again
+    except OutOfMemory:  # the loop's own error for it (train.py), an answer here
+        result = None
+    except RuntimeError as err:  # out of memory elsewhere is an answer too; anything else is raised again
         if "out of memory" not in str(err) and "CUBLAS_STATUS_ALLOC_FAILED" not in str(err):
             raise
         result = None

@@ -406,18 +406,25 @@ def test_matmul_peak_times_the_shapes_of_phi3_minis_projections(phi3_path):
     assert {name: (k, n) for name, k, n in matmul_peak.PHI3_LINEARS} == expected
 
 
-def test_matmul_peak_on_a_cpu_is_one_clear_line(capsys):
-    """Without a GPU it stops with one line saying why, not a CUDA traceback."""
-    import torch
+@pytest.mark.parametrize(
+    "tool, message",
+    [
+        ("matmul_peak", "matmul_peak.py needs a CUDA GPU"),
+        ("outside_torch", "outside_torch.py reads a CUDA GPU's memory"),
+    ],
+)
+def test_the_gpu_tools_on_a_cpu_are_one_clear_line(capsys, tool, message):
+    """Without a GPU they stop with one line saying why, not a CUDA traceback."""
+    import importlib
 
-    from benchmarks.lab import matmul_peak
+    import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     with pytest.raises(SystemExit) as stop:
-        matmul_peak.main([])
+        importlib.import_module(f"benchmarks.lab.{tool}").main([])
     assert stop.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines() == ["error: matmul_peak.py needs a CUDA GPU"]
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]
 
 
 def test_whole_run_split_parts_the_wall_time_around_the_runs_own(tmp_path, capsys):
