@@ -20,12 +20,12 @@ gradient all-reduce forever. So the handler only takes note, and the processes a
 same points, whether any of them got a signal: before each micro-batch of a step and once after the
 step. Where they agree to stop before a micro-batch, every process abandons the step there, as one
 process does (no process is inside a collective then); after the step, they stop as they would at
-its end. A stop therefore comes within one micro-batch, a few seconds for any sensible batch, well
+its end. A stop therefore comes within one micro-batch (and the save), for any sensible batch well
 inside torchrun's 30 s between SIGTERM and SIGKILL; with a micro-batch longer than that, lower
 --batch-size and raise --grad-accum (the step stays the same). A signal that reaches one process
 only (a `kill` by hand) stops them all at the same point too.
 
-Agreeing costs one all-reduce of one number, over a gloo group of its own on the CPU: the GPU never
+Agreeing costs one all-reduce of two numbers, over a gloo group of its own on the CPU: the GPU never
 waits for it. The points must be the same on every process, in the same order among the other
 collectives, or a process would wait for a partner that is waiting elsewhere. Two things make that
 hold: the first micro-batch's agreement, before any forward, also agrees on the fewest micro-batches
