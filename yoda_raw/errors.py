@@ -44,8 +44,8 @@ class OutOfMemory(YodaError):
             why = "pass --auto-batch-size to retry with 0.9x the rows each time"
         super().__init__(
             f"out of GPU memory at --batch-size {batch_size}; {why}; lower --batch-size (with --grad-accum "
-            "to keep the step size), or use --gradient-checkpointing, a shorter --max-length, "
-            "or --optim paged_adamw_8bit"
+            "to keep the step size), or use --gradient-checkpointing, --offload-activations on, a shorter "
+            "--max-length, or --optim paged_adamw_8bit"
         )
 
 
