@@ -535,3 +535,47 @@ def test_least_traffic_counts_each_forward_twice_and_adds_the_step_up():
     weights = lt.fp8_casts_gb(0)
     assert weights == pytest.approx(32 * sum(k * n for _, k, n in lt.PHI3_LINEARS) * 8 / 1e9)
     assert lt.fp8_casts_gb(2000) - weights == pytest.approx(2 * (lt.fp8_casts_gb(1000) - weights))
+
+
+def test_peak_tensors_lists_what_is_alive_at_the_peak(tmp_path, capsys):
+    """peak_tensors.py on a made-up snapshot: a layer input kept (yoda_raw), a 150 MiB block whose
+    free is requested (another stream still reads it) before a 200 MiB one is allocated and completed
+    only after, a 50 MiB one later, and a block freed that was allocated before the recording. The
+    peak is 1 + 150 + 200 MiB, and its table names the places of the blocks alive then, by the
+    innermost frame outside torch, else torch's. Catches frees counted when requested (the peak would
+    be 1 + 200 + 50), a peak taken at the largest single block, or torch's own frames named instead
+    of the caller's."""
+    import pickle
+
+    from benchmarks.lab import peak_tensors
+
+    mib = 2**20
+
+    def frames(*places):
+        return [{"filename": f"/site-packages/{path}", "line": line, "name": name} for path, line, name in places]
+
+    torch_frame = ("torch/nn/modules/module.py", 1, "_call_impl")
+    layer = frames(torch_frame, ("yoda_raw/offload.py", 10, "pack"))
+    mlp = frames(torch_frame, ("transformers/models/phi3/modeling_phi3.py", 20, "forward"))
+    events = [
+        {"action": "alloc", "addr": 1, "size": 1 * mib, "frames": layer},
+        {"action": "alloc", "addr": 2, "size": 150 * mib, "frames": frames(torch_frame)},
+        {"action": "free_requested", "addr": 2, "size": 150 * mib, "frames": []},
+        {"action": "alloc", "addr": 3, "size": 200 * mib, "frames": mlp},
+        {"action": "free_completed", "addr": 2, "size": 150 * mib, "frames": []},
+        {"action": "alloc", "addr": 4, "size": 50 * mib, "frames": mlp},
+        {"action": "free_completed", "addr": 99, "size": 7 * mib, "frames": []},
+        {"action": "free_completed", "addr": 3, "size": 200 * mib, "frames": []},
+    ]
+    peak, alive, unseen = peak_tensors.replay(events)
+    assert (peak, sorted(alive), unseen) == (351 * mib, [1, 2, 3], 7 * mib)
+    path = tmp_path / "s.pickle"
+    path.write_bytes(pickle.dumps({"device_traces": [events]}))
+    assert peak_tensors.main([str(path)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert "peak 351.0 MiB" in table[0] and "7.0 MiB freed" in table[0]
+    assert [line.split(maxsplit=2)[2] for line in table[2:]] == [
+        "transformers/models/phi3/modeling_phi3.py:20 forward",
+        "torch/nn/modules/module.py:1 _call_impl",
+        "yoda_raw/offload.py:10 pack",
+    ]
