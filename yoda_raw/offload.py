@@ -45,6 +45,7 @@ class Saved:
     def __init__(self, index: int, host: torch.Tensor, gpu, copied):
         self.index, self.host, self.gpu, self.copied = index, host, gpu, copied
         self.fetched = None  # the event of the copy back, once it has started (see `_fetch`)
+        self.unpacked = False  # given back to the backward already: not worth fetching ahead
 
 
 class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
@@ -134,10 +135,12 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         # host, which reads them, is done.
         self.main.wait_event(saved.fetched or saved.copied)
         tensor, saved.gpu, saved.copied, saved.fetched = saved.gpu, None, None, None
+        saved.unpacked = True
         # Fetch ahead the tensor saved before this one: the backward, running the forward in
         # reverse, needs it next.
-        if saved.index > 0 and self.saved[saved.index - 1].gpu is None:
-            self._fetch(self.saved[saved.index - 1])
+        earlier = self.saved[saved.index - 1] if saved.index > 0 else None
+        if earlier is not None and earlier.gpu is None and not earlier.unpacked:
+            self._fetch(earlier)
         return tensor
 
     def _fetch(self, saved: Saved) -> None:
