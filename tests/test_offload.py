@@ -5,6 +5,8 @@ buffers are tests/test_gpu.py's): these tests check that the backward gets back 
 forward saved, in any order and after a step cut short, and that weights are never moved.
 """
 
+import contextlib
+
 import pytest
 import torch
 from test_loss import rows_batch
@@ -27,7 +29,7 @@ def lora_model(tiny_model, tiny_config):
 
 def loss_and_grads(model, batch, offload=None, chunked=False) -> tuple[torch.Tensor, dict]:
     model.zero_grad(set_to_none=True)
-    with offload or torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+    with offload or contextlib.nullcontext():
         value = token_loss_sum(model, batch, chunked)
     value.backward()
     return value.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
@@ -55,7 +57,6 @@ def test_the_backward_gets_back_exactly_what_the_forward_saved(lora_model, tiny_
     layer_input = (rows, length, lora_model.config.hidden_size)
     moved = [tuple(saved.host.shape) for saved in offload.saved]
     assert moved.count(layer_input) >= len(decoder_layers(lora_model))
-    assert offload.bytes_moved == sum(saved.host.nbytes for saved in offload.saved)
 
 
 def test_weights_and_small_tensors_stay_where_they_are(lora_model, tiny_tokenizer, monkeypatch):
@@ -77,7 +78,7 @@ def test_weights_and_small_tensors_stay_where_they_are(lora_model, tiny_tokenize
 
     big = OffloadActivations(lora_model, CPU, min_bytes=10**9)
     loss_and_grads(lora_model, rows_batch(tiny_tokenizer), big)
-    assert big.saved == [] and big.bytes_moved == 0
+    assert big.saved == []
 
 
 def test_micro_batches_of_other_shapes_and_a_forward_cut_short(lora_model, tiny_tokenizer):

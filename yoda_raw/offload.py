@@ -30,8 +30,6 @@ The CUDA graph replays the copies too: the host buffers are made once, in the ea
 at fixed addresses, and every copy joins back into the main stream before the step ends.
 """
 
-import collections
-
 import torch
 
 MIN_BYTES = 1 << 20  # smaller tensors stay on the GPU: the copy's fixed cost outweighs what it frees
@@ -62,14 +60,12 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         self.main = None  # the stream the forward runs on (a CUDA graph's capture has its own)
         self.buffers: list[torch.Tensor] = []  # host memory, one buffer a saved tensor, reused every step
         self.saved: list[Saved] = []  # this forward's offloaded tensors, in the order they were saved
-        self.in_flight: collections.deque = collections.deque()  # copies to host not yet waited for
-        self.bytes_moved = 0  # bytes offloaded by the last forward
         self._joined_at_end = False
         super().__init__(self.pack, self.unpack)
 
     def __enter__(self):
         self._settle()  # what an earlier step left, abandoned by a signal or an error included
-        self.saved, self.bytes_moved, self._joined_at_end = [], 0, False
+        self.saved, self._joined_at_end = [], False
         self.main = torch.cuda.current_stream(self.device) if self.side is not None else None
         return super().__enter__()
 
@@ -83,19 +79,17 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
             host.copy_(tensor)
             saved = Saved(len(self.saved), host, None, None)
         else:
-            # The GPU copies of tensors saved IN_FLIGHT saves ago can go: their copies have had the
-            # time of the layers since to finish.
-            while len(self.in_flight) >= IN_FLIGHT:
-                self._release(self.in_flight.popleft())
+            # The GPU copy of the tensor saved IN_FLIGHT saves ago can go: its copy has had the
+            # time of the layers since to finish (each save lets one go, so all before it are gone).
+            if len(self.saved) >= IN_FLIGHT:
+                self._release(self.saved[-IN_FLIGHT])
             # The copy waits for the kernels that wrote `tensor`, then runs beside the next layer's.
             self.side.wait_stream(self.main)
             with torch.cuda.stream(self.side):
                 host.copy_(tensor, non_blocking=True)
                 copied = self.side.record_event()
             saved = Saved(len(self.saved), host, tensor, copied)  # `tensor` stays until the copy has read it
-            self.in_flight.append(saved)
         self.saved.append(saved)
-        self.bytes_moved += tensor.nbytes
         return saved
 
     def _worth_moving(self, tensor: torch.Tensor) -> bool:
@@ -168,4 +162,3 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
                 if event is not None:
                     self.main.wait_event(event)
             saved.gpu = saved.copied = saved.fetched = None
-        self.in_flight.clear()

@@ -52,8 +52,8 @@ def settle(cfg: Config, device: torch.device, num_processes: int, model_config) 
 
 
 def resolve_offload(setting: str, device: torch.device) -> str:
-    """--offload-activations auto|on|off -> "on" or "off". auto is off: the copies cost PCIe time
-    that compute hides only at long rows (docs/options.md)."""
+    """--offload-activations auto|on|off -> "on" or "off". auto is off: the copies are not all
+    hidden behind compute, and cost a few percent of the speed (benchmarks/NOTES.md)."""
     if setting == "on" and device.type != "cuda":
         raise YodaError(
             "--offload-activations on moves what the forward saves from a GPU's memory to the host's, and this run "

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The next device call (written 2026-12-07, not yet run): NOTES next steps 15, 17, 18 and 19.
+# The next device call (written 2026-12-07, not yet run): offloading's GPU test, then NOTES next
+# steps 15, 17, 18 and 19.
 # What is alive at 16 x 512's peak with offloading (a memory snapshot of the eager step and the
 # capture, read by lab/peak_tensors.py on the device: the pickle stays in /tmp); where offloading's
 # 2.3% goes (profile_step.py with it on and off); the breakdown's 0.129 GiB with a 4 MiB cuBLAS
@@ -16,6 +17,11 @@ python -c "from benchmarks.common import save_random_checkpoint as s; s('$TOK', 
 B="--model $CK --init pretrained --tokenizer $TOK"
 M="$B --warmup 4 --steps 12 --json $OUT/loop.jsonl"
 bench() { timeout 150 python benchmarks/bench_loop.py $M "$@" >> "$OUT/loop.log" 2>&1 || echo "exit $? for $*" | tee -a "$OUT/loop.log"; }
+# offload.py changed after calls 2-4 (no fetching ahead what the backward had; in-flight copies derived):
+# its GPU test first
+YODA_RAW_PHI3_CHECKPOINT=$CK timeout 200 python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py \
+  -k offloaded > "$OUT/gpu_test.log" 2>&1
+echo "GPU test exit $?"; tail -n 2 "$OUT/gpu_test.log"
 # 15: the peak's contents, with offloading and without
 for V in on off; do
   timeout 150 python benchmarks/bench_loop.py $B --batch-size 16 --max-length 512 --offload-activations $V --warmup 1 \
