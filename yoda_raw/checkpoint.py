@@ -27,7 +27,7 @@ from yoda_raw.config import Config, read_json
 from yoda_raw.errors import YodaError
 from yoda_raw.errors import reason as error_reason
 from yoda_raw.identity import add_file, check_base_model
-from yoda_raw.output import ADAPTER_FILE, WRITE_ERRORS, Branch, live_branch, write_failed
+from yoda_raw.output import ADAPTER_FILE, TRAINER_STATE, WRITE_ERRORS, Branch, live_branch, write_failed
 
 
 def save_checkpoint(cfg: Config, accelerator: Accelerator, out: Path, step: int, branch: Branch | None = None) -> None:
@@ -67,7 +67,7 @@ def save_checkpoint(cfg: Config, accelerator: Accelerator, out: Path, step: int,
             files = {file.name: file_sha256(file) for file in sorted(partial.iterdir()) if file.is_file()}
             state = {"step": step, "num_processes": accelerator.num_processes, "files": files}
             state |= branch.place(step) if branch else {}
-            (partial / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            (partial / TRAINER_STATE).write_text(json.dumps(state, indent=2))
         except WRITE_ERRORS as err:
             failure = err
     stop_if_any_failed(failure)
@@ -121,15 +121,15 @@ def check_checkpoint(cfg: Config, num_processes: int) -> None:
     not a checkpoint, a missing or damaged file, other settings, another tokenizer or other data
     behind the same path, another number of processes."""
     path = Path(cfg.resume)
-    if not (path / "trainer_state.json").is_file() or not (path / ADAPTER_FILE).is_file():
+    if not (path / TRAINER_STATE).is_file() or not (path / ADAPTER_FILE).is_file():
         raise YodaError(
             f"--resume {path}: not a checkpoint (no trainer_state.json and {ADAPTER_FILE}); "
             "pass an OUTPUT_DIR/checkpoint-N folder"
         )
     fix = "resume from another checkpoint-N, or start again without --resume"
-    state = read_json(path / "trainer_state.json", fix)
+    state = read_json(path / TRAINER_STATE, fix)
     if not isinstance(state.get("step"), int) or state["step"] < 1:
-        raise YodaError(f"{path / 'trainer_state.json'} is damaged (no step number); {fix}")
+        raise YodaError(f"{path / TRAINER_STATE} is damaged (no step number); {fix}")
     for name, digest in state.get("files", {}).items():  # checkpoints from before hashes were saved: none
         if not (path / name).is_file():
             raise YodaError(f"--resume {path}: {name} is missing; {fix}")
@@ -191,7 +191,7 @@ def resume_from(cfg: Config, accelerator: Accelerator, total_steps: int) -> int:
     """Load the checkpoint (checked by check_checkpoint) into the prepared model and optimizer;
     returns the step to continue from."""
     path = Path(cfg.resume)
-    step = read_json(path / "trainer_state.json", "resume from another checkpoint-N")["step"]
+    step = read_json(path / TRAINER_STATE, "resume from another checkpoint-N")["step"]
     if step > total_steps:
         ends = f"--max-steps {cfg.max_steps}" if cfg.max_steps > 0 else f"--epochs {cfg.epochs}"
         raise YodaError(

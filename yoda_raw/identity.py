@@ -42,9 +42,8 @@ def shared_base_model_identity(cfg, model_config, state) -> str:
     Each machine's first process reads the weights and the others get its answer: reading Phi-3's
     7.6 GB once a process would cost a resume on N processes N times the time. Machines whose copies
     differ are refused: their processes would train adapters for other bases, averaged as one."""
-    if state.num_processes == 1:
-        return base_model_identity(cfg, model_config)
     mine = base_model_identity(cfg, model_config) if state.is_local_main_process else None
+    # One process: gather_object gives back [mine] without any communication.
     found = sorted({identity for identity in gather_object([mine]) if identity is not None})
     if len(found) > 1:
         raise YodaError(

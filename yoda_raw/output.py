@@ -134,12 +134,12 @@ class Branch:
     """The branch a run saves its checkpoints on: its generation, and the lineage so far."""
 
     generation: int
-    lineage: list[list[int]]  # [step, generation] of the branch's checkpoints, oldest first
+    lineage: list[tuple[int, int]]  # (step, generation) of the branch's checkpoints, oldest first
 
     def place(self, step: int) -> dict:
         """trainer_state.json's fields for checkpoint-`step`, which joins the branch's lineage."""
-        fields = {"generation": self.generation, "lineage": [list(entry) for entry in self.lineage]}
-        self.lineage.append([step, self.generation])
+        fields = {"generation": self.generation, "lineage": list(self.lineage)}  # JSON: [step, generation]
+        self.lineage.append((step, self.generation))
         return fields
 
 
@@ -156,14 +156,9 @@ def new_branch(cfg: Config, out: Path) -> Branch:
     older = [step for step in run_checkpoints(resumed.parent) if step < state["step"]]
     lineage = sorted(_lineage(state, older)) + [(state["step"], _number(state, "generation"))]
     if continues_here(cfg, out):
-        temporary = resumed / f".{TRAINER_STATE}.partial"
-        try:
-            temporary.write_text(json.dumps(state | {"continued_by": generation}, indent=2))
-            os.replace(temporary, resumed / TRAINER_STATE)
-        except OSError as err:
-            temporary.unlink(missing_ok=True)
-            raise write_failed(f"{resumed.name}/{TRAINER_STATE}", out, err) from err
-    return Branch(generation, [list(entry) for entry in lineage])
+        continued = json.dumps(state | {"continued_by": generation}, indent=2)
+        replace_text(resumed / TRAINER_STATE, continued, f"{resumed.name}/{TRAINER_STATE}", out)
+    return Branch(generation, lineage)
 
 
 def left_by_a_run(out: Path) -> list[str]:
@@ -353,13 +348,19 @@ def keep_metrics_until(out: Path, step: int) -> None:
                 kept.append(line + "\n")
         except (ValueError, KeyError, TypeError):
             pass
-    temporary = out / f".{METRICS_FILE}.partial"
+    replace_text(path, "".join(kept), METRICS_FILE, out)
+
+
+def replace_text(path: Path, text: str, what: str, out: Path) -> None:
+    """Replace the file `path` by `text`: written to a temporary file beside it, then renamed, so that
+    a crash or a full disk leaves the old file whole. `what` and `out` name it in the error line."""
+    temporary = path.with_name(f".{path.name}.partial")
     try:
-        temporary.write_text("".join(kept))
+        temporary.write_text(text)
         os.replace(temporary, path)
     except OSError as err:
         temporary.unlink(missing_ok=True)
-        raise write_failed(METRICS_FILE, out, err) from err
+        raise write_failed(what, out, err) from err
 
 
 def append_metrics(out: Path, record: dict) -> None:

@@ -131,10 +131,9 @@ class StopOnSignal:
         StepAbandoned here, at the same point. The points, the same on every process (see the module
         docstring): before the first micro-batch, and before each later one up to the fewest any
         process has in this step."""
-        if self._several:
-            if index == 0:
-                self._fewest = count  # agreed on with the stop, below
-            if index < self._fewest and self._agree(count if index == 0 else None):
+        # The first micro-batch's agreement also sets self._fewest, which bounds the later ones.
+        if self._several and (index == 0 or index < self._fewest):
+            if self._agree(count if index == 0 else None):
                 raise StepAbandoned
         if self._slow_step_s and self._steps > 1:
             _slow_step_for_tests(self._slow_step_s)

@@ -378,11 +378,10 @@ def fit(
                 check_finite(first_bad_step, step)  # nothing is logged after a NaN
                 log.write(step, lr, grad_norm)
             stopping = stop.agreed()
-            if stopping and not log_due:  # the step a stop saves has its log line
-                check_finite(first_bad_step, step)
-                log.write(step, lr, grad_norm)
             if save_due or stopping:
-                check_finite(first_bad_step, step)  # nothing is saved after a NaN
+                check_finite(first_bad_step, step)  # nothing is saved (or logged) after a NaN
+                if stopping and not log_due:  # the step a stop saves has its log line
+                    log.write(step, lr, grad_norm)
                 save_checkpoint(cfg, accelerator, out, step, branch)
             if stopping:
                 break
