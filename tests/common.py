@@ -1,8 +1,10 @@
 """What several test modules share: the option set of a plain tiny run, a fresh Accelerate state, a
-signal sent mid-run, reading an error line and metrics.jsonl, and waiting on a run in another process."""
+signal sent mid-run, reading an error line and metrics.jsonl, and waiting on (and signalling) a run
+in another process."""
 
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -81,3 +83,18 @@ def wait_for_first_log_line(proc: subprocess.Popen, output_dir: Path, timeout: f
         assert time.monotonic() < deadline, "the run did not reach step 1"
         time.sleep(0.2)
     time.sleep(1)
+
+
+def signal_after_first_log_line(proc: subprocess.Popen, output_dir: Path, send, timeout: float) -> tuple[str, float]:
+    """Once the run `proc` (started in a session of its own) is into step 2, `send()` it a signal.
+    Returns the run's output and the seconds from the signal to the run's end. However the test goes,
+    a run still there is killed with its whole session (the launcher and its workers), not left behind."""
+    try:
+        wait_for_first_log_line(proc, output_dir)
+        sent = time.monotonic()
+        send()
+        output = proc.communicate(timeout=timeout)[0]
+        return output, time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -11,6 +11,7 @@ temporary folder and every process loads it from there.
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import rounding_tolerance
 
-from tests.common import losses, metrics, wait_for_first_log_line
+from tests.common import losses, metrics, signal_after_first_log_line
 from yoda_raw.errors import YodaError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -61,6 +62,30 @@ def _options(out: Path, batch_size: int) -> list[str]:
 def _run(command: list[str]) -> None:
     done = subprocess.run(command, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def _start(command: list[str], **env: str) -> subprocess.Popen:
+    """`command` running, in a session of its own: on failure the launcher and both workers are
+    killed together (common.signal_after_first_log_line), not left behind."""
+    return subprocess.Popen(
+        command, cwd=REPO_ROOT, env=_env() | env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def _sigterm_to_rank_1(proc: subprocess.Popen) -> None:
+    """SIGTERM to the launch's rank-1 worker only (found by its RANK environment variable)."""
+    os.kill(next(pid for pid in _descendants(proc.pid) if b"\0RANK=1\0" in _environ(pid)), signal.SIGTERM)
+
+
+def _assert_resumed_as_straight(straight: Path, resumed: Path, steps: list[int]) -> None:
+    """The resumed run logged `steps`, each loss within fp32 rounding of the straight run's there."""
+    expected, got = losses(straight), losses(resumed)
+    assert sorted(got) == steps
+    assert all(abs(got[step] - expected[step]) <= rounding_tolerance(expected[step], steps=step) for step in got), (
+        got,
+        expected,
+    )
 
 
 @pytest.mark.slow  # three accelerate launches, two processes each: half a minute or more on 2 cores
@@ -207,12 +232,7 @@ def test_each_process_draws_its_own_dropout_and_resumes_exactly(tmp_path):
     ]
     assert not torch.equal(states[0], states[1]), "both processes hold the same RNG state: the same dropout masks"
     _run(_launch(29611, _with(options, output_dir=resumed, resume=straight / "checkpoint-2")))
-    expected, got = losses(straight), losses(resumed)
-    assert sorted(got) == [3, 4]
-    assert all(abs(got[step] - expected[step]) <= rounding_tolerance(expected[step], steps=step) for step in got), (
-        got,
-        expected,
-    )
+    _assert_resumed_as_straight(straight, resumed, [3, 4])
 
 
 @pytest.mark.slow  # a two-process run stopped and checked: half a minute on 2 cores
@@ -221,31 +241,9 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     stops both processes after the same step, with one checkpoint holding both processes' random
     states. Catches the signalled process stopping alone to save while the other waits for it in the
     next all-reduce (a hang: here the 180 s timeout)."""
-    import signal
-    import time
-
     out = tmp_path / "out"
-    options = _with(_options(out, 8), max_steps=400, save_steps=0)
-    # A session of its own: on failure the launcher and both workers are killed together, not left behind.
-    proc = subprocess.Popen(
-        _launch(29612, options),
-        cwd=REPO_ROOT,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
-            assert proc.poll() is None, proc.communicate()[0][-3000:]
-            time.sleep(0.5)
-        rank_1 = next(pid for pid in _descendants(proc.pid) if b"\0RANK=1\0" in _environ(pid))
-        os.kill(rank_1, signal.SIGTERM)
-        output = proc.communicate(timeout=180)[0]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    proc = _start(_launch(29612, _with(_options(out, 8), max_steps=400, save_steps=0)))
+    output = signal_after_first_log_line(proc, out, lambda: _sigterm_to_rank_1(proc), timeout=180)[0]
     checkpoints = list(out.glob("checkpoint-*"))
     assert len(checkpoints) == 1, output[-3000:]
     step = json.loads((checkpoints[0] / "trainer_state.json").read_text())["step"]
@@ -285,39 +283,18 @@ def test_a_signal_stops_two_processes_within_a_micro_batch_and_resumes_exactly(s
     called a different number of times on the two processes, whose micro-batch counts differ in
     step 2 (a hang), and a checkpoint whose random states are those after the abandoned step's
     dropout draws on either process (the resumed losses would differ from the straight run's)."""
-    import signal
-    import time
-
     stopped, resumed = tmp_path / "stopped", tmp_path / "resumed"
     options = _with(_options(stopped, 2), **UNEVEN_STEPS)
-    proc = subprocess.Popen(
-        _launch(29614, options), cwd=REPO_ROOT, env=_env() | {"YODA_RAW_TEST_SLOW_STEP": "3"},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        wait_for_first_log_line(proc, stopped)
-        sent = time.monotonic()
-        if to == "launcher":
-            proc.send_signal(signal.SIGTERM)
-        else:
-            os.kill(next(pid for pid in _descendants(proc.pid) if b"\0RANK=1\0" in _environ(pid)), signal.SIGTERM)
-        output = proc.communicate(timeout=120)[0]
-        took = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    proc = _start(_launch(29614, options), YODA_RAW_TEST_SLOW_STEP="3")
+    send = (lambda: proc.send_signal(signal.SIGTERM)) if to == "launcher" else (lambda: _sigterm_to_rank_1(proc))
+    output, took = signal_after_first_log_line(proc, stopped, send, timeout=120)
     assert f"error: SIGTERM: stopped after step 1 and saved {stopped / 'checkpoint-1'}" in output, output[-3000:]
     # One micro-batch (3 s) and the save, not the 11 s left of the step.
     assert took < 8, f"{took:.1f} s after the signal: the step was not abandoned\n{output[-3000:]}"
     assert [p.name for p in stopped.glob("checkpoint-*")] == ["checkpoint-1"]
 
     _run(_launch(29615, _with(options, output_dir=resumed, resume=stopped / "checkpoint-1")))
-    expected, got = losses(straight_with_dropout), losses(resumed)
-    assert sorted(got) == [2, 3]
-    assert all(abs(got[step] - expected[step]) <= rounding_tolerance(expected[step], steps=step) for step in got), (
-        got,
-        expected,
-    )
+    _assert_resumed_as_straight(straight_with_dropout, resumed, [2, 3])
 
 
 def _descendants(pid: int) -> list[int]:

@@ -3,12 +3,12 @@ saves the last finished one, in time for `accelerate launch`'s SIGKILL 5 s later
 SIGTERM that follows a Ctrl-C is the same request; a second real signal stops at once, with its status.
 """
 
+import functools
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,8 +19,8 @@ from tests.common import (
     fresh_accelerator_state,
     last_error_line,
     losses,
+    signal_after_first_log_line,
     signal_at_call,
-    wait_for_first_log_line,
 )
 from yoda_raw import checkpoint, train
 from yoda_raw.errors import Interrupted
@@ -139,18 +139,11 @@ def test_under_accelerate_launch_a_signal_mid_step_saves_in_time(tmp_path, how):
     Step 2 takes 60 s here: the worker must abandon it and save step 1 within the launcher's 5 s."""
     out = tmp_path / "out"
     proc = _launch(out)
-    try:
-        wait_for_first_log_line(proc, out)
-        sent = time.monotonic()
-        if how == "sigterm-to-launcher":
-            proc.send_signal(signal.SIGTERM)
-        else:
-            os.killpg(proc.pid, signal.SIGINT)
-        output = proc.communicate(timeout=60)[0]
-        took = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    if how == "sigterm-to-launcher":
+        send = functools.partial(proc.send_signal, signal.SIGTERM)
+    else:
+        send = functools.partial(os.killpg, proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C
+    output, took = signal_after_first_log_line(proc, out, send, timeout=60)
     name, status = ("SIGTERM", 143) if how == "sigterm-to-launcher" else ("SIGINT", 130)
     assert proc.returncode == status, output[-3000:]
     assert took < 5, f"{took:.1f} s: past the launcher's grace"
