@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The next device call (written 2026-12-07, not yet run): offloading's GPU test, then NOTES next
-# steps 15, 17, 18 and 19.
+# steps 15, 17, 18 and 19, and the start-up's imports.
 # What is alive at 16 x 512's peak with offloading (a memory snapshot of the eager step and the
 # capture, read by lab/peak_tensors.py on the device: the pickle stays in /tmp); where offloading's
 # 2.3% goes (profile_step.py with it on and off); the breakdown's 0.129 GiB with a 4 MiB cuBLAS
@@ -45,6 +45,12 @@ for line in open('$OUT/loop.jsonl'):
     r = json.loads(line); b = r.get('memory_breakdown', {})
     print(r['name'], r['tokens_per_s'], 'mismatch after loop', b.get('mismatch_after_loop_gib'), 'reserved', r['peak_reserved_gib'])
 "
+# The start-up: where the imports' seconds go now, and one whole run as the README gives it
+python -X importtime -c "import yoda_raw.train" 2> "$OUT/importtime.txt"
+sort -t'|' -k2 -n "$OUT/importtime.txt" | tail -n 25
+timeout 150 python benchmarks/lab/whole_run_split.py --out "$OUT/whole_run" --runs launched --init pretrained --model $CK \
+  --tokenizer $TOK --dataset $YODA_RAW_DATA/yoda_sentences/yoda_sentences.jsonl --eval-fraction 0 >> "$OUT/whole_run.log" 2>&1
+cat "$OUT/whole_run/split.md" 2>/dev/null | tail -n 3
 # 19: the card table for shorter rows, with offloading, with the time left
 LEFT=$((585 - SECONDS))
 if ((LEFT > 120)); then
