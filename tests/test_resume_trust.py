@@ -3,6 +3,7 @@ model's weights, the output folder against the checkpoint, an --overwrite that f
 branch after a resume from an older checkpoint, unreadable random states, empty and `~` paths."""
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -32,6 +33,14 @@ def save_tiny_base(folder: Path, seed: int) -> None:
     from yoda_raw.model import random_model
 
     random_model(tiny.model_config(len(tiny.build_tokenizer())), seed, torch.float32).save_pretrained(folder)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cache_in_tmp(tmp_path_factory):
+    """The cache, where identity remembers the base folders' sha256, in a temporary folder."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("YODA_RAW_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +109,132 @@ def test_several_processes_read_the_base_weights_once_a_machine(trained, monkeyp
     monkeypatch.setattr(identity, "gather_object", lambda mine: [first, *mine, other_machine])
     with pytest.raises(YodaError, match="the machines of this run hold other weights under that name"):
         identity.shared_base_model_identity(cfg, None, second)
+
+
+# --- 3b. a folder's sha256 is remembered between commands -------------------------------------------------
+
+HOUR_AGO_NS = time.time_ns() - 3600 * 10**9  # older than identity.RACY_NS: such files are remembered
+
+
+@pytest.fixture
+def hash_cache(tmp_path, monkeypatch) -> Path:
+    """The cache (YODA_RAW_CACHE) in tmp_path, never the user's; gives the hashes file's path."""
+    monkeypatch.setenv("YODA_RAW_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "base-model-hashes.json"
+
+
+def weights_folder(folder: Path, files: dict[str, bytes]) -> Path:
+    """A --model folder of small 'weight' files (and a config.json, which is not hashed), written an
+    hour ago as far as their mtimes say."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text("{}")
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+        os.utime(folder / name, ns=(HOUR_AGO_NS, HOUR_AGO_NS))
+    return folder
+
+
+def counting_reads(monkeypatch) -> list[str]:
+    """The names of the files identity reads from now on."""
+    from yoda_raw import identity
+
+    reads, add_file = [], identity.add_file
+    monkeypatch.setattr(identity, "add_file", lambda digest, path: reads.append(path.name) or add_file(digest, path))
+    return reads
+
+
+def test_a_folders_sha256_is_remembered_and_means_what_it_meant(hash_cache, tmp_path, monkeypatch, tiny_config):
+    """Catches every command reading the whole base again (7 s for Phi-3-mini's 7.6 GB), and a cache
+    that changes what `sha256:...` means (checkpoints recorded the old definition: names, a zero byte
+    and bytes, in name order, in one digest)."""
+    folder = weights_folder(tmp_path / "base", {"b.safetensors": b"bee" * 1000, "a.safetensors": b"ay"})
+    cfg = tiny_config(model=str(folder), init="pretrained")
+    reads = counting_reads(monkeypatch)
+    first = base_model_identity(cfg, None)
+    assert first == "sha256:" + hashlib.sha256(b"a.safetensors\0ay" + b"b.safetensors\0" + b"bee" * 1000).hexdigest()
+    assert reads == ["a.safetensors", "b.safetensors"] and hash_cache.is_file()
+    assert base_model_identity(cfg, None) == first and len(reads) == 2  # nothing read the second time
+    # By another path to the same folder (a link): the same entry.
+    (tmp_path / "link").symlink_to(folder)
+    assert base_model_identity(tiny_config(model=str(tmp_path / "link"), init="pretrained"), None) == first
+    assert len(reads) == 2
+
+
+def test_a_changed_weight_file_is_read_again(hash_cache, tmp_path, monkeypatch, tiny_config):
+    """Catches a remembered sha256 standing for other bytes: a file rewritten in place at the same
+    size with its mtime set back by hand (the ctime moves), replaced, added or removed, or changed
+    so recently that another change within the same clock tick would go unseen."""
+    from yoda_raw import identity
+
+    folder = weights_folder(tmp_path / "base", {"a.safetensors": b"one", "b.bin": b"two"})
+    cfg = tiny_config(model=str(folder), init="pretrained")
+    reads = counting_reads(monkeypatch)
+    identities = [base_model_identity(cfg, None)]
+
+    def replace_b() -> None:
+        (folder / "new.bin").write_bytes(b"other")
+        os.replace(folder / "new.bin", folder / "b.bin")
+
+    changes = {
+        "rewritten in place, same size and mtime": lambda: weights_folder(folder, {"a.safetensors": b"ONE"}),
+        "replaced by another file": replace_b,
+        "a file added": lambda: weights_folder(folder, {"c.pth": b"three"}),
+    }
+    for what, change in changes.items():
+        time.sleep(0.05)  # past the kernel's coarse clock tick, so that the ctime moves
+        change()
+        read_before = len(reads)
+        identities.append(base_model_identity(cfg, None))
+        assert len(reads) > read_before, what
+        assert identities[-1] not in identities[:-1], what
+        assert identities[-1] == f"sha256:{identity.weights_sha256(folder)}", what
+    # c.pth removed: as after the replacement, whose b.bin has a new mtime, so it is not remembered
+    # and every command reads the folder again until b.bin is 2 s old.
+    (folder / "c.pth").unlink()
+    for _ in range(2):
+        read_before = len(reads)
+        assert base_model_identity(cfg, None) == identities[2]
+        assert reads[read_before:] == ["a.safetensors", "b.bin"]
+
+
+def test_a_damaged_or_unwritable_cache_never_fails_a_command(hash_cache, tmp_path, monkeypatch, capsys, tiny_config):
+    """Catches a cache that stops a command (damaged JSON, a folder or a file in its place, a cache
+    folder that cannot be created), one trusted although the files' stats differ, and one that
+    grows without bound."""
+    from yoda_raw import identity
+
+    folder = weights_folder(tmp_path / "base", {"model.safetensors": b"weights"})
+    cfg = tiny_config(model=str(folder), init="pretrained")
+    right = f"sha256:{identity.weights_sha256(folder)}"
+    hash_cache.parent.mkdir()
+    key = str(folder.resolve())
+    for damaged in [b"{not json", b"[1, 2]", json.dumps({key: {"files": 1}}).encode(), b"\xff\xfe not UTF-8"]:
+        hash_cache.write_bytes(damaged)
+        assert base_model_identity(cfg, None) == right
+        assert json.loads(hash_cache.read_text())[key]["sha256"] == right.removeprefix("sha256:")  # repaired
+    # An entry whose stats differ from the folder's is not trusted, whatever its sha256.
+    entry = json.loads(hash_cache.read_text())
+    entry[key]["files"][0][1] += 1  # another size
+    entry[key]["sha256"] = "0" * 64
+    hash_cache.write_text(json.dumps(entry))
+    assert base_model_identity(cfg, None) == right
+    assert capsys.readouterr().err == ""
+    # Not a file, or a cache folder that cannot be made (a file in its place): one line, no error.
+    hash_cache.unlink()
+    hash_cache.mkdir()
+    assert base_model_identity(cfg, None) == right
+    shutil.rmtree(hash_cache.parent)
+    hash_cache.parent.write_text("a file where the cache folder should be")
+    assert base_model_identity(cfg, None) == right
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and all(line.startswith("note: could not remember") for line in lines)
+    # The newest REMEMBERED_FOLDERS folders are kept.
+    hash_cache.parent.unlink()
+    monkeypatch.setattr(identity, "REMEMBERED_FOLDERS", 2)
+    folders = [weights_folder(tmp_path / f"base{i}", {"model.safetensors": bytes([i])}) for i in range(3)]
+    for other in folders:
+        base_model_identity(tiny_config(model=str(other), init="pretrained"), None)
+    assert list(json.loads(hash_cache.read_text())) == [str(other.resolve()) for other in folders[1:]]
 
 
 # --- 4. the output folder is not the checkpoint resumed ------------------------------------------------

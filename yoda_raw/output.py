@@ -352,15 +352,24 @@ def keep_metrics_until(out: Path, step: int) -> None:
 
 
 def replace_text(path: Path, text: str, what: str, out: Path) -> None:
-    """Replace the file `path` by `text`: written to a temporary file beside it, then renamed, so that
-    a crash or a full disk leaves the old file whole. `what` and `out` name it in the error line."""
-    temporary = path.with_name(f".{path.name}.partial")
+    """write_atomically, for a file of the output folder: `what` and `out` name it in the error line."""
+    try:
+        write_atomically(path, text)
+    except OSError as err:
+        raise write_failed(what, out, err) from err
+
+
+def write_atomically(path: Path, text: str, temporary: Path | None = None) -> None:
+    """Replace the file `path` by `text`: written to a temporary file beside it (`.NAME.partial`
+    unless given), then renamed, so that a crash or a full disk leaves the old file whole. An
+    OSError is raised as it came, the temporary file removed."""
+    temporary = temporary or path.with_name(f".{path.name}.partial")
     try:
         temporary.write_text(text)
         os.replace(temporary, path)
-    except OSError as err:
+    except OSError:
         temporary.unlink(missing_ok=True)
-        raise write_failed(what, out, err) from err
+        raise
 
 
 def append_metrics(out: Path, record: dict) -> None:
