@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+import torch._functorch.config  # --compile-memory-budget sets activation_memory_budget
 from conftest import assert_close_up_to_rounding, rounding_tolerance
 
 import run
@@ -215,3 +216,63 @@ def test_compiled_layers_compile_in_the_process_unless_told_otherwise(monkeypatc
     monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "4")
     compile_layers(tiny_qlora())
     assert inductor.compile_threads is None  # left to inductor, which reads the variable
+
+
+@pytest.mark.slow  # compiling the tiny layers twice takes a minute or more on a CPU
+def test_compile_memory_budget_keeps_less_for_the_backward_and_the_same_gradients(tiny_qlora, tiny_tokenizer):
+    """--compile-memory-budget below 1: the compiled layers hand their backward less than at 1 (the
+    partitioner recomputes the rest inside the backward), and the loss and LoRA gradients stay those
+    of budget 1. Without checkpointing, so that what the compiled forward keeps is what a
+    saved-tensors hook sees. Catches the budget not reaching the partitioner (the same bytes kept),
+    or a recompute that computes something else."""
+    from yoda_raw.fast.compile import compile_layers
+
+    rows = [{"input_ids": list(range(5, 37)), "labels": [IGNORE] * 4 + list(range(9, 37))} for _ in range(4)]
+    batch = Collator(tiny_tokenizer.pad_token_id)(rows)
+    kept, results = {}, {}
+    try:
+        for budget in (1.0, 0.1):
+            torch._dynamo.reset()
+            torch.manual_seed(0)
+            model = tiny_qlora(gradient_checkpointing=False)
+            compile_layers(model, budget)
+            weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+            sizes = []
+
+            def pack(tensor, sizes=sizes, weights=weights):
+                if tensor.untyped_storage().data_ptr() not in weights:  # weights are kept anyway
+                    sizes.append(tensor.numel() * tensor.element_size())
+                return tensor
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                loss = token_loss_sum(model, batch, "off")
+            loss.backward()
+            kept[budget] = sum(sizes)
+            results[budget] = (loss.detach(), lora_like_grads(model))
+    finally:
+        torch._dynamo.reset()
+        torch._functorch.config.activation_memory_budget = 1.0  # a setting of the process: back to the default
+    print("bytes kept for the backward, by budget:", kept)
+    assert kept[0.1] < 0.8 * kept[1.0], kept  # the tiny model's MLP outputs: a fifth or more of what is kept
+    (loss, grads), (budget_loss, budget_grads) = results[1.0], results[0.1]
+    # The same sums, recomputed rather than kept (inductor may fuse them otherwise): equal up to fp32
+    # rounding of the tiny model's step (conftest: 7.2e-5 of each tensor's size).
+    assert_close_up_to_rounding(budget_loss, loss, name="loss sum")
+    assert budget_grads.keys() == grads.keys() and grads
+    for name in grads:
+        assert_close_up_to_rounding(budget_grads[name], grads[name], name=name)
+
+
+@pytest.mark.parametrize("budget", ["0.5", "1.5"])
+def test_compile_memory_budget_where_it_cannot_work_is_one_line(tmp_path, capsys, budget):
+    """A budget for layers that are not compiled (a CPU's default) would do nothing, and one outside
+    [0, 1] means nothing: one line each, exit 2, nothing written."""
+    out = tmp_path / "run"
+    assert run.main(["--preset", "tiny", "--compile-memory-budget", budget, "--output-dir", str(out)]) == 2
+    expected = {
+        "0.5": "error: --compile-memory-budget 0.5 shares out what compiled layers keep for their backward, and "
+        "the layers are not compiled here; drop it, or add --compile-layers on",
+        "1.5": "error: --compile-memory-budget must be in [0, 1], got 1.5",
+    }
+    assert capsys.readouterr().err.strip().splitlines() == [expected[budget]]
+    assert not out.exists() or not any(out.iterdir())

@@ -141,6 +141,13 @@ class Config:
             "first step). auto: on with the CUDA graph, off elsewhere."
         },
     )
+    compile_memory_budget: float = field(
+        default=1.0,
+        metadata={
+            "help": "What a compiled layer keeps from its recompute for its backward, as a share of what it could "
+            "keep (0 to 1); below 1 the rest is recomputed in the backward: less memory at long rows, some speed."
+        },
+    )
     reuse_dequant: Literal["auto", "on", "off"] = field(
         default="auto",
         metadata={
@@ -271,6 +278,10 @@ class Config:
             (self.lora_r >= 1, f"--lora-r must be at least 1, got {self.lora_r}"),
             (self.lora_alpha >= 1, f"--lora-alpha must be at least 1, got {self.lora_alpha}"),
             (0.0 <= self.lora_dropout < 1.0, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}"),
+            (
+                0.0 <= self.compile_memory_budget <= 1.0,
+                f"--compile-memory-budget must be in [0, 1], got {self.compile_memory_budget}",
+            ),
             (self.logging_steps >= 1, f"--logging-steps must be at least 1, got {self.logging_steps}"),
             (self.save_steps >= 0, f"--save-steps must be 0 or more, got {self.save_steps}"),
             (

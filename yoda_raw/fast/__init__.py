@@ -7,6 +7,7 @@ an option of its own, `auto` by default: on where it runs and pays, off elsewher
 
     graphs.py    --cuda-graph      a micro-batch's forward and backward recorded once, replayed after
     compile.py   --compile-layers  each decoder layer compiled: its element-wise kernels fused
+                 --compile-memory-budget  what a compiled layer keeps for its backward
     dequant.py   --reuse-dequant   each 4-bit weight dequantized once for the recompute and backward
                  --fp8-matmuls     the frozen weights' products in FP8 (Hopper GPUs)
     dropout.py   --seeded-dropout  LoRA's dropout masks from one seed, recomputed, never stored
@@ -42,6 +43,7 @@ class Plan:
     reuse_dequant: str
     fp8_matmuls: str
     seeded_dropout: str
+    compile_memory_budget: float = 1.0  # torch.compile's own default: keep what the partitioner chooses
     why_eager: str = ""  # why the CUDA graph cannot run here, where it cannot: the lever the others build on
 
     @property
@@ -57,6 +59,7 @@ class Plan:
         """One line for the start of a run, e.g. `fast path: off (the CUDA graph needs a CUDA GPU): the eager loop`."""
         on = [name.replace("_", "-") for name, value in self.options().items() if value == "on"]
         on += ["flat optimizer"] if self.flat_optimizer else []
+        on += [f"compile-memory-budget {self.compile_memory_budget:g}"] if self.compile_memory_budget < 1 else []
         if not on:
             why = f"the CUDA graph {self.why_eager}" if self.why_eager else "every lever off"
             return f"fast path: off ({why}): the eager loop"
@@ -82,6 +85,11 @@ def settle(cfg, device: torch.device, num_processes: int, precision_name: str, q
     graph = graphs.resolve(cfg.cuda_graph, why_eager)
     # 2. Compiled layers: where the graph is (they pay inside it), and Triton is there.
     compiled = compile.resolve(cfg.compile_layers, graph, device)
+    if compiled == "off" and cfg.compile_memory_budget < 1:
+        raise YodaError(
+            f"--compile-memory-budget {cfg.compile_memory_budget:g} shares out what compiled layers keep for "
+            "their backward, and the layers are not compiled here; drop it, or add --compile-layers on"
+        )
     # 3. Seeded dropout: in the compiled graph, where torch's dropout costs most.
     seeded = dropout.resolve(cfg.seeded_dropout, graph == "on" and compiled == "on", cfg.lora_dropout)
     # 4. FP8 matmuls: where they pay (compiled layers in the graph, bf16, a 4-bit
@@ -104,7 +112,8 @@ def settle(cfg, device: torch.device, num_processes: int, precision_name: str, q
             f"--reuse-dequant on works in the checkpointed layers, and --uncheckpointed-layers {layers} leaves none; "
             "use fewer uncheckpointed layers or --reuse-dequant off"
         )
-    return Plan(graph, compiled, reuse, fp8, seeded, why_eager if graph == "off" else "")
+    budget = cfg.compile_memory_budget
+    return Plan(graph, compiled, reuse, fp8, seeded, budget, why_eager if graph == "off" else "")
 
 
 def apply(plan: Plan, model) -> None:
@@ -115,7 +124,7 @@ def apply(plan: Plan, model) -> None:
     if plan.reuse_dequant == "on" or plan.fp8_matmuls == "on":
         dequant.reuse_dequantized_weights(model, fp8=plan.fp8_matmuls == "on")
     if plan.compile_layers == "on":
-        compile.compile_layers(model)  # compiled lazily, at the first step
+        compile.compile_layers(model, plan.compile_memory_budget)  # compiled lazily, at the first step
 
 
 def optimizer(plan: Plan, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

@@ -12,6 +12,7 @@ slower than eager ones.
 import os
 
 import torch
+import torch._functorch.config  # activation_memory_budget
 from torch.utils._triton import has_triton
 
 from yoda_raw.errors import YodaError
@@ -37,10 +38,19 @@ def resolve(setting: str, cuda_graph: str, device: torch.device) -> str:
     return cuda_graph if setting == "auto" else setting
 
 
-def compile_layers(model) -> None:
+def compile_layers(model, memory_budget: float = 1.0) -> None:
     """torch.compile every decoder layer, lazily: each compiles at its first call. dynamic=False:
     the shapes are fixed (wrapped packing, and the CUDA graph's buffers); a short last batch
-    compiles once more."""
+    compiles once more.
+
+    `memory_budget` (--compile-memory-budget): compiling a layer splits its forward and backward into
+    two graphs, and a partitioner chooses what the forward hands the backward. With checkpointing,
+    that forward is the layer's recompute, run just before its backward, and what it hands over is
+    the biggest part of the step's peak at long rows: the MLP's wide outputs above all. At 1 the
+    partitioner keeps whatever saves time; below 1 it keeps at most that share of what it could
+    keep, recomputing the cheapest of the rest (element-wise work first) inside the backward."""
+    # A setting of the process, read when a layer compiles (at its first call): set by every run.
+    torch._functorch.config.activation_memory_budget = memory_budget
     if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:  # the variable, when set, still decides
         # The kernels compile here, in this process, with no pool of compile workers: each worker is
         # a new Python that imports torch, stays in memory for the whole run and is slow to shut down,
