@@ -461,6 +461,30 @@ def test_bf16_and_fp16_train(tmp_path, precision, report, tiny_config):
     assert skipped < 30 if precision == "fp16" else skipped == 0
 
 
+@pytest.mark.parametrize("cuda_graph", ["on", "off"])
+def test_the_memory_breakdown_adds_up_with_cublas_workspaces(tmp_path, report, tiny_config, cuda_graph):
+    """The breakdown's counted parts, cuBLAS's workspaces among them, add up to torch's allocated
+    memory after the loop, on the fast path and on the eager one; the workspaces are at least one,
+    and a whole number of them. Catches workspaces not found (the check then misses by one or more
+    32 MiB workspaces on Hopper) or a part counted twice."""
+    from yoda_raw import meter
+    from yoda_raw.train import main
+
+    memory = meter.MemoryReport(show=False)
+    options = {"precision": "bf16", "max_steps": 3, "logging_steps": 1, "eval_fraction": 0.0, "samples": False}
+    AcceleratorState._reset_state(True)
+    try:
+        main(tiny_config(options, cuda_graph=cuda_graph, output_dir=str(tmp_path)), observer=memory)
+    finally:
+        AcceleratorState._reset_state(True)
+    b = memory.breakdown
+    report[f"breakdown_{cuda_graph}"] = b
+    size = meter.cublas_workspace_size(torch.device("cuda")) / 2**30
+    count = b["cublas_workspaces_gib"] / size  # the breakdown rounds GiB to 4 decimals
+    assert count >= 0.99 and abs(count - round(count)) < 0.01, (count, b)
+    assert b["adds_up"], b
+
+
 def test_resume_on_the_gpu_gives_the_straight_runs_losses(tmp_path, report, tiny_config):
     """Stopped at step 4 and resumed, the run logs the straight run's losses at steps 5-12. bf16
     rounding is deterministic for the same kernels on the same shapes; what can differ is the order

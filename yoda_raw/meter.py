@@ -4,6 +4,7 @@ Vocabulary: a *token* is a non-pad input position; a *supervised token* is one w
 label is not -100 (what the loss is averaged over). Throughput is per second of step time.
 """
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -237,7 +238,7 @@ def memory_breakdown(model, optimizer, allocated_before_loop: int | None, peaks:
     Check: the persistent parts are compared with torch.cuda.memory_allocated() at two quiet
     moments, before the loop (weights + LoRA: `allocated_before_loop`) and now (weights + LoRA +
     optimizer state + the gradients that exist now: zero_grad(set_to_none=True) frees them, a CUDA
-    graph keeps them); `adds_up` says whether both agree within TOLERANCE_GIB.
+    graph keeps them; and cuBLAS's workspaces); `adds_up` says whether both agree within TOLERANCE_GIB.
     """
     parts = count_model(model, device.type)
     parts["lora_grads"] = parts["lora_params"]
@@ -247,13 +248,14 @@ def memory_breakdown(model, optimizer, allocated_before_loop: int | None, peaks:
     if device.type != "cuda":
         return out | {"note": "counted parts only: torch's memory counters are CUDA's"}
     persistent = parts["weights_4bit"] + parts["quant_state"] + parts["weights_other"] + parts["lora_params"]
-    at_peak = persistent + parts["lora_grads"] + parts["optimizer_state"]
+    workspaces = cublas_workspace_bytes(model, optimizer, device)  # alive from their first matmul on
+    at_peak = persistent + parts["lora_grads"] + parts["optimizer_state"] + workspaces
     peak_allocated = peaks["peak_allocated_gib"] * GIB
     peak_reserved = peaks["peak_reserved_gib"] * GIB
     now = torch.cuda.memory_allocated(device)
     grads_now = tensor_bytes([p.grad for p in model.parameters()], set(), device.type)
     mismatch_before = (allocated_before_loop - persistent) / GIB if allocated_before_loop is not None else None
-    mismatch_now = (now - persistent - parts["optimizer_state"] - grads_now) / GIB
+    mismatch_now = (now - persistent - parts["optimizer_state"] - grads_now - workspaces) / GIB
     checks = [m for m in (mismatch_before, mismatch_now) if m is not None]
     out |= {
         "activations_at_peak_gib": round((peak_allocated - at_peak) / GIB, 4),
@@ -265,6 +267,7 @@ def memory_breakdown(model, optimizer, allocated_before_loop: int | None, peaks:
         if allocated_before_loop is not None
         else None,
         "allocated_after_loop_gib": round(now / GIB, 4),
+        "cublas_workspaces_gib": round(workspaces / GIB, 4),
         "mismatch_after_load_gib": round(mismatch_before, 4) if mismatch_before is not None else None,
         "mismatch_after_loop_gib": round(mismatch_now, 4),
         "tolerance_gib": TOLERANCE_GIB,
@@ -276,6 +279,47 @@ def memory_breakdown(model, optimizer, allocated_before_loop: int | None, peaks:
     return out
 
 
+def cublas_workspace_bytes(model, optimizer, device: torch.device) -> int:
+    """Bytes of cuBLAS's workspaces alive now. torch gives cuBLAS a workspace for each (handle,
+    stream) the first time a matmul runs there (the CUDA graph's capture runs on a stream of its
+    own, so it has its own), through the caching allocator: they count in torch's allocated memory,
+    though no tensor holds them. Found as the live blocks of a workspace's size that no counted
+    tensor (a weight, gradient or optimizer state) owns."""
+    size = cublas_workspace_size(device)
+    counted = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    counted |= {p.grad.untyped_storage().data_ptr() for p in model.parameters() if p.grad is not None}
+    for state in optimizer.state.values():
+        counted |= {t.untyped_storage().data_ptr() for t in state.values() if hasattr(t, "untyped_storage")}
+    blocks = [block for segment in torch.cuda.memory_snapshot() for block in segment["blocks"]]
+    return sum(
+        block["size"]
+        for block in blocks
+        if block["state"] == "active_allocated"
+        and block.get("requested_size", block["size"]) == size
+        and block["address"] not in counted
+    )
+
+
+def cublas_workspace_size(device: torch.device) -> int:
+    """The bytes of one cuBLAS workspace as torch sizes it: CUBLAS_WORKSPACE_CONFIG (`:KIB:COUNT`,
+    one pair or more) where set, else torch's default: 4096 KiB x 8 on Hopper and later, 4096 KiB x
+    2 + 16 KiB x 8 before.
+
+    >>> os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:1"; cublas_workspace_size(torch.device("cpu"))
+    4194304
+    >>> del os.environ["CUBLAS_WORKSPACE_CONFIG"]
+    """
+    ask = getattr(torch._C, "_cuda_getCublasWorkspaceSize", None)  # newer torch tells it itself
+    if ask is not None and device.type == "cuda":
+        return ask()
+    config = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if config:
+        numbers = [int(n) for n in config.split(":")[1:] if n.strip().isdigit()]
+        return sum(kib * count for kib, count in zip(numbers[::2], numbers[1::2], strict=False)) * 1024
+    hopper = torch.cuda.get_device_capability(device)[0] >= 9
+    return (4096 * 8 if hopper else 4096 * 2 + 16 * 8) * 1024
+
+
 # The parts of a breakdown that add up to peak reserved, in order, with how each is known.
 BREAKDOWN_PARTS = [
     ("weights_4bit_gib", "4-bit weights (NF4, 0.5 byte each) and their quantization state", "counted"),
@@ -283,6 +327,7 @@ BREAKDOWN_PARTS = [
     ("lora_params_gib", "LoRA parameters", "counted"),
     ("lora_grads_gib", "their gradients", "counted"),
     ("optimizer_state_gib", "optimizer state in device memory", "counted"),
+    ("cublas_workspaces_gib", "cuBLAS's workspaces (one for each stream that ran a matmul)", "counted"),
     ("activations_at_peak_gib", "activations and temporaries at the peak", "peak allocated - the above"),
     (
         "allocator_beyond_allocated_gib",
@@ -301,7 +346,7 @@ def format_breakdown(b: dict) -> str:
       3.201  = peak reserved (torch); 0.008 paged optimizer state and 1.475 more outside torch: 4.676 device used (NVML)
     """
     lines = ["memory at the peak so far (GiB):"]
-    lines += [f"  {b[key]:6.3f}  {label}" for key, label, _ in BREAKDOWN_PARTS]
+    lines += [f"  {b.get(key, 0.0):6.3f}  {label}" for key, label, _ in BREAKDOWN_PARTS]  # 0: not in older records
     total = f"  {b['peak_reserved_gib']:6.3f}  = peak reserved (torch)"
     if b.get("outside_torch_gib") is not None:
         total += (

@@ -176,6 +176,12 @@ class GraphStep:
     def _capture(self) -> None:
         # The graph records `grad += ...` into the gradient tensors the first step made (the loop
         # zeroes them in place since), which is why they must never be freed afterwards.
+        # The capture runs on a stream of its own, whose matmuls get cuBLAS workspaces of their own,
+        # kept in the graph's memory: the first step's (the default stream's) would go unused from
+        # here on, so they go back first (as torch.compile's own CUDA graphs do).
+        clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear_workspaces is not None:
+            clear_workspaces()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.loss_sum = self.loss_and_backward()
