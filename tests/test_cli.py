@@ -172,3 +172,25 @@ def test_a_signal_is_one_line_and_its_shell_status(raised, status, capsys):
     assert stderr.startswith("error: interrupted") and stderr.count("\n") == 1, stderr
     with pytest.raises(type(raised)):
         run_command(command, ["--debug"])
+
+
+def test_under_torchrun_a_mistake_is_said_once_also_when_rank_0_never_says_it(monkeypatch, capsys):
+    """Catches `accelerate launch --multi_gpu --num_processes 2 run.py --bogus 1` printing nothing:
+    rank 1 exited 2 first without a line, and torchrun ended rank 0 before it printed. Other ranks
+    now wait (for torchrun to end them once rank 0 has said it), then say it themselves; a stop the
+    processes agreed on stays rank 0's to say."""
+    from yoda_raw import cli
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(cli, "OTHER_RANKS_WAIT_S", 0.0)
+
+    def mistake(argv):
+        raise YodaError("unrecognized arguments: --bogus 1")
+
+    def stopped(argv):
+        raise Interrupted("SIGTERM: stopped after step 2", signal.SIGTERM)
+
+    assert cli.run_command(mistake, []) == 2
+    assert capsys.readouterr().err == "error: unrecognized arguments: --bogus 1\n"
+    assert cli.run_command(stopped, []) == 143
+    assert capsys.readouterr().err == ""

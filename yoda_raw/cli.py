@@ -8,7 +8,9 @@ stopped by SIGINT or SIGTERM (`Interrupted`, whose message says what was kept). 
 a command at once (a KeyboardInterrupt: while loading, or a second one mid-step) is one line too, and
 exit status 130. With `--debug` on the command line the traceback is shown instead. Any other
 exception is a bug in yoda_raw and keeps its traceback. Under torchrun (several processes) only rank 0
-prints the line: every process meets the same error, and one line is enough.
+prints the line: every process meets the same error, and one line is enough. The other processes
+wait a few seconds before printing a mistake (status 2): torchrun ends them as soon as rank 0 exits,
+and a rank that fails first would otherwise take rank 0 down before it had said anything.
 """
 
 import errno
@@ -17,9 +19,13 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 from yoda_raw.errors import StopAtOnce, YodaError
+
+# Under torchrun, how long a process other than rank 0 waits before printing its mistake itself (see above).
+OTHER_RANKS_WAIT_S = 5.0
 
 
 def one_line_on_ctrl_c_while_starting() -> None:
@@ -83,8 +89,16 @@ def run_command(
     # bar redraws as it closes, and the error is to be the last line. (Frames in the traceback refer
     # to each other: only the collector frees them.)
     gc.collect()
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, every process has the same error: rank 0 says it
-        print(failure[0], file=sys.stderr)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, every process has the same error: rank 0 says it
+        if failure[1] != 2:
+            return failure[1]  # a stop the processes agreed on
+        # A mistake: rank 0 meets it too, says it and exits, and torchrun then ends this process. Had
+        # this one exited first, torchrun would have ended rank 0 before its line (no line at all).
+        # Still here after the wait: rank 0 did not meet it (a mistake on this machine only), say it.
+        if main_thread:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while waiting: no traceback
+        time.sleep(OTHER_RANKS_WAIT_S)
+    print(failure[0], file=sys.stderr)
     return failure[1]
 
 
