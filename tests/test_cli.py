@@ -194,3 +194,28 @@ def test_under_torchrun_a_mistake_is_said_once_also_when_rank_0_never_says_it(mo
     assert capsys.readouterr().err == "error: unrecognized arguments: --bogus 1\n"
     assert cli.run_command(stopped, []) == 143
     assert capsys.readouterr().err == ""
+
+
+def test_a_second_signal_while_a_stop_is_being_reported_does_not_lose_its_line(tmp_path):
+    """Catches a second SIGTERM (or Ctrl-C) that came while a stopped run freed its memory, before
+    its line "stopped after step N and saved ...; continue with --resume ...": the process was
+    killed by it (status -15, no line at all), though its checkpoint was whole. Now the line comes,
+    with the first signal's status. In another process: the signals are real."""
+    script = tmp_path / "second_signal.py"
+    script.write_text(
+        "import gc, os, signal, sys\n"
+        "from yoda_raw import cli\n"
+        "from yoda_raw.errors import Interrupted\n"
+        "def command(argv):\n"
+        "    raise Interrupted('SIGTERM: stopped after step 1 and saved out/checkpoint-1', signal.SIGTERM)\n"
+        "real = gc.collect\n"
+        "def collect_after_two_more_signals(*args):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return real(*args)\n"
+        "gc.collect = collect_after_two_more_signals\n"
+        "sys.exit(cli.run_command(command, []))\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 128 + signal.SIGTERM, (done.returncode, done.stderr)
+    assert done.stderr == "error: SIGTERM: stopped after step 1 and saved out/checkpoint-1\n", done.stderr

@@ -85,20 +85,32 @@ def run_command(
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+    def handlers(sigint, sigterm) -> None:
+        if main_thread:
+            signal.signal(signal.SIGINT, sigint)
+            signal.signal(signal.SIGTERM, sigterm)
+
+    # The command has stopped; what is left is to say how. A second Ctrl-C or SIGTERM now (a stop's
+    # "saved out/checkpoint-N; continue with --resume ..." line still to come) would end the process
+    # without that line, so they are ignored until it is out.
+    handlers(signal.SIG_IGN, signal.SIG_IGN)
+    restore = signal.default_int_handler, previous if previous is not None else signal.SIG_DFL
     # Free the failed run first, outside the except block (which holds the traceback): its progress
     # bar redraws as it closes, and the error is to be the last line. (Frames in the traceback refer
     # to each other: only the collector frees them.)
     gc.collect()
     if os.environ.get("RANK", "0") != "0":  # under torchrun, every process has the same error: rank 0 says it
         if failure[1] != 2:
+            handlers(*restore)
             return failure[1]  # a stop the processes agreed on
         # A mistake: rank 0 meets it too, says it and exits, and torchrun then ends this process. Had
         # this one exited first, torchrun would have ended rank 0 before its line (no line at all).
         # Still here after the wait: rank 0 did not meet it (a mistake on this machine only), say it.
-        if main_thread:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while waiting: no traceback
+        handlers(signal.SIG_DFL, signal.SIG_DFL)  # torchrun's SIGTERM (or Ctrl-C) ends the wait, quietly
         time.sleep(OTHER_RANKS_WAIT_S)
     print(failure[0], file=sys.stderr)
+    handlers(*restore)
     return failure[1]
 
 
