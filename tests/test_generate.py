@@ -280,3 +280,19 @@ def test_cli_prompts_carry_the_runs_system_prompt(tiny_config, tmp_path, monkeyp
     assert evaluate.main(["--adapter", str(out), "--max-new-tokens", "2"]) == 0
     assert len(seen) == 1 + 2 * 3  # one sentence; 3 held-out ones, base and adapter
     assert set(seen) == {SYSTEM_PROMPT}
+
+
+def test_a_run_config_without_its_model_is_refused_not_taken_for_the_default(tmp_path):
+    """Catches an adapter whose run_config.json lost its `model` key being loaded onto the default
+    base (Phi-3-mini from the Hub): offline a misleading network error, online an adapter on weights
+    it was never trained on. One line naming the file and the key instead."""
+    from safetensors.torch import save_file
+
+    from yoda_raw.checkpoint import ADAPTER_FILE
+    from yoda_raw.errors import YodaError
+
+    save_file({"w": torch.zeros(1)}, str(tmp_path / ADAPTER_FILE))
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "run_config.json").write_text(json.dumps({"preset": "tiny", "init": "random"}))
+    with pytest.raises(YodaError, match=r"run_config.json has no 'model'"):
+        generate.read_run_config(tmp_path)

@@ -75,6 +75,8 @@ def read_run_config(adapter_dir: str | os.PathLike) -> Config:
         ) from None
     fix = "it is written by training: retrain, or restore the file from a backup"
     values = read_json(path / RUN_CONFIG, fix)
+    if "model" not in values:  # else the default (Phi-3 from the Hub) would be taken for the base, silently
+        raise YodaError(f"{path / RUN_CONFIG} has no 'model', so the base model it was trained on is unknown; {fix}")
     try:
         return Config.from_dict(values)
     except YodaError as err:  # a hand-edited value: say which file holds it
