@@ -174,6 +174,25 @@ def test_a_signal_is_one_line_and_its_shell_status(raised, status, capsys):
         run_command(command, ["--debug"])
 
 
+def test_a_second_signal_while_the_first_stop_is_made_into_its_line_is_one_line_too(capsys):
+    """A second SIGTERM can land between a stop's raise and its line (here: as the stop's message is
+    read, where a signal's handler raises). One line and the signal's status, not a traceback:
+    the hostile re-run of issue 30 met a StopAtOnce traceback once in eleven double SIGTERMs."""
+    from yoda_raw.cli import run_command
+    from yoda_raw.errors import StopAtOnce
+
+    class StoppedAndSaved(Interrupted):
+        def __str__(self):
+            raise StopAtOnce(signal.SIGTERM)  # what the signal handler raises, at that moment
+
+    def command(argv):
+        raise StoppedAndSaved("stopped after step 1 and saved out/checkpoint-1", signal.SIGTERM)
+
+    assert run_command(command, [], interrupted="interrupted; stopped at once") == 143
+    assert capsys.readouterr().err == "error: interrupted; stopped at once\n"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+
+
 def test_under_torchrun_a_mistake_is_said_once_also_when_rank_0_never_says_it(monkeypatch, capsys):
     """Catches `accelerate launch --multi_gpu --num_processes 2 run.py --bogus 1` printing nothing:
     rank 1 exited 2 first without a line, and torchrun ended rank 0 before it printed. Other ranks

@@ -58,6 +58,56 @@ def run_command(
     if main_thread:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     previous = signal.signal(signal.SIGTERM, _stop_at_once) if main_thread else None
+    restore = signal.default_int_handler, previous if previous is not None else signal.SIG_DFL
+
+    def handlers(sigint, sigterm) -> None:
+        if main_thread:
+            signal.signal(signal.SIGINT, sigint)
+            signal.signal(signal.SIGTERM, sigterm)
+
+    # Once the command has stopped, what is left is to say how. A second Ctrl-C or SIGTERM then (a
+    # stop's "saved out/checkpoint-N; continue with --resume ..." line still to come) would end the
+    # process without that line, so they are ignored until it is out.
+    try:
+        try:
+            outcome = _run(command, argv, interrupted)
+            if not isinstance(outcome, int):
+                handlers(signal.SIG_IGN, signal.SIG_IGN)
+        except KeyboardInterrupt as err:
+            # A second signal that landed while the first stop was being turned into its line: it
+            # stops at once (checkpoints saved before, the first stop's among them, are whole).
+            handlers(signal.SIG_IGN, signal.SIG_IGN)
+            if "--debug" in argv:
+                raise
+            outcome = f"error: {interrupted}", 128 + getattr(err, "signum", signal.SIGINT)
+    except BaseException:
+        handlers(*restore)  # a bug's traceback, or --debug's
+        raise
+    if isinstance(outcome, int):
+        handlers(*restore)
+        return outcome
+    line, status = outcome
+    # Free the failed run first, outside the except block (which holds the traceback): its progress
+    # bar redraws as it closes, and the error is to be the last line. (Frames in the traceback refer
+    # to each other: only the collector frees them.)
+    gc.collect()
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, every process has the same error: rank 0 says it
+        if status != 2:
+            handlers(*restore)
+            return status  # a stop the processes agreed on
+        # A mistake: rank 0 meets it too, says it and exits, and torchrun then ends this process. Had
+        # this one exited first, torchrun would have ended rank 0 before its line (no line at all).
+        # Still here after the wait: rank 0 did not meet it (a mistake on this machine only), say it.
+        handlers(signal.SIG_DFL, signal.SIG_DFL)  # torchrun's SIGTERM (or Ctrl-C) ends the wait, quietly
+        time.sleep(OTHER_RANKS_WAIT_S)
+    print(line, file=sys.stderr)
+    handlers(*restore)
+    return status
+
+
+def _run(command: Callable[[list[str]], int], argv: list[str], interrupted: str) -> int | tuple[str, int]:
+    """`command(argv)`'s exit status, or (the line to print, the exit status) for a failure the user
+    should see as one line."""
     try:
         status = command(argv)
         sys.stdout.flush()  # a closed pipe or a full disk shows here, in the handlers below, not at exit
@@ -65,7 +115,7 @@ def run_command(
     except YodaError as err:
         if "--debug" in argv:
             raise
-        failure = f"error: {err}", err.exit_code
+        return f"error: {err}", err.exit_code
     except BrokenPipeError:
         # `inspect | head`: the reader has gone, which is no error. Further writes (Python's own flush
         # at exit) go nowhere; the status is a shell's for a writer stopped by SIGPIPE.
@@ -76,42 +126,12 @@ def run_command(
             raise
         # A full disk (or quota) wherever it strikes outside the writes that say so themselves (stdout, a log).
         where = f" writing {err.filename}" if err.filename else ""
-        failure = f"error: {err.strerror.lower()}{where}; free some space and run again", 2
+        return f"error: {err.strerror.lower()}{where}; free some space and run again", 2
     except KeyboardInterrupt as err:
         if "--debug" in argv:
             raise
         # A SIGTERM is a KeyboardInterrupt too (errors.StopAtOnce), and says which signal it was.
-        failure = f"error: {interrupted}", 128 + getattr(err, "signum", signal.SIGINT)
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-
-    def handlers(sigint, sigterm) -> None:
-        if main_thread:
-            signal.signal(signal.SIGINT, sigint)
-            signal.signal(signal.SIGTERM, sigterm)
-
-    # The command has stopped; what is left is to say how. A second Ctrl-C or SIGTERM now (a stop's
-    # "saved out/checkpoint-N; continue with --resume ..." line still to come) would end the process
-    # without that line, so they are ignored until it is out.
-    handlers(signal.SIG_IGN, signal.SIG_IGN)
-    restore = signal.default_int_handler, previous if previous is not None else signal.SIG_DFL
-    # Free the failed run first, outside the except block (which holds the traceback): its progress
-    # bar redraws as it closes, and the error is to be the last line. (Frames in the traceback refer
-    # to each other: only the collector frees them.)
-    gc.collect()
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, every process has the same error: rank 0 says it
-        if failure[1] != 2:
-            handlers(*restore)
-            return failure[1]  # a stop the processes agreed on
-        # A mistake: rank 0 meets it too, says it and exits, and torchrun then ends this process. Had
-        # this one exited first, torchrun would have ended rank 0 before its line (no line at all).
-        # Still here after the wait: rank 0 did not meet it (a mistake on this machine only), say it.
-        handlers(signal.SIG_DFL, signal.SIG_DFL)  # torchrun's SIGTERM (or Ctrl-C) ends the wait, quietly
-        time.sleep(OTHER_RANKS_WAIT_S)
-    print(failure[0], file=sys.stderr)
-    handlers(*restore)
-    return failure[1]
+        return f"error: {interrupted}", 128 + getattr(err, "signum", signal.SIGINT)
 
 
 def _stop_at_once(signum, frame):
