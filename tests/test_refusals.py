@@ -28,6 +28,7 @@ BAD_NUMBERS = [
     ("seed-too-big", ["--seed", str(2**32)], "--seed"),
     ("infinite-lr", ["--lr", "inf"], "--lr"),
     ("nan-lr", ["--lr", "nan"], "--lr"),
+    ("huge-lr", ["--lr", "1e38"], "--lr"),  # bitsandbytes' 8-bit AdamW overflowed: a traceback
     ("negative-weight-decay", ["--weight-decay", "-0.1"], "--weight-decay"),
     ("zero-alpha", ["--lora-alpha", "0"], "--lora-alpha"),
     ("nan-dropout", ["--lora-dropout", "nan"], "--lora-dropout"),

@@ -271,7 +271,9 @@ class Config:
                 f"--max-steps must be -1 or at least 1, got {self.max_steps}",
             ),
             (0.0 <= self.eval_fraction < 1.0, f"--eval-fraction must be in [0, 1), got {self.eval_fraction}"),
-            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            # Above 1, AdamW moves each weight by more than its own size a step: nothing trains, and
+            # far above it bitsandbytes' 8-bit optimizer overflows (a traceback, not the NaN check).
+            (0 < self.lr <= 1, f"--lr must be in (0, 1] (AdamW moves each weight by about lr a step), got {self.lr}"),
             (self.weight_decay >= 0, f"--weight-decay must be 0 or more, got {self.weight_decay}"),
             # A negative clip norm scales every gradient by a negative factor: the run trains backwards.
             (self.max_grad_norm >= 0, f"--max-grad-norm must be 0 (no clipping) or more, got {self.max_grad_norm}"),
