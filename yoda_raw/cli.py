@@ -31,8 +31,10 @@ OTHER_RANKS_WAIT_S = 5.0
 def one_line_on_ctrl_c_while_starting() -> None:
     """A command's libraries take seconds to import, and Ctrl-C meanwhile would end in a traceback:
     one line and exit status 130 instead, until `run_command` takes Ctrl-C back. Called first by
-    run.py and, for `python -m yoda_raw.COMMAND`, by yoda_raw/__init__.py."""
+    run.py and, for `python -m yoda_raw.COMMAND`, by yoda_raw/__init__.py. A SIGTERM then (a
+    scheduler's) says so too, where it would end the process without a word."""
     signal.signal(signal.SIGINT, _interrupted_while_starting)
+    signal.signal(signal.SIGTERM, _interrupted_while_starting)
 
 
 def _interrupted_while_starting(signum, frame):
@@ -58,6 +60,8 @@ def run_command(
     if main_thread:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     previous = signal.signal(signal.SIGTERM, _stop_at_once) if main_thread else None
+    if previous is _interrupted_while_starting:  # starting is over: afterwards, SIGTERM's default
+        previous = signal.SIG_DFL
     restore = signal.default_int_handler, previous if previous is not None else signal.SIG_DFL
 
     def handlers(sigint, sigterm) -> None:
