@@ -150,6 +150,21 @@ def test_every_command_reports_a_mistake_as_one_line_and_debug_shows_the_traceba
         main([*argv, "--debug"])
 
 
+@pytest.mark.parametrize("command", ["run.py", "generate", "evaluate", "inspect", "trace", "fetch"])
+def test_every_command_says_an_unknown_option_in_one_line(command, capsys):
+    """Catches argparse's usage text and its own `error:` line (three lines and more) from a
+    command whose parser is not cli.ArgumentParser: one line naming the option, and status 2."""
+    import run
+    from yoda_raw import evaluate, fetch, generate, inspect, trace
+
+    main = {"run.py": run.main, "generate": generate.main, "evaluate": evaluate.main, "inspect": inspect.main,
+            "trace": trace.main, "fetch": fetch.main}[command]  # fmt: skip
+    required = {"generate": ["--adapter", "x"], "evaluate": ["--adapter", "x"], "fetch": ["smol"]}.get(command, [])
+    assert main([*required, "--no-such-option", "1"]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("error: ") and "--no-such-option" in stderr and stderr.count("\n") == 1, stderr
+
+
 @pytest.mark.parametrize(
     "raised, status",
     [

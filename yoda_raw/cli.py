@@ -13,6 +13,7 @@ wait a few seconds before printing a mistake (status 2): torchrun ends them as s
 and a rank that fails first would otherwise take rank 0 down before it had said anything.
 """
 
+import argparse
 import errno
 import gc
 import os
@@ -136,6 +137,14 @@ def _run(command: Callable[[list[str]], int], argv: list[str], interrupted: str)
             raise
         # A SIGTERM is a KeyboardInterrupt too (errors.StopAtOnce), and says which signal it was.
         return f"error: {interrupted}", 128 + getattr(err, "signum", signal.SIGINT)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose mistakes (an unknown option, a bad value) are one line `error: ...`,
+    exit status 2, as run.py's are, not the usage text and then the error."""
+
+    def error(self, message: str):
+        raise YodaError(f"{message}; see `{self.prog} --help`")
 
 
 def _stop_at_once(signum, frame):

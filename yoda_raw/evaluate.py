@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from yoda_raw.chat import tokenize_conversations
-from yoda_raw.cli import run_command
+from yoda_raw.cli import ArgumentParser, run_command
 from yoda_raw.data import content_sha256, load_conversations, split_conversations
 from yoda_raw.errors import YodaError
 from yoda_raw.generate import (
@@ -302,7 +302,7 @@ def check_writable_dir(path: Path, option: str) -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m yoda_raw.evaluate",
         description="Score the base model and the adapter side by side on the held-out split (or --dataset): "
         "loss and perplexity on supervised tokens, exact match, chrF, BLEU.",

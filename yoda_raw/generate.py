@@ -37,7 +37,7 @@ import transformers
 
 from yoda_raw.chat import common_prefix_length, load_tokenizer, render, tokenizer_sha256
 from yoda_raw.checkpoint import ADAPTER_FILE
-from yoda_raw.cli import run_command
+from yoda_raw.cli import ArgumentParser, run_command
 from yoda_raw.config import Config, read_json
 from yoda_raw.data import with_system_prompt
 from yoda_raw.errors import YodaError
@@ -418,7 +418,7 @@ def merge(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, device: st
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m yoda_raw.generate",
         description="Translate English into Yoda speak with a trained adapter. Sentences come from the "
         "command line, or from stdin one per line (one output line per input line).",

@@ -16,7 +16,7 @@ import json
 import sys
 
 from yoda_raw.chat import IGNORE, load_tokenizer
-from yoda_raw.cli import run_command
+from yoda_raw.cli import ArgumentParser, run_command
 from yoda_raw.config import TUTORIAL_DATASET, TUTORIAL_MODEL
 from yoda_raw.data import load_conversations
 from yoda_raw.errors import YodaError
@@ -26,7 +26,7 @@ GREEN, RESET = "\033[1;32m", "\033[0m"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m yoda_raw.inspect", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m yoda_raw.inspect", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--tokenizer", default=TUTORIAL_MODEL, help="Hub id, local folder, or 'tiny' (default: the tutorial's model)."
     )
