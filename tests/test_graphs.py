@@ -252,7 +252,6 @@ def test_compile_memory_budget_keeps_less_for_the_backward_and_the_same_gradient
     finally:
         torch._dynamo.reset()
         torch._functorch.config.activation_memory_budget = 1.0  # a setting of the process: back to the default
-    print("bytes kept for the backward, by budget:", kept)
     assert kept[0.1] < 0.8 * kept[1.0], kept  # the tiny model's MLP outputs: a fifth or more of what is kept
     (loss, grads), (budget_loss, budget_grads) = results[1.0], results[0.1]
     # The same sums, recomputed rather than kept (inductor may fuse them otherwise): equal up to fp32

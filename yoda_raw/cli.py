@@ -84,7 +84,7 @@ def run_command(
             handlers(signal.SIG_IGN, signal.SIG_IGN)
             if "--debug" in argv:
                 raise
-            outcome = f"error: {interrupted}", 128 + getattr(err, "signum", signal.SIGINT)
+            outcome = _stopped_at_once(err, interrupted)
     except BaseException:
         handlers(*restore)  # a bug's traceback, or --debug's
         raise
@@ -135,8 +135,13 @@ def _run(command: Callable[[list[str]], int], argv: list[str], interrupted: str)
     except KeyboardInterrupt as err:
         if "--debug" in argv:
             raise
-        # A SIGTERM is a KeyboardInterrupt too (errors.StopAtOnce), and says which signal it was.
-        return f"error: {interrupted}", 128 + getattr(err, "signum", signal.SIGINT)
+        return _stopped_at_once(err, interrupted)
+
+
+def _stopped_at_once(err: KeyboardInterrupt, interrupted: str) -> tuple[str, int]:
+    """The line and the shell's status of a signal that stopped a command at once. A SIGTERM is a
+    KeyboardInterrupt too (errors.StopAtOnce), and says which signal it was."""
+    return f"error: {interrupted}", 128 + getattr(err, "signum", signal.SIGINT)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -301,23 +301,25 @@ def cublas_workspace_bytes(model, optimizer, device: torch.device) -> int:
 
 
 def cublas_workspace_size(device: torch.device) -> int:
-    """The bytes of one cuBLAS workspace as torch sizes it: CUBLAS_WORKSPACE_CONFIG (`:KIB:COUNT`,
-    one pair or more) where set, else torch's default: 4096 KiB x 8 on Hopper and later, 4096 KiB x
-    2 + 16 KiB x 8 before.
-
-    >>> os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:1"; cublas_workspace_size(torch.device("cpu"))
-    4194304
-    >>> del os.environ["CUBLAS_WORKSPACE_CONFIG"]
-    """
+    """The bytes of one cuBLAS workspace as torch sizes it: CUBLAS_WORKSPACE_CONFIG where set, else
+    torch's default, 4096 KiB x 8 on Hopper and later, 4096 KiB x 2 + 16 KiB x 8 before."""
     ask = getattr(torch._C, "_cuda_getCublasWorkspaceSize", None)  # newer torch tells it itself
     if ask is not None and device.type == "cuda":
         return ask()
-    config = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
-    if config:
-        numbers = [int(n) for n in config.split(":")[1:] if n.strip().isdigit()]
-        return sum(kib * count for kib, count in zip(numbers[::2], numbers[1::2], strict=False)) * 1024
     hopper = torch.cuda.get_device_capability(device)[0] >= 9
-    return (4096 * 8 if hopper else 4096 * 2 + 16 * 8) * 1024
+    return workspace_config_bytes(
+        os.environ.get("CUBLAS_WORKSPACE_CONFIG") or (":4096:8" if hopper else ":4096:2:16:8")
+    )
+
+
+def workspace_config_bytes(config: str) -> int:
+    """CUBLAS_WORKSPACE_CONFIG's `:KIB:COUNT` pairs (one or more) in bytes.
+
+    >>> workspace_config_bytes(":4096:1"), workspace_config_bytes(":4096:2:16:8")
+    (4194304, 8519680)
+    """
+    numbers = [int(n) for n in config.split(":")[1:] if n.strip().isdigit()]
+    return sum(kib * count for kib, count in zip(numbers[::2], numbers[1::2], strict=False)) * 1024
 
 
 # The parts of a breakdown that add up to peak reserved, in order, with how each is known.

@@ -112,8 +112,7 @@ def settle(cfg, device: torch.device, num_processes: int, precision_name: str, q
             f"--reuse-dequant on works in the checkpointed layers, and --uncheckpointed-layers {layers} leaves none; "
             "use fewer uncheckpointed layers or --reuse-dequant off"
         )
-    budget = cfg.compile_memory_budget
-    return Plan(graph, compiled, reuse, fp8, seeded, budget, why_eager if graph == "off" else "")
+    return Plan(graph, compiled, reuse, fp8, seeded, cfg.compile_memory_budget, why_eager if graph == "off" else "")
 
 
 def apply(plan: Plan, model) -> None:
