@@ -75,6 +75,30 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     add("--breakdown", action="store_true", help="Also report where the peak memory went (yoda_raw/meter.py).")
     add("--snapshot", default=None, help="Write a torch CUDA memory snapshot (pickle) here.")
     add("--snapshot-entries", type=int, default=8000, help="Allocation events the snapshot keeps (default 8000).")
+    add(
+        "--snapshot-steps",
+        default=None,
+        help="FIRST-LAST (steps counted from 1): record the allocator's history over those steps only (default: the "
+        "whole run). With the CUDA graph, step 1 is the eager warm-up and step 2 the capture.",
+    )
+    add(
+        "--snapshot-stacks",
+        choices=("python", "none"),
+        default="python",
+        help="What each recorded allocation keeps: its Python stack (default), or nothing (sizes and order only).",
+    )
+    add(
+        "--peaks-by-step",
+        action="store_true",
+        help="Each step's own peak allocated and reserved memory, NVML's reading and this process's own share "
+        "of it at its end (the peak counters reset after every step); the result's peaks are their largest.",
+    )
+    add(
+        "--loss-chunk",
+        type=int,
+        default=None,
+        help="Positions a chunk of the chunked loss (yoda_raw/loss.py's CHUNK), to measure other sizes.",
+    )
     add("--peak-tflops", type=float, default=None, help="Peak TFLOP/s for MFU (default: yoda_raw/meter.py's).")
     return parser.parse_known_args(argv)
 
@@ -102,8 +126,16 @@ def main(argv: list[str]) -> int:
     cfg = parse_config(rest)
     import torch
 
-    if (args.cards or args.snapshot) and not torch.cuda.is_available():
-        common.fail("--cards and --snapshot need a CUDA GPU")
+    if (args.cards or args.snapshot or args.peaks_by_step) and not torch.cuda.is_available():
+        common.fail("--cards, --snapshot and --peaks-by-step need a CUDA GPU")
+    if args.snapshot_steps and not args.snapshot:
+        common.fail("--snapshot-steps says which steps --snapshot records: add --snapshot PATH")
+    if args.loss_chunk is not None:
+        if args.loss_chunk < 1:
+            common.fail(f"--loss-chunk {args.loss_chunk}: a chunk holds at least one position")
+        from yoda_raw import loss
+
+        loss.CHUNK = args.loss_chunk
     if args.cards:
         measure_cards(cfg, args)
         return 0
@@ -160,9 +192,11 @@ def measure(cfg, args, name: str, timed: int, watch_device: bool = False) -> dic
             auto_batch_size=False,  # the batch measured is the batch asked for
         )
         allocated_at_start = meter.allocated_bytes(device)
-        memory = meter.MemoryReport(show=False)  # reads the model and optimizer through the loop's hooks
+        # Reads the model and optimizer through the loop's hooks (and, if asked, each step's peaks).
+        memory = StepMemory(args, device)
         with meter.DeviceUsedPeak(device if watch_device else None) as device_peak:
-            with memory_history(args.snapshot, args.snapshot_entries):
+            whole_run = None if args.snapshot_steps else args.snapshot
+            with memory_history(whole_run, args.snapshot_entries, args.snapshot_stacks):
                 run = train.main(cfg, observer=memory)
     records = run.fit.log  # one a step: step_s, tokens, supervised_tokens, memory
     rows = run.fit.batch_size
@@ -207,6 +241,13 @@ def measure(cfg, args, name: str, timed: int, watch_device: bool = False) -> dic
         "allocated_at_start_gib": round(allocated_at_start / common.GIB, 3) if allocated_at_start is not None else None,
         "full_step_share": common.full_step_share(records[args.warmup :], rows * cfg.max_length),
     }
+    if memory.steps:
+        result["peaks_by_step"] = memory.steps
+        result["peak_allocated_gib"] = max(s["peak_allocated_gib"] for s in memory.steps)
+        result["peak_reserved_gib"] = max(s["peak_reserved_gib"] for s in memory.steps)
+        last = last | {k: result[k] for k in ("peak_allocated_gib", "peak_reserved_gib")}  # for the breakdown
+        process = [s["process_used_gib"] for s in memory.steps if s.get("process_used_gib") is not None]
+        result["process_used_gib"] = max(process) if process else None
     if device_peak.peak_bytes is not None:
         result["device_used_peak_gib"] = round(device_peak.peak_bytes / common.GIB, 3)
     if device.type == "cuda" and "device_used_gib" not in last:
@@ -241,20 +282,101 @@ def release() -> None:
 
 
 @contextlib.contextmanager
-def memory_history(path: str | None, entries: int):
-    """torch.cuda.memory._record_memory_history around the run, dumped to `path` (a pickle for
-    https://pytorch.org/memory_viz). Recording slows every allocation: time nothing with it."""
+def memory_history(path: str | None, entries: int, stacks: str = "python"):
+    """torch.cuda.memory._record_memory_history around the block, dumped to `path` (a pickle for
+    https://pytorch.org/memory_viz). Recording slows every allocation: time nothing with it.
+    stacks "none" records no stack at all: gathering Python stacks inside the chunked loss's
+    recompute has failed with a SystemError (benchmarks/NOTES.md, item 48)."""
     if not path:
         yield
         return
-    import torch
 
-    torch.cuda.memory._record_memory_history(max_entries=entries, stacks="python")  # python stacks: a smaller file
+    start_recording(entries, stacks)
     try:
         yield
     finally:
-        torch.cuda.memory._dump_snapshot(str(path))
-        torch.cuda.memory._record_memory_history(enabled=None)
+        stop_recording(path)
+
+
+def start_recording(entries: int, stacks: str) -> None:
+    import torch
+
+    if stacks == "none":
+        torch.cuda.memory._record_memory_history(max_entries=entries, context=None)
+    else:  # python stacks: a smaller file than with C++ frames
+        torch.cuda.memory._record_memory_history(max_entries=entries, stacks="python")
+
+
+def stop_recording(path) -> None:
+    import torch
+
+    torch.cuda.memory._dump_snapshot(str(path))
+    torch.cuda.memory._record_memory_history(enabled=None)
+
+
+def parse_steps(text: str) -> tuple[int, int]:
+    """'2' -> (2, 2); '1-2' -> (1, 2): steps counted from 1."""
+    first, _, last = text.partition("-")
+    try:
+        window = int(first), int(last or first)
+    except ValueError:
+        common.fail(f"--snapshot-steps {text}: expected FIRST-LAST, e.g. 2-2 (steps counted from 1)")
+    if not 1 <= window[0] <= window[1]:
+        common.fail(f"--snapshot-steps {text}: steps count from 1, the first no later than the last")
+    return window
+
+
+def process_used_bytes() -> int | None:
+    """What NVML says this process holds on the GPU (its CUDA context included, other processes and
+    the idle card's own use not), or None where the driver does not tell (in some containers)."""
+    import os
+
+    import pynvml
+    import torch
+
+    from yoda_raw import meter
+
+    if meter.nvml_reader(torch.device("cuda", 0)) is None:
+        return None
+    handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+    try:
+        processes = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+    except pynvml.NVMLError:
+        return None
+    mine = [p.usedGpuMemory for p in processes if p.pid == os.getpid() and p.usedGpuMemory is not None]
+    return mine[0] if len(mine) == 1 else None
+
+
+def StepMemory(args, device):  # noqa: N802 (a class, made where yoda_raw and torch are imported)
+    """The loop's memory report (meter.MemoryReport), and as the options ask: each step's own peaks
+    (--peaks-by-step) and the allocator's history over some steps only (--snapshot-steps)."""
+    import torch
+
+    from yoda_raw import meter
+
+    class _StepMemory(meter.MemoryReport):
+        def __init__(self):
+            super().__init__(show=False)
+            self.steps: list[dict] = []  # one reading a step, with --peaks-by-step
+            self.window = parse_steps(args.snapshot_steps) if args.snapshot_steps else None
+
+        def micro_batches(self, step, micro_batches, n_supervised) -> None:
+            if self.window and step + 1 == self.window[0]:
+                start_recording(args.snapshot_entries, args.snapshot_stacks)
+
+        def updated(self, step, lr, optimizer) -> None:
+            if self.window and step + 1 == self.window[1]:
+                stop_recording(args.snapshot)
+            if not args.peaks_by_step:
+                return
+            torch.cuda.synchronize(device)
+            reading = {"step": step + 1} | meter.memory_gib(device)
+            process = process_used_bytes()
+            reading["process_used_gib"] = round(process / common.GIB, 3) if process is not None else None
+            self.steps.append(reading)
+            meter.reset_peaks(device)
+
+    return _StepMemory()
 
 
 # --- what fits on a card -------------------------------------------------------------------------

@@ -77,6 +77,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("snapshot", help="A pickle from torch.cuda.memory._dump_snapshot (bench_loop.py --snapshot).")
     parser.add_argument("--top", type=int, default=25, help="Places to list (default 25).")
     parser.add_argument("--device", type=int, default=0, help="Which device's events (default 0).")
+    parser.add_argument(
+        "--blocks",
+        type=int,
+        default=0,
+        help="Also list the largest blocks alive at the peak, in the order they were allocated: what a snapshot "
+        "recorded without stacks (bench_loop.py --snapshot-stacks none) still says.",
+    )
     args = parser.parse_args(argv)
     with open(args.snapshot, "rb") as f:
         snapshot = pickle.load(f)
@@ -96,6 +103,13 @@ def main(argv: list[str]) -> int:
     rest = sum(size for _, size, _ in rows[args.top :])
     if rest:
         print(f"{rest / MIB:>10,.1f} {'':>7}  ({len(rows) - args.top} more places)")
+    if args.blocks:
+        events = traces[args.device]
+        order = {id(event): i for i, event in enumerate(events)}
+        largest = sorted(alive.values(), key=lambda event: -event["size"])[: args.blocks]
+        print(f"\nthe {len(largest)} largest blocks alive at the peak, by allocation (event of {len(events)}):")
+        for event in sorted(largest, key=lambda event: order[id(event)]):
+            print(f"{event['size'] / MIB:>10,.1f} MiB  event {order[id(event)]:>7}  {where(event)}")
     return 0
 
 
