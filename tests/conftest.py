@@ -75,6 +75,23 @@ def tiny_model(tiny_tokenizer):
     return transformers.AutoModelForCausalLM.from_config(tiny.model_config(len(tiny_tokenizer)), dtype=torch.float32)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Tests never write the user's cache (~/.cache/yoda_raw): a run on a local base folder
+    remembers its sha256 there (identity.py). They get a cache of their own, which links to the
+    models the user's holds (the smol preset's, fetched once); commands they start inherit it."""
+    from yoda_raw.fetch import cache_dir
+
+    user_cache, private = cache_dir(), tmp_path_factory.mktemp("yoda_raw_cache")
+    for folder in user_cache.iterdir() if user_cache.is_dir() else []:
+        if folder.is_dir() and not folder.name.startswith("."):
+            (private / folder.name).symlink_to(folder.resolve(), target_is_directory=True)
+    patch = pytest.MonkeyPatch()
+    patch.setenv("YODA_RAW_CACHE", str(private))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     """AcceleratorState is a per-process singleton: reset it so each test builds its own."""
