@@ -99,6 +99,14 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         default=None,
         help="Positions a chunk of the chunked loss (yoda_raw/loss.py's CHUNK), to measure other sizes.",
     )
+    add(
+        "--inductor",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="Set one of torch._inductor.config's settings (a Python literal), e.g. triton.autotune_pointwise=False; "
+        "may repeat.",
+    )
     add("--peak-tflops", type=float, default=None, help="Peak TFLOP/s for MFU (default: yoda_raw/meter.py's).")
     return parser.parse_known_args(argv)
 
@@ -136,6 +144,8 @@ def main(argv: list[str]) -> int:
         from yoda_raw import loss
 
         loss.CHUNK = args.loss_chunk
+    for setting in args.inductor:
+        set_inductor_config(setting)
     if args.cards:
         measure_cards(cfg, args)
         return 0
@@ -150,6 +160,25 @@ def main(argv: list[str]) -> int:
             result["shared_process"] = f"{len(points)} measurements in one process, in order {args.grid}"
         common.write_result(result, args.json)
     return 0
+
+
+def set_inductor_config(setting: str) -> None:
+    """'triton.autotune_pointwise=False' -> torch._inductor.config.triton.autotune_pointwise = False."""
+    import ast
+
+    import torch._inductor.config
+
+    name, _, text = setting.partition("=")
+    *parents, leaf = name.split(".")
+    target = torch._inductor.config
+    try:
+        for part in parents:
+            target = getattr(target, part)
+        getattr(target, leaf)  # an existing setting only: a typo is an error, not a new attribute
+        value = ast.literal_eval(text)
+    except (AttributeError, ValueError, SyntaxError):
+        common.fail(f"--inductor {setting}: expected NAME=VALUE, NAME a setting of torch._inductor.config")
+    setattr(target, leaf, value)
 
 
 def parse_grid(text: str) -> list[tuple[int, int]]:
@@ -237,6 +266,7 @@ def measure(cfg, args, name: str, timed: int, watch_device: bool = False) -> dic
         "loss_first": records[0]["loss"],
         "loss_last": last["loss"],
         "losses": [r["loss"] for r in records],  # every step's, warm-up included: for the learning check
+        "warmup_steps_s": [r["step_s"] for r in records[: args.warmup]],  # step 1 compiles (and captures: step 2)
         "wall_s": round(time.perf_counter() - started, 1),
         "allocated_at_start_gib": round(allocated_at_start / common.GIB, 3) if allocated_at_start is not None else None,
         "full_step_share": common.full_step_share(records[args.warmup :], rows * cfg.max_length),

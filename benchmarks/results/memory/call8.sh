@@ -13,18 +13,12 @@ CK=/tmp/phi3-random
 TOK="$YODA_RAW_DATA/phi3-mini-4k-instruct"
 python -c "from benchmarks.common import save_random_checkpoint as s; s('$TOK', '$CK')" > "$R/loop.log" 2>&1
 B="--model $CK --init pretrained --tokenizer $TOK"
-bench() { ((SECONDS < 430)) || { echo "skipped for time: $*" | tee -a "$R/loop.log"; return; }; timeout 120 python benchmarks/bench_loop.py $B --json $R/loop.jsonl "$@" >> "$R/loop.log" 2>&1 || echo "exit $? for $*" | tee -a "$R/loop.log"; }
+bench() { ((SECONDS < 450)) || { echo "skipped for time: $*" | tee -a "$R/loop.log"; return; }; timeout 120 python benchmarks/bench_loop.py $B --json $R/loop.jsonl "$@" >> "$R/loop.log" 2>&1 || echo "exit $? for $*" | tee -a "$R/loop.log"; }
 L="--offload-activations on --compile-memory-budget 0.5"
 S512="--batch-size 16 --max-length 512 --warmup 3 --steps 6"
 S64="--batch-size 16 --max-length 64 --warmup 3 --steps 8"
 bench $S512 $L --peaks-by-step --breakdown --name lever-16x512
 bench $S64 --peaks-by-step --breakdown --name defaults-16x64
-bench $S64 $L --peaks-by-step --name lever-16x64
-bench $S64 $L --peaks-by-step --loss-chunk 256 --name lever-chunk256-16x64
-bench $S512 $L --peaks-by-step --loss-chunk 256 --name lever-chunk256-16x512
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-bench $S64 $L --peaks-by-step --name lever-expandable-16x64
-unset PYTORCH_CUDA_ALLOC_CONF
 # Snapshots: the warm-up and the capture without stacks; then the capture with Python stacks.
 bench --batch-size 16 --max-length 512 --warmup 1 --steps 1 $L --snapshot $R/s512_nostacks.pickle \
   --snapshot-steps 1-2 --snapshot-stacks none --snapshot-entries 400000 --name snap-nostacks-16x512
@@ -32,6 +26,19 @@ python benchmarks/lab/peak_tensors.py $R/s512_nostacks.pickle --blocks 40 > "$R/
 bench --batch-size 16 --max-length 512 --warmup 1 --steps 1 $L --snapshot $R/s512_capture.pickle \
   --snapshot-steps 2-2 --snapshot-entries 400000 --name snap-capture-16x512
 python benchmarks/lab/peak_tensors.py $R/s512_capture.pickle --blocks 40 --top 30 > "$R/peak_capture.txt" 2>&1
+bench $S64 $L --peaks-by-step --name lever-16x64
+bench $S64 $L --peaks-by-step --loss-chunk 256 --name lever-chunk256-16x64
+bench $S512 $L --peaks-by-step --loss-chunk 256 --name lever-chunk256-16x512
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+bench $S64 $L --peaks-by-step --name lever-expandable-16x64
+unset PYTORCH_CUDA_ALLOC_CONF
+# The first steps' time (compiling, the capture) with an empty compile cache, again with the cache
+# the first run left (a user's second run), without pointwise autotuning, and with 8 compile threads.
+C=/tmp/call8_inductor; S64S="--batch-size 16 --max-length 64 --warmup 2 --steps 3"
+TORCHINDUCTOR_CACHE_DIR=$C/a bench $S64S --name startup-cold-16x64
+TORCHINDUCTOR_CACHE_DIR=$C/a bench $S64S --name startup-warm-cache-16x64
+TORCHINDUCTOR_CACHE_DIR=$C/b bench $S64S --inductor triton.autotune_pointwise=False --name startup-cold-noautotune-16x64
+TORCHINDUCTOR_CACHE_DIR=$C/c TORCHINDUCTOR_COMPILE_THREADS=8 bench $S64S --name startup-cold-8threads-16x64
 rm -f $R/*.pickle  # large; the tables above are what is kept
 python - "$R/loop.jsonl" > "$R/summary.txt" <<'PY'
 import json, sys
@@ -39,7 +46,7 @@ rows = [json.loads(line) for line in open(sys.argv[1])]
 print(f"{'name':28} {'tok/s':>8} {'alloc':>6} {'resv':>6} {'nvml':>6} {'proc':>6}")
 for r in rows:
     print(f"{r['name']:28} {r['tokens_per_s']:8.0f} {r['peak_allocated_gib']:6.3f} {r['peak_reserved_gib']:6.3f} "
-          f"{r.get('device_used_gib') or 0:6.2f} {r.get('process_used_gib') or 0:6.2f}")
+          f"{r.get('device_used_gib') or 0:6.2f} {r.get('process_used_gib') or 0:6.2f}  first steps {r.get('warmup_steps_s')}")
     for s in r.get("peaks_by_step", [])[:4]:
         print(f"    step {s['step']}: alloc {s['peak_allocated_gib']:.3f} resv {s['peak_reserved_gib']:.3f} "
               f"nvml {s.get('device_used_gib')} proc {s.get('process_used_gib')}")
