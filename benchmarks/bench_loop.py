@@ -94,12 +94,6 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "of it at its end (the peak counters reset after every step); the result's peaks are their largest.",
     )
     add(
-        "--loss-chunk",
-        type=int,
-        default=None,
-        help="Positions a chunk of the chunked loss (yoda_raw/loss.py's CHUNK), to measure other sizes.",
-    )
-    add(
         "--inductor",
         action="append",
         default=[],
@@ -138,12 +132,6 @@ def main(argv: list[str]) -> int:
         common.fail("--cards, --snapshot and --peaks-by-step need a CUDA GPU")
     if args.snapshot_steps and not args.snapshot:
         common.fail("--snapshot-steps says which steps --snapshot records: add --snapshot PATH")
-    if args.loss_chunk is not None:
-        if args.loss_chunk < 1:
-            common.fail(f"--loss-chunk {args.loss_chunk}: a chunk holds at least one position")
-        from yoda_raw import loss
-
-        loss.CHUNK = args.loss_chunk
     for setting in args.inductor:
         set_inductor_config(setting)
     if args.cards:
@@ -244,6 +232,7 @@ def measure(cfg, args, name: str, timed: int, watch_device: bool = False) -> dic
         "fp8_matmuls": run.config.fp8_matmuls,
         "seeded_dropout": run.config.seeded_dropout,
         "chunked_loss": run.config.chunked_loss,
+        "loss_chunk": run.config.loss_chunk,
         "uncheckpointed_layers": cfg.uncheckpointed_layers,
         "lora_dropout": cfg.lora_dropout,
         "optim": cfg.optim,

@@ -245,7 +245,7 @@ def test_compile_memory_budget_keeps_less_for_the_backward_and_the_same_gradient
                 return tensor
 
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-                loss = token_loss_sum(model, batch, "off")
+                loss = token_loss_sum(model, batch)
             loss.backward()
             kept[budget] = sum(sizes)
             results[budget] = (loss.detach(), lora_like_grads(model))

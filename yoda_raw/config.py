@@ -31,6 +31,8 @@ from transformers import HfArgumentParser
 
 from yoda_raw.errors import YodaError
 
+LOSS_CHUNK = 1024  # --loss-chunk's default: 1,024 x 32,064 fp32 logits are 131 MB, little beside a long step's peak
+
 TUTORIAL_MODEL = "microsoft/Phi-3-mini-4k-instruct"
 TUTORIAL_DATASET = "dvgodoy/yoda_sentences"
 TINY = "tiny"  # --model tiny / --tokenizer tiny: built in-process by yoda_raw/tiny.py
@@ -165,8 +167,16 @@ class Config:
     chunked_loss: Literal["auto", "on", "off"] = field(
         default="auto",
         metadata={
-            "help": "The LM head and cross-entropy over 1,024 positions at a time, never every position's "
+            "help": "The LM head and cross-entropy over --loss-chunk positions at a time, never every position's "
             "logits at once (less memory at long rows). auto: on a CUDA GPU."
+        },
+    )
+    loss_chunk: int = field(
+        default=LOSS_CHUNK,
+        metadata={
+            "help": "Positions a chunk of the chunked loss: its logits, fp32 for the softmax, and their gradient are "
+            "what the loss holds at once. Fewer: less memory where the loss is the step's peak (short rows), for a "
+            "little speed (docs/troubleshooting.md)."
         },
     )
     offload_activations: Literal["auto", "on", "off"] = field(
@@ -284,6 +294,7 @@ class Config:
                 0.0 <= self.compile_memory_budget <= 1.0,
                 f"--compile-memory-budget must be in [0, 1], got {self.compile_memory_budget}",
             ),
+            (self.loss_chunk >= 1, f"--loss-chunk must be at least 1 position, got {self.loss_chunk}"),
             (self.logging_steps >= 1, f"--logging-steps must be at least 1, got {self.logging_steps}"),
             (self.save_steps >= 0, f"--save-steps must be 0 or more, got {self.save_steps}"),
             (

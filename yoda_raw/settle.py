@@ -21,7 +21,7 @@ import dataclasses
 import torch
 
 from yoda_raw import fast
-from yoda_raw.config import Config
+from yoda_raw.config import LOSS_CHUNK, Config
 from yoda_raw.errors import YodaError
 from yoda_raw.model import check_uncheckpointed_layers, choose_lora_targets, resolve_quant, skeleton
 from yoda_raw.precision import Precision, choose_precision
@@ -32,6 +32,11 @@ def settle(cfg: Config, device: torch.device, num_processes: int, model_config) 
     precision = choose_precision(cfg.precision, device)
     quant = resolve_quant(cfg.quant, device)
     chunked_loss = cfg.chunked_loss if cfg.chunked_loss != "auto" else ("on" if device.type == "cuda" else "off")
+    if chunked_loss == "off" and cfg.loss_chunk != LOSS_CHUNK:
+        raise YodaError(
+            f"--loss-chunk {cfg.loss_chunk} sizes the chunked loss's chunks, and the loss is not chunked here; "
+            "drop --loss-chunk, or add --chunked-loss on"
+        )
     offload_activations = resolve_offload(cfg.offload_activations, device)
     skeleton_model = skeleton(model_config, cfg.trust_remote_code)
     targets = choose_lora_targets(cfg.lora_targets, skeleton_model, cfg.model)

@@ -30,7 +30,7 @@ from yoda_raw.config import Config, parse_config
 from yoda_raw.errors import YodaError
 from yoda_raw.hooks import Observer
 from yoda_raw.inspect import row_as_text
-from yoda_raw.loss import CHUNK, supervised_count
+from yoda_raw.loss import supervised_count
 from yoda_raw.packing import EpochSampler, count_tokens
 from yoda_raw.train import main as train
 
@@ -140,7 +140,9 @@ class Tracer(Observer):
         print(f"{kind.__name__}: {first_line(kind.__doc__)}")
         loss_sum = step_loss.item()
         vocab = self.model.get_output_embeddings().out_features
-        show_loss(self.outputs_seen, vocab, loss_sum, self.n_supervised, loss_sum / self.n_supervised)
+        show_loss(
+            self.outputs_seen, vocab, loss_sum, self.n_supervised, loss_sum / self.n_supervised, self.cfg.loss_chunk
+        )
         show_gradients(self.model, self.name)
         memory(self.device)
 
@@ -369,7 +371,7 @@ def show_batches(micro_batches: list[dict], order: list[int], cfg: Config) -> No
             print(f"  {key:<15} {str(tuple(tensor.shape)):<10} {str(tensor.dtype):<12} {tensor.device}  {note}")
 
 
-def show_loss(outputs_seen: list, vocab: int, loss_sum: float, n_supervised: int, step_loss: float) -> None:
+def show_loss(outputs_seen: list, vocab: int, loss_sum: float, n_supervised: int, step_loss: float, chunk: int) -> None:
     for i, (shape, dtype) in enumerate(outputs_seen):
         batch, length, width = shape
         if width == vocab:
@@ -383,8 +385,8 @@ def show_loss(outputs_seen: list, vocab: int, loss_sum: float, n_supervised: int
                 f"micro-batch {i + 1}: the model's forward, its LM head set aside -> hidden states {shape} = (B, T, H)"
             )
             print(
-                f"  loss.chunked_cross_entropy (--chunked-loss on): the head and cross-entropy over "
-                f"{CHUNK} positions at a time, never all {batch * (length - 1)} positions' logits at once"
+                f"  loss.chunked_cross_entropy (--chunked-loss on): the head and cross-entropy over {chunk} "
+                f"positions at a time (--loss-chunk), never all {batch * (length - 1)} positions' logits at once"
             )
     print(f"cross-entropy summed over the step's {n_supervised} supervised positions: {loss_sum:.4f}")
     print(

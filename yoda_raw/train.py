@@ -310,7 +310,8 @@ def fit(
     stop = StopOnSignal(accelerator.num_processes)
     # --offload-activations: what the forward saves for the backward waits in host memory (offload.py).
     offload = OffloadActivations(model, device) if cfg.offload_activations == "on" else None
-    eager_step = EagerStep(accelerator, model, cfg.chunked_loss == "on", stop.before_micro_batch, offload)
+    loss_chunk = cfg.loss_chunk if cfg.chunked_loss == "on" else 0  # positions a chunk of the loss; 0: not chunked
+    eager_step = EagerStep(accelerator, model, loss_chunk, stop.before_micro_batch, offload)
     step_fn = fast.step(plan, eager_step, model, min(batch_size, len(rows)), cfg.max_length, collator.pad_id, device)
     if accelerator.is_main_process:
         # From here on metrics.jsonl holds each step once: lines after start_step are from the run
@@ -418,8 +419,8 @@ class EagerStep:
 
     frees_gradients = True  # zero_grad(set_to_none=True): the next backward makes them anew
 
-    def __init__(self, accelerator: Accelerator, model, chunked_loss=False, before_micro_batch=None, offload=None):
-        self.accelerator, self.model, self.chunked_loss = accelerator, model, chunked_loss
+    def __init__(self, accelerator: Accelerator, model, loss_chunk=0, before_micro_batch=None, offload=None):
+        self.accelerator, self.model, self.loss_chunk = accelerator, model, loss_chunk
         self.offload = offload  # an offload.OffloadActivations, entered around each forward; None: off
         # Called with (index, count) before each micro-batch: where several processes agree to stop
         # (StopOnSignal.before_micro_batch). None: nothing.
@@ -436,7 +437,7 @@ class EagerStep:
             # until the step's last micro-batch (a no-op on one process).
             with accelerator.no_sync(self.model) if is_accumulating else contextlib.nullcontext():
                 with self.offload or contextlib.nullcontext():
-                    loss_sum = token_loss_sum(self.model, batch, self.chunked_loss)  # (,) summed over supervised tokens
+                    loss_sum = token_loss_sum(self.model, batch, self.loss_chunk)  # (,) summed over supervised tokens
                 accelerator.backward(loss_sum * accelerator.num_processes / n_supervised)
             step_loss += loss_sum.detach()
         return step_loss

@@ -136,4 +136,4 @@ def step(plan: Plan, eager_step, model, rows: int, max_length: int, pad_id: int,
     step's), or `eager_step` as it is."""
     if plan.cuda_graph == "off":
         return eager_step
-    return graphs.GraphStep(model, rows, max_length, pad_id, device, eager_step.chunked_loss, eager_step.offload)
+    return graphs.GraphStep(model, rows, max_length, pad_id, device, eager_step.loss_chunk, eager_step.offload)

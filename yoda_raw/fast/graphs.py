@@ -107,10 +107,10 @@ class GraphStep:
         max_length: int,
         pad_id: int,
         device: torch.device,
-        chunked_loss=False,
+        loss_chunk=0,
         offload=None,
     ):
-        self.model, self.pad_id, self.chunked_loss = model, pad_id, chunked_loss
+        self.model, self.pad_id, self.loss_chunk = model, pad_id, loss_chunk
         # --offload-activations: its copies to and from host memory are recorded and replayed too.
         self.offload = offload
         # The graph's inputs: ids and labels, filled before every replay; no attention mask (see
@@ -149,7 +149,7 @@ class GraphStep:
         # The backward too: its checkpointing recompute runs the layers' forward again.
         with causal_attention(self.model):
             with self.offload or contextlib.nullcontext():
-                loss_sum = token_loss_sum(self.model, self.batch, self.chunked_loss)
+                loss_sum = token_loss_sum(self.model, self.batch, self.loss_chunk)
             (loss_sum * self.scale).backward()
         return loss_sum
 
