@@ -30,5 +30,5 @@ for line in open(sys.argv[1]):
 PY
 cat "$R/summary.txt"
 tar -C /tmp -czf "$OUT/call9.tar.gz" call9
-BUDGET=$((470 - SECONDS)) ONLY="sft:64 unsloth:64 sft:512 unsloth:512" bash .peers/run.sh
+BUDGET=$((430 - SECONDS)) ONLY="sft:64 unsloth:64 sft:512 unsloth:512" bash .peers/run.sh
 echo "done at ${SECONDS} s"
