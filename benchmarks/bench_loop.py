@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run.py, yoda_raw and benchmarks/
 
 from benchmarks import common  # noqa: E402
+from yoda_raw.hooks import Observer  # noqa: E402 (imports nothing: the run's own imports stay in main)
 
 # Prior for the first guess of a card search, from the H200's rows x tokens grid (our defaults):
 # NVML device memory in use ~ A + B x tokens per step. Later guesses fit a line to the runs so far.
@@ -209,7 +210,6 @@ def measure(cfg, args, name: str, timed: int, watch_device: bool = False) -> dic
             auto_batch_size=False,  # the batch measured is the batch asked for
         )
         allocated_at_start = meter.allocated_bytes(device)
-        # Reads the model and optimizer through the loop's hooks (and, if asked, each step's peaks).
         memory = StepMemory(args, device)
         with meter.DeviceUsedPeak(device if watch_device else None) as device_peak:
             whole_run = None if args.snapshot_steps else args.snapshot
@@ -272,7 +272,7 @@ def measure(cfg, args, name: str, timed: int, watch_device: bool = False) -> dic
     if device.type == "cuda" and "device_used_gib" not in last:
         result["device_used_gib_note"] = "NVML unavailable (pip install nvidia-ml-py)"
     if args.breakdown:
-        result["memory_breakdown"] = memory.breakdown_now(last)
+        result["memory_breakdown"] = memory.report.breakdown_now(last)
     if args.snapshot:
         result["snapshot"] = str(args.snapshot)
     del run, memory  # the model, and the optimizer with its state
@@ -366,36 +366,47 @@ def process_used_bytes() -> int | None:
     return mine[0] if len(mine) == 1 else None
 
 
-def StepMemory(args, device):  # noqa: N802 (a class, made where yoda_raw and torch are imported)
-    """The loop's memory report (meter.MemoryReport), and as the options ask: each step's own peaks
-    (--peaks-by-step) and the allocator's history over some steps only (--snapshot-steps)."""
-    import torch
+class StepMemory(Observer):
+    """The loop's memory report (meter.MemoryReport, in `report`), and as the options ask: each
+    step's own peaks (--peaks-by-step) and the allocator's history over some steps only
+    (--snapshot-steps). An observer of the loop (yoda_raw/hooks.py)."""
 
-    from yoda_raw import meter
+    def __init__(self, args, device):
+        from yoda_raw import meter
 
-    class _StepMemory(meter.MemoryReport):
-        def __init__(self):
-            super().__init__(show=False)
-            self.steps: list[dict] = []  # one reading a step, with --peaks-by-step
-            self.window = parse_steps(args.snapshot_steps) if args.snapshot_steps else None
+        self.args, self.device = args, device
+        self.report = meter.MemoryReport(show=False)  # reads the model and optimizer through the hooks
+        self.steps: list[dict] = []  # one reading a step, with --peaks-by-step
+        self.window = parse_steps(args.snapshot_steps) if args.snapshot_steps else None
 
-        def micro_batches(self, step, micro_batches, n_supervised) -> None:
-            if self.window and step + 1 == self.window[0]:
-                start_recording(args.snapshot_entries, args.snapshot_stacks)
+    def adapted(self, model) -> None:
+        self.report.adapted(model)
 
-        def updated(self, step, lr, optimizer) -> None:
-            if self.window and step + 1 == self.window[1]:
-                stop_recording(args.snapshot)
-            if not args.peaks_by_step:
-                return
-            torch.cuda.synchronize(device)
-            reading = {"step": step + 1} | meter.memory_gib(device)
-            process = process_used_bytes()
-            reading["process_used_gib"] = round(process / common.GIB, 3) if process is not None else None
-            self.steps.append(reading)
-            meter.reset_peaks(device)
+    def loop_start(self, model, optimizer, loader, steps_per_epoch: int, total_steps: int) -> None:
+        self.report.loop_start(model, optimizer, loader, steps_per_epoch, total_steps)
 
-    return _StepMemory()
+    def micro_batches(self, step, micro_batches, n_supervised) -> None:
+        if self.window and step + 1 == self.window[0]:
+            start_recording(self.args.snapshot_entries, self.args.snapshot_stacks)
+
+    def updated(self, step, lr, optimizer) -> None:
+        import torch
+
+        from yoda_raw import meter
+
+        if self.window and step + 1 == self.window[1]:
+            stop_recording(self.args.snapshot)
+        if not self.args.peaks_by_step:
+            return
+        torch.cuda.synchronize(self.device)
+        reading = {"step": step + 1} | meter.memory_gib(self.device)
+        process = process_used_bytes()
+        reading["process_used_gib"] = round(process / common.GIB, 3) if process is not None else None
+        self.steps.append(reading)
+        meter.reset_peaks(self.device)
+
+    def logged(self, record: dict) -> None:
+        self.report.logged(record)
 
 
 # --- what fits on a card -------------------------------------------------------------------------
