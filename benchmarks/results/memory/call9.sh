@@ -13,7 +13,7 @@ nvidia-smi --query-gpu=memory.used --format=csv,noheader >> "$R/env.txt"  # the 
 CK=/tmp/phi3-random
 TOK="$YODA_RAW_DATA/phi3-mini-4k-instruct"
 python -c "from benchmarks.common import save_random_checkpoint as s; s('$TOK', '$CK')" > "$R/loop.log" 2>&1
-B="--model $CK --init pretrained --tokenizer $TOK --warmup 4 --steps 10 --peaks-by-step"
+B="--model $CK --init pretrained --tokenizer $TOK --warmup 4 --steps 8 --peaks-by-step"
 bench() { timeout 120 python benchmarks/bench_loop.py $B --json $R/loop.jsonl "$@" >> "$R/loop.log" 2>&1 || echo "exit $? for $*" | tee -a "$R/loop.log"; }
 LONG="--offload-activations on --compile-memory-budget 0.5"
 bench --batch-size 16 --max-length 64 --name defaults-16x64
@@ -30,5 +30,5 @@ for line in open(sys.argv[1]):
 PY
 cat "$R/summary.txt"
 tar -C /tmp -czf "$OUT/call9.tar.gz" call9
-BUDGET=$((380 - SECONDS)) ONLY="unsloth:64 unsloth:512 sft:64" bash .peers/run.sh
+BUDGET=$((340 - SECONDS)) ONLY="unsloth:512 unsloth:64 sft:64" bash .peers/run.sh
 echo "done at ${SECONDS} s"
