@@ -2,8 +2,8 @@
 # Call 9 (2026-12-07): the README's table in one call. Ours at 16 x 64 and 16 x 512 with the
 # defaults, 16 x 512 with the long-row levers (--offload-activations on --compile-memory-budget 0.5),
 # 16 x 64 with the small-card levers (the same and --loss-chunk 256); each step's peaks and the
-# process's own NVML share. Then the peers (.peers/run.sh): Unsloth at both shapes, and TRL's
-# SFTTrainer with the tutorial's config at 16 x 64 if the device time left allows.
+# process's own NVML share. Then Unsloth (.peers/run.sh) at 16 x 512, and at 16 x 64 if the device
+# time left allows (SFTTrainer does not fit it: call 3 has it).
 #   source .gpu/env.sh && bash benchmarks/results/memory/call9.sh      (carry .gpu and .peers)
 set -u
 R=/tmp/call9; mkdir -p "$R" "$OUT"
@@ -13,7 +13,7 @@ nvidia-smi --query-gpu=memory.used --format=csv,noheader >> "$R/env.txt"  # the 
 CK=/tmp/phi3-random
 TOK="$YODA_RAW_DATA/phi3-mini-4k-instruct"
 python -c "from benchmarks.common import save_random_checkpoint as s; s('$TOK', '$CK')" > "$R/loop.log" 2>&1
-B="--model $CK --init pretrained --tokenizer $TOK --warmup 4 --steps 8 --peaks-by-step"
+B="--model $CK --init pretrained --tokenizer $TOK --warmup 4 --steps 6 --peaks-by-step"
 bench() { timeout 120 python benchmarks/bench_loop.py $B --json $R/loop.jsonl "$@" >> "$R/loop.log" 2>&1 || echo "exit $? for $*" | tee -a "$R/loop.log"; }
 LONG="--offload-activations on --compile-memory-budget 0.5"
 bench --batch-size 16 --max-length 64 --name defaults-16x64
@@ -30,5 +30,5 @@ for line in open(sys.argv[1]):
 PY
 cat "$R/summary.txt"
 tar -C /tmp -czf "$OUT/call9.tar.gz" call9
-BUDGET=$((340 - SECONDS)) ONLY="unsloth:512 unsloth:64 sft:64" bash .peers/run.sh
+BUDGET=$((265 - SECONDS)) ONLY="unsloth:512 unsloth:64" bash .peers/run.sh
 echo "done at ${SECONDS} s"
