@@ -89,6 +89,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         help="What each recorded allocation keeps: its Python stack (default), or nothing (sizes and order only).",
     )
     add(
+        "--checkpoint-early-stop",
+        choices=("on", "off"),
+        default="on",
+        help="off: torch's checkpointing recomputes every block to its end instead of stopping once it has what "
+        "the backward needs (it stops by raising an exception, which Python stacks in a snapshot may trip on).",
+    )
+    add(
         "--peaks-by-step",
         action="store_true",
         help="Each step's own peak allocated and reserved memory, NVML's reading and this process's own share "
@@ -188,6 +195,7 @@ def measure(cfg, args, name: str, timed: int, watch_device: bool = False) -> dic
     """Run the real loop once for `cfg` and return one result (common.RESULT_KEYS and more).
     `watch_device`: also sample NVML's device memory in use all through (loading included)."""
     import torch
+    import torch.utils.checkpoint
 
     from yoda_raw import meter, train
 
@@ -213,8 +221,12 @@ def measure(cfg, args, name: str, timed: int, watch_device: bool = False) -> dic
         memory = StepMemory(args, device)
         with meter.DeviceUsedPeak(device if watch_device else None) as device_peak:
             whole_run = None if args.snapshot_steps else args.snapshot
+            # Off: every checkpointed block is recomputed to its end (torch stops as soon as it has what
+            # the backward needs, by raising an exception inside the block's last ops by default).
+            early_stop = args.checkpoint_early_stop == "on"
             with memory_history(whole_run, args.snapshot_entries, args.snapshot_stacks):
-                run = train.main(cfg, observer=memory)
+                with torch.utils.checkpoint.set_checkpoint_early_stop(early_stop):
+                    run = train.main(cfg, observer=memory)
     records = run.fit.log  # one a step: step_s, tokens, supervised_tokens, memory
     rows = run.fit.batch_size
     result = {"name": name, "pipeline": "yoda_raw", "device": common.device_name()}
