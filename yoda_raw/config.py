@@ -186,6 +186,14 @@ class Config:
             "copied beside the compute (less memory at long rows). auto: off; on needs a CUDA GPU."
         },
     )
+    split_layers: Literal["auto", "on", "off"] = field(
+        default="auto",
+        metadata={
+            "help": "Checkpoint each decoder layer as two halves, attention and MLP, so that their recomputed "
+            "products are never alive together (less memory at long rows; one more kept tensor a layer). "
+            "auto: off; on needs gradient checkpointing."
+        },
+    )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})

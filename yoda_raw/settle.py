@@ -20,7 +20,7 @@ import dataclasses
 
 import torch
 
-from yoda_raw import fast
+from yoda_raw import fast, halves
 from yoda_raw.config import LOSS_CHUNK, Config
 from yoda_raw.errors import YodaError
 from yoda_raw.model import check_uncheckpointed_layers, choose_lora_targets, resolve_quant, skeleton
@@ -39,6 +39,7 @@ def settle(cfg: Config, device: torch.device, num_processes: int, model_config) 
         )
     offload_activations = resolve_offload(cfg.offload_activations, device)
     skeleton_model = skeleton(model_config, cfg.trust_remote_code)
+    split_layers = resolve_split(cfg, skeleton_model)
     targets = choose_lora_targets(cfg.lora_targets, skeleton_model, cfg.model)
     check_uncheckpointed_layers(cfg, skeleton_model)
     context = model_config.max_position_embeddings
@@ -50,10 +51,25 @@ def settle(cfg: Config, device: torch.device, num_processes: int, model_config) 
         quant=quant,
         chunked_loss=chunked_loss,
         offload_activations=offload_activations,
+        split_layers=split_layers,
         lora_targets=targets,
         **plan.options(),
     )
     return cfg, precision, plan
+
+
+def resolve_split(cfg: Config, skeleton_model) -> str:
+    """--split-layers auto|on|off -> "on" or "off". auto is off until measured on a GPU
+    (benchmarks/NOTES.md); on splits checkpointed layers, and a layout halves.py does not know is refused."""
+    if cfg.split_layers != "on":
+        return "off"
+    if not cfg.gradient_checkpointing:
+        raise YodaError(
+            "--split-layers on checkpoints each layer as two halves, and --no-gradient-checkpointing turns "
+            "checkpointing off; drop one of them"
+        )
+    halves.check_layout(skeleton_model)
+    return "on"
 
 
 def resolve_offload(setting: str, device: torch.device) -> str:

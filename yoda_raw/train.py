@@ -42,6 +42,7 @@ from yoda_raw.config import TUTORIAL_MODEL, Config
 from yoda_raw.data import content_sha256, load_conversations, split_conversations
 from yoda_raw.errors import Interrupted, NonFiniteLoss, OutOfMemory, YodaError
 from yoda_raw.evaluate import end_of_run_report, format_report
+from yoda_raw.halves import split_layers
 from yoda_raw.hooks import Observer
 from yoda_raw.identity import shared_base_model_identity
 from yoda_raw.launcher import one_process_hint
@@ -146,6 +147,8 @@ def train_and_save(
     model = load_base_model(cfg, precision, accelerator.device, vocab_size=len(tokenizer))
     observer.base_model(model)
     model = add_lora(model, cfg)
+    if cfg.split_layers == "on":  # each layer's attention and MLP checkpointed apart (halves.py)
+        split_layers(model)
     fast.apply(plan, model)
     trainable, total = parameter_counts(model)
     accelerator.print(parameter_line(model))

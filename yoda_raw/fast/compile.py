@@ -1,4 +1,5 @@
-"""--compile-layers: each decoder layer compiled with torch.compile, on its own.
+"""--compile-layers: each decoder layer compiled with torch.compile, on its own (with
+--split-layers, each of its two halves: halves.py).
 
 Why a layer and not the model: the layers are alike, so one compiled code serves all of them and
 compiles in seconds, where the whole model takes minutes. A layer is where the many small
@@ -16,7 +17,7 @@ import torch._functorch.config  # activation_memory_budget
 from torch.utils._triton import has_triton
 
 from yoda_raw.errors import YodaError
-from yoda_raw.model import decoder_layers
+from yoda_raw.halves import compile_units
 
 
 def resolve(setting: str, cuda_graph: str, device: torch.device) -> str:
@@ -56,5 +57,5 @@ def compile_layers(model, memory_budget: float = 1.0) -> None:
         # a new Python that imports torch, stays in memory for the whole run and is slow to shut down,
         # and a single layer's few dozen kernels do not compile sooner with them.
         torch._inductor.config.compile_threads = 1
-    for layer in decoder_layers(model):
-        layer.compile(dynamic=False)
+    for unit in compile_units(model):  # the decoder layers, or with --split-layers their halves
+        unit.compile(dynamic=False)

@@ -1,0 +1,168 @@
+"""--split-layers: each decoder layer checkpointed as two halves, attention and MLP (halves.py)."""
+
+import json
+
+import pytest
+import torch
+import torch._dynamo
+from conftest import assert_close_up_to_rounding
+
+from tests.common import metrics
+from yoda_raw import halves
+from yoda_raw.errors import YodaError
+from yoda_raw.loss import token_loss_sum
+from yoda_raw.model import decoder_layers
+from yoda_raw.packing import Collator
+
+
+def batch_of(tokenizer) -> dict:
+    rows = [{"input_ids": list(range(5, 21)), "labels": [-100] * 4 + list(range(9, 21))} for _ in range(3)]
+    return Collator(tokenizer.pad_token_id)(rows)
+
+
+def with_trained_lora(model):
+    """LoRA's B is zero at the start, where LoRA adds nothing: give it values, so that a half that
+    skipped an adapter (or its dropout) would change the numbers."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    return model
+
+
+def step(model, batch, seed: int, count_runs: bool = True):
+    """One forward and backward: (loss, LoRA gradients, the shapes of what the forward saved outside
+    the checkpoints, how often each layer's attention and MLP ran, where `count_runs`)."""
+    runs = {"attention": 0, "mlp": 0}
+    for layer in decoder_layers(model) if count_runs else []:
+        for part, module in (("attention", layer.self_attn), ("mlp", layer.mlp)):
+            # Wrapped on the instance: module hooks do not fire in checkpointing's recompute.
+            module.forward = lambda *a, part=part, forward=module.forward, **k: (
+                runs.__setitem__(part, runs[part] + 1) or forward(*a, **k)
+            )
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = []
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in weights:
+            saved.append(tuple(tensor.shape))
+        return tensor
+
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # LoRA dropout's masks
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = token_loss_sum(model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, saved, runs
+
+
+def test_split_layers_train_as_whole_layers_keeping_the_middle(tiny_tokenizer, tiny_qlora):
+    """The same loss and LoRA gradients, to the bit, as whole checkpointed layers, dropout masks
+    included: the halves do the layer's own arithmetic in its order. The forward keeps one more
+    (B, T, H) tensor a layer (the residual stream between the halves), and each half runs twice
+    (forward, recompute). Catches a residual added twice or not at all, a norm or dropout skipped, a
+    half left outside its checkpoint (nothing recomputed) or the split not applied."""
+    batch = batch_of(tiny_tokenizer)
+    whole = with_trained_lora(tiny_qlora(lora_dropout=0.1))
+    split = with_trained_lora(tiny_qlora(lora_dropout=0.1))
+    halves.split_layers(split)
+    loss, grads, saved, runs = step(whole, batch, seed=7)
+    split_loss, split_grads, split_saved, split_runs = step(split, batch, seed=7)
+    assert torch.equal(split_loss, loss)
+    assert split_grads.keys() == grads.keys() and grads
+    for name in grads:
+        assert torch.equal(split_grads[name], grads[name]), name
+    hidden = (*batch["input_ids"].shape, whole.config.hidden_size)
+    layers = len(decoder_layers(whole))
+    assert split_saved.count(hidden) == saved.count(hidden) + layers
+    assert runs == split_runs == {"attention": 2 * layers, "mlp": 2 * layers}
+
+
+def test_uncheckpointed_layers_stay_whole(tiny_qlora):
+    model = tiny_qlora(uncheckpointed_layers=1)
+    halves.split_layers(model)
+    first, last = decoder_layers(model)
+    assert hasattr(first, "halves") and not hasattr(last, "halves")
+    assert halves.compile_units(model) == [*first.halves, last]
+
+
+def test_evaluation_and_generation_run_the_layers_as_they_are(tiny_tokenizer, tiny_qlora):
+    """Out of training the layer runs whole, KV cache included: the same logits and the same
+    generated tokens; and the weights keep their names (a saved adapter is the same). Catches the
+    split forward dropping the cache in generation, or the halves registered as modules."""
+    whole, split = with_trained_lora(tiny_qlora()), with_trained_lora(tiny_qlora())
+    names = list(split.state_dict())
+    halves.split_layers(split)
+    assert list(split.state_dict()) == names
+    ids = batch_of(tiny_tokenizer)["input_ids"][:1]
+    whole.eval(), split.eval()
+    with torch.no_grad():
+        assert torch.equal(split(input_ids=ids).logits, whole(input_ids=ids).logits)
+        settings = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": tiny_tokenizer.pad_token_id}
+        assert torch.equal(split.generate(input_ids=ids, **settings), whole.generate(input_ids=ids, **settings))
+
+
+def test_compiled_halves_give_the_eager_gradients_with_one_code_for_all_layers(tiny_tokenizer, tiny_qlora):
+    """--compile-layers with --split-layers compiles the halves: one code for every layer's attention
+    half and one for every MLP half (no recompiling per layer), and the loss and gradients of the
+    eager whole layers. No dropout: compiled dropout draws other masks."""
+    from yoda_raw.fast.compile import compile_layers
+
+    batch = batch_of(tiny_tokenizer)
+    eager = with_trained_lora(tiny_qlora(lora_dropout=0.0))
+    compiled = with_trained_lora(tiny_qlora(lora_dropout=0.0))
+    halves.split_layers(compiled)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        compile_layers(compiled)
+        loss, grads, _, _ = step(eager, batch, seed=0)
+        # Not counting runs: a wrapper a layer would be code of its own to compile, each layer's.
+        compiled_loss, compiled_grads, _, _ = step(compiled, batch, seed=0, count_runs=False)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    finally:
+        torch._dynamo.reset()
+    # The same sums, fused by inductor into other kernels: equal up to fp32 rounding of the tiny
+    # model's step (conftest, 7.2e-5 of each tensor's size).
+    assert_close_up_to_rounding(compiled_loss, loss, name="loss sum")
+    for name in grads:
+        assert_close_up_to_rounding(compiled_grads[name], grads[name], name=name)
+
+
+def test_a_run_with_split_layers_logs_the_same_losses(tmp_path, tiny_config):
+    """The loop with --split-layers on trains as with off, to the logged digit, and the saved config
+    says which ran. Catches the option not reaching the model."""
+    from yoda_raw import train
+
+    losses = {}
+    for setting in ("off", "on"):
+        out = tmp_path / setting
+        options = {"max_steps": 3, "logging_steps": 1, "samples": False, "eval_fraction": 0.0, "lora_dropout": 0.1}
+        train.main(tiny_config(options, split_layers=setting, output_dir=str(out)))
+        losses[setting] = [record["loss"] for record in metrics(out)]
+        assert json.loads((out / "run_config.json").read_text())["split_layers"] == setting
+    assert losses["on"] == losses["off"]
+
+
+def test_split_layers_where_it_cannot_work_is_one_line(tmp_path, capsys):
+    import run
+
+    out = tmp_path / "run"
+    argv = ["--preset", "tiny", "--split-layers", "on", "--no-gradient-checkpointing", "--output-dir", str(out)]
+    assert run.main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --split-layers on checkpoints each layer as two halves, and --no-gradient-checkpointing turns "
+        "checkpointing off; drop one of them"
+    ]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_layer_of_another_layout_is_refused(tiny_model):
+    """A decoder layer with parts the halves do not know (Gemma's extra norms, say) is refused by
+    name before any weights load, instead of being split wrong."""
+    layer = decoder_layers(tiny_model)[0]
+    layer.pre_feedforward_layernorm = torch.nn.Identity()
+    with pytest.raises(YodaError, match=r"^--split-layers on knows decoder layers made of .*Phi3DecoderLayer has"):
+        halves.check_layout(tiny_model)

@@ -1,0 +1,103 @@
+"""--split-layers: each decoder layer checkpointed as two halves, its attention and its MLP.
+
+Gradient checkpointing keeps a decoder layer's input and recomputes the layer just before its
+backward. The recompute makes everything the backward of the whole layer needs, at once: the
+attention's products (at 16 rows of 512 tokens on Phi-3-mini, the qkv product alone is 144 MiB) stay
+alive through the MLP's backward, which comes first and is the step's peak (its gate_up product
+and gradient, 256 MiB each). Checkpointing each half on its own recomputes the attention only once
+the MLP's backward is done, so the two halves' products are never alive together:
+
+    h = x + attention(input_layernorm(x))            checkpoint 1 keeps x
+    y = h + mlp(post_attention_layernorm(h))         checkpoint 2 keeps h
+
+What it costs: the residual stream between the halves, h, is kept too: a second (B, T, H) tensor a
+layer (48 MiB at 16 x 512), which --offload-activations moves to host memory with the first. The
+arithmetic is the layer's own, in the same order: the same numbers.
+
+With --compile-layers the halves are compiled each on its own (fast/compile.py), inside the
+checkpoints: within one compiled layer torch's partitioner would recompute the attention half to
+get h rather than keep it, and hold its products through the MLP's backward again.
+
+The halves are written for the decoder layers of Llama, Mistral, Qwen2 and Phi-3 (transformers'
+`input_layernorm`, `self_attn`, `post_attention_layernorm`, `mlp`, and Phi-3's residual dropouts);
+another layout is refused at start. Evaluation and generation run the layer as it is (with its KV
+cache).
+"""
+
+import types
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from yoda_raw.errors import YodaError
+from yoda_raw.model import decoder_layers
+
+PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+# Modules a layer may hold besides PARTS: Phi-3's dropouts on each half's output (p = 0 in its config).
+DROPOUTS = ("resid_attn_dropout", "resid_mlp_dropout")
+
+
+class AttentionHalf(torch.nn.Module):
+    """x -> attention(input_layernorm(x)): what the first half adds to the residual stream."""
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        self.norm, self.attention = layer.input_layernorm, layer.self_attn
+        self.dropout = getattr(layer, "resid_attn_dropout", torch.nn.Identity())
+
+    def forward(self, hidden: torch.Tensor, **attention_kwargs) -> torch.Tensor:
+        out, _ = self.attention(hidden_states=self.norm(hidden), **attention_kwargs)
+        return self.dropout(out)
+
+
+class MLPHalf(torch.nn.Module):
+    """h -> mlp(post_attention_layernorm(h)): what the second half adds to the residual stream."""
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        self.norm, self.mlp = layer.post_attention_layernorm, layer.mlp
+        self.dropout = getattr(layer, "resid_mlp_dropout", torch.nn.Identity())
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.mlp(self.norm(hidden)))
+
+
+def check_layout(skeleton_model) -> None:
+    """Refuse, before any weights load, a model whose decoder layers are not laid out as PARTS."""
+    for layer in decoder_layers(skeleton_model)[:1]:
+        children = {name for name, _ in layer.named_children()}
+        missing, extra = set(PARTS) - children, children - set(PARTS) - set(DROPOUTS)
+        if missing or extra:
+            raise YodaError(
+                f"--split-layers on knows decoder layers made of {', '.join(PARTS)}; "
+                f"{type(layer).__name__} has {', '.join(sorted(children))}; use --split-layers off"
+            )
+
+
+def split_layers(model) -> None:
+    """Every checkpointed decoder layer of `model` runs as two checkpointed halves in training. The
+    halves are kept on the layer outside its modules (`layer.halves`, a tuple): the weights keep
+    their names, and an adapter saved from the model is the same."""
+    for layer in decoder_layers(model):
+        if layer.gradient_checkpointing:  # --uncheckpointed-layers leaves the last ones whole
+            layer.halves = (AttentionHalf(layer), MLPHalf(layer))  # a tuple: not registered as modules
+            layer.forward = types.MethodType(_split_forward, layer)
+
+
+def _split_forward(layer, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    if not (layer.training and torch.is_grad_enabled()) or args:
+        return type(layer).forward(layer, hidden_states, *args, **kwargs)  # as it is, its cache included
+    # Training keeps no KV cache (the layer's own checkpointing drops it the same way).
+    for name in ("cache", "past_key_values", "use_cache", "layer_past"):
+        kwargs.pop(name, None)
+    attention, mlp = layer.halves
+    hidden = hidden_states + checkpoint(attention, hidden_states, use_reentrant=False, **kwargs)
+    return hidden + checkpoint(mlp, hidden, use_reentrant=False)
+
+
+def compile_units(model) -> list[torch.nn.Module]:
+    """What --compile-layers compiles: each decoder layer, or, where it is split, its two halves."""
+    units = []
+    for layer in decoder_layers(model):
+        units += list(getattr(layer, "halves", None) or [layer])
+    return units
