@@ -85,8 +85,10 @@ def split_layers(model) -> None:
 
 
 def _split_forward(layer, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    # Out of training, or called in a way the halves do not know (more than the hidden states by
+    # position), the layer runs as it is, its cache included.
     if not (layer.training and torch.is_grad_enabled()) or args:
-        return type(layer).forward(layer, hidden_states, *args, **kwargs)  # as it is, its cache included
+        return type(layer).forward(layer, hidden_states, *args, **kwargs)
     # Training keeps no KV cache (the layer's own checkpointing drops it the same way).
     for name in ("cache", "past_key_values", "use_cache", "layer_past"):
         kwargs.pop(name, None)

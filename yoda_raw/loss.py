@@ -13,7 +13,7 @@ Two ways to compute it, the same number:
   a time (--loss-chunk), each chunk checkpointed: its logits exist only while it is computed, and
   again, recomputed, while its backward runs. One chunk's logits at a time instead of all of them,
   for one more head matmul in the backward. A chunk holds its logits, their fp32 copy and then their
-  gradient, 12 bytes a position and vocabulary entry: where the rest of the step is small (short
+  gradient, about 12 bytes a position and vocabulary entry: where the rest of the step is small (short
   rows), that is its peak, and smaller chunks lower it.
 """
 
