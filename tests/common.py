@@ -57,6 +57,18 @@ def last_error_line(capsys) -> str:
     return lines[-1]
 
 
+def refused_in_one_line(argv: list[str], out: Path, capsys) -> str:
+    """`run.py argv --output-dir out` refused as a mistake: exit status 2, one line on stderr (given
+    back), and nothing written in `out`."""
+    import run
+
+    assert run.main([*argv, "--output-dir", str(out)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert not out.exists() or not any(out.iterdir())
+    return lines[0]
+
+
 # --- metrics.jsonl ---------------------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ import torch._functorch.config  # --compile-memory-budget sets activation_memory
 from conftest import assert_close_up_to_rounding, rounding_tolerance
 
 import run
+from tests.common import refused_in_one_line
 from yoda_raw.chat import IGNORE
 from yoda_raw.fast.graphs import CAUSAL_SDPA, GraphStep
 from yoda_raw.loss import token_loss_sum
@@ -266,12 +267,10 @@ def test_compile_memory_budget_keeps_less_for_the_backward_and_the_same_gradient
 def test_compile_memory_budget_where_it_cannot_work_is_one_line(tmp_path, capsys, budget):
     """A budget for layers that are not compiled (a CPU's default) would do nothing, and one outside
     [0, 1] means nothing: one line each, exit 2, nothing written."""
-    out = tmp_path / "run"
-    assert run.main(["--preset", "tiny", "--compile-memory-budget", budget, "--output-dir", str(out)]) == 2
     expected = {
         "0.5": "error: --compile-memory-budget 0.5 shares out what compiled layers keep for their backward, and "
         "the layers are not compiled here; drop it, or add --compile-layers on",
         "1.5": "error: --compile-memory-budget must be in [0, 1], got 1.5",
     }
-    assert capsys.readouterr().err.strip().splitlines() == [expected[budget]]
-    assert not out.exists() or not any(out.iterdir())
+    argv = ["--preset", "tiny", "--compile-memory-budget", budget]
+    assert refused_in_one_line(argv, tmp_path / "run", capsys) == expected[budget]

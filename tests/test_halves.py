@@ -7,7 +7,7 @@ import torch
 import torch._dynamo
 from conftest import assert_close_up_to_rounding
 
-from tests.common import metrics
+from tests.common import metrics, refused_in_one_line
 from yoda_raw import halves
 from yoda_raw.errors import YodaError
 from yoda_raw.loss import token_loss_sum
@@ -147,16 +147,11 @@ def test_a_run_with_split_layers_logs_the_same_losses(tmp_path, tiny_config):
 
 
 def test_split_layers_where_it_cannot_work_is_one_line(tmp_path, capsys):
-    import run
-
-    out = tmp_path / "run"
-    argv = ["--preset", "tiny", "--split-layers", "on", "--no-gradient-checkpointing", "--output-dir", str(out)]
-    assert run.main(argv) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
+    argv = ["--preset", "tiny", "--split-layers", "on", "--no-gradient-checkpointing"]
+    assert refused_in_one_line(argv, tmp_path / "run", capsys) == (
         "error: --split-layers on checkpoints each layer as two halves, and --no-gradient-checkpointing turns "
         "checkpointing off; drop one of them"
-    ]
-    assert not out.exists() or not any(out.iterdir())
+    )
 
 
 def test_a_layer_of_another_layout_is_refused(tiny_model):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import assert_close_up_to_rounding, rounding_tolerance
 
-from tests.common import metrics
+from tests.common import metrics, refused_in_one_line
 from yoda_raw import loss
 from yoda_raw.chat import IGNORE
 from yoda_raw.loss import token_loss_sum
@@ -107,14 +107,9 @@ def test_a_run_with_the_chunked_loss_logs_the_same_losses(tmp_path, tiny_config,
 def test_loss_chunk_where_it_cannot_work_is_one_line(tmp_path, capsys, chunk):
     """A chunk size where the loss is not chunked (a CPU's default) would do nothing, and a chunk of
     no positions would loop forever: one line each, exit 2, nothing written."""
-    import run
-
-    out = tmp_path / "run"
-    assert run.main(["--preset", "tiny", "--loss-chunk", chunk, "--output-dir", str(out)]) == 2
     expected = {
         "256": "error: --loss-chunk 256 sizes the chunked loss's chunks, and the loss is not chunked here; "
         "drop --loss-chunk, or add --chunked-loss on",
         "0": "error: --loss-chunk must be at least 1 position, got 0",
     }
-    assert capsys.readouterr().err.strip().splitlines() == [expected[chunk]]
-    assert not out.exists() or not any(out.iterdir())
+    assert refused_in_one_line(["--preset", "tiny", "--loss-chunk", chunk], tmp_path / "run", capsys) == expected[chunk]
