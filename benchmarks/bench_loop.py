@@ -357,25 +357,29 @@ def parse_steps(text: str) -> tuple[int, int]:
     return window
 
 
-def process_used_bytes() -> int | None:
-    """What NVML says this process holds on the GPU (its CUDA context included, other processes and
-    the idle card's own use not), or None where the driver does not tell (in some containers)."""
+def process_used_reader(device):
+    """A function that reads what NVML says this process holds on `device` (its CUDA context
+    included; other processes and the idle card's own use not): bytes, or None where the driver does
+    not tell (in some containers). None without NVML."""
     import os
-
-    import pynvml
-    import torch
 
     from yoda_raw import meter
 
-    if meter.nvml_reader(torch.device("cuda", 0)) is None:
+    if meter.nvml_reader(device) is None:  # initialises NVML, where it is there
         return None
-    handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-    try:
-        processes = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
-    except pynvml.NVMLError:
-        return None
-    mine = [p.usedGpuMemory for p in processes if p.pid == os.getpid() and p.usedGpuMemory is not None]
-    return mine[0] if len(mine) == 1 else None
+    import pynvml
+
+    handle = pynvml.nvmlDeviceGetHandleByIndex(device.index if device.index is not None else 0)
+
+    def read() -> int | None:
+        try:
+            processes = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        except pynvml.NVMLError:
+            return None
+        mine = [p.usedGpuMemory for p in processes if p.pid == os.getpid() and p.usedGpuMemory is not None]
+        return mine[0] if len(mine) == 1 else None
+
+    return read
 
 
 class StepMemory(Observer):
@@ -390,6 +394,7 @@ class StepMemory(Observer):
         self.report = meter.MemoryReport(show=False)  # reads the model and optimizer through the hooks
         self.steps: list[dict] = []  # one reading a step, with --peaks-by-step
         self.window = parse_steps(args.snapshot_steps) if args.snapshot_steps else None
+        self.read_process_used = process_used_reader(device) if args.peaks_by_step else None
 
     def adapted(self, model) -> None:
         self.report.adapted(model)
@@ -412,7 +417,7 @@ class StepMemory(Observer):
             return
         torch.cuda.synchronize(self.device)
         reading = {"step": step + 1} | meter.memory_gib(self.device)
-        process = process_used_bytes()
+        process = self.read_process_used() if self.read_process_used else None
         reading["process_used_gib"] = round(process / common.GIB, 3) if process is not None else None
         self.steps.append(reading)
         meter.reset_peaks(self.device)

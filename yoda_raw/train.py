@@ -383,9 +383,10 @@ def fit(
                 log.write(step, lr, grad_norm)
             stopping = stop.agreed()
             if save_due or stopping:
-                check_finite(first_bad_step, step)  # nothing is saved (or logged) after a NaN
-                if stopping and not log_due:  # the step a stop saves has its log line
-                    log.write(step, lr, grad_norm)
+                if not log_due:  # a step that logged was checked above, and nothing has run since
+                    check_finite(first_bad_step, step)  # nothing is saved (or logged) after a NaN
+                    if stopping:  # the step a stop saves has its log line
+                        log.write(step, lr, grad_norm)
                 save_checkpoint(cfg, accelerator, out, step, branch)
             if stopping:
                 break
