@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The next device call (written 2026-12-07, not yet run; next steps 23, 25 and 26 of NOTES.md and
+# Call 9 (written 2026-12-07; next steps 23, 25 and 26 of NOTES.md and
 # the README's table in one call). Ours at 16 x 64 and 16 x 512: the defaults; the long-row levers
 # (--offload-activations on --compile-memory-budget 0.5) without and with --split-layers on; the
 # small-card levers at 16 x 64 (the same and --loss-chunk 256) with expandable segments; each step's
 # peaks and the process's own NVML share. A snapshot with Python stacks, checkpoints recomputed to
 # their end. Then the peers (.peers/run.sh): Unsloth, and TRL's SFTTrainer with the tutorial's config.
-#   source .gpu/env.sh && bash benchmarks/results/memory/next_call.sh      (carry .gpu and .peers)
+#   source .gpu/env.sh && bash benchmarks/results/memory/call9.sh      (carry .gpu and .peers)
 set -u
-R=/tmp/next_call; mkdir -p "$R" "$OUT"
+R=/tmp/call9; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv,noheader > "$R/env.txt"
 python -c "import torch, transformers, peft, accelerate, bitsandbytes as b; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__, 'bitsandbytes', b.__version__)" >> "$R/env.txt"
 CK=/tmp/phi3-random
@@ -36,6 +36,6 @@ for line in open(sys.argv[1]):
           f"{r.get('device_used_gib') or 0:6.2f} {r.get('process_used_gib') or 0:6.2f}")
 PY
 cat "$R/summary.txt" "$R/peak_split.txt"
-tar -C /tmp -czf "$OUT/next_call.tar.gz" next_call
+tar -C /tmp -czf "$OUT/call9.tar.gz" call9
 BUDGET=$((575 - SECONDS)) ONLY="unsloth:512 unsloth:64 sft:512 sft:64" bash .peers/run.sh
 echo "done at ${SECONDS} s"
