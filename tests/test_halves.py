@@ -1,11 +1,12 @@
 """--split-layers: each decoder layer checkpointed as two halves, attention and MLP (halves.py)."""
 
+import collections
 import json
 
 import pytest
 import torch
 import torch._dynamo
-from conftest import assert_close_up_to_rounding
+from conftest import assert_close_up_to_rounding, rounding_tolerance
 
 from tests.common import metrics, refused_in_one_line
 from yoda_raw import halves
@@ -80,6 +81,37 @@ def test_split_layers_train_as_whole_layers_keeping_the_middle(tiny_tokenizer, t
     assert runs == split_runs == {"attention": 2 * layers, "mlp": 2 * layers}
 
 
+def test_mlp_chunks_give_the_whole_mlps_gradients_a_chunk_at_a_time(tiny_tokenizer, tiny_qlora):
+    """--mlp-chunk: the MLP half runs on at most `chunk` tokens at a time, forward and recompute
+    alike, each chunk its own checkpoint (it keeps its slice of the residual stream, and nothing of
+    the whole), with the loss and gradients of the unchunked split. 48 tokens in chunks of 10: four
+    of 10 and a last of 8. Catches chunks left out or taken twice, one checkpoint over all chunks
+    (the recompute would hold every chunk's products again), or rows and tokens mixed up."""
+    batch = batch_of(tiny_tokenizer)
+    whole = with_trained_lora(tiny_qlora(lora_dropout=0.0))
+    chunked = with_trained_lora(tiny_qlora(lora_dropout=0.0))
+    halves.split_layers(whole)
+    halves.split_layers(chunked, mlp_chunk=10)
+    seen = []
+    for layer in decoder_layers(chunked):
+        layer.mlp.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    loss, grads, saved, runs = step(whole, batch, seed=0)
+    chunked_loss, chunked_grads, chunked_saved, chunked_runs = step(chunked, batch, seed=0)
+    layers, width = len(decoder_layers(chunked)), chunked.config.hidden_size
+    hidden = (*batch["input_ids"].shape, width)
+    assert chunked_runs == {"attention": 2 * layers, "mlp": 2 * 5 * layers}
+    # Forward and recompute, each chunk once in each: never the whole 48 tokens.
+    assert sorted(collections.Counter(seen).items()) == [((1, 8, width), 2 * layers), ((1, 10, width), 8 * layers)]
+    assert chunked_saved.count(hidden) == saved.count(hidden) - layers
+    assert chunked_saved.count((1, 10, width)) == 4 * layers and chunked_saved.count((1, 8, width)) == layers
+    # The same sums over fewer rows at a time: a matmul may block them otherwise, so equal up to fp32
+    # rounding of the tiny model's step (conftest, 7.2e-5 of each tensor's size).
+    assert_close_up_to_rounding(chunked_loss, loss, name="loss sum")
+    assert chunked_grads.keys() == grads.keys() and grads
+    for name in grads:
+        assert_close_up_to_rounding(chunked_grads[name], grads[name], name=name)
+
+
 def test_uncheckpointed_layers_stay_whole(tiny_qlora):
     model = tiny_qlora(uncheckpointed_layers=1)
     halves.split_layers(model)
@@ -106,14 +138,15 @@ def test_evaluation_and_generation_run_the_layers_as_they_are(tiny_tokenizer, ti
 
 def test_compiled_halves_give_the_eager_gradients_with_one_code_for_all_layers(tiny_tokenizer, tiny_qlora):
     """--compile-layers with --split-layers compiles the halves: one code for every layer's attention
-    half and one for every MLP half (no recompiling per layer), and the loss and gradients of the
-    eager whole layers. No dropout: compiled dropout draws other masks."""
+    half and one for every MLP half and chunk (--mlp-chunk 24: two of the 48 tokens; no recompiling
+    per layer or chunk), and the loss and gradients of the eager whole layers. No dropout: compiled
+    dropout draws other masks."""
     from yoda_raw.fast.compile import compile_layers
 
     batch = batch_of(tiny_tokenizer)
     eager = with_trained_lora(tiny_qlora(lora_dropout=0.0))
     compiled = with_trained_lora(tiny_qlora(lora_dropout=0.0))
-    halves.split_layers(compiled)
+    halves.split_layers(compiled, mlp_chunk=24)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     try:
@@ -146,12 +179,49 @@ def test_a_run_with_split_layers_logs_the_same_losses(tmp_path, tiny_config):
     assert losses["on"] == losses["off"]
 
 
-def test_split_layers_where_it_cannot_work_is_one_line(tmp_path, capsys):
-    argv = ["--preset", "tiny", "--split-layers", "on", "--no-gradient-checkpointing"]
-    assert refused_in_one_line(argv, tmp_path / "run", capsys) == (
-        "error: --split-layers on checkpoints each layer as two halves, and --no-gradient-checkpointing turns "
-        "checkpointing off; drop one of them"
+def test_a_run_with_mlp_chunks_logs_the_unchunked_losses(tmp_path, tiny_config, monkeypatch):
+    """The loop with --mlp-chunk trains as the unchunked split, and the saved config says which
+    chunk ran. Catches the option not reaching the layers (spied on: the chunks the MLP half makes)."""
+    from yoda_raw import train
+
+    sizes = []
+    real = halves._mlp_in_chunks
+    monkeypatch.setattr(
+        halves, "_mlp_in_chunks", lambda mlp, hidden, chunk: sizes.append(chunk) or real(mlp, hidden, chunk)
     )
+    losses = {}
+    for chunk in (0, 100):
+        out = tmp_path / str(chunk)
+        options = {"max_steps": 3, "logging_steps": 1, "samples": False, "eval_fraction": 0.0, "lora_dropout": 0.0}
+        train.main(tiny_config(options, split_layers="on", mlp_chunk=chunk, output_dir=str(out)))
+        losses[chunk] = [record["loss"] for record in metrics(out)]
+        assert json.loads((out / "run_config.json").read_text())["mlp_chunk"] == chunk
+    assert set(sizes) == {0, 100}
+    # Three steps from the same start, the sums blocked otherwise: fp32 rounding of the tiny model's
+    # step, once a step (conftest); a chunk lost or taken twice moves the loss by percents.
+    assert losses[100] == pytest.approx(losses[0], rel=0, abs=rounding_tolerance(max(losses[0]), steps=3))
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (
+            ["--split-layers", "on", "--no-gradient-checkpointing"],
+            "--split-layers on checkpoints each layer as two halves, and --no-gradient-checkpointing turns "
+            "checkpointing off; drop one of them",
+        ),
+        (
+            ["--mlp-chunk", "256"],
+            "--mlp-chunk 256 checkpoints the MLP half of each split layer in chunks, and the layers are not split; "
+            "add --split-layers on, or drop --mlp-chunk",
+        ),
+        (["--split-layers", "on", "--mlp-chunk", "-1"], "--mlp-chunk must be 0 (no chunks) or more tokens, got -1"),
+    ],
+)
+def test_split_layers_where_it_cannot_work_is_one_line(tmp_path, capsys, argv, expected):
+    """Each refusal one line, exit 2, nothing written: checkpointing off leaves nothing to split, a
+    chunk without the split would do nothing, and a negative chunk is no size."""
+    assert refused_in_one_line(["--preset", "tiny", *argv], tmp_path / "run", capsys) == f"error: {expected}"
 
 
 def test_a_layer_of_another_layout_is_refused(tiny_model):

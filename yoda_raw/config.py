@@ -194,6 +194,14 @@ class Config:
             "auto: off; on needs gradient checkpointing."
         },
     )
+    mlp_chunk: int = field(
+        default=0,
+        metadata={
+            "help": "With --split-layers on, each layer's MLP checkpointed this many tokens at a time, so that its "
+            "recomputed products (the step's widest) are a chunk's (less memory at long rows, for some speed). "
+            "0: the whole micro-batch at once."
+        },
+    )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
@@ -303,6 +311,7 @@ class Config:
                 f"--compile-memory-budget must be in [0, 1], got {self.compile_memory_budget}",
             ),
             (self.loss_chunk >= 1, f"--loss-chunk must be at least 1 position, got {self.loss_chunk}"),
+            (self.mlp_chunk >= 0, f"--mlp-chunk must be 0 (no chunks) or more tokens, got {self.mlp_chunk}"),
             (self.logging_steps >= 1, f"--logging-steps must be at least 1, got {self.logging_steps}"),
             (self.save_steps >= 0, f"--save-steps must be 0 or more, got {self.save_steps}"),
             (

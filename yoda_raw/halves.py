@@ -18,6 +18,13 @@ With --compile-layers the halves are compiled each on its own (fast/compile.py),
 checkpoints: within one compiled layer torch's partitioner would recompute the attention half to
 get h rather than keep it, and hold its products through the MLP's backward again.
 
+--mlp-chunk N goes one step further inside the MLP half: the MLP works token by token, so its
+checkpoint can be N tokens at a time, each chunk a checkpoint of its own. The backward then
+recomputes one chunk, runs its backward and frees its products before the next chunk's recompute:
+the MLP's wide products (gate_up's output and its gradient, the activation's) are a chunk's, not
+the whole micro-batch's. What it costs: more, smaller matmuls, and each chunk dequantizes the 4-bit
+weights again (once in the forward, once in the recompute).
+
 The halves are written for the decoder layers of Llama, Mistral, Qwen2 and Phi-3 (transformers'
 `input_layernorm`, `self_attn`, `post_attention_layernorm`, `mlp`, and Phi-3's residual dropouts);
 another layout is refused at start. Evaluation and generation run the layer as it is (with its KV
@@ -74,13 +81,15 @@ def check_layout(skeleton_model) -> None:
             )
 
 
-def split_layers(model) -> None:
-    """Every checkpointed decoder layer of `model` runs as two checkpointed halves in training. The
-    halves are kept on the layer outside its modules (`layer.halves`, a tuple): the weights keep
-    their names, and an adapter saved from the model is the same."""
+def split_layers(model, mlp_chunk: int = 0) -> None:
+    """Every checkpointed decoder layer of `model` runs as two checkpointed halves in training, the
+    MLP's `mlp_chunk` tokens at a time (0: all at once). The halves are kept on the layer outside its
+    modules (`layer.halves`, a tuple): the weights keep their names, and an adapter saved from the
+    model is the same."""
     for layer in decoder_layers(model):
         if layer.gradient_checkpointing:  # --uncheckpointed-layers leaves the last ones whole
             layer.halves = (AttentionHalf(layer), MLPHalf(layer))  # a tuple: not registered as modules
+            layer.mlp_chunk = mlp_chunk
             layer.forward = types.MethodType(_split_forward, layer)
 
 
@@ -94,7 +103,17 @@ def _split_forward(layer, hidden_states: torch.Tensor, *args, **kwargs) -> torch
         kwargs.pop(name, None)
     attention, mlp = layer.halves
     hidden = hidden_states + checkpoint(attention, hidden_states, use_reentrant=False, **kwargs)
-    return hidden + checkpoint(mlp, hidden, use_reentrant=False)
+    return hidden + _mlp_in_chunks(mlp, hidden, layer.mlp_chunk)
+
+
+def _mlp_in_chunks(mlp: MLPHalf, hidden: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The MLP half of (B, T, H) `hidden`, checkpointed `chunk` tokens at a time (0: at once)."""
+    if chunk == 0 or chunk >= hidden.shape[0] * hidden.shape[1]:
+        return checkpoint(mlp, hidden, use_reentrant=False)
+    # The rows laid end to end, (1, B x T, H): a chunk is then a contiguous slice, whatever B and T.
+    tokens = hidden.reshape(1, -1, hidden.shape[-1])
+    outputs = [checkpoint(mlp, piece, use_reentrant=False) for piece in tokens.split(chunk, dim=1)]
+    return torch.cat(outputs, dim=1).view_as(hidden)
 
 
 def compile_units(model) -> list[torch.nn.Module]:

@@ -62,6 +62,11 @@ def resolve_split(cfg: Config, skeleton_model) -> str:
     """--split-layers auto|on|off -> "on" or "off". auto is off until measured on a GPU
     (benchmarks/NOTES.md); on splits checkpointed layers, and a layout halves.py does not know is refused."""
     if cfg.split_layers != "on":
+        if cfg.mlp_chunk:
+            raise YodaError(
+                f"--mlp-chunk {cfg.mlp_chunk} checkpoints the MLP half of each split layer in chunks, and the layers "
+                "are not split; add --split-layers on, or drop --mlp-chunk"
+            )
         return "off"
     if not cfg.gradient_checkpointing:
         raise YodaError(

@@ -148,7 +148,7 @@ def train_and_save(
     observer.base_model(model)
     model = add_lora(model, cfg)
     if cfg.split_layers == "on":  # each layer's attention and MLP checkpointed apart (halves.py)
-        split_layers(model)
+        split_layers(model, cfg.mlp_chunk)
     fast.apply(plan, model)
     trainable, total = parameter_counts(model)
     accelerator.print(parameter_line(model))
