@@ -7,6 +7,7 @@
 # process's own NVML share. Then the peers (.peers/run.sh): Unsloth, and TRL's SFTTrainer with the
 # tutorial's config, with the time left.
 #   source .gpu/env.sh && bash benchmarks/results/memory/call9.sh      (carry .gpu and .peers)
+# CALL_LIMIT (575): the second of the call by which the peers must be done.
 set -u
 R=/tmp/call9; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv,noheader > "$R/env.txt"
@@ -41,5 +42,5 @@ for line in open(sys.argv[1]):
 PY
 cat "$R/summary.txt"
 tar -C /tmp -czf "$OUT/call9.tar.gz" call9
-WARMUP=3 STEPS_64=8 STEPS_512=6 BUDGET=$((575 - SECONDS)) ONLY="unsloth:512 unsloth:64 sft:512 sft:64" bash .peers/run.sh
+WARMUP=3 STEPS_64=8 STEPS_512=6 BUDGET=$((${CALL_LIMIT:-575} - SECONDS)) ONLY="unsloth:512 unsloth:64 sft:512 sft:64" bash .peers/run.sh
 echo "done at ${SECONDS} s"
