@@ -7,7 +7,8 @@
 # process's own NVML share. Then the peers (.peers/run.sh): Unsloth, and TRL's SFTTrainer with the
 # tutorial's config, with the time left.
 #   source .gpu/env.sh && bash benchmarks/results/memory/call9.sh      (carry .gpu and .peers)
-# CALL_LIMIT (575): the second of the call by which the peers must be done.
+# CALL_LIMIT (575): the second of the call by which the peers must be done; ours start no run after
+# CALL_LIMIT - 175, most telling first.
 set -u
 R=/tmp/call9; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv,noheader > "$R/env.txt"
@@ -16,14 +17,14 @@ CK=/tmp/phi3-random
 TOK="$YODA_RAW_DATA/phi3-mini-4k-instruct"
 python -c "from benchmarks.common import save_random_checkpoint as s; s('$TOK', '$CK')" > "$R/loop.log" 2>&1
 B="--model $CK --init pretrained --tokenizer $TOK --peaks-by-step"
-bench() { ((SECONDS < 400)) || { echo "skipped for time: $*" | tee -a "$R/loop.log"; return; }; timeout 120 python benchmarks/bench_loop.py $B --json $R/loop.jsonl "$@" >> "$R/loop.log" 2>&1 || echo "exit $? for $*" | tee -a "$R/loop.log"; }
+bench() { ((SECONDS < ${CALL_LIMIT:-575} - 175)) || { echo "skipped for time: $*" | tee -a "$R/loop.log"; return; }; timeout 120 python benchmarks/bench_loop.py $B --json $R/loop.jsonl "$@" >> "$R/loop.log" 2>&1 || echo "exit $? for $*" | tee -a "$R/loop.log"; }
 S512="--batch-size 16 --max-length 512 --warmup 3 --steps 6"
 S64="--batch-size 16 --max-length 64 --warmup 3 --steps 8"
 O="--offload-activations on"
 bench $S512 --name defaults-16x512
-bench $S512 $O --compile-memory-budget 0.5 --name offload-budget05-16x512
-bench $S512 $O --split-layers on --mlp-chunk 4096 --name offload-split-chunk4096-16x512
 bench $S512 $O --split-layers on --mlp-chunk 2048 --name offload-split-chunk2048-16x512
+bench $S512 $O --split-layers on --mlp-chunk 4096 --name offload-split-chunk4096-16x512
+bench $S512 $O --compile-memory-budget 0.5 --name offload-budget05-16x512
 bench $S512 $O --split-layers on --name offload-split-16x512
 bench $S512 $O --split-layers on --mlp-chunk 2048 --compile-memory-budget 0.5 --name offload-split-chunk2048-budget05-16x512
 bench $S64 --name defaults-16x64
