@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import bench_loop, common, report, run_all  # noqa: E402
+from benchmarks.lab import live_peak  # noqa: E402
 
 # Every number a result carries names its unit, or is a ratio, a count or a loss.
 UNIT_SUFFIXES = ("_s", "_gib", "_per_s", "_per_token", "_per_step", "_params", "_steps", "_tflops", "_share")
@@ -362,7 +363,9 @@ def test_only_takes_job_and_section_names():
     assert card.args[card.args.index("--precision") + 1] == "fp16"
 
 
-@pytest.mark.parametrize("module, examples", [(common, 3), (report, 1)], ids=["common", "report"])
+@pytest.mark.parametrize(
+    "module, examples", [(common, 3), (report, 1), (live_peak, 1)], ids=["common", "report", "live_peak"]
+)
 def test_examples_in_docstrings_hold(module, examples):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted >= examples and result.failed == 0

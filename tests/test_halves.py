@@ -2,15 +2,13 @@
 
 import collections
 import json
-import weakref
 
 import pytest
 import torch
 import torch._dynamo
 from conftest import assert_close_up_to_rounding, rounding_tolerance
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
+from benchmarks.lab.live_peak import LivePeak
 from tests.common import metrics, refused_in_one_line
 from yoda_raw import halves
 from yoda_raw.errors import YodaError
@@ -115,33 +113,9 @@ def test_mlp_chunks_give_the_whole_mlps_gradients_a_chunk_at_a_time(tiny_tokeniz
         assert_close_up_to_rounding(chunked_grads[name], grads[name], name=name)
 
 
-class LivePeak(TorchDispatchMode):
-    """Inside the block: the bytes of the tensors torch makes that are still alive, and the most at
-    once (`peak`). What a GPU's allocator would need for them, without its rounding and cache."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.peak, self.alive = 0, 0, set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in self.alive:
-                storage = tensor.untyped_storage()  # a view's storage is counted once, with its base
-                key, size = storage.data_ptr(), storage.nbytes()
-                self.alive.add(key)
-                self.live += size
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(storage, self._freed, key, size)
-        return out
-
-    def _freed(self, key: int, size: int) -> None:
-        self.live -= size
-        self.alive.discard(key)
-
-
 def test_the_split_and_the_chunks_lower_the_steps_peak():
-    """What the levers are for: the peak of a step's live tensors. A Phi-3 layout with a wide MLP
+    """What the levers are for: the peak of a step's live tensors (counted by the lab's
+    live_peak.py, which measures the same at the real widths). A Phi-3 layout with a wide MLP
     (512 of the MLP's width a token against 64 of the hidden size, Phi-3-mini's proportion being
     8,192 to 3,072), fp32, 2,048 tokens. The split frees the attention's products before the MLP's
     backward: at least the qkv product (2,048 x 192 x 4 bytes) less. Chunks of 256 tokens hold an
