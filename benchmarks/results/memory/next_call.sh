@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# Call 9 (written 2026-12-07): the long-row levers of halves.py against the defaults and the levers
-# of call 8, and the README's table with the peers in the same call (NOTES.md next steps 23 and 26).
+# The next device call (written 2026-12-07, when fifteen tries at it got no machine): the long-row
+# levers of halves.py against the defaults and the levers of call 8, and the README's table with
+# the peers in the same call (NOTES.md next steps 23, 26 and 27).
 # At 16 x 512: the defaults; offloading with a budget of 0.5 (call 8's levers); offloading with
 # --split-layers on, alone and with --mlp-chunk 4096 and 2048, and 2048 with the budget. At 16 x 64:
 # the defaults and the small-card levers with expandable segments. Each step's peaks and the
 # process's own NVML share. Then the peers (.peers/run.sh): Unsloth, and TRL's SFTTrainer with the
 # tutorial's config, with the time left.
-#   source .gpu/env.sh && bash benchmarks/results/memory/call9.sh      (carry .gpu and .peers)
+#   source .gpu/env.sh && bash benchmarks/results/memory/next_call.sh      (carry .gpu and .peers)
 # CALL_LIMIT (575): the second of the call by which the peers must be done; ours start no run after
 # CALL_LIMIT - 175, most telling first.
 set -u
-R=/tmp/call9; mkdir -p "$R" "$OUT"
+R=/tmp/next_call; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv,noheader > "$R/env.txt"
 python -c "import torch, transformers, peft, accelerate, bitsandbytes as b; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__, 'bitsandbytes', b.__version__)" >> "$R/env.txt"
 CK=/tmp/phi3-random
@@ -42,6 +43,6 @@ for line in open(sys.argv[1]):
               f"nvml {s.get('device_used_gib')} proc {s.get('process_used_gib')}")
 PY
 cat "$R/summary.txt"
-tar -C /tmp -czf "$OUT/call9.tar.gz" call9
+tar -C /tmp -czf "$OUT/next_call.tar.gz" next_call
 WARMUP=3 STEPS_64=8 STEPS_512=6 BUDGET=$((${CALL_LIMIT:-575} - SECONDS)) ONLY="unsloth:512 unsloth:64 sft:512 sft:64" bash .peers/run.sh
 echo "done at ${SECONDS} s"
