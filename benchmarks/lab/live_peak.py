@@ -32,11 +32,13 @@ MiB = 2**20
 
 class LivePeak(TorchDispatchMode):
     """Inside the block: the bytes of the tensors torch makes that are still alive (`live`), and the
-    most at once (`peak`). A view is not counted: its base is, if the block made it."""
+    most at once (`peak`, reached by `peak_op`'s output). A view is not counted: its base is, if the
+    block made it."""
 
     def __init__(self):
         super().__init__()
         self.live, self.peak, self.alive = 0, 0, set()
+        self.peak_op = ""  # the op whose output made the peak
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -52,7 +54,8 @@ class LivePeak(TorchDispatchMode):
                 key, size = storage.data_ptr(), storage.nbytes()
                 self.alive.add(key)
                 self.live += size
-                self.peak = max(self.peak, self.live)
+                if self.live > self.peak:
+                    self.peak, self.peak_op = self.live, str(func)
                 weakref.finalize(storage, self._freed, key, size)
         return out
 
@@ -127,8 +130,9 @@ def main(argv: list[str] | None = None) -> None:
         with LivePeak() as counter:
             token_loss_sum(model, batch, args.loss_chunk).backward()
         seconds = time.perf_counter() - start
-        record = {"run": name, "peak_live_mib": round(counter.peak / MiB, 1), "step_s": round(seconds, 1)}
-        print(f"{name:12} peak of the step's live tensors {record['peak_live_mib']:8.1f} MiB   ({seconds:.0f} s)")
+        peak = round(counter.peak / MiB, 1)
+        record = {"run": name, "peak_live_mib": peak, "peak_op": counter.peak_op, "step_s": round(seconds, 1)}
+        print(f"{name:12} peak of the step's live tensors {peak:8.1f} MiB, at {counter.peak_op}   ({seconds:.0f} s)")
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps({**record, **vars(args)}) + "\n")
