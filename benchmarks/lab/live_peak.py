@@ -38,7 +38,7 @@ class LivePeak(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.live, self.peak, self.alive = 0, 0, set()
-        self.peak_op = ""  # the op whose output made the peak
+        self.peak_op = ""  # the op whose output made the peak, and that output's shape
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -55,7 +55,7 @@ class LivePeak(TorchDispatchMode):
                 self.alive.add(key)
                 self.live += size
                 if self.live > self.peak:
-                    self.peak, self.peak_op = self.live, str(func)
+                    self.peak, self.peak_op = self.live, f"{func} -> {tuple(tensor.shape)}"
                 weakref.finalize(storage, self._freed, key, size)
         return out
 
