@@ -59,8 +59,8 @@ def settle(cfg: Config, device: torch.device, num_processes: int, model_config) 
 
 
 def resolve_split(cfg: Config, skeleton_model) -> str:
-    """--split-layers auto|on|off -> "on" or "off". auto is off until measured on a GPU
-    (benchmarks/NOTES.md); on splits checkpointed layers, and a layout halves.py does not know is refused."""
+    """--split-layers auto|on|off -> "on" or "off". auto is off: it costs speed (benchmarks/NOTES.md);
+    on splits checkpointed layers, and a layout halves.py does not know is refused."""
     if cfg.split_layers != "on":
         if cfg.mlp_chunk:
             raise YodaError(
