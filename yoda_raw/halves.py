@@ -103,16 +103,17 @@ def _split_forward(layer, hidden_states: torch.Tensor, *args, **kwargs) -> torch
         kwargs.pop(name, None)
     attention, mlp = layer.halves
     hidden = hidden_states + checkpoint(attention, hidden_states, use_reentrant=False, **kwargs)
-    return hidden + _mlp_in_chunks(mlp, hidden, layer.mlp_chunk)
+    return _mlp_in_chunks(mlp, hidden, layer.mlp_chunk)
 
 
 def _mlp_in_chunks(mlp: MLPHalf, hidden: torch.Tensor, chunk: int) -> torch.Tensor:
-    """The MLP half of (B, T, H) `hidden`, checkpointed `chunk` tokens at a time (0: at once)."""
+    """hidden + the MLP half of (B, T, H) `hidden`, checkpointed `chunk` tokens at a time (0: at once)."""
     if chunk == 0 or chunk >= hidden.shape[0] * hidden.shape[1]:
-        return checkpoint(mlp, hidden, use_reentrant=False)
+        return hidden + checkpoint(mlp, hidden, use_reentrant=False)
     # The rows laid end to end, (1, B x T, H): a chunk is then a contiguous slice, whatever B and T.
+    # Each chunk adds its own residual, so no whole (B, T, H) MLP output is made only to be added.
     tokens = hidden.reshape(1, -1, hidden.shape[-1])
-    outputs = [checkpoint(mlp, piece, use_reentrant=False) for piece in tokens.split(chunk, dim=1)]
+    outputs = [piece + checkpoint(mlp, piece, use_reentrant=False) for piece in tokens.split(chunk, dim=1)]
     return torch.cat(outputs, dim=1).view_as(hidden)
 
 
