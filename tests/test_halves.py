@@ -1,6 +1,7 @@
 """--split-layers: each decoder layer checkpointed as two halves, attention and MLP (halves.py)."""
 
 import collections
+import functools
 import json
 
 import pytest
@@ -80,6 +81,42 @@ def test_split_layers_train_as_whole_layers_keeping_the_middle(tiny_tokenizer, t
     layers = len(decoder_layers(whole))
     assert split_saved.count(hidden) == saved.count(hidden) + layers
     assert runs == split_runs == {"attention": 2 * layers, "mlp": 2 * layers}
+
+
+def checkpointed_around_the_call(layer) -> None:
+    """`layer` checkpointed as transformers 5.17 and others before it do: around its call (newer
+    versions checkpoint around the class's forward)."""
+
+    class AroundTheCall(type(layer)):
+        def __call__(self, *args, **kwargs):
+            if self.gradient_checkpointing and self.training:
+                call = functools.partial(torch.nn.Module.__call__, self, **kwargs)
+                return self._gradient_checkpointing_func(call, *args)
+            return torch.nn.Module.__call__(self, *args, **kwargs)
+
+    layer.__class__ = AroundTheCall
+
+
+@pytest.mark.parametrize("chunk", [0, 10])
+def test_the_halves_are_the_only_checkpoints_whatever_transformers_wraps(tiny_tokenizer, tiny_qlora, chunk):
+    """Where transformers checkpoints a layer around its call, the split layer's halves must not run
+    inside that checkpoint too: each half twice a step (forward, recompute), not three times (the
+    outer recompute, then the halves' own), and the residual stream between them kept. Catches the
+    layer's own checkpoint left on, which on a GPU costs a fifth of the step's speed."""
+    batch = batch_of(tiny_tokenizer)
+    model = with_trained_lora(tiny_qlora(lora_dropout=0.0))
+    for layer in decoder_layers(model):
+        checkpointed_around_the_call(layer)
+    halves.split_layers(model, mlp_chunk=chunk)
+    _, grads, saved, runs = step(model, batch, seed=0)
+    layers, hidden = len(decoder_layers(model)), (*batch["input_ids"].shape, model.config.hidden_size)
+    chunks = 1 if chunk == 0 else 5  # 48 tokens: four chunks of 10 and one of 8
+    assert runs == {"attention": 2 * layers, "mlp": 2 * chunks * layers}
+    assert grads
+    if chunk == 0:  # the middle, kept by the MLP half's checkpoint and not by an outer one
+        whole_layers = with_trained_lora(tiny_qlora(lora_dropout=0.0))
+        _, _, whole_saved, _ = step(whole_layers, batch, seed=0)
+        assert saved.count(hidden) == whole_saved.count(hidden) + layers
 
 
 def test_mlp_chunks_give_the_whole_mlps_gradients_a_chunk_at_a_time(tiny_tokenizer, tiny_qlora):

@@ -91,6 +91,16 @@ def split_layers(model, mlp_chunk: int = 0) -> None:
             layer.halves = (AttentionHalf(layer), MLPHalf(layer))  # a tuple: not registered as modules
             layer.mlp_chunk = mlp_chunk
             layer.forward = types.MethodType(_split_forward, layer)
+            # The halves are the layer's checkpoints: its own must let them through. transformers
+            # checkpoints a layer around its class's forward (which the line above steps past) or,
+            # in older versions (5.17 among them), around its call, whatever its forward: the
+            # halves would then run inside that checkpoint, and each three times a step, not two.
+            layer._gradient_checkpointing_func = _as_it_is
+
+
+def _as_it_is(function, *args):
+    """The layer's checkpointing function where the halves checkpoint themselves: none."""
+    return function(*args)
 
 
 def _split_forward(layer, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
