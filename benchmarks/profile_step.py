@@ -12,8 +12,10 @@ those steps is put in one bucket by its name, and the table gives each bucket's 
 
 plus the kernels launched per step, and the time the GPU sits idle: the step's wall time minus the
 kernels' time (kernels of one stream do not overlap), i.e. the GPU waiting for the host to launch
-the next kernel. Writes DIR/NAME.md (the table and the 15 costliest kernels), DIR/NAME.json and
-DIR/NAME_trace.json (open it in https://ui.perfetto.dev).
+the next kernel, or (with --offload-activations) for a copy to or from host memory. Those copies
+run on a stream of their own, beside the kernels: their time is a row of its own, not in the sum.
+Writes DIR/NAME.md (the table and the 15 costliest kernels), DIR/NAME.json and DIR/NAME_trace.json
+(open it in https://ui.perfetto.dev).
 """
 
 import argparse
@@ -42,6 +44,11 @@ BUCKETS = [
     ("matmuls", r"gemm|xmma|nvjet|cutlass|sm90|sm80|ampere|hopper|splitK|matmul"),
 ]
 OTHER = "element-wise and other"
+# Copies between the GPU and host memory (--offload-activations runs them on a stream of its own,
+# beside the kernels): a bucket of their own, left out of the kernels' time, so that the GPU's idle
+# time stays the main stream's. The few small copies of a step's data count there too.
+HOST_COPIES = "copies to and from host memory (beside the kernels)"
+HOST_COPY = r"^Memcpy (DtoH|HtoD)"
 # What the host does meanwhile: CPU time per step inside these ranges (they may nest: not a sum).
 # The profiler itself waits for the GPU only at the window's edges (see on_step); the wait at its end
 # falls inside the last step's optimizer range and is counted below, once in the whole window.
@@ -63,7 +70,11 @@ def bucket_of(kernel_name: str) -> str:
     'matmuls'
     >>> bucket_of("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>")
     'element-wise and other'
+    >>> bucket_of("Memcpy DtoH (Device -> Pinned)")
+    'copies to and from host memory (beside the kernels)'
     """
+    if re.search(HOST_COPY, kernel_name):
+        return HOST_COPIES
     for name, pattern in BUCKETS:
         if re.search(pattern, kernel_name, re.IGNORECASE):
             return name
@@ -157,7 +168,7 @@ def split(events, steps: int, wall_s: float, on_cuda: bool) -> dict:
         per_bucket[bucket_of(event.name)] += seconds
         per_kernel[event.name] += seconds
         launches += 1
-    busy_s = sum(per_bucket.values())
+    busy_s = sum(seconds for name, seconds in per_bucket.items() if name != HOST_COPIES)
     top = sorted(per_kernel.items(), key=lambda item: -item[1])[:15]
     return {
         "step_s": round(wall_s, 5),
@@ -189,7 +200,9 @@ def table(result: dict) -> str:
         lines.append(f"| {name} | {seconds * 1e3:.1f} | {100 * seconds / step:.0f}% |")
     if result["idle_s"] is not None:
         idle = result["idle_s"]
-        lines.append(f"| GPU idle (waiting for the host) | {idle * 1e3:.1f} | {100 * idle / step:.0f}% |")
+        lines.append(
+            f"| GPU idle (waiting for the host, or for a copy) | {idle * 1e3:.1f} | {100 * idle / step:.0f}% |"
+        )
     lines += ["", "| the host, meanwhile | ms per step | calls per step |", "|---|---|---|"]
     calls = result["host_calls_per_step"]
     lines += [f"| {name} | {s * 1e3:.1f} | {calls[name]} |" for name, s in result["host_s"].items()]

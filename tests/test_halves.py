@@ -295,10 +295,12 @@ def test_split_layers_where_it_cannot_work_is_one_line(tmp_path, capsys, argv, e
     assert refused_in_one_line(["--preset", "tiny", *argv], tmp_path / "run", capsys) == f"error: {expected}"
 
 
-def test_a_layer_of_another_layout_is_refused(tiny_model):
+@pytest.mark.parametrize("index", [0, -1])
+def test_a_layer_of_another_layout_is_refused(tiny_model, index):
     """A decoder layer with parts the halves do not know (Gemma's extra norms, say) is refused by
-    name before any weights load, instead of being split wrong."""
-    layer = decoder_layers(tiny_model)[0]
+    name before any weights load, instead of being split wrong: the first layer, or a later one
+    (models that mix layer kinds)."""
+    layer = decoder_layers(tiny_model)[index]
     layer.pre_feedforward_layernorm = torch.nn.Identity()
     with pytest.raises(YodaError, match=r"^--split-layers on knows decoder layers made of .*Phi3DecoderLayer has"):
         halves.check_layout(tiny_model)

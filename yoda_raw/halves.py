@@ -71,7 +71,7 @@ class MLPHalf(torch.nn.Module):
 
 def check_layout(skeleton_model) -> None:
     """Refuse, before any weights load, a model whose decoder layers are not laid out as PARTS."""
-    for layer in decoder_layers(skeleton_model)[:1]:
+    for layer in decoder_layers(skeleton_model):
         children = {name for name, _ in layer.named_children()}
         missing, extra = set(PARTS) - children, children - set(PARTS) - set(DROPOUTS)
         if missing or extra:
