@@ -6,7 +6,6 @@ set -u
 mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv,noheader > "$R/env.txt"
 python -c "import torch, transformers, peft, accelerate, bitsandbytes as b; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__, 'bitsandbytes', b.__version__)" >> "$R/env.txt"
-git log -1 --format='commit %H' >> "$R/env.txt" 2>/dev/null || true
 CK=/tmp/phi3-random
 TOK="$YODA_RAW_DATA/phi3-mini-4k-instruct"
 python -c "from benchmarks.common import save_random_checkpoint as s; s('$TOK', '$CK')" > "$R/loop.log" 2>&1
