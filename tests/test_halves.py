@@ -208,6 +208,7 @@ def test_evaluation_and_generation_run_the_layers_as_they_are(tiny_tokenizer, ti
         assert torch.equal(split.generate(input_ids=ids, **settings), whole.generate(input_ids=ids, **settings))
 
 
+@pytest.mark.slow  # compiles both halves with inductor: eight seconds on 2 cores
 def test_compiled_halves_give_the_eager_gradients_with_one_code_for_all_layers(tiny_tokenizer, tiny_qlora):
     """--compile-layers with --split-layers compiles the halves: one code for every layer's attention
     half and one for every MLP half and chunk (--mlp-chunk 24: two of the 48 tokens; no recompiling

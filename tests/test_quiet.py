@@ -7,6 +7,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import pytest
 from test_plot import png_size
 
 from yoda_raw import quiet
@@ -14,6 +15,7 @@ from yoda_raw import quiet
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # a whole tiny run in its own process: ten seconds and more on 2 cores
 def test_a_tiny_run_prints_no_library_warnings_and_leaves_a_plot(tmp_path):
     """run.py as a user starts it, in its own process (warning filters are per process): no
     FutureWarning, UserWarning or bitsandbytes kernel message on stderr, and metrics.png beside

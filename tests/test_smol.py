@@ -30,6 +30,7 @@ def test_preset_uses_the_fetched_model_else_the_hub_id(tmp_path, monkeypatch):
     assert parse_config(["--preset", "smol"]).model == str(tmp_path / "SmolLM2-135M-Instruct")
 
 
+@pytest.mark.slow  # a process that imports the libraries and fails: eight seconds on 2 cores
 def test_not_fetched_and_no_hub_says_how_to_fetch(tmp_path):
     """Where the Hub is out of reach and nothing was fetched, the one error line says what to run."""
     env = os.environ | {"YODA_RAW_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

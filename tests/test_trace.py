@@ -220,6 +220,7 @@ def test_unquantized_base_and_torch_adamw(capsys):
     )
 
 
+@pytest.mark.slow  # a process that imports the libraries and fails: ten seconds on 2 cores
 def test_bad_option_exits_2_with_one_line():
     """Run as readers run it: exit status 2, one line on stderr naming the command, no traceback."""
     result = subprocess.run(
