@@ -13,6 +13,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -389,6 +390,26 @@ def test_profile_step_splits_the_profiled_steps(tmp_path):
     assert result["kernels_per_step"] > 0 and result["idle_s"] is None  # idle: a GPU figure
     assert "Where a step's time goes" in (tmp_path / "tiny.md").read_text()
     assert json.loads((tmp_path / "tiny_trace.json").read_text())["traceEvents"]
+
+
+def test_profile_step_keeps_host_copies_out_of_the_kernels_time():
+    """On a GPU with --offload-activations, the copies to and from host memory run on a stream of
+    their own, beside the kernels: profile_step gives them a row and leaves them out of the kernels'
+    sum, so the GPU's idle time is still the step less the main stream's kernels. Catches the
+    copies summed with the kernels (the idle time would shrink by them, hiding waits)."""
+    from benchmarks import profile_step
+
+    cuda = torch.autograd.DeviceType.CUDA
+
+    def kernel(name, ms):
+        return types.SimpleNamespace(
+            name=name, device_type=cuda, is_user_annotation=False, device_time_total=ms * 1e3, cpu_parent=None
+        )
+
+    events = [kernel("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NNT", 6.0), kernel("Memcpy DtoH (Device -> Pinned)", 3.0)]
+    result = profile_step.split(events, steps=1, wall_s=0.010, on_cuda=True)
+    assert result["buckets_s"] == {"matmuls": 0.006, profile_step.HOST_COPIES: 0.003}
+    assert result["kernel_s"] == 0.006 and result["idle_s"] == 0.004
 
 
 # --- The lab's tools (benchmarks/lab/), whose questions are still open: their arithmetic on a CPU ---
