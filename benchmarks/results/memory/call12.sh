@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The next device call (written 2026-12-07; call 12 of that day never got a machine): the README's
-# tables in one call with the peers at 20 steps, and expandable segments with the 16 x 512 levers.
+# Call 12 (2026-12-07, an H100, the tree at 67cb931; written in session 6 as next_call.sh, run in
+# session 7): the README's tables in one call with the peers at 20 steps, and expandable segments
+# with the 16 x 512 levers.
 # At 16 x 512: the defaults; offloading with the split and chunks of 4,096, with expandable
 # segments and without. At 16 x 64: the defaults and the small-card levers. Then Unsloth and TRL's
 # SFTTrainer with the tutorial's config at both shapes, median of 20 steps after 5 (calls 10 and 11
 # gave the peers 6 and 8 steps: too few for their spread).
-#   source .gpu/env.sh && bash benchmarks/results/memory/next_call.sh   (carry .gpu and .peers)
+#   source .gpu/env.sh && CALL_LIMIT=575 bash benchmarks/results/memory/call12.sh   (carry .gpu and .peers)
 # CALL_LIMIT (575): the second by which the call must be done; ours start no run after
-# CALL_LIMIT - 260. Rename to callN.sh once it has run.
+# CALL_LIMIT - 260. It ran as next_call.sh: its files name that folder.
 R=/tmp/next_call
 STOP_AT=$((${CALL_LIMIT:-575} - 260))
 source benchmarks/results/memory/common.sh
