@@ -285,6 +285,9 @@ def measure(cfg, args, name: str, timed: int, watch_device: bool = False) -> dic
         result["process_used_gib"] = max(process) if process else None
     if device_peak.peak_bytes is not None:
         result["device_used_peak_gib"] = round(device_peak.peak_bytes / common.GIB, 3)
+    reserved = meter.nvml_reserved_bytes(device) if device.type == "cuda" else None
+    if reserved is not None:  # counted in every NVML reading above, before any process starts
+        result["driver_reserved_gib"] = round(reserved / common.GIB, 3)
     if device.type == "cuda" and "device_used_gib" not in last:
         result["device_used_gib_note"] = "NVML unavailable (pip install nvidia-ml-py)"
     if args.breakdown:

@@ -3,6 +3,7 @@ way as CUDA ones), the NVML peak sampler, MFU in the loop's own records, and whe
 went."""
 
 import re
+import sys
 import threading
 import types
 
@@ -177,3 +178,35 @@ def test_the_run_says_where_its_wall_time_went(tmp_path, tiny_config):
     )
     match = re.fullmatch(pattern, line)
     assert match and int(match[1]) == round(wall + 2.0) and 2 <= int(match[2]) <= 3, line
+
+
+def fake_nvml(reserved: int, allocated: int, has_v2: bool = True) -> types.ModuleType:
+    """What meter reads of nvidia-ml-py: memory info in its first version (used = the driver's
+    reservation + what processes allocated) and, in nvidia-ml-py's that have it, its second."""
+    nvml = types.ModuleType("pynvml")
+    nvml.NVMLError = type("NVMLError", (Exception,), {})
+    nvml.nvmlInit = lambda: None
+    nvml.nvmlDeviceGetHandleByIndex = lambda index: index
+    v1 = types.SimpleNamespace(used=reserved + allocated)
+    v2 = types.SimpleNamespace(used=allocated, reserved=reserved)
+    if has_v2:
+        nvml.nvmlMemory_v2 = 0x02000028
+        nvml.nvmlDeviceGetMemoryInfo = lambda handle, version=None: v1 if version is None else v2
+    else:
+        nvml.nvmlDeviceGetMemoryInfo = lambda handle: v1
+    return nvml
+
+
+def test_nvml_reads_the_card_and_the_drivers_reservation_apart(monkeypatch):
+    """The card's reading counts the driver's reservation (what a card's owner must fit the run
+    into); the reservation is read on its own, so a result can tell the two apart. Catches reading
+    the second version's `used` for the card, or the reservation from the first version."""
+    cuda = torch.device("cuda", 0)  # a device object only: nothing here touches CUDA
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(reserved=500, allocated=3000))
+    assert meter.nvml_used_bytes(cuda) == 3500
+    assert meter.nvml_reserved_bytes(cuda) == 500
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(reserved=500, allocated=3000, has_v2=False))
+    assert meter.nvml_used_bytes(cuda) == 3500
+    assert meter.nvml_reserved_bytes(cuda) is None, "no second version: no reservation, and no traceback"
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # nvidia-ml-py not installed
+    assert meter.nvml_used_bytes(cuda) is None and meter.nvml_reserved_bytes(cuda) is None

@@ -65,8 +65,8 @@ def memory_gib(device: torch.device) -> dict:
 
     peak_allocated_gib: the most torch's tensors held at once;
     peak_reserved_gib: what torch's caching allocator held from the driver (>= allocated);
-    device_used_gib: what NVML says the whole device uses now, which also counts the CUDA context
-    and unified (paged) memory, which torch's counters do not see.
+    device_used_gib: what NVML says the whole device uses now, which also counts the CUDA context,
+    unified (paged) memory and the driver's own reservation, which torch's counters do not see.
     """
     if device.type != "cuda":
         return {}
@@ -97,7 +97,35 @@ def nvml_used_bytes(device: torch.device) -> int | None:
 
 
 def nvml_reader(device: torch.device):
-    """A function that reads the device memory in use (bytes), or None where NVML is missing."""
+    """A function that reads the device memory in use (bytes), or None where NVML is missing.
+
+    It reads NVML's memory info in its first version, whose `used` is what the driver reserves for
+    itself plus what every process allocated: what a card's owner has to fit the run into. So it is
+    not zero on an idle card, where nvidia-smi's `memory.used` (which leaves the reservation out) is;
+    `nvml_reserved_bytes` reads the reservation alone."""
+    found = _nvml_handle(device)
+    if found is None:
+        return None
+    pynvml, handle = found
+    return lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used
+
+
+def nvml_reserved_bytes(device: torch.device) -> int | None:
+    """What the driver and firmware reserve for themselves on `device` (NVML's memory info, second
+    version), counted in `nvml_reader`'s reading from before any process starts; None where NVML,
+    or its second version, is missing."""
+    found = _nvml_handle(device)
+    if found is None:
+        return None
+    pynvml, handle = found
+    try:
+        return pynvml.nvmlDeviceGetMemoryInfo(handle, version=pynvml.nvmlMemory_v2).reserved
+    except (pynvml.NVMLError, AttributeError, TypeError):  # an older driver, or an older nvidia-ml-py
+        return None
+
+
+def _nvml_handle(device: torch.device):
+    """(the pynvml module, `device`'s NVML handle), or None where NVML is missing."""
     try:
         import pynvml
     except ImportError:
@@ -109,7 +137,7 @@ def nvml_reader(device: torch.device):
         pynvml.nvmlDeviceGetMemoryInfo(handle)
     except pynvml.NVMLError:
         return None
-    return lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used
+    return pynvml, handle
 
 
 class DeviceUsedPeak:
