@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import gc
 import math
+import os
 import sys
 import tempfile
 import time
@@ -257,6 +258,10 @@ def measure(cfg, args, name: str, timed: int, watch_device: bool = False) -> dic
         "grad_accum": cfg.grad_accum,
         "model": cfg.model,
         "init": cfg.init,
+        # torch's allocator settings (expandable segments among them), read from the environment when
+        # CUDA starts: they change the memory figures, and no option of run.py records them. torch
+        # reads PYTORCH_ALLOC_CONF first, and the older PYTORCH_CUDA_ALLOC_CONF where it is unset.
+        "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
     }
     result |= common.summarise(records, args.warmup)
     peak = common.peak_flops_for(device.type, args.peak_tflops)

@@ -603,3 +603,14 @@ def test_peak_tensors_lists_what_is_alive_at_the_peak(tmp_path, capsys):
         "torch/nn/modules/module.py:1 _call_impl",
         "yoda_raw/offload.py:10 pack",
     ]
+
+
+def test_each_result_names_the_allocator_settings_it_ran_with(tmp_path, monkeypatch):
+    """Expandable segments change a run's memory and are an environment variable, which no option of
+    run.py records: a result that left it out could not be told from one without it."""
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # the older name, the one the calls used
+    out = tmp_path / "loop.jsonl"
+    argv = "--preset tiny --batch-size 2 --max-length 16 --warmup 1 --steps 1 --peak-tflops 1".split()
+    assert bench_loop.main(argv + ["--json", str(out)]) == 0
+    assert json.loads(out.read_text())["config"]["alloc_conf"] == "expandable_segments:True"
