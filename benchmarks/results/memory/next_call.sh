@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The next device call (written 2026-12-07 in session 7, not yet run; NOTES.md next step 37): where
+# offloading's 2% goes. At 16 x 512, the defaults, then the long-row levers with expandable segments
+# with offloading's forward copies in flight (yoda_raw/offload.py's IN_FLIGHT) at 2 (as it is), 3
+# and 4; then profiles of the defaults and of offloading alone, for the GPU's idle time each has.
+#   source .gpu/env.sh && bash benchmarks/results/memory/next_call.sh   (carry .gpu)
+# CALL_LIMIT (575): the second by which the call must be done; no run starts after CALL_LIMIT - 150.
+# Rename to callN.sh once it has run.
+R=/tmp/next_call
+STOP_AT=$((${CALL_LIMIT:-575} - 150))
+source benchmarks/results/memory/common.sh
+L="--offload-activations on --split-layers on --mlp-chunk 4096"
+D="--dataset $YODA_RAW_DATA/yoda_sentences/yoda_sentences.jsonl --no-auto-batch-size"
+keep() { summary > /dev/null; tar -C /tmp -czf "$OUT/next_call.tar.gz" next_call; }  # what ran so far comes back
+
+in_flight() {  # N, then bench_loop.py's options: one run with offload.IN_FLIGHT = N
+  local n=$1
+  shift
+  ((SECONDS < STOP_AT)) || { echo "skipped for time: in flight $n" | tee -a "$R/loop.log"; return; }
+  timeout 120 python - "$n" $B --json "$R/loop.jsonl" "$@" >> "$R/loop.log" 2>&1 <<'PY' ||
+import runpy, sys
+from yoda_raw import offload
+offload.IN_FLIGHT = int(sys.argv[1])
+sys.argv = ["benchmarks/bench_loop.py"] + sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+PY
+    echo "exit $? for in flight $n" | tee -a "$R/loop.log"
+}
+
+bench $S512 --name defaults-16x512; keep
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # the levers' runs from here on
+for n in 2 3 4; do in_flight $n $S512 $L --name "levers-expandable-inflight$n-16x512"; keep; done
+unset PYTORCH_CUDA_ALLOC_CONF
+for V in "" "--offload-activations on"; do
+  ((SECONDS < CALL_LIMIT - 90)) || break
+  N=profile-$(echo "defaults $V" | tr -d ' -' | cut -c1-40)
+  timeout 80 python benchmarks/profile_step.py --out "$R" --name "$N" --warmup 3 --steps 3 --model $CK \
+    --init pretrained --tokenizer $TOK $D --batch-size 16 --max-length 512 $V >> "$R/profile.log" 2>&1
+  rm -f "$R"/*_trace.json
+  head -n 20 "$R/$N.md"
+done
+keep
+cat "$R/summary.txt"
+echo "done at ${SECONDS} s"

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# A device call after next_call.sh (written 2026-12-07 in session 7, not yet run; NOTES.md next step
+# 35): the card search call 13 had no time for. With --offload-activations on --split-layers on
+# --mlp-chunk 4096 and expandable segments: rows of 4,096 on 12 and 24 GiB cards (7 fit 8 GiB in call
+# 13: the search starts there), then rows of 512 on 6, 8, 12 and 24 GiB (16 fit 6 GiB: calls 10, 12).
+#   source .gpu/env.sh && bash benchmarks/results/memory/next_cards.sh   (carry .gpu)
+# CALL_LIMIT (575): the second by which the call must be done. Rename to callN.sh once it has run.
+R=/tmp/next_cards
+STOP_AT=$((${CALL_LIMIT:-575} - 30))
+source benchmarks/results/memory/common.sh
+L="--offload-activations on --split-layers on --mlp-chunk 4096"
+cards() {  # cards, card-tokens, known-fit: one search of each card, its results appended to cards.jsonl
+  ((SECONDS < STOP_AT - 60)) || { echo "skipped for time: cards $1 x $2" | tee -a "$R/cards.log"; return; }
+  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout $((STOP_AT - SECONDS)) python benchmarks/bench_loop.py \
+    --model $CK --init pretrained --tokenizer $TOK $L --warmup 2 --steps 3 --json "$R/cards.jsonl" \
+    --cards "$1" --card-tokens "$2" --known-fit "$3" --max-probes 3 --max-rows 256 \
+    --time-budget-s $((STOP_AT - SECONDS - 60)) >> "$R/cards.log" 2>&1
+  tar -C /tmp -czf "$OUT/next_cards.tar.gz" next_cards
+}
+cards 12,24 4096 4096:7
+cards 6,8,12,24 512 512:16
+python - "$R/cards.jsonl" > "$R/cards.txt" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    c = json.loads(line)["card"]
+    probes = [(p["rows"], p["fits"], p["device_used_peak_gib"]) for p in c["probes"]]
+    print(f"card {c['card_gib']:g} GiB x {c['tokens_per_row']}: fit {c['rows_fit']}, not {c['rows_not_fit']}, {probes}")
+PY
+cat "$R/cards.txt"
+tar -C /tmp -czf "$OUT/next_cards.tar.gz" next_cards
+echo "done at ${SECONDS} s"
