@@ -151,6 +151,58 @@ def test_mlp_chunks_give_the_whole_mlps_gradients_a_chunk_at_a_time(tiny_tokeniz
         assert_close_up_to_rounding(chunked_grads[name], grads[name], name=name)
 
 
+def test_chunks_share_one_fp8_cast_of_the_mlps_weights(tiny_tokenizer, tiny_qlora, monkeypatch):
+    """--mlp-chunk with FP8 matmuls (fast/dequant.py's SharedE4M3): each MLP weight is cast to e4m3
+    once in the forward and once in the recompute, as without chunks, not once a chunk; the loss and
+    gradients are those of a cast a chunk exactly (the same e4m3 weights in the same products); and
+    after the step no layer holds a cast (on Phi-3-mini, 75 MiB a layer). Catches a cast a chunk, a
+    cast never let go, or a chunk given another layer's weights."""
+    from bitsandbytes.nn import Linear4bit
+
+    from yoda_raw.fast import dequant
+
+    batch = batch_of(tiny_tokenizer)
+    casts = collections.Counter()
+    cast = dequant.weight_in_e4m3
+
+    def counted(packed, quant_state):
+        casts[packed.data_ptr()] += 1
+        return cast(packed, quant_state)
+
+    monkeypatch.setattr(dequant, "weight_in_e4m3", counted)
+    results = {}
+    for shared in (False, True):
+        model = with_trained_lora(tiny_qlora(lora_dropout=0.0))
+        halves.split_layers(model, mlp_chunk=10)  # 48 tokens: five chunks
+        dequant.reuse_dequantized_weights(model, fp8=True)
+        if shared:
+            assert dequant.share_between_chunks(model) == len(decoder_layers(model))
+        casts.clear()
+        loss, grads, _, _ = step(model, batch, seed=0)
+        linears = [m for layer in decoder_layers(model) for m in layer.mlp.modules() if isinstance(m, Linear4bit)]
+        assert linears and all(linear.e4m3 is None for linear in linears), "a cast held after the step"
+        results[shared] = loss, grads, [casts[linear.weight.data_ptr()] for linear in linears]
+    (loss, grads, each_chunk), (shared_loss, shared_grads, once) = results[False], results[True]
+    assert each_chunk == [2 * 5] * len(linears) and once == [2] * len(linears)
+    assert torch.equal(shared_loss, loss) and shared_grads.keys() == grads.keys() and grads
+    for name in grads:
+        assert torch.equal(shared_grads[name], grads[name]), name
+
+
+@pytest.mark.parametrize("fp8, chunk", [("on", 10), ("off", 10), ("on", 0)])
+def test_the_fast_path_shares_the_cast_where_fp8_meets_chunks(tiny_qlora, fp8, chunk):
+    """fast.apply gives a split layer's MLP half its shared weights where FP8 matmuls meet
+    --mlp-chunk, and only there: without FP8 the chunks' matmuls have no e4m3 weights to share, and
+    without chunks there is one cast a pass anyway."""
+    from yoda_raw import fast
+
+    model = tiny_qlora(lora_dropout=0.0)
+    halves.split_layers(model, mlp_chunk=chunk)
+    fast.apply(fast.Plan("off", "off", "on", fp8, "off"), model)
+    shared = [layer.halves[1].shared_weights for layer in decoder_layers(model)]
+    assert all(s is not None for s in shared) if (fp8, chunk) == ("on", 10) else shared == [None] * len(shared)
+
+
 def test_the_split_and_the_chunks_lower_the_steps_peak():
     """What the levers are for: the peak of a step's live tensors (counted by the lab's
     live_peak.py, which measures the same at the real widths). A Phi-3 layout with a wide MLP
@@ -235,6 +287,43 @@ def test_compiled_halves_give_the_eager_gradients_with_one_code_for_all_layers(t
     assert_close_up_to_rounding(compiled_loss, loss, name="loss sum")
     for name in grads:
         assert_close_up_to_rounding(compiled_grads[name], grads[name], name=name)
+
+
+@pytest.mark.slow  # compiles both halves with inductor, FP8 products included: a quarter of a minute on 2 cores
+def test_compiled_chunks_share_the_fp8_cast_with_one_code_for_all_layers(tiny_tokenizer, tiny_qlora):
+    """The GPU's form of the shared cast: compiled halves read the chunks' e4m3 weights from their
+    linears. One code for every layer's MLP half and chunk in the forward and the recompute (the
+    weights are inputs of the compiled code, not constants of it: a recompile per layer would fall
+    back to eager past torch's limit), and the eager shared run's loss and gradients."""
+    from yoda_raw.fast import dequant
+    from yoda_raw.fast.compile import compile_layers
+
+    batch = batch_of(tiny_tokenizer)
+    models = []
+    for _ in range(2):
+        model = with_trained_lora(tiny_qlora(lora_dropout=0.0))
+        halves.split_layers(model, mlp_chunk=24)
+        dequant.reuse_dequantized_weights(model, fp8=True)
+        dequant.share_between_chunks(model)
+        models.append(model)
+    eager, compiled = models
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        compile_layers(compiled)
+        loss, grads, _, _ = step(eager, batch, seed=0)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled_loss, compiled_grads, _, _ = step(compiled, batch, seed=0, count_runs=False)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    finally:
+        torch._dynamo.reset()
+    # Inductor computes the values cast to e4m3 in other fp32 orders, and a value that lands on the
+    # other side of an e4m3 rounding boundary (3 mantissa bits) moves by up to an eighth: a few such
+    # elements move the loss by far less than 0.1% and a gradient by far less than 1%, on any CPU. A
+    # layer given another layer's weights, or no weights made, is off by the whole of them.
+    assert abs(compiled_loss - loss) <= 1e-3 * abs(loss)
+    for name in grads:
+        assert (compiled_grads[name] - grads[name]).norm() <= 1e-2 * grads[name].norm(), name
 
 
 def test_a_run_with_split_layers_logs_the_same_losses(tmp_path, tiny_config):

@@ -23,7 +23,8 @@ checkpoint can be N tokens at a time, each chunk a checkpoint of its own. The ba
 recomputes one chunk, runs its backward and frees its products before the next chunk's recompute:
 the MLP's wide products (gate_up's output and its gradient, the activation's) are a chunk's, not
 the whole micro-batch's. What it costs: more, smaller matmuls, and each chunk dequantizes the 4-bit
-weights again (once in the forward, once in the recompute).
+weights again (once in the forward, once in the recompute), except where the fast path's FP8
+matmuls cast them once for all of a layer's chunks (`shared_weights`, fast/dequant.py).
 
 The halves are written for the decoder layers of Llama, Mistral, Qwen2 and Phi-3 (transformers'
 `input_layernorm`, `self_attn`, `post_attention_layernorm`, `mlp`, and Phi-3's residual dropouts);
@@ -64,6 +65,7 @@ class MLPHalf(torch.nn.Module):
         super().__init__()
         self.norm, self.mlp = layer.post_attention_layernorm, layer.mlp
         self.dropout = getattr(layer, "resid_mlp_dropout", torch.nn.Identity())
+        self.shared_weights = None  # with FP8 matmuls, the weights its chunks share (fast/dequant.py)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.mlp(self.norm(hidden)))
@@ -123,8 +125,29 @@ def _mlp_in_chunks(mlp: MLPHalf, hidden: torch.Tensor, chunk: int) -> torch.Tens
     # The rows laid end to end, (1, B x T, H): a chunk is then a contiguous slice, whatever B and T.
     # Each chunk adds its own residual, so no whole (B, T, H) MLP output is made only to be added.
     tokens = hidden.reshape(1, -1, hidden.shape[-1])
-    outputs = [piece + checkpoint(mlp, piece, use_reentrant=False) for piece in tokens.split(chunk, dim=1)]
+    shared = mlp.shared_weights
+    if shared is not None:  # made once for the forward's chunks (the recompute makes its own: _chunk)
+        shared.make()
+    pieces = tokens.split(chunk, dim=1)
+    outputs = [piece + checkpoint(_chunk, mlp, piece, i == 0, use_reentrant=False) for i, piece in enumerate(pieces)]
+    if shared is not None:
+        shared.drop()
     return torch.cat(outputs, dim=1).view_as(hidden)
+
+
+def _chunk(mlp: MLPHalf, piece: torch.Tensor, first: bool) -> torch.Tensor:
+    """One chunk of the MLP half. Where the fast path shares the MLP's weights between the chunks,
+    the backward's first recompute makes them, and the last (the first chunk's: the backward runs
+    the chunks in reverse) lets them go once it has run: its checkpoint keeps what its backward needs."""
+    shared = mlp.shared_weights
+    if shared is None:
+        return mlp(piece)
+    shared.ensure()
+    try:
+        return mlp(piece)
+    finally:  # also when checkpointing stops a recompute early, once it has all the backward needs
+        if first and torch._C._current_graph_task_id() != -1:  # in the backward: this was its recompute
+            shared.drop()
 
 
 def compile_units(model) -> list[torch.nn.Module]:

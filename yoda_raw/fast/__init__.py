@@ -122,6 +122,8 @@ def apply(plan: Plan, model) -> None:
         dropout.use_seeded_dropout(model)
     if plan.reuse_dequant == "on" or plan.fp8_matmuls == "on":
         dequant.reuse_dequantized_weights(model, fp8=plan.fp8_matmuls == "on")
+    if plan.fp8_matmuls == "on":  # with --mlp-chunk: one cast of the MLP's weights for all its chunks
+        dequant.share_between_chunks(model)
     if plan.compile_layers == "on":
         compile.compile_layers(model, plan.compile_memory_budget)  # compiled lazily, at the first step
 

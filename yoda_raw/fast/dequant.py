@@ -195,11 +195,12 @@ def fp8_product(a8, a_scales, b8_t, b_scale) -> torch.Tensor:
 class MatmulDequantizedOnceFP8(torch.autograd.Function):
     """MatmulDequantizedOnce with both products in FP8: the weight dequantized and cast to e4m3 once
     and kept for the backward; the input cast in forward, the output gradient in backward, each
-    token with its own scale."""
+    token with its own scale. `w8` and `w_scale`, where given, are the weight already cast (SharedE4M3)."""
 
     @staticmethod
-    def forward(ctx, x, packed_weight, quant_state):
-        w8, w_scale = weight_in_e4m3(packed_weight, quant_state)
+    def forward(ctx, x, packed_weight, quant_state, w8=None, w_scale=None):
+        if w8 is None:
+            w8, w_scale = weight_in_e4m3(packed_weight, quant_state)
         x8, x_scales = to_fp8_rowwise(x.reshape(-1, x.shape[-1]))
         ctx.save_for_backward(w8, w_scale)
         out = fp8_product(x8, x_scales, w8, w_scale).to(x.dtype)
@@ -211,7 +212,7 @@ class MatmulDequantizedOnceFP8(torch.autograd.Function):
         g8, g_scales = to_fp8_rowwise(grad_output.reshape(-1, grad_output.shape[-1]))
         # grad_input = G @ W: W's transpose as the row-major (in, out) operand, one copy a backward.
         grad = fp8_product(g8, g_scales, w8.t().contiguous(), w_scale).to(grad_output.dtype)
-        return grad.reshape(*grad_output.shape[:-1], -1), None, None
+        return grad.reshape(*grad_output.shape[:-1], -1), None, None, None, None
 
 
 def linear4bit_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -222,7 +223,10 @@ def linear4bit_forward(self, x: torch.Tensor) -> torch.Tensor:
     if not torch.is_grad_enabled():
         return bnb.nn.Linear4bit.forward(self, x)
     dtype = self.compute_dtype or x.dtype
-    out = self.dequantized_matmul.apply(x.to(dtype), self.weight, self.weight.quant_state)
+    if self.e4m3 is not None:  # cast already, once for all the chunks of this layer's MLP (SharedE4M3)
+        out = MatmulDequantizedOnceFP8.apply(x.to(dtype), self.weight, self.weight.quant_state, *self.e4m3)
+    else:
+        out = self.dequantized_matmul.apply(x.to(dtype), self.weight, self.weight.quant_state)
     if self.bias is not None:
         out = out + self.bias.to(dtype)
     return out.to(x.dtype)
@@ -255,4 +259,45 @@ def reuse_dequantized_weights(model, fp8: bool = False) -> int:
         # each layer's own (a functools.partial) would compile every layer again, up to its limit.
         linear.forward = types.MethodType(linear4bit_forward, linear)
         linear.dequantized_matmul = MatmulDequantizedOnceFP8 if fp8 else MatmulDequantizedOnce
+        linear.e4m3 = None  # SharedE4M3's cast, while a chunked MLP's chunks run
     return len(linears)
+
+
+class SharedE4M3:
+    """--mlp-chunk with FP8 matmuls: one layer's MLP weights cast to e4m3 once for all its chunks.
+
+    Each chunk of a split layer's MLP is a checkpoint of its own (halves.py), and its matmuls would
+    each cast their 4-bit weight to e4m3 for themselves: once a chunk in the forward and once a chunk
+    in the recompute, where the unchunked MLP casts once in each. Here the forward's cast is made
+    before its chunks and dropped after them, and the recompute's is made by the first chunk the
+    backward recomputes and dropped after the last, whose checkpoint keeps what its backward needs.
+    So nothing more is held than a chunk holds anyway, and the casts are the unchunked MLP's.
+    (The transpose each chunk's backward makes of the e4m3 weight stays a chunk's: the forward and
+    the recompute must save the same tensors, and the forward has no backward to make it for.)"""
+
+    def __init__(self, linears: list):
+        self.linears = linears
+
+    def make(self) -> None:
+        for linear in self.linears:
+            linear.e4m3 = weight_in_e4m3(linear.weight, linear.weight.quant_state)
+
+    def ensure(self) -> None:
+        if self.linears[0].e4m3 is None:
+            self.make()
+
+    def drop(self) -> None:
+        for linear in self.linears:
+            linear.e4m3 = None
+
+
+def share_between_chunks(model) -> int:
+    """Give every split layer whose MLP runs in chunks (halves.py) a SharedE4M3 for its MLP's 4-bit
+    linears, which reuse_dequantized_weights(fp8=True) made FP8 first; returns how many layers."""
+    shared = 0
+    for layer in decoder_layers(model):
+        if getattr(layer, "halves", None) and layer.mlp_chunk:
+            mlp_half = layer.halves[1]
+            mlp_half.shared_weights = SharedE4M3([m for m in mlp_half.modules() if isinstance(m, bnb.nn.Linear4bit)])
+            shared += 1
+    return shared
