@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# The next device call (written 2026-12-07 in session 7, not yet run; NOTES.md next step 37): where
-# offloading's 2% goes. At 16 x 512, the defaults, then the long-row levers with expandable segments
-# with offloading's forward copies in flight (yoda_raw/offload.py's IN_FLIGHT) at 2 (as it is), 3
-# and 4; then profiles of the defaults and of offloading alone, for the GPU's idle time each has.
+# The next device call (written 2026-12-07 in session 7, not yet run; NOTES.md next steps 33 and 37).
+# At 16 x 512: the defaults, then the long-row levers with expandable segments with offloading's
+# forward copies in flight (yoda_raw/offload.py's IN_FLIGHT) at 2 (as it is), 3 and 4 (step 37).
+# Then the chunks' shared e4m3 cast (c87c0aa, step 33): profiles of the levers and of offloading with
+# the split alone (call 13 had the chunks at +13.8 ms a step; predicted +10.2), and the split's GPU
+# test, which runs the shared cast in the CUDA graph with compiled halves.
 #   source .gpu/env.sh && bash benchmarks/results/memory/next_call.sh   (carry .gpu)
 # CALL_LIMIT (575): the second by which the call must be done; no run starts after CALL_LIMIT - 150.
 # Rename to callN.sh once it has run.
 R=/tmp/next_call
-STOP_AT=$((${CALL_LIMIT:-575} - 150))
+LIMIT=${CALL_LIMIT:-575}
+STOP_AT=$((LIMIT - 150))
 source benchmarks/results/memory/common.sh
 L="--offload-activations on --split-layers on --mlp-chunk 4096"
 D="--dataset $YODA_RAW_DATA/yoda_sentences/yoda_sentences.jsonl --no-auto-batch-size"
@@ -31,9 +34,14 @@ bench $S512 --name defaults-16x512; keep
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # the levers' runs from here on
 for n in 2 3 4; do in_flight $n $S512 $L --name "levers-expandable-inflight$n-16x512"; keep; done
 unset PYTORCH_CUDA_ALLOC_CONF
-for V in "" "--offload-activations on"; do
-  ((SECONDS < CALL_LIMIT - 90)) || break
-  N=profile-$(echo "defaults $V" | tr -d ' -' | cut -c1-40)
+if ((SECONDS < LIMIT - 150)); then
+  YODA_RAW_PHI3_CHECKPOINT=$CK YODA_RAW_GPU_REPORT=$R/gpu_report.json timeout 150 python -m pytest -m gpu -q \
+    -p no:cacheprovider tests/test_gpu.py -k split_layers > "$R/gpu_test.log" 2>&1
+  echo "GPU test exit $?"; tail -n 2 "$R/gpu_test.log"
+fi
+for V in "$L" "--offload-activations on --split-layers on"; do
+  ((SECONDS < LIMIT - 90)) || break
+  N=profile-$(echo "$V" | tr -d ' -' | cut -c1-40)
   timeout 80 python benchmarks/profile_step.py --out "$R" --name "$N" --warmup 3 --steps 3 --model $CK \
     --init pretrained --tokenizer $TOK $D --batch-size 16 --max-length 512 $V >> "$R/profile.log" 2>&1
   rm -f "$R"/*_trace.json
