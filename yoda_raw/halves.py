@@ -128,10 +128,14 @@ def _mlp_in_chunks(mlp: MLPHalf, hidden: torch.Tensor, chunk: int) -> torch.Tens
     shared = mlp.shared_weights
     if shared is not None:  # made once for the forward's chunks (the recompute makes its own: _chunk)
         shared.make()
-    pieces = tokens.split(chunk, dim=1)
-    outputs = [piece + checkpoint(_chunk, mlp, piece, i == 0, use_reentrant=False) for i, piece in enumerate(pieces)]
-    if shared is not None:
-        shared.drop()
+    try:
+        pieces = tokens.split(chunk, dim=1)
+        outputs = [
+            piece + checkpoint(_chunk, mlp, piece, i == 0, use_reentrant=False) for i, piece in enumerate(pieces)
+        ]
+    finally:  # an out-of-memory retry included: nothing held into the next try
+        if shared is not None:
+            shared.drop()
     return torch.cat(outputs, dim=1).view_as(hidden)
 
 
