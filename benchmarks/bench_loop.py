@@ -466,6 +466,20 @@ def measure_cards(cfg, args) -> None:
             known[tokens] = max(known.get(tokens, 0), result["card"]["rows_fit"])
             result["card"]["device_used_idle_gib"] = round(idle_bytes / common.GIB, 3) if idle_bytes else None
             common.write_result(result, args.json)
+            print(card_line(result["card"]), flush=True)
+
+
+def card_line(card: dict) -> str:
+    """A card search's answer in one line, each probe as (rows, fits, NVML peak GiB).
+
+    >>> card_line({"card_gib": 6.0, "tokens_per_row": 4096, "rows_fit": 3, "rows_not_fit": 5,
+    ...            "probes": [{"rows": 3, "fits": True, "device_used_peak_gib": 5.481},
+    ...                       {"rows": 5, "fits": False, "device_used_peak_gib": None}]})
+    'card 6 GiB x 4096: fit 3, not 5, [(3, True, 5.481), (5, False, None)]'
+    """
+    probes = [(p["rows"], p["fits"], p["device_used_peak_gib"]) for p in card["probes"]]
+    size, tokens = f"{card['card_gib']:g} GiB", card["tokens_per_row"]
+    return f"card {size} x {tokens}: fit {card['rows_fit']}, not {card['rows_not_fit']}, {probes}"
 
 
 def search_card(cfg, args, card_gib: float, tokens: int, history: list, prior, rows_known: int = 0) -> dict:

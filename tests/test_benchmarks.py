@@ -365,7 +365,9 @@ def test_only_takes_job_and_section_names():
 
 
 @pytest.mark.parametrize(
-    "module, examples", [(common, 3), (report, 1), (live_peak, 1)], ids=["common", "report", "live_peak"]
+    "module, examples",
+    [(common, 3), (report, 1), (live_peak, 1), (bench_loop, 1)],
+    ids=["common", "report", "live_peak", "bench_loop"],
 )
 def test_examples_in_docstrings_hold(module, examples):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)

@@ -32,6 +32,7 @@ another layout is refused at start. Evaluation and generation run the layer as i
 cache).
 """
 
+import contextlib
 import types
 
 import torch
@@ -125,33 +126,19 @@ def _mlp_in_chunks(mlp: MLPHalf, hidden: torch.Tensor, chunk: int) -> torch.Tens
     # The rows laid end to end, (1, B x T, H): a chunk is then a contiguous slice, whatever B and T.
     # Each chunk adds its own residual, so no whole (B, T, H) MLP output is made only to be added.
     tokens = hidden.reshape(1, -1, hidden.shape[-1])
-    shared = mlp.shared_weights
-    if shared is not None:  # made once for the forward's chunks (the recompute makes its own: _chunk)
-        shared.make()
-    try:
+    with mlp.shared_weights.forward_chunks() if mlp.shared_weights else contextlib.nullcontext():
         pieces = tokens.split(chunk, dim=1)
         outputs = [
             piece + checkpoint(_chunk, mlp, piece, i == 0, use_reentrant=False) for i, piece in enumerate(pieces)
         ]
-    finally:  # an out-of-memory retry included: nothing held into the next try
-        if shared is not None:
-            shared.drop()
     return torch.cat(outputs, dim=1).view_as(hidden)
 
 
 def _chunk(mlp: MLPHalf, piece: torch.Tensor, first: bool) -> torch.Tensor:
-    """One chunk of the MLP half. Where the fast path shares the MLP's weights between the chunks,
-    the backward's first recompute makes them, and the last (the first chunk's: the backward runs
-    the chunks in reverse) lets them go once it has run: its checkpoint keeps what its backward needs."""
-    shared = mlp.shared_weights
-    if shared is None:
+    """One chunk of the MLP half (the first of the forward's, or not), inside what the fast path
+    shares between the chunks where it does (fast/dequant.py's SharedE4M3 says when it lives)."""
+    with mlp.shared_weights.chunk(first) if mlp.shared_weights else contextlib.nullcontext():
         return mlp(piece)
-    shared.ensure()
-    try:
-        return mlp(piece)
-    finally:  # also when checkpointing stops a recompute early, once it has all the backward needs
-        if first and torch._C._current_graph_task_id() != -1:  # in the backward: this was its recompute
-            shared.drop()
 
 
 def compile_units(model) -> list[torch.nn.Module]:

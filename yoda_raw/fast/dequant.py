@@ -26,6 +26,7 @@ between the recompute and the backward, half the bf16 copy. On a CUDA GPU the pa
 to e4m3 in one Triton kernel (kernels.py), with no bf16 weight between.
 """
 
+import contextlib
 import types
 
 import bitsandbytes as bnb
@@ -278,15 +279,35 @@ class SharedE4M3:
     def __init__(self, linears: list):
         self.linears = linears
 
-    def make(self) -> None:
+    @contextlib.contextmanager
+    def forward_chunks(self):
+        """Around the forward's chunks: one cast for them all, let go after them (after an error too:
+        an out-of-memory retry holds nothing into its next try)."""
+        self._make()
+        try:
+            yield
+        finally:
+            self._drop()
+
+    @contextlib.contextmanager
+    def chunk(self, first: bool):
+        """Around each chunk's call, forward and recompute. In the forward the cast is there already;
+        in the backward its first recompute makes it, and the last (the first chunk's: the backward
+        runs the chunks in reverse) lets it go, its checkpoint keeping what its backward needs. Let
+        go in a `finally`: checkpointing stops a recompute early once it has what the backward needs."""
+        if self.linears[0].e4m3 is None:
+            self._make()
+        try:
+            yield
+        finally:
+            if first and torch._C._current_graph_task_id() != -1:  # in the backward: this was its recompute
+                self._drop()
+
+    def _make(self) -> None:
         for linear in self.linears:
             linear.e4m3 = weight_in_e4m3(linear.weight, linear.weight.quant_state)
 
-    def ensure(self) -> None:
-        if self.linears[0].e4m3 is None:
-            self.make()
-
-    def drop(self) -> None:
+    def _drop(self) -> None:
         for linear in self.linears:
             linear.e4m3 = None
 

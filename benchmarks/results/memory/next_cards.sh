@@ -19,13 +19,7 @@ cards() {  # cards, card-tokens, known-fit: one search of each card, its results
 }
 cards 12,24 4096 4096:7
 cards 6,8,12,24 512 512:16
-python - "$R/cards.jsonl" > "$R/cards.txt" <<'PY'
-import json, sys
-for line in open(sys.argv[1]):
-    c = json.loads(line)["card"]
-    probes = [(p["rows"], p["fits"], p["device_used_peak_gib"]) for p in c["probes"]]
-    print(f"card {c['card_gib']:g} GiB x {c['tokens_per_row']}: fit {c['rows_fit']}, not {c['rows_not_fit']}, {probes}")
-PY
+grep -oE 'card [0-9.]+ GiB x [0-9]+.*$' "$R/cards.log" > "$R/cards.txt"  # bench_loop.py's line a card
 cat "$R/cards.txt"
 tar -C /tmp -czf "$OUT/next_cards.tar.gz" next_cards
 echo "done at ${SECONDS} s"
