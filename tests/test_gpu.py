@@ -553,13 +553,14 @@ def test_steps_between_log_lines_never_wait_for_the_gpu(tmp_path, tiny_config):
     assert [record["step"] for record in run.fit.log] == [1, 8]
 
 
-@pytest.mark.parametrize("graph", ["off", "on"])
+@pytest.mark.parametrize("graph, offload", [("off", "off"), ("on", "off"), ("on", "on")])
 def test_auto_batch_size_settles_under_a_memory_cap(
-    tmp_path, graph, phi3_checkpoint, phi3_path, yoda_rows_path, report
+    tmp_path, graph, offload, phi3_checkpoint, phi3_path, yoda_rows_path, report
 ):
     """Under a 6 GiB cap, 40 rows of 512 tokens do not fit Phi-3-mini: --auto-batch-size retries with
     0.9x the rows until a batch trains, and records the batch it settled on in every metrics line;
-    with the CUDA graph too (an out-of-memory error inside the capture must leave nothing behind)."""
+    with the CUDA graph too (an out-of-memory error inside the capture must leave nothing behind),
+    and with offloading's copies on their own stream (which must not keep the capture from ending)."""
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(6 * 1024**3 / total)
@@ -567,14 +568,14 @@ def test_auto_batch_size_settles_under_a_memory_cap(
         argv = [
             *("--model", str(phi3_checkpoint), "--tokenizer", str(phi3_path), "--dataset", str(yoda_rows_path)),
             *("--batch-size", "40", "--max-length", "512", "--max-steps", "2", "--logging-steps", "1"),
-            *("--cuda-graph", graph),
+            *("--cuda-graph", graph, "--offload-activations", offload),
             *("--eval-fraction", "0", "--no-samples", "--output-dir", str(tmp_path)),
         ]
         assert run_py(argv) == 0
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
     settled = {r["batch_size"] for r in metrics(tmp_path)}
-    report[f"auto_batch_size_settled_graph_{graph}"] = sorted(settled)
+    report[f"auto_batch_size_settled_graph_{graph}_offload_{offload}"] = sorted(settled)
     assert len(settled) == 1 and 1 <= settled.pop() < 40
 
 

@@ -5,6 +5,7 @@ relies on can be checked here: a micro-batch padded to the graph's fixed (B, T) 
 attention mask gives the eager loss and gradients exactly.
 """
 
+import contextlib
 import json
 
 import pytest
@@ -17,6 +18,7 @@ from tests.common import refused_in_one_line
 from yoda_raw.chat import IGNORE
 from yoda_raw.fast.graphs import CAUSAL_SDPA, GraphStep
 from yoda_raw.loss import token_loss_sum
+from yoda_raw.offload import OffloadActivations
 from yoda_raw.packing import Collator
 
 
@@ -180,6 +182,37 @@ def test_the_first_step_runs_eagerly_on_the_padded_buffers(tiny_model, tiny_toke
     assert_close_up_to_rounding(loss, eager.detach(), name="loss sum")
     for name, grad in lora_like_grads(tiny_model).items():
         assert_close_up_to_rounding(grad, eager_grads[name], name=name)
+
+
+def test_out_of_memory_in_the_capture_comes_out_as_itself_with_offloading(tiny_model, tiny_tokenizer, monkeypatch):
+    """Out of memory inside the CUDA graph's capture must go up as itself: --auto-batch-size and the
+    card search answer it with fewer rows. CUDA cannot end a capture while another stream's work is
+    not joined back into it, and offloading's copies, on a stream of their own, join at the
+    backward's end, which the error skips: ending the capture would then fail with an error of its
+    own, hiding the first (as it did on the GPU). The capture is stood in for here (no GPU): the
+    copies must be joined before it ends, and the error go up unchanged, the half-made graph dropped."""
+    events = []
+
+    @contextlib.contextmanager
+    def capture(graph):  # torch.cuda.graph's shape: record, then end the capture whatever happened
+        try:
+            yield
+        finally:
+            events.append("capture ends")
+
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: "graph")
+    offload = OffloadActivations(tiny_model, torch.device("cpu"))
+    monkeypatch.setattr(offload, "settle", lambda: events.append("copies joined"))
+    step = GraphStep(tiny_model, 2, 8, tiny_tokenizer.pad_token_id, torch.device("cpu"), offload=offload)
+
+    def out_of_memory():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.20 GiB.")
+
+    monkeypatch.setattr(step, "loss_and_backward", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate"):
+        step._capture_or_clean_up()
+    assert events == ["copies joined", "capture ends"] and step.graph is None
 
 
 def test_compile_layers_without_triton_on_a_gpu(monkeypatch):

@@ -64,7 +64,7 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         super().__init__(self.pack, self.unpack)
 
     def __enter__(self):
-        self._settle()  # what an earlier step left, abandoned by a signal or an error included
+        self.settle()  # what an earlier step left, abandoned by a signal or an error included
         self.saved, self._joined_at_end = [], False
         self.main = torch.cuda.current_stream(self.device) if self.side is not None else None
         return super().__enter__()
@@ -121,7 +121,7 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         if not self._joined_at_end:
             # At the end of this backward every copy joins back into the main stream (a CUDA
             # graph's capture requires it), a tensor fetched ahead and not used included.
-            torch.autograd.Variable._execution_engine.queue_callback(self._settle)
+            torch.autograd.Variable._execution_engine.queue_callback(self.settle)
             self._joined_at_end = True
         if saved.gpu is None:  # fetched ahead, or not: then this layer waits for its copy
             self._fetch(saved)
@@ -155,8 +155,10 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
             self.main.wait_event(saved.copied)
         saved.gpu, saved.copied = None, None
 
-    def _settle(self) -> None:
-        """Every copy started joins the main stream, and no GPU copy is held any more."""
+    def settle(self) -> None:
+        """Every copy started joins the main stream, and no GPU copy is held any more. Run at the end
+        of each backward, at the next forward's start, and by a CUDA graph's capture that an error
+        cuts short (a capture cannot end while another stream's work is not joined back)."""
         for saved in self.saved:
             for event in (saved.copied, saved.fetched):
                 if event is not None:

@@ -184,4 +184,12 @@ class GraphStep:
             clear_workspaces()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.loss_sum = self.loss_and_backward()
+            try:
+                self.loss_sum = self.loss_and_backward()
+            except BaseException:
+                # Offloading's copies run on a stream of their own, joined back at the backward's
+                # end. An error cuts that short, and CUDA refuses to end a capture with a stream
+                # not joined: its error would hide this one (out of memory, which the caller answers).
+                if self.offload is not None:
+                    self.offload.settle()
+                raise
