@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# A device call after next_call.sh (written 2026-12-07 in session 7, not yet run; NOTES.md next step
-# 35): the card search call 13 had no time for. With --offload-activations on --split-layers on
-# --mlp-chunk 4096 and expandable segments: rows of 4,096 on 12 and 24 GiB cards (7 fit 8 GiB in call
-# 13: the search starts there), then rows of 512 on 6, 8, 12 and 24 GiB (16 fit 6 GiB: calls 10, 12).
-#   source .gpu/env.sh && bash benchmarks/results/memory/next_cards.sh   (carry .gpu)
-# CALL_LIMIT (575): the second by which the call must be done. Rename to callN.sh once it has run.
+# Call 15 (2026-12-07, session 8, an H100, right after call 14 on the same machine and tree, with this
+# script as next_cards.sh; NOTES.md next step 35, item 79): the card search call 13 had no time for.
+# With --offload-activations on --split-layers on --mlp-chunk 4096 and expandable segments: rows of
+# 4,096 on 12 and 24 GiB cards (7 fit 8 GiB in call 13: the search starts there), then rows of 512
+# on 6, 8, 12 and 24 GiB (16 fit 6 GiB: calls 10, 12). Both searches crashed at their second probe
+# (out of memory inside the CUDA graph's capture; mended in 5e92160): see the results' README.
+#   source .gpu/env.sh && CALL_LIMIT=570 bash benchmarks/results/memory/call15.sh   (carry .gpu)
+# CALL_LIMIT (575): the second by which the call must be done.
 R=/tmp/next_cards
 STOP_AT=$((${CALL_LIMIT:-575} - 30))
 source benchmarks/results/memory/common.sh

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The next device call (written 2026-12-07 in session 7, not yet run; NOTES.md next steps 33 and 37).
-# At 16 x 512: the defaults, then the long-row levers with expandable segments with offloading's
-# forward copies in flight (yoda_raw/offload.py's IN_FLIGHT) at 2 (as it is), 3 and 4 (step 37).
-# Then the chunks' shared e4m3 cast (893c8a3, step 33): profiles of the levers and of offloading with
-# the split alone (call 13 had the chunks at +13.8 ms a step; predicted +10.2), and the split's GPU
-# test, which runs the shared cast in the CUDA graph with compiled halves.
-#   source .gpu/env.sh && bash benchmarks/results/memory/next_call.sh   (carry .gpu)
+# Call 14 (2026-12-07, session 8, an H100, the tree at 004a015 with this script as next_call.sh; its
+# files name it so; NOTES.md next steps 33 and 37, items 77-78). At 16 x 512: the defaults, then the
+# long-row levers with expandable segments with offloading's forward copies in flight
+# (yoda_raw/offload.py's IN_FLIGHT) at 2 (as it is), 3 and 4 (step 37). Then the chunks' shared e4m3
+# cast (893c8a3, step 33): profiles of the levers and of offloading with the split alone (call 13
+# had the chunks at +13.8 ms a step; predicted +10.2), and the split's GPU test, which runs the
+# shared cast in the CUDA graph with compiled halves.
+#   source .gpu/env.sh && CALL_LIMIT=570 bash benchmarks/results/memory/call14.sh   (carry .gpu)
 # CALL_LIMIT (575): the second by which the call must be done; no run starts after CALL_LIMIT - 150.
-# Rename to callN.sh once it has run.
 R=/tmp/next_call
 LIMIT=${CALL_LIMIT:-575}
 STOP_AT=$((LIMIT - 150))
