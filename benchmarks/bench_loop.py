@@ -492,6 +492,9 @@ def search_card(cfg, args, card_gib: float, tokens: int, history: list, prior, r
         probes.append(probe(cfg, args, card_gib, rows, tokens))
         if probes[-1]["result"] is not None:
             history.append((rows * tokens, probes[-1]["device_used_peak_gib"]))
+        # Each probe's reading in the log as it comes: a search that dies later still leaves them.
+        print(f"probe {card_gib:g} GiB x {tokens}: {rows} rows, fits {probes[-1]['fits']}, "
+              f"NVML peak {probes[-1]['device_used_peak_gib']} GiB", flush=True)  # fmt: skip
         return probes[-1]["fits"]
 
     def guess() -> int:

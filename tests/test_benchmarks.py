@@ -300,10 +300,11 @@ def test_card_search_stops_after_max_probes():
     assert len(calls) == 3 and lo == calls[-1] and hi is None
 
 
-def test_search_card_result_names_what_fitted(loop_result, monkeypatch):
+def test_search_card_result_names_what_fitted(loop_result, monkeypatch, capsys):
     """search_card (bench_loop.py --cards) with runs faked by a memory line: its result is the run
-    that fitted, and its `card` record lists every run. Catches a result taken from a run that did
-    not fit, or probes lost."""
+    that fitted, and its `card` record lists every run, each also printed as it was measured (a search
+    that dies later still leaves them in its log). Catches a result taken from a run that did not
+    fit, or probes lost."""
 
     def fake_probe(cfg, args, card_gib, rows, tokens):
         used = 3.0 + 0.001 * rows * tokens
@@ -320,6 +321,11 @@ def test_search_card_result_names_what_fitted(loop_result, monkeypatch):
     assert result["config"]["rows"] == 10 and result["name"] == "card-6gib-256"
     assert [p["rows"] * 256 for p in card["probes"]] == [tokens for tokens, _ in history], "every run in the fit"
     assert all("result" not in p for p in card["probes"])
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("probe ")]
+    assert printed == [
+        f"probe 6 GiB x 256: {p['rows']} rows, fits {p['fits']}, NVML peak {p['device_used_peak_gib']} GiB"
+        for p in card["probes"]
+    ]
 
 
 def test_card_prior_prefers_card_runs(loop_result):
