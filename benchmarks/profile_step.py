@@ -14,8 +14,10 @@ plus the kernels launched per step, and the time the GPU sits idle: the step's w
 kernels' time (kernels of one stream do not overlap), i.e. the GPU waiting for the host to launch
 the next kernel, or (with --offload-activations) for a copy to or from host memory. Those copies
 run on a stream of their own, beside the kernels: their time is a row of its own, not in the sum.
-Writes DIR/NAME.md (the table and the 15 costliest kernels), DIR/NAME.json and DIR/NAME_trace.json
-(open it in https://ui.perfetto.dev).
+Where the GPU waits: each gap between one kernel's end and the next one's start is put on the
+kernel that ends it (what the GPU waited to start), and the kernels with the most gap time are
+listed. Writes DIR/NAME.md (the tables and the 15 costliest kernels), DIR/NAME.json and
+DIR/NAME_trace.json (open it in https://ui.perfetto.dev).
 """
 
 import argparse
@@ -49,6 +51,7 @@ OTHER = "element-wise and other"
 # time stays the main stream's. The few small copies of a step's data count there too.
 HOST_COPIES = "copies to and from host memory (beside the kernels)"
 HOST_COPY = r"^Memcpy (DtoH|HtoD)"
+GAP_MIN_US = 20  # a shorter gap between kernels is a launch's own latency, not a wait
 # What the host does meanwhile: CPU time per step inside these ranges (they may nest: not a sum).
 # The profiler itself waits for the GPU only at the window's edges (see on_step); the wait at its end
 # falls inside the last step's optimizer range and is counted below, once in the whole window.
@@ -170,6 +173,7 @@ def split(events, steps: int, wall_s: float, on_cuda: bool) -> dict:
         launches += 1
     busy_s = sum(seconds for name, seconds in per_bucket.items() if name != HOST_COPIES)
     top = sorted(per_kernel.items(), key=lambda item: -item[1])[:15]
+    waits = idle_before(events, steps) if on_cuda else []
     return {
         "step_s": round(wall_s, 5),
         "steps": steps,
@@ -180,7 +184,29 @@ def split(events, steps: int, wall_s: float, on_cuda: bool) -> dict:
         "top_kernels_s": [[name[:120], round(s, 6)] for name, s in top],
         "host_s": {name: round(host[name], 5) for name, _ in HOST},
         "host_calls_per_step": {name: round(host_calls[name] / steps, 2) for name, _ in HOST},
+        "idle_before_s": waits,
     }
+
+
+def idle_before(events, steps: int, top: int = 10) -> list:
+    """The kernels the GPU waited longest to start, as [name, seconds of gaps before it a step, gaps
+    a step]: every gap of at least GAP_MIN_US between the kernels (host copies left out: they run
+    beside them) goes to the kernel that ends it."""
+    cuda = torch.autograd.DeviceType.CUDA
+    kernels = sorted(
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in events
+        if e.device_type == cuda and not e.is_user_annotation and not re.search(HOST_COPY, e.name)
+    )
+    gap_us, gaps = defaultdict(float), defaultdict(int)
+    busy_until = None
+    for start, end, name in kernels:
+        if busy_until is not None and start - busy_until >= GAP_MIN_US:
+            gap_us[name] += start - busy_until
+            gaps[name] += 1
+        busy_until = end if busy_until is None else max(busy_until, end)
+    worst = sorted(gap_us.items(), key=lambda item: -item[1])[:top]
+    return [[name[:120], round(us / 1e6 / steps, 6), round(gaps[name] / steps, 2)] for name, us in worst]
 
 
 def table(result: dict) -> str:
@@ -211,6 +237,10 @@ def table(result: dict) -> str:
             f"\n(Of the waits for the GPU, one in the whole window of {result['steps']} steps is the profiler's "
             "own, at its end, inside the last optimizer step's range: see on_step.)"
         )
+    if result.get("idle_before_s"):
+        lines += ["", f"| the GPU idle before (gaps of {GAP_MIN_US} us or more) | ms per step | gaps per step |"]
+        lines += ["|---|---|---|"]
+        lines += [f"| `{name}` | {s * 1e3:.2f} | {n} |" for name, s, n in result["idle_before_s"]]
     lines += ["", "| costliest kernels | ms per step |", "|---|---|"]
     lines += [f"| `{name}` | {seconds * 1e3:.2f} |" for name, seconds in result["top_kernels_s"]]
     return "\n".join(lines) + "\n"

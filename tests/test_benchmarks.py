@@ -411,13 +411,44 @@ def test_profile_step_keeps_host_copies_out_of_the_kernels_time():
 
     def kernel(name, ms):
         return types.SimpleNamespace(
-            name=name, device_type=cuda, is_user_annotation=False, device_time_total=ms * 1e3, cpu_parent=None
-        )
+            name=name, device_type=cuda, is_user_annotation=False, device_time_total=ms * 1e3, cpu_parent=None,
+            time_range=types.SimpleNamespace(start=0, end=ms * 1e3),
+        )  # fmt: skip
 
     events = [kernel("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NNT", 6.0), kernel("Memcpy DtoH (Device -> Pinned)", 3.0)]
     result = profile_step.split(events, steps=1, wall_s=0.010, on_cuda=True)
     assert result["buckets_s"] == {"matmuls": 0.006, profile_step.HOST_COPIES: 0.003}
     assert result["kernel_s"] == 0.006 and result["idle_s"] == 0.004
+
+
+def test_profile_step_puts_each_wait_on_the_kernel_that_ends_it():
+    """Where the GPU waits: a gap between kernels goes to the kernel that starts after it, summed per
+    name and step; a copy to host memory on its own stream does not fill the gap (the main stream
+    still waited), and a gap under GAP_MIN_US (a launch's own latency) is no wait. Catches gaps put
+    on the kernel before them, copies counted as work, or the time not divided by the steps."""
+    from benchmarks import profile_step
+
+    cuda = torch.autograd.DeviceType.CUDA
+
+    def kernel(name, start_us, end_us):
+        return types.SimpleNamespace(
+            name=name, device_type=cuda, is_user_annotation=False, device_time_total=end_us - start_us,
+            cpu_parent=None, time_range=types.SimpleNamespace(start=start_us, end=end_us),
+        )  # fmt: skip
+
+    events = [  # two steps: 'recompute' waits 1,000 us in each; 'add' follows 'matmul' 5 us after it
+        *(kernel("matmul", 0, 2_000), kernel("Memcpy HtoD (Pinned -> Device)", 1_000, 2_900)),
+        *(kernel("recompute", 3_000, 4_000), kernel("add", 4_005, 4_100)),
+        *(kernel("matmul", 10_000, 12_000), kernel("recompute", 13_000, 14_000)),
+    ]
+    waits = profile_step.idle_before(events, steps=2)
+    # Before the matmul, the 5,900 us between the steps; before 'recompute', 1,000 us in each step.
+    assert waits == [["matmul", 0.00295, 0.5], ["recompute", 0.001, 1.0]]
+    assert "add" not in profile_step.table(
+        {"step_s": 0.01, "kernels_per_step": 3, "buckets_s": {}, "idle_s": None, "host_s": {},
+         "host_calls_per_step": {}, "top_kernels_s": [], "idle_before_s": waits, "command": "c", "date": "d",
+         "device": "GPU", "steps": 2}
+    )  # fmt: skip
 
 
 # --- The lab's tools (benchmarks/lab/), whose questions are still open: their arithmetic on a CPU ---
