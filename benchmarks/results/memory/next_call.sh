@@ -3,7 +3,8 @@
 # the levers' last 6% goes, and the README's 16 x 512 table again with the chunks' shared FP8 cast,
 # the peers beside. At 16 x 512: the defaults and the levers with expandable segments; profiles of
 # the defaults, of offloading alone and of the levers (profile_step.py now lists the kernels the
-# GPU waited longest to start); then Unsloth and SFTTrainer, median of 20 steps after 5.
+# GPU waited longest to start; the levers' whole trace comes back too); then Unsloth and
+# SFTTrainer, median of 20 steps after 5.
 #   source .gpu/env.sh && bash benchmarks/results/memory/next_call.sh   (carry .gpu and .peers)
 # CALL_LIMIT (575): the second by which the call must be done. Rename to callN.sh once it has run.
 R=/tmp/next_call
@@ -20,6 +21,9 @@ for V in "" "--offload-activations on" "$L"; do
   N=profile-$(echo "${V:-defaults}" | tr -d ' -' | cut -c1-40)
   timeout 80 python benchmarks/profile_step.py --out "$R" --name "$N" --warmup 3 --steps 3 --model $CK \
     --init pretrained --tokenizer $TOK $D --batch-size 16 --max-length 512 $V >> "$R/profile.log" 2>&1
+  # The levers' trace comes back (compressed; a file over 16 MiB would not): which pass each of the
+  # costliest element-wise kernels runs in, forward, recompute or backward, is in its timeline.
+  [[ "$V" == "$L" ]] && gzip -c "$R/${N}_trace.json" > "$OUT/trace-levers.json.gz"
   rm -f "$R"/*_trace.json
   sed -n '/GPU idle/p;/idle before/,/^$/p' "$R/$N.md"
 done
