@@ -5,11 +5,11 @@ import doctest
 import pytest
 
 from yoda_raw import config, data, evaluate, fetch, generate, meter, model, packing, precision, sources, tiny
-from yoda_raw.fast import compile, dequant, dropout, graphs
+from yoda_raw.fast import compile, dequant, dropout, graphs, lora
 
 # Only modules that hold examples: a module with none would pass whatever its code did.
 MODULES = [config, sources, data, packing, tiny, precision, model, generate, evaluate, meter, fetch]
-MODULES += [graphs, compile, dequant, dropout]  # the fast path
+MODULES += [graphs, compile, dequant, dropout, lora]  # the fast path
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)

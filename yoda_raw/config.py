@@ -212,6 +212,13 @@ class Config:
             "distribution). auto: on in the fast path; off: torch's dropout."
         },
     )
+    lora_addmm: Literal["auto", "on", "off"] = field(
+        default="auto",
+        metadata={
+            "help": "LoRA's product added to the base product inside its matmul (torch.addmm), not written out "
+            "and added after (the same sum, rounded once). auto: off, until a benchmark says it pays."
+        },
+    )
     lora_targets: list[str] = field(
         default_factory=list,
         metadata={

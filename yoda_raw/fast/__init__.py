@@ -11,6 +11,7 @@ an option of its own, `auto` by default: on where it runs and pays, off elsewher
     dequant.py   --reuse-dequant   each 4-bit weight dequantized once for the recompute and backward
                  --fp8-matmuls     the frozen weights' products in FP8 (Hopper GPUs)
     dropout.py   --seeded-dropout  LoRA's dropout masks from one seed, recomputed, never stored
+    lora.py      --lora-addmm      LoRA's product added to the base's inside its matmul
     flat.py      (with the graph)  every LoRA tensor updated by one 8-bit AdamW kernel
     kernels.py   the Triton kernels of dequant.py and dropout.py
 
@@ -30,7 +31,7 @@ import dataclasses
 import torch
 
 from yoda_raw.errors import YodaError
-from yoda_raw.fast import compile, dequant, dropout, flat, graphs
+from yoda_raw.fast import compile, dequant, dropout, flat, graphs, lora
 from yoda_raw.model import decoder_layers
 
 
@@ -45,6 +46,7 @@ class Plan:
     seeded_dropout: str
     compile_memory_budget: float = 1.0  # torch.compile's own default: keep what the partitioner chooses
     why_eager: str = ""  # why the CUDA graph cannot run here, where it cannot: the lever the others build on
+    lora_addmm: str = "off"
 
     @property
     def flat_optimizer(self) -> bool:
@@ -112,7 +114,10 @@ def settle(cfg, device: torch.device, num_processes: int, precision_name: str, q
             f"--reuse-dequant on works in the checkpointed layers, and --uncheckpointed-layers {layers} leaves none; "
             "use fewer uncheckpointed layers or --reuse-dequant off"
         )
-    return Plan(graph, compiled, reuse, fp8, seeded, cfg.compile_memory_budget, why_eager if graph == "off" else "")
+    # 6. LoRA's add inside its matmul: anywhere, where asked for.
+    addmm = lora.resolve(cfg.lora_addmm)
+    why = why_eager if graph == "off" else ""
+    return Plan(graph, compiled, reuse, fp8, seeded, cfg.compile_memory_budget, why, addmm)
 
 
 def apply(plan: Plan, model) -> None:
@@ -120,6 +125,8 @@ def apply(plan: Plan, model) -> None:
     are swapped in before compiling, which traces them."""
     if plan.seeded_dropout == "on":
         dropout.use_seeded_dropout(model)
+    if plan.lora_addmm == "on":
+        lora.use_addmm(model)
     if plan.reuse_dequant == "on" or plan.fp8_matmuls == "on":
         dequant.reuse_dequantized_weights(model, fp8=plan.fp8_matmuls == "on")
     if plan.fp8_matmuls == "on":  # with --mlp-chunk: one cast of the MLP's weights for all its chunks

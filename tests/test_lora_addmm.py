@@ -1,0 +1,126 @@
+"""--lora-addmm: LoRA's product added to the base product inside its matmul (yoda_raw/fast/lora.py)."""
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import assert_close_up_to_rounding
+
+from yoda_raw import fast
+from yoda_raw.fast.lora import addmm_forward, use_addmm
+from yoda_raw.loss import token_loss_sum
+from yoda_raw.packing import Collator
+
+
+def batch_of(tokenizer) -> dict:
+    rows = [{"input_ids": list(range(5, 21)), "labels": [-100] * 4 + list(range(9, 21))} for _ in range(3)]
+    return Collator(tokenizer.pad_token_id)(rows)
+
+
+def trained(model):
+    """LoRA's B starts at zero, where LoRA adds nothing: give it values, so that a lost or wrongly
+    scaled LoRA product changes the numbers."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    return model
+
+
+def step(model, batch) -> tuple[torch.Tensor, dict]:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(3)  # the same dropout masks for both forms (neither draws anything else)
+    loss = token_loss_sum(model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def lora_layers(model) -> list:
+    return [m for m in model.modules() if hasattr(m, "lora_dropout")]
+
+
+def test_addmm_gives_pefts_loss_and_gradients(tiny_tokenizer, tiny_qlora):
+    """The tiny 4-bit model with dropout (p = 0.2) and trained LoRA B: the loss and every LoRA
+    gradient as peft's own forward gives them, up to fp32 rounding (the product and the add are
+    summed in another order). Catches the scale lost or applied twice, the dropout skipped, the
+    base product dropped, or B used untransposed (its gradients would differ by far more)."""
+    batch = batch_of(tiny_tokenizer)
+    model = trained(tiny_qlora(lora_dropout=0.2))
+    loss, grads = step(model, batch)
+    assert use_addmm(model) == len(lora_layers(model)) > 0
+    addmm_loss, addmm_grads = step(model, batch)
+    # Sums in another order: equal up to fp32 rounding of the tiny model's step (conftest).
+    assert_close_up_to_rounding(addmm_loss, loss, name="loss sum")
+    assert addmm_grads.keys() == grads.keys() and grads
+    for name in grads:
+        assert_close_up_to_rounding(addmm_grads[name], grads[name], name=name)
+
+
+def test_addmm_under_bf16_autocast_gives_pefts_dtype_and_values(tiny_tokenizer, tiny_qlora):
+    """Under bf16 autocast (what a GPU run uses), each LoRA linear gives peft's dtype, and values
+    within bf16's rounding of peft's: addmm rounds the sum once, peft rounds B's product and then the
+    sum. Catches a dtype error between the bf16 base product and fp32 LoRA weights."""
+    model = trained(tiny_qlora())
+    layer = lora_layers(model)[0]
+    x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        peft_out = layer(x)
+        addmm_out = addmm_forward(layer, x)
+    assert addmm_out.dtype == peft_out.dtype and addmm_out.shape == peft_out.shape
+    # Two bf16 roundings against one, each at most 2**-8 of a value's size: 1% of the output's norm
+    # is far above them and far below a lost LoRA product (B ~ N(0, 0.1), scale 2).
+    assert (addmm_out.float() - peft_out.float()).norm() <= 1e-2 * peft_out.float().norm()
+
+
+def test_adapters_disabled_or_merged_run_as_peft_does(tiny_qlora):
+    """With the adapter disabled (peft's disable_adapter, as used to compare with the base model)
+    the patched layer gives the base product alone, as peft's does. Catches LoRA added regardless."""
+    model = trained(tiny_qlora())
+    layer = lora_layers(model)[0]
+    x = torch.randn(1, 3, layer.in_features, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        with_lora = addmm_forward(layer, x)
+        with model.disable_adapter():
+            assert torch.equal(addmm_forward(layer, x), layer.base_layer(x))
+    assert not torch.allclose(with_lora, layer.base_layer(x))
+
+
+def test_the_fast_path_puts_it_in_only_when_asked(tiny_qlora, tiny_config):
+    """auto is off (not yet measured to pay); on replaces every LoRA linear's forward, and the run's
+    line of levers names it."""
+    cfg = tiny_config(quant="nf4")
+    assert cfg.lora_addmm == "auto"
+    skeleton = tiny_qlora()
+    plan = fast.settle(cfg, torch.device("cpu"), 1, "fp32", "nf4", skeleton)
+    assert plan.lora_addmm == "off" and "lora-addmm" not in str(plan)
+    plan = fast.settle(dataclasses.replace(cfg, lora_addmm="on"), torch.device("cpu"), 1, "fp32", "nf4", skeleton)
+    assert plan.lora_addmm == "on" and "lora-addmm" in str(plan)
+    model = tiny_qlora()
+    fast.apply(plan, model)
+    assert all(m.forward.__func__ is addmm_forward for m in lora_layers(model))
+
+
+@pytest.mark.slow  # compiles the tiny model's layers with inductor: about ten seconds on 2 cores
+def test_compiled_layers_take_it_whole(tiny_tokenizer, tiny_qlora):
+    """The GPU runs it inside compiled layers: there it must compile without a graph break (a break
+    would run LoRA eagerly between compiled pieces, slower than without it) and give the eager
+    loss and gradients up to rounding."""
+    from yoda_raw.fast.compile import compile_layers
+
+    batch = batch_of(tiny_tokenizer)
+    model = trained(tiny_qlora(lora_dropout=0.0))
+    use_addmm(model)
+    loss, grads = step(model, batch)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        compile_layers(model)
+        compiled_loss, compiled_grads = step(model, batch)
+        assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
+    # Inductor sums in other orders: equal up to fp32 rounding of the tiny model's step (conftest).
+    assert_close_up_to_rounding(compiled_loss, loss, name="loss sum")
+    for name in grads:
+        assert_close_up_to_rounding(compiled_grads[name], grads[name], name=name)
