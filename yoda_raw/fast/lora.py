@@ -13,8 +13,9 @@ is never written on its own, and the sum is rounded once instead of twice.
 
 Where what follows y is element-wise anyway (the activation after gate_up_proj, rotary after
 qkv_proj), torch.compile on a GPU splits addmm back into a matmul and an add that it fuses into
-what follows (inductor's unfuse_bias_add_to_pointwise): there this changes nothing. It pays where
-y is a compiled function's output, as o_proj's and down_proj's are in --split-layers' halves.
+what follows (inductor's unfuse_bias_add_to_pointwise): there this changes nothing. It can pay only
+where y leaves the compiled code as it is, as o_proj's and down_proj's outputs do from
+--split-layers' halves (the residual add is outside them).
 
 auto is off: whether it pays on a GPU is for a benchmark to say (benchmarks/NOTES.md, step 42).
 """
