@@ -489,13 +489,15 @@ def search_card(cfg, args, card_gib: float, tokens: int, history: list, prior, r
     probes: list[dict] = []
 
     def fits(rows: int) -> bool:
-        probes.append(probe(cfg, args, card_gib, rows, tokens))
-        if probes[-1]["result"] is not None:
-            history.append((rows * tokens, probes[-1]["device_used_peak_gib"]))
+        probes.append(reading := probe(cfg, args, card_gib, rows, tokens))
+        peak = reading["device_used_peak_gib"]
+        if reading["result"] is not None:
+            history.append((rows * tokens, peak))
         # Each probe's reading in the log as it comes: a search that dies later still leaves them.
-        print(f"probe {card_gib:g} GiB x {tokens}: {rows} rows, fits {probes[-1]['fits']}, "
-              f"NVML peak {probes[-1]['device_used_peak_gib']} GiB", flush=True)  # fmt: skip
-        return probes[-1]["fits"]
+        print(
+            f"probe {card_gib:g} GiB x {tokens}: {rows} rows, fits {reading['fits']}, NVML peak {peak} GiB", flush=True
+        )
+        return reading["fits"]
 
     def guess() -> int:
         a, b = common.line_fit(history) or prior or (PRIOR_A_GIB, PRIOR_B_GIB_PER_TOKEN)

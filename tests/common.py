@@ -1,6 +1,6 @@
 """What several test modules share: the option set of a plain tiny run, a fresh Accelerate state, a
-signal sent mid-run, reading an error line and metrics.jsonl, and waiting on (and signalling) a run
-in another process."""
+signal sent mid-run, reading an error line and metrics.jsonl, waiting on (and signalling) a run in
+another process, and a tiny model's batch with LoRA given values."""
 
 import json
 import os
@@ -8,6 +8,11 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+
+import torch
+
+from yoda_raw.model import decoder_layers
+from yoda_raw.packing import Collator
 
 # A short, plain run on a CPU: fp32, unquantized, nothing held out, no samples, the batch asked for,
 # a loss logged every step, 4 steps.
@@ -110,3 +115,24 @@ def signal_after_first_log_line(proc: subprocess.Popen, output_dir: Path, send, 
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def batch_of(tokenizer) -> dict:
+    """Three rows of 16 tokens, the first 4 unsupervised: a batch for the tiny model's tests."""
+    rows = [{"input_ids": list(range(5, 21)), "labels": [-100] * 4 + list(range(9, 21))} for _ in range(3)]
+    return Collator(tokenizer.pad_token_id)(rows)
+
+
+def with_trained_lora(model):
+    """LoRA's B is zero at the start, where LoRA adds nothing: give it values, so that a lost,
+    skipped or wrongly scaled LoRA product (or its dropout) would change the numbers."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    return model
+
+
+def lora_layers(model) -> list:
+    """The decoder layers' LoRA modules (each holds its adapters' dropouts)."""
+    return [m for layer in decoder_layers(model) for m in layer.modules() if hasattr(m, "lora_dropout")]

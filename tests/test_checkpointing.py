@@ -5,10 +5,10 @@ import pytest
 import torch
 from conftest import assert_close_up_to_rounding
 
+from tests.common import batch_of
 from yoda_raw.fast.dequant import reuse_dequantized_weights
 from yoda_raw.loss import token_loss_sum
 from yoda_raw.model import decoder_layers
-from yoda_raw.packing import Collator
 
 
 def step(model, batch, seed: int):
@@ -32,8 +32,7 @@ def test_uncheckpointed_layers_learn_the_same_and_skip_their_recompute(tiny_toke
     """The same loss and LoRA gradients as with every layer checkpointed (dropout masks included),
     and the last layer's forward runs once instead of twice. Catches the wrong end of the stack
     left out, a layer still recomputed, or dropout drawing other masks without the recompute."""
-    rows = [{"input_ids": list(range(5, 21)), "labels": [-100] * 4 + list(range(9, 21))} for _ in range(3)]
-    batch = Collator(tiny_tokenizer.pad_token_id)(rows)
+    batch = batch_of(tiny_tokenizer)
     # LoRA dropout on (the tiny preset has none), so that the dropout masks are compared too.
     all_checkpointed = tiny_qlora(lora_dropout=0.1, uncheckpointed_layers=0)
     last_kept = tiny_qlora(lora_dropout=0.1, uncheckpointed_layers=1)

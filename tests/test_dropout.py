@@ -8,11 +8,10 @@ import pytest
 import torch
 from conftest import assert_close_up_to_rounding
 
+from tests.common import batch_of, lora_layers
 from yoda_raw.fast.compile import compile_layers
 from yoda_raw.fast.dropout import SeededDropout, dropout_mask, use_seeded_dropout
 from yoda_raw.loss import token_loss_sum
-from yoda_raw.model import decoder_layers
-from yoda_raw.packing import Collator
 
 
 def test_seeded_dropout_keeps_one_minus_p_and_scales_as_torch_dropout():
@@ -58,8 +57,7 @@ def test_the_recompute_draws_the_forward_masks(tiny_tokenizer, tiny_qlora, compi
     differ from the same model's with torch's dropout (the loss does not: LoRA's B starts at zero).
     Catches a mask drawn anew in the recompute (other gradients than the forward's masks give), or
     a dropout that was never replaced."""
-    rows = [{"input_ids": list(range(5, 21)), "labels": [-100] * 4 + list(range(9, 21))} for _ in range(3)]
-    batch = Collator(tiny_tokenizer.pad_token_id)(rows)
+    batch = batch_of(tiny_tokenizer)
     results = []
     for uncheckpointed in (0, 1):
         model = tiny_qlora(lora_dropout=0.3, uncheckpointed_layers=uncheckpointed)
@@ -81,10 +79,6 @@ def test_the_recompute_draws_the_forward_masks(tiny_tokenizer, tiny_qlora, compi
     assert not all(torch.allclose(torch_dropout_grads[name], grads[name]) for name in grads)
     if compiled:
         torch._dynamo.reset()
-
-
-def lora_layers(model) -> list:
-    return [m for layer in decoder_layers(model) for m in layer.modules() if hasattr(m, "lora_dropout")]
 
 
 def test_seeded_dropout_without_dropout_is_one_line(tmp_path, capsys):

@@ -10,27 +10,11 @@ import torch._dynamo
 from conftest import assert_close_up_to_rounding, rounding_tolerance
 
 from benchmarks.lab.live_peak import LivePeak
-from tests.common import metrics, refused_in_one_line
+from tests.common import batch_of, metrics, refused_in_one_line, with_trained_lora
 from yoda_raw import halves
 from yoda_raw.errors import YodaError
 from yoda_raw.loss import token_loss_sum
 from yoda_raw.model import decoder_layers
-from yoda_raw.packing import Collator
-
-
-def batch_of(tokenizer) -> dict:
-    rows = [{"input_ids": list(range(5, 21)), "labels": [-100] * 4 + list(range(9, 21))} for _ in range(3)]
-    return Collator(tokenizer.pad_token_id)(rows)
-
-
-def with_trained_lora(model):
-    """LoRA's B is zero at the start, where LoRA adds nothing: give it values, so that a half that
-    skipped an adapter (or its dropout) would change the numbers."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(len(name)))
-    return model
 
 
 def step(model, batch, seed: int, count_runs: bool = True):

@@ -6,25 +6,10 @@ import pytest
 import torch
 from conftest import assert_close_up_to_rounding
 
+from tests.common import batch_of, lora_layers, with_trained_lora
 from yoda_raw import fast
 from yoda_raw.fast.lora import addmm_forward, use_addmm
 from yoda_raw.loss import token_loss_sum
-from yoda_raw.packing import Collator
-
-
-def batch_of(tokenizer) -> dict:
-    rows = [{"input_ids": list(range(5, 21)), "labels": [-100] * 4 + list(range(9, 21))} for _ in range(3)]
-    return Collator(tokenizer.pad_token_id)(rows)
-
-
-def trained(model):
-    """LoRA's B starts at zero, where LoRA adds nothing: give it values, so that a lost or wrongly
-    scaled LoRA product changes the numbers."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(len(name)))
-    return model
 
 
 def step(model, batch) -> tuple[torch.Tensor, dict]:
@@ -36,17 +21,13 @@ def step(model, batch) -> tuple[torch.Tensor, dict]:
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def lora_layers(model) -> list:
-    return [m for m in model.modules() if hasattr(m, "lora_dropout")]
-
-
 def test_addmm_gives_pefts_loss_and_gradients(tiny_tokenizer, tiny_qlora):
     """The tiny 4-bit model with dropout (p = 0.2) and trained LoRA B: the loss and every LoRA
     gradient as peft's own forward gives them, up to fp32 rounding (the product and the add are
     summed in another order). Catches the scale lost or applied twice, the dropout skipped, the
     base product dropped, or B used untransposed (its gradients would differ by far more)."""
     batch = batch_of(tiny_tokenizer)
-    model = trained(tiny_qlora(lora_dropout=0.2))
+    model = with_trained_lora(tiny_qlora(lora_dropout=0.2))
     loss, grads = step(model, batch)
     assert use_addmm(model) == len(lora_layers(model)) > 0
     addmm_loss, addmm_grads = step(model, batch)
@@ -61,7 +42,7 @@ def test_addmm_under_bf16_autocast_gives_pefts_dtype_and_values(tiny_tokenizer, 
     """Under bf16 autocast (what a GPU run uses), each LoRA linear gives peft's dtype, and values
     within bf16's rounding of peft's: addmm rounds the sum once, peft rounds B's product and then the
     sum. Catches a dtype error between the bf16 base product and fp32 LoRA weights."""
-    model = trained(tiny_qlora())
+    model = with_trained_lora(tiny_qlora())
     layer = lora_layers(model)[0]
     x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
@@ -76,7 +57,7 @@ def test_addmm_under_bf16_autocast_gives_pefts_dtype_and_values(tiny_tokenizer, 
 def test_adapters_disabled_or_merged_run_as_peft_does(tiny_qlora):
     """With the adapter disabled (peft's disable_adapter, as used to compare with the base model)
     the patched layer gives the base product alone, as peft's does. Catches LoRA added regardless."""
-    model = trained(tiny_qlora())
+    model = with_trained_lora(tiny_qlora())
     layer = lora_layers(model)[0]
     x = torch.randn(1, 3, layer.in_features, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -109,7 +90,7 @@ def test_compiled_layers_take_it_whole(tiny_tokenizer, tiny_qlora):
     from yoda_raw.fast.compile import compile_layers
 
     batch = batch_of(tiny_tokenizer)
-    model = trained(tiny_qlora(lora_dropout=0.0))
+    model = with_trained_lora(tiny_qlora(lora_dropout=0.0))
     use_addmm(model)
     loss, grads = step(model, batch)
     torch._dynamo.reset()

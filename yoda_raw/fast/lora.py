@@ -36,10 +36,11 @@ def resolve(setting: str) -> str:
 
 
 def use_addmm(model) -> int:
-    """Every LoRA linear of `model` adds its product with addmm (`addmm_forward`); returns how many."""
+    """Every LoRA linear of `model` adds its product with addmm (`addmm_forward`); returns how many.
+    LoRA on other layers (embeddings, convolutions) keeps peft's forward: addmm is a linear's."""
     count = 0
     for module in model.modules():
-        if isinstance(module, LoraLayer) and isinstance(getattr(module, "lora_B", None), torch.nn.ModuleDict):
+        if isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), torch.nn.Linear):
             module.forward = types.MethodType(addmm_forward, module)
             count += 1
     return count

@@ -14,7 +14,7 @@ source benchmarks/results/memory/common.sh
 L="--offload-activations on --split-layers on --mlp-chunk 4096"
 D="--dataset $YODA_RAW_DATA/yoda_sentences/yoda_sentences.jsonl --no-auto-batch-size"
 keep() { summary > /dev/null; tar -C /tmp -czf "$OUT/next_call.tar.gz" next_call; }  # what ran so far comes back
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # the levers' setting; the defaults' memory barely moves with it
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # the levers' setting; the defaults' memory barely moves with it (NOTES item 42)
 for A in off on; do
   bench $S512 --lora-addmm $A --name defaults-addmm$A-16x512; keep
   bench $S512 $L --lora-addmm $A --name levers-expandable-addmm$A-16x512; keep
