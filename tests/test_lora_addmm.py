@@ -105,3 +105,31 @@ def test_compiled_layers_take_it_whole(tiny_tokenizer, tiny_qlora):
     assert_close_up_to_rounding(compiled_loss, loss, name="loss sum")
     for name in grads:
         assert_close_up_to_rounding(compiled_grads[name], grads[name], name=name)
+
+
+def test_lora_on_other_layers_keeps_pefts_forward():
+    """LoRA can sit on embeddings and convolutions too (peft's target_modules); addmm is a linear's
+    product, so only the linear is patched and the embedding's LoRA still gives peft's output.
+    Catches the patch applied to every LoRA layer (an embedding's input is token ids: addmm's
+    forward would fail or compute nonsense)."""
+    from peft import LoraConfig, get_peft_model
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.lin = torch.nn.Embedding(11, 6), torch.nn.Linear(6, 4)
+
+        def forward(self, ids):
+            return self.lin(self.emb(ids))
+
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), LoraConfig(r=2, target_modules=["emb", "lin"], init_lora_weights=False))
+    ids = torch.tensor([[1, 5, 7]])
+    with torch.no_grad():
+        before = model(ids)
+        assert use_addmm(model) == 1
+        after = model(ids)
+    emb, lin = model.base_model.model.emb, model.base_model.model.lin
+    assert "forward" not in vars(emb) and vars(lin)["forward"].__func__ is addmm_forward
+    # The linear's LoRA add in another order: equal up to fp32 rounding (conftest).
+    assert_close_up_to_rounding(after, before, name="output")
