@@ -252,6 +252,38 @@ def test_compiled_layers_compile_in_the_process_unless_told_otherwise(monkeypatc
     assert inductor.compile_threads is None  # left to inductor, which reads the variable
 
 
+@pytest.mark.slow  # compiles the tiny model's halves for three shapes: about a minute on 2 CPU cores
+def test_compiled_layers_keep_compiling_new_batch_shapes(monkeypatch, tiny_qlora, tiny_tokenizer):
+    """A run meets several batch shapes (--auto-batch-size's retries, a short last batch, the MLP's
+    last chunk), each a compiled code more for the one code all layers share. torch gives up past
+    its cap (8) and runs new shapes eagerly; on a GPU a forward run compiled and a recompute run
+    eagerly then save other tensors, and checkpointing stops the run. Here torch's cap is lowered to
+    1 and giving up made an error, so that three shapes stand in for nine. Catches compile_layers
+    leaving torch's cap as it is."""
+    import torch._dynamo.config as dynamo
+
+    from yoda_raw.fast.compile import compile_layers
+    from yoda_raw.halves import split_layers
+
+    monkeypatch.setattr(dynamo, "recompile_limit", 1)
+    monkeypatch.setattr(dynamo, "fail_on_recompile_limit_hit", True)
+    model = tiny_qlora()
+    split_layers(model, mlp_chunk=20)  # chunks of 20 tokens: rows of 16 leave a shorter last chunk
+    torch._dynamo.reset()
+    try:
+        compile_layers(model)
+        model.train()
+        for rows in (1, 2, 3):
+            batch = Collator(tiny_tokenizer.pad_token_id)(
+                [{"input_ids": list(range(5, 21)), "labels": [IGNORE] * 4 + list(range(9, 21))}] * rows
+            )
+            loss = token_loss_sum(model, batch)
+            loss.backward()
+            assert torch.isfinite(loss)
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.slow  # compiling the tiny layers twice takes a minute or more on a CPU
 def test_compile_memory_budget_keeps_less_for_the_backward_and_the_same_gradients(tiny_qlora, tiny_tokenizer):
     """--compile-memory-budget below 1: the compiled layers hand their backward less than at 1 (the

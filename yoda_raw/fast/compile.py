@@ -19,6 +19,8 @@ from torch.utils._triton import has_triton
 from yoda_raw.errors import YodaError
 from yoda_raw.halves import compile_units
 
+RECOMPILE_LIMIT = 64  # compiled codes kept for each layer's code: shapes, forward and recompute
+
 
 def resolve(setting: str, cuda_graph: str, device: torch.device) -> str:
     """--compile-layers auto|on|off -> "on" or "off". auto follows the CUDA graph. On a GPU,
@@ -57,5 +59,11 @@ def compile_layers(model, memory_budget: float = 1.0) -> None:
         # a new Python that imports torch, stays in memory for the whole run and is slow to shut down,
         # and a single layer's few dozen kernels do not compile sooner with them.
         torch._inductor.config.compile_threads = 1
+    # Every batch shape a run meets compiles once more: --auto-batch-size's retries, a short last
+    # batch, --mlp-chunk's last chunk, a benchmark's probes in one process. All layers share one
+    # compiled code and so one cache, which torch caps at 8 entries; past that it runs new shapes
+    # eagerly, and a layer whose forward ran compiled and whose recompute runs eagerly (or the other
+    # way) saves other tensors, which checkpointing refuses with an error. So the cap is raised.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for unit in compile_units(model):  # the decoder layers, or with --split-layers their halves
         unit.compile(dynamic=False)
