@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The next device call (written 2026-12-07 in session 8, not yet run; NOTES.md next steps 42 and 39).
+# Call 17 (2026-12-08, session 9, an H100, run as next_call.sh on the tree at 805a7df; NOTES.md
+# next steps 42 and 39, item 81).
 # At 16 x 512: the defaults and the levers with expandable segments, each with --lora-addmm off and
 # on (step 42: LoRA's add inside its matmul, predicted to pay in the split's halves only); profiles
 # of the levers with it on, of the defaults and of offloading alone (step 39: profile_step.py now
 # lists the kernels the GPU waited longest to start; the first profile's whole trace comes back
 # too); then Unsloth with the time left, median of 20 steps after 5, for the README's table.
-#   source .gpu/env.sh && bash benchmarks/results/memory/next_call.sh   (carry .gpu and .peers)
-# CALL_LIMIT (575): the second by which the call must be done. Rename to callN.sh once it has run.
+#   source .gpu/env.sh && CALL_LIMIT=575 bash benchmarks/results/memory/call17.sh   (carry .gpu and .peers)
+# CALL_LIMIT (575): the second by which the call must be done.
 R=/tmp/next_call
 LIMIT=${CALL_LIMIT:-575}
 STOP_AT=$((LIMIT - 300))  # ours first, leaving the profiles their time
