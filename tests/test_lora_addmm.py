@@ -67,16 +67,24 @@ def test_adapters_disabled_or_merged_run_as_peft_does(tiny_qlora):
     assert not torch.allclose(with_lora, layer.base_layer(x))
 
 
-def test_the_fast_path_puts_it_in_only_when_asked(tiny_qlora, tiny_config):
-    """auto is off (not yet measured to pay); on replaces every LoRA linear's forward, and the run's
-    line of levers names it."""
+def test_the_fast_path_puts_it_in_where_it_pays_or_is_asked(tiny_qlora, tiny_config):
+    """auto is on in compiled split halves (where it saves memory at the same speed) and off in
+    whole layers (where it costs speed), compiled or not; on and off are kept as given; on replaces
+    every LoRA linear's forward, and the run's line of levers names it."""
     cfg = tiny_config(quant="nf4")
     assert cfg.lora_addmm == "auto"
     skeleton = tiny_qlora()
-    plan = fast.settle(cfg, torch.device("cpu"), 1, "fp32", "nf4", skeleton)
-    assert plan.lora_addmm == "off" and "lora-addmm" not in str(plan)
+
+    def addmm(**options) -> str:
+        plan = fast.settle(dataclasses.replace(cfg, **options), torch.device("cpu"), 1, "fp32", "nf4", skeleton)
+        assert ("lora-addmm" in str(plan)) == (plan.lora_addmm == "on")
+        return plan.lora_addmm
+
+    assert addmm() == addmm(compile_layers="on") == addmm(split_layers="on") == "off"
+    assert addmm(split_layers="on", compile_layers="on") == "on"
+    assert addmm(split_layers="on", compile_layers="on", lora_addmm="off") == "off"
+    assert addmm(lora_addmm="on") == "on"
     plan = fast.settle(dataclasses.replace(cfg, lora_addmm="on"), torch.device("cpu"), 1, "fp32", "nf4", skeleton)
-    assert plan.lora_addmm == "on" and "lora-addmm" in str(plan)
     model = tiny_qlora()
     fast.apply(plan, model)
     assert all(m.forward.__func__ is addmm_forward for m in lora_layers(model))

@@ -216,7 +216,8 @@ class Config:
         default="auto",
         metadata={
             "help": "LoRA's product added to the base product inside its matmul (torch.addmm), not written out "
-            "and added after (the same sum, rounded once). auto: off, until a benchmark says it pays."
+            "and added after (the same sum, rounded once). auto: on with --split-layers on in compiled layers (less "
+            "memory at the same speed); off elsewhere, where it costs speed (docs/fast-path.md)."
         },
     )
     lora_targets: list[str] = field(

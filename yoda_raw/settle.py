@@ -45,7 +45,8 @@ def settle(cfg: Config, device: torch.device, num_processes: int, model_config) 
     context = model_config.max_position_embeddings
     if cfg.max_length > context:
         raise YodaError(f"--max-length {cfg.max_length} is longer than the model's context of {context} tokens")
-    plan = fast.settle(cfg, device, num_processes, precision.name, quant, skeleton_model)
+    settled_split = dataclasses.replace(cfg, split_layers=split_layers)  # --lora-addmm's auto follows the split
+    plan = fast.settle(settled_split, device, num_processes, precision.name, quant, skeleton_model)
     cfg = dataclasses.replace(
         cfg,
         quant=quant,

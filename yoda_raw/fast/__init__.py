@@ -114,8 +114,8 @@ def settle(cfg, device: torch.device, num_processes: int, precision_name: str, q
             f"--reuse-dequant on works in the checkpointed layers, and --uncheckpointed-layers {layers} leaves none; "
             "use fewer uncheckpointed layers or --reuse-dequant off"
         )
-    # 6. LoRA's add inside its matmul: anywhere, where asked for.
-    addmm = lora.resolve(cfg.lora_addmm)
+    # 6. LoRA's add inside its matmul: in compiled split halves, where the add was a kernel of its own.
+    addmm = lora.resolve(cfg.lora_addmm, cfg.split_layers == "on" and compiled == "on")
     why = why_eager if graph == "off" else ""
     return Plan(graph, compiled, reuse, fp8, seeded, cfg.compile_memory_budget, why, addmm)
 

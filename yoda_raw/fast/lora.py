@@ -11,13 +11,12 @@ again in the recompute. `torch.addmm(C, h, B.T, alpha=scale)` is C + scale * (h 
 matmul (cuBLAS reads C as it writes the result): the base product goes in as C, lora_B's product
 is never written on its own, and the sum is rounded once instead of twice.
 
-Where what follows y is element-wise anyway (the activation after gate_up_proj, rotary after
-qkv_proj), torch.compile on a GPU splits addmm back into a matmul and an add that it fuses into
-what follows (inductor's unfuse_bias_add_to_pointwise): there this changes nothing. It can pay only
-where y leaves the compiled code as it is, as o_proj's and down_proj's outputs do from
---split-layers' halves (the residual add is outside them).
-
-auto is off: whether it pays on a GPU is for a benchmark to say (benchmarks/NOTES.md, step 42).
+Where y leaves the compiled code as it is, as o_proj's and down_proj's outputs do from
+--split-layers' halves (the residual add is outside them), the add was a kernel of its own. There
+addmm takes memory off the step's peak at the same speed: the time the add's kernel took, cuBLAS
+now spends reading C. In whole compiled layers, where the add fused into the residual add already,
+it costs speed and saves less. So auto is on where the layers are split and compiled, off elsewhere
+(benchmarks/NOTES.md, item 81).
 """
 
 import types
@@ -26,13 +25,13 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 
-def resolve(setting: str) -> str:
-    """--lora-addmm auto|on|off -> "on" or "off"; auto is off until measured.
+def resolve(setting: str, split_and_compiled: bool) -> str:
+    """--lora-addmm auto|on|off -> "on" or "off"; auto: on in compiled --split-layers halves.
 
-    >>> resolve("auto"), resolve("on"), resolve("off")
-    ('off', 'on', 'off')
+    >>> resolve("auto", True), resolve("auto", False), resolve("on", False), resolve("off", True)
+    ('on', 'off', 'on', 'off')
     """
-    return "on" if setting == "on" else "off"
+    return setting if setting != "auto" else ("on" if split_and_compiled else "off")
 
 
 def use_addmm(model) -> int:
