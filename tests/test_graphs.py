@@ -253,7 +253,7 @@ def test_compiled_layers_compile_in_the_process_unless_told_otherwise(monkeypatc
 
 
 @pytest.mark.slow  # compiles the tiny model's halves for three shapes: about a minute on 2 CPU cores
-def test_compiled_layers_keep_compiling_new_batch_shapes(monkeypatch, tiny_qlora, tiny_tokenizer):
+def test_compiled_layers_keep_compiling_new_batch_shapes(tiny_qlora, tiny_tokenizer):
     """A run meets several batch shapes (--auto-batch-size's retries, a short last batch, the MLP's
     last chunk), each a compiled code more for the one code all layers share. torch gives up past
     its cap (8) and runs new shapes eagerly; on a GPU a forward run compiled and a recompute run
@@ -265,23 +265,25 @@ def test_compiled_layers_keep_compiling_new_batch_shapes(monkeypatch, tiny_qlora
     from yoda_raw.fast.compile import compile_layers
     from yoda_raw.halves import split_layers
 
-    monkeypatch.setattr(dynamo, "recompile_limit", 1)
-    monkeypatch.setattr(dynamo, "fail_on_recompile_limit_hit", True)
     model = tiny_qlora()
     split_layers(model, mlp_chunk=20)  # chunks of 20 tokens: rows of 16 leave a shorter last chunk
     torch._dynamo.reset()
+    before = dynamo.recompile_limit
     try:
-        compile_layers(model)
-        model.train()
-        for rows in (1, 2, 3):
-            batch = Collator(tiny_tokenizer.pad_token_id)(
-                [{"input_ids": list(range(5, 21)), "labels": [IGNORE] * 4 + list(range(9, 21))}] * rows
-            )
-            loss = token_loss_sum(model, batch)
-            loss.backward()
-            assert torch.isfinite(loss)
+        # dynamo's own patch, which puts both settings back after (pytest's monkeypatch loses them).
+        with dynamo.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+            compile_layers(model)
+            model.train()
+            for rows in (1, 2, 3):
+                batch = Collator(tiny_tokenizer.pad_token_id)(
+                    [{"input_ids": list(range(5, 21)), "labels": [IGNORE] * 4 + list(range(9, 21))}] * rows
+                )
+                loss = token_loss_sum(model, batch)
+                loss.backward()
+                assert torch.isfinite(loss)
     finally:
         torch._dynamo.reset()
+    assert dynamo.recompile_limit == before and not dynamo.fail_on_recompile_limit_hit  # as they were
 
 
 @pytest.mark.slow  # compiling the tiny layers twice takes a minute or more on a CPU
