@@ -117,9 +117,9 @@ def signal_after_first_log_line(proc: subprocess.Popen, output_dir: Path, send, 
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def batch_of(tokenizer) -> dict:
-    """Three rows of 16 tokens, the first 4 unsupervised: a batch for the tiny model's tests."""
-    rows = [{"input_ids": list(range(5, 21)), "labels": [-100] * 4 + list(range(9, 21))} for _ in range(3)]
+def batch_of(tokenizer, rows: int = 3) -> dict:
+    """`rows` rows of 16 tokens, the first 4 unsupervised: a batch for the tiny model's tests."""
+    rows = [{"input_ids": list(range(5, 21)), "labels": [-100] * 4 + list(range(9, 21))} for _ in range(rows)]
     return Collator(tokenizer.pad_token_id)(rows)
 
 

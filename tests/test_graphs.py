@@ -14,7 +14,7 @@ import torch._functorch.config  # --compile-memory-budget sets activation_memory
 from conftest import assert_close_up_to_rounding, rounding_tolerance
 
 import run
-from tests.common import refused_in_one_line
+from tests.common import batch_of, refused_in_one_line
 from yoda_raw.chat import IGNORE
 from yoda_raw.fast.graphs import CAUSAL_SDPA, GraphStep
 from yoda_raw.loss import token_loss_sum
@@ -275,10 +275,7 @@ def test_compiled_layers_keep_compiling_new_batch_shapes(tiny_qlora, tiny_tokeni
             compile_layers(model)
             model.train()
             for rows in (1, 2, 3):
-                batch = Collator(tiny_tokenizer.pad_token_id)(
-                    [{"input_ids": list(range(5, 21)), "labels": [IGNORE] * 4 + list(range(9, 21))}] * rows
-                )
-                loss = token_loss_sum(model, batch)
+                loss = token_loss_sum(model, batch_of(tiny_tokenizer, rows))
                 loss.backward()
                 assert torch.isfinite(loss)
     finally:
