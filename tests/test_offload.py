@@ -14,7 +14,7 @@ from test_loss import rows_batch
 from yoda_raw.errors import YodaError
 from yoda_raw.loss import token_loss_sum
 from yoda_raw.model import add_lora, decoder_layers
-from yoda_raw.offload import OffloadActivations
+from yoda_raw.offload import OffloadActivations, final_norm
 
 CPU = torch.device("cpu")
 
@@ -59,9 +59,33 @@ def test_the_backward_gets_back_exactly_what_the_forward_saved(lora_model, tiny_
     assert moved.count(layer_input) >= len(decoder_layers(lora_model))
 
 
-def test_weights_and_small_tensors_stay_where_they_are(lora_model, tiny_tokenizer, monkeypatch):
-    """Without the chunked loss the LM head's product saves the head's weight: it must not be copied
-    out and back every step (it stays on the device anyway). Nor must a tensor under min_bytes."""
+@pytest.mark.parametrize("chunk", [0, 1024])  # the whole loss's log-softmax, the chunked loss's chunks
+def test_what_the_final_norm_and_the_loss_save_stays_on_the_device(lora_model, tiny_tokenizer, chunk):
+    """The backward needs what is saved after the last decoder layer first: copied out, it would only
+    come straight back. So nothing saved from the final norm on is moved, and on the next micro-batch
+    the layers' inputs are moved again (the flag that stops the moves is reset). Catches the hook
+    missing (the norm's input and the loss's chunks moved) or never reset (nothing moved after the
+    first micro-batch)."""
+    offload = OffloadActivations(lora_model, CPU, min_bytes=0)
+    norm = final_norm(lora_model)
+    assert norm is lora_model.get_base_model().model.norm
+    moved_before_norm = []
+    handle = norm.register_forward_pre_hook(lambda module, args: moved_before_norm.append(len(offload.saved)))
+    batch = rows_batch(tiny_tokenizer)
+    try:
+        for _ in range(2):  # two micro-batches through one offloader, as a step with accumulation
+            loss_and_grads(lora_model, batch, offload, chunk)
+            assert len(offload.saved) == moved_before_norm[-1] >= len(decoder_layers(lora_model))
+    finally:
+        handle.remove()
+
+
+def test_weights_and_small_tensors_stay_where_they_are(tiny_model, tiny_config, tiny_tokenizer, monkeypatch):
+    """A layer left out of checkpointing (--uncheckpointed-layers) saves its weights for its backward:
+    they must not be copied out and back every step (they stay on the device anyway). Nor must a
+    tensor under min_bytes."""
+    lora_model = add_lora(tiny_model, tiny_config(uncheckpointed_layers=1))
+    lora_model.train()
     weights = {p.untyped_storage().data_ptr() for p in lora_model.parameters()}
     offload = OffloadActivations(lora_model, CPU, min_bytes=0)
     moved, kept = [], []
@@ -74,7 +98,7 @@ def test_weights_and_small_tensors_stay_where_they_are(lora_model, tiny_tokenize
     monkeypatch.setattr(offload, "_worth_moving", spy)
     loss_and_grads(lora_model, rows_batch(tiny_tokenizer), offload)
     assert moved and not any(t.untyped_storage().data_ptr() in weights for t in moved)
-    assert any(t.untyped_storage().data_ptr() in weights for t in kept)  # the head's weight was offered
+    assert any(t.untyped_storage().data_ptr() in weights for t in kept)  # the last layer's weights were offered
 
     big = OffloadActivations(lora_model, CPU, min_bytes=10**9)
     loss_and_grads(lora_model, rows_batch(tiny_tokenizer), big)

@@ -19,12 +19,20 @@ grows with B x T, as a layer's compute does), and page-locked host memory as lar
 offloaded, held for the whole run. What is not hidden is measured in benchmarks/NOTES.md; while it
 costs speed, `auto` leaves the option off.
 
+Only what the decoder layers save goes. What the forward saves after the last layer, the final
+norm's inputs and the loss's (its chunks, or the whole loss's log-softmax), is what the backward
+needs first, at once: copied out, it would only come straight back, with the backward waiting for
+it. It stays on the GPU, and the backward frees it before it reaches the layers, whose own backward
+(the MLP's wide products) is the step's peak.
+
 How: `torch.autograd.graph.saved_tensors_hooks` replaces every tensor autograd saves inside the
 block by what `pack` returns, and gives `unpack` that back in the backward. Inside a checkpointed
 layer checkpointing's own hooks are the innermost and take over, so what reaches `pack` is what
-the forward saves outside them: each layer's input above all, and whatever else is saved between
-the layers (the last norm's input, the chunked loss's chunks). Weights are left where they are
-(they stay on the GPU anyway), and so are tensors under `min_bytes` (not worth a copy).
+the forward saves outside them: each layer's input above all (with --split-layers, each half's),
+and all an uncheckpointed layer saves. A hook on the final norm says where the layers end (a model
+with no `norm` beside its `layers` offloads everything to the end of the forward). Weights are left
+where they are (they stay on the GPU anyway), and so are tensors under `min_bytes` (not worth a
+copy).
 
 The CUDA graph replays the copies too: the host buffers are made once, in the eager first step,
 at fixed addresses, and every copy joins back into the main stream before the step ends.
@@ -61,18 +69,25 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         self.buffers: list[torch.Tensor] = []  # host memory, one buffer a saved tensor, reused every step
         self.saved: list[Saved] = []  # this forward's offloaded tensors, in the order they were saved
         self._joined_at_end = False
+        self.layers_done = False  # the forward has passed its last decoder layer: nothing more goes
+        norm = final_norm(model)
+        if norm is not None:
+            norm.register_forward_pre_hook(self._at_final_norm)
         super().__init__(self.pack, self.unpack)
 
     def __enter__(self):
         self.settle()  # what an earlier step left, abandoned by a signal or an error included
-        self.saved, self._joined_at_end = [], False
+        self.saved, self._joined_at_end, self.layers_done = [], False, False
         self.main = torch.cuda.current_stream(self.device) if self.side is not None else None
         return super().__enter__()
 
     # --- the forward ---------------------------------------------------------------------------
 
+    def _at_final_norm(self, module, args) -> None:
+        self.layers_done = True  # (outside the block too, in evaluation: harmless, reset on entering)
+
     def pack(self, tensor: torch.Tensor):
-        if not self._worth_moving(tensor):
+        if self.layers_done or not self._worth_moving(tensor):
             return tensor
         host = self._host_buffer(len(self.saved), tensor)
         if self.side is None:
@@ -164,3 +179,13 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
                 if event is not None:
                     self.main.wait_event(event)
             saved.gpu = saved.copied = saved.fetched = None
+
+
+def final_norm(model) -> torch.nn.Module | None:
+    """The norm the last decoder layer's output goes through (transformers' `norm` beside `layers`
+    in Llama, Mistral, Qwen2, Phi-3), or None. `model` may be wrapped (peft, DDP)."""
+    for module in model.modules():
+        layers, norm = getattr(module, "layers", None), getattr(module, "norm", None)
+        if isinstance(layers, torch.nn.ModuleList) and isinstance(norm, torch.nn.Module):
+            return norm
+    return None
