@@ -73,12 +73,16 @@ def _inspect_command() -> list[str]:
 
 def test_inspect_into_a_closed_pipe_or_a_full_disk(tmp_path):
     """Catches `inspect | head` ending in a BrokenPipeError traceback, and stdout on a full disk
-    (here /dev/full) in an OSError traceback."""
+    (here /dev/full) in an OSError traceback. The pipe's reader is gone before inspect writes (as
+    `head` is once it has its lines): a reader still reading could take the whole output into the
+    pipe's buffer, and inspect would never meet the closed pipe."""
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
-    reader = subprocess.Popen(["head", "-c", "10"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
-    done = subprocess.run(_inspect_command(), stdout=reader.stdin, stderr=subprocess.PIPE, text=True, env=env)
-    reader.stdin.close()
-    reader.wait()
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(_inspect_command(), stdout=write_end, stderr=subprocess.PIPE, text=True, env=env)
+    finally:
+        os.close(write_end)
     assert done.returncode == 128 + signal.SIGPIPE and done.stderr == "", done.stderr
     if not Path("/dev/full").exists():
         pytest.skip("no /dev/full here")
