@@ -644,6 +644,53 @@ def test_peak_tensors_lists_what_is_alive_at_the_peak(tmp_path, capsys):
     ]
 
 
+def test_gap_waits_puts_each_gap_down_to_the_host_or_the_copy_it_waited_for(tmp_path, capsys):
+    """gap_waits.py on a trace of two steps. On the main stream (stream 7, the most kernel time): a
+    40 us gap that a 48 MiB copy to host on stream 13 ends inside; a 60 us gap before a kernel whose
+    launch (inside aten::ne) ended inside it, while a copy also ended inside it; an 18 us gap (under
+    20: not counted); and a 60 us gap with nothing inside it, after a copy that ended before it
+    began. Catches a copy blamed for a gap it ended before, the host's gap blamed on a copy that
+    happens to end then, and the per-step division."""
+    import gzip
+
+    from benchmarks.lab import gap_waits
+
+    def gpu(cat, name, stream, ts, dur, **args):
+        return {"ph": "X", "cat": cat, "name": name, "pid": 0, "tid": stream, "ts": ts, "dur": dur,
+                "args": {"stream": stream, **args}}  # fmt: skip
+
+    def launch(correlation, ts):
+        return {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "pid": 1, "tid": 1, "ts": ts, "dur": 5,
+                "args": {"correlation": correlation}}  # fmt: skip
+
+    mib = 2**20
+    to_host, to_gpu = "Memcpy DtoH (Device -> Pinned)", "Memcpy HtoD (Pinned -> Device)"
+    events = [
+        gpu("kernel", "k1", 7, 0, 100, correlation=1),
+        gpu("gpu_memcpy", to_host, 13, 20, 120, correlation=9, bytes=48 * mib),
+        gpu("kernel", "k2", 7, 140, 100, correlation=2),  # gap 100-140: the copy to host ended at 140
+        gpu("gpu_memcpy", to_gpu, 13, 250, 30, correlation=10, bytes=6 * mib),
+        gpu("kernel", "count", 7, 300, 10, correlation=3),  # gap 240-300: launched at 290-295, the copy ended at 280
+        gpu("kernel", "k4", 7, 328, 10, correlation=4),  # gap 310-328: 18 us
+        gpu("gpu_memcpy", to_host, 13, 320, 10, correlation=11, bytes=2 * mib),
+        gpu("kernel", "k5", 7, 398, 10, correlation=5),  # gap 338-398: the copy ended at 330, the launch long before
+        {"ph": "X", "cat": "cpu_op", "name": "aten::ne", "pid": 1, "tid": 1, "ts": 280, "dur": 20, "args": {}},
+        launch(3, 290),
+        launch(2, 10),
+        launch(5, 30),
+    ]
+    path = tmp_path / "levers_trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    assert gap_waits.main([str(path), "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "0.08 ms a step, 1.50 gaps a step" in out
+    assert "| Memcpy DtoH (Device -> Pinned), 48.0 MiB | 0.02 | 0.50 |" in out
+    assert "| the host: aten::ne | 0.03 | 0.50 |" in out
+    assert "| not known | 0.03 | 0.50 |" in out
+    assert "HtoD" not in out and "2.0 MiB" not in out
+
+
 def test_each_result_names_the_allocator_settings_it_ran_with(tmp_path, monkeypatch):
     """Expandable segments change a run's memory and are an environment variable, which no option of
     run.py records: a result that left it out could not be told from one without it."""

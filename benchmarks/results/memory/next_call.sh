@@ -23,8 +23,9 @@ unset PYTORCH_CUDA_ALLOC_CONF
 N=profile-levers
 timeout 80 python benchmarks/profile_step.py --out "$R" --name $N --warmup 3 --steps 3 --model $CK \
   --init pretrained --tokenizer $TOK $D --batch-size 16 --max-length 512 $L >> "$R/profile.log" 2>&1
+timeout 60 python benchmarks/lab/gap_waits.py "$R/${N}_trace.json" --steps 3 > "$R/gaps-levers.md" 2>&1
 gzip -c "$R/${N}_trace.json" > "$OUT/trace-levers.json.gz"; rm -f "$R"/*_trace.json
-sed -n '/GPU idle/p;/idle before/,/^$/p' "$R/$N.md"; keep
+sed -n '/GPU idle/p;/idle before/,/^$/p' "$R/$N.md"; cat "$R/gaps-levers.md"; keep
 YODA_RAW_PHI3_CHECKPOINT=$CK YODA_RAW_GPU_REPORT=$R/gpu_report.json timeout $((LIMIT - SECONDS - 10)) python -m pytest -m gpu -q \
   -p no:cacheprovider tests/test_gpu.py -k "offloaded or split_layers or (auto_batch_size and on-on)" > "$R/gpu_test.log" 2>&1
 echo "GPU tests exit $?"; tail -n 3 "$R/gpu_test.log"; keep
