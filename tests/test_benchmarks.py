@@ -647,10 +647,11 @@ def test_peak_tensors_lists_what_is_alive_at_the_peak(tmp_path, capsys):
 def test_gap_waits_puts_each_gap_down_to_the_host_or_the_copy_it_waited_for(tmp_path, capsys):
     """gap_waits.py on a trace of two steps. On the main stream (stream 7, the most kernel time): a
     40 us gap that a 48 MiB copy to host on stream 13 ends inside; a 60 us gap before a kernel whose
-    launch (inside aten::ne) ended inside it, while a copy also ended inside it; an 18 us gap (under
-    20: not counted); and a 60 us gap with nothing inside it, after a copy that ended before it
-    began. Catches a copy blamed for a gap it ended before, the host's gap blamed on a copy that
-    happens to end then, and the per-step division."""
+    launch (inside aten::ne) ended inside it, the host having waited in a synchronize (inside
+    aten::item) through most of it, while a copy also ended inside it; an 18 us gap (under 20: not
+    counted); and a 60 us gap with nothing inside it, after a copy that ended before it began.
+    Catches a copy blamed for a gap it ended before, the host's gap blamed on a copy that happens to
+    end then, the wrong runtime call named as what held the host, and the per-step division."""
     import gzip
 
     from benchmarks.lab import gap_waits
@@ -659,9 +660,12 @@ def test_gap_waits_puts_each_gap_down_to_the_host_or_the_copy_it_waited_for(tmp_
         return {"ph": "X", "cat": cat, "name": name, "pid": 0, "tid": stream, "ts": ts, "dur": dur,
                 "args": {"stream": stream, **args}}  # fmt: skip
 
-    def launch(correlation, ts):
-        return {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "pid": 1, "tid": 1, "ts": ts, "dur": 5,
+    def launch(correlation, ts, name="cudaLaunchKernel", dur=5):
+        return {"ph": "X", "cat": "cuda_runtime", "name": name, "pid": 1, "tid": 1, "ts": ts, "dur": dur,
                 "args": {"correlation": correlation}}  # fmt: skip
+
+    def op(name, ts, dur):
+        return {"ph": "X", "cat": "cpu_op", "name": name, "pid": 1, "tid": 1, "ts": ts, "dur": dur, "args": {}}
 
     mib = 2**20
     to_host, to_gpu = "Memcpy DtoH (Device -> Pinned)", "Memcpy HtoD (Pinned -> Device)"
@@ -674,7 +678,10 @@ def test_gap_waits_puts_each_gap_down_to_the_host_or_the_copy_it_waited_for(tmp_
         gpu("kernel", "k4", 7, 328, 10, correlation=4),  # gap 310-328: 18 us
         gpu("gpu_memcpy", to_host, 13, 320, 10, correlation=11, bytes=2 * mib),
         gpu("kernel", "k5", 7, 398, 10, correlation=5),  # gap 338-398: the copy ended at 330, the launch long before
-        {"ph": "X", "cat": "cpu_op", "name": "aten::ne", "pid": 1, "tid": 1, "ts": 280, "dur": 20, "args": {}},
+        op("aten::item", 240, 38),
+        launch(20, 241, "cudaStreamSynchronize", 36),  # the host held up through most of the gap 240-300
+        launch(21, 279, "cudaMemcpyAsync", 2),
+        op("aten::ne", 280, 20),
         launch(3, 290),
         launch(2, 10),
         launch(5, 30),
@@ -686,7 +693,7 @@ def test_gap_waits_puts_each_gap_down_to_the_host_or_the_copy_it_waited_for(tmp_
     out = capsys.readouterr().out
     assert "0.08 ms a step, 1.50 gaps a step" in out
     assert "| Memcpy DtoH (Device -> Pinned), 48.0 MiB | 0.02 | 0.50 |" in out
-    assert "| the host: aten::ne | 0.03 | 0.50 |" in out
+    assert "| the host: aten::ne, after cudaStreamSynchronize in aten::item | 0.03 | 0.50 |" in out
     assert "| not known | 0.03 | 0.50 |" in out
     assert "HtoD" not in out and "2.0 MiB" not in out
 

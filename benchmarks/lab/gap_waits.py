@@ -9,7 +9,9 @@ gap of at least --gap-us between its kernels and copies is put down to one cause
 
 - the host, where the next kernel's launch (its runtime call, by correlation id) ended inside the
   gap: the kernel could not start sooner. It is named by the op that launched it (the innermost
-  `cpu_op` around the runtime call; a CUDA graph's kernels all have the graph's launch, before it).
+  `cpu_op` around the runtime call; a CUDA graph's kernels all have the graph's launch, before it),
+  and by what held the host up: the runtime call of the launching thread that overlaps the gap
+  most (a synchronize, a graph launch, a pinned allocation), with the op around it.
 - else a copy on another stream that ended inside the gap: the stream waited for it (with
   --offload-activations, a layer input going to host memory or coming back). The copy is named by
   its direction and size, so a reader can tell which tensor it was.
@@ -56,16 +58,16 @@ def gap_causes(events: list[dict], gap_us: float) -> list[dict]:
     main = max(kernel_us, key=kernel_us.get)
     on_main = sorted((e for e in gpu if stream_of(e) == main), key=lambda e: e["ts"])
     others = [e for e in gpu if stream_of(e) != main]
-    launches = {
-        e["args"]["correlation"]: e for e in events if e.get("cat") in LAUNCHES and "correlation" in e.get("args", {})
-    }
+    runtime = [e for e in events if e.get("cat") in LAUNCHES]
+    launches = {e["args"]["correlation"]: e for e in runtime if "correlation" in e.get("args", {})}
     ops = sorted((e for e in events if e.get("cat") == "cpu_op"), key=lambda e: e["ts"])
 
     gaps, busy_until = [], None
     for e in on_main:
         if busy_until is not None and e["ts"] - busy_until >= gap_us:
             start, end = busy_until, e["ts"]
-            gaps.append({"us": end - start, "cause": cause(start, end, e, others, launches, ops), "next": e["name"]})
+            why = cause(start, end, e, others, launches, runtime, ops)
+            gaps.append({"us": end - start, "cause": why, "next": e["name"]})
         busy_until = e["ts"] + e["dur"] if busy_until is None else max(busy_until, e["ts"] + e["dur"])
     return gaps
 
@@ -74,16 +76,26 @@ def stream_of(event: dict):
     return event.get("args", {}).get("stream", event.get("tid"))
 
 
-def cause(start: float, end: float, next_event: dict, others: list[dict], launches: dict, ops: list[dict]) -> str:
+def cause(
+    start, end, next_event: dict, others: list[dict], launches: dict, runtime: list[dict], ops: list[dict]
+) -> str:
     """What the gap [start, end) before `next_event` waited for (see the module docstring)."""
     launch = launches.get(next_event.get("args", {}).get("correlation"))
     if launch is not None and start < launch["ts"] + launch["dur"] <= end + SETTLE_US:
-        return f"the host: {launching_op(launch, ops)}"
+        held = [e for e in runtime if e is not launch and e.get("tid") == launch.get("tid")]
+        blocker = max(held, key=lambda e: overlap(e, start, end), default=None)
+        if blocker is None or overlap(blocker, start, end) <= 0:
+            return f"the host: {launching_op(launch, ops)}"
+        return f"the host: {launching_op(launch, ops)}, after {blocker['name']} in {launching_op(blocker, ops)}"
     copies = [e for e in others if start < e["ts"] + e["dur"] <= end + SETTLE_US]
     if copies:
         copy = max(copies, key=lambda e: e["ts"] + e["dur"])  # the last to end: what the wait was for
         return f"{copy['name']}, {copy.get('args', {}).get('bytes', 0) / 2**20:.1f} MiB"
     return "not known"
+
+
+def overlap(event: dict, start: float, end: float) -> float:
+    return min(event["ts"] + event["dur"], end) - max(event["ts"], start)
 
 
 def launching_op(launch: dict, ops: list[dict]) -> str:
