@@ -23,7 +23,7 @@ Only what the decoder layers save goes. What the forward saves after the last la
 norm's inputs and the loss's (its chunks, or the whole loss's log-softmax), is what the backward
 needs first, at once: copied out, it would only come straight back, with the backward waiting for
 it. It stays on the GPU, and the backward frees it before it reaches the layers, whose own backward
-(the MLP's wide products) is the step's peak.
+(the MLP's wide products) is the step's peak at the long rows offloading is for.
 
 How: `torch.autograd.graph.saved_tensors_hooks` replaces every tensor autograd saves inside the
 block by what `pack` returns, and gives `unpack` that back in the backward. Inside a checkpointed
