@@ -65,17 +65,20 @@ def test_what_the_final_norm_and_the_loss_save_stays_on_the_device(lora_model, t
     come straight back. So nothing saved from the final norm on is moved, and on the next micro-batch
     the layers' inputs are moved again (the flag that stops the moves is reset). Catches the hook
     missing (the norm's input and the loss's chunks moved) or never reset (nothing moved after the
-    first micro-batch)."""
+    first micro-batch), and the offloader's hook is the block's only: left on the model, it would
+    keep each --auto-batch-size attempt's offloader and host buffers alive."""
     offload = OffloadActivations(lora_model, CPU, min_bytes=0)
     norm = final_norm(lora_model)
     assert norm is lora_model.get_base_model().model.norm
     moved_before_norm = []
     handle = norm.register_forward_pre_hook(lambda module, args: moved_before_norm.append(len(offload.saved)))
+    hooks = dict(norm._forward_pre_hooks)
     batch = rows_batch(tiny_tokenizer)
     try:
         for _ in range(2):  # two micro-batches through one offloader, as a step with accumulation
             loss_and_grads(lora_model, batch, offload, chunk)
             assert len(offload.saved) == moved_before_norm[-1] >= len(decoder_layers(lora_model))
+            assert dict(norm._forward_pre_hooks) == hooks
     finally:
         handle.remove()
 
@@ -121,6 +124,7 @@ def test_micro_batches_of_other_shapes_and_a_forward_cut_short(lora_model, tiny_
     with pytest.raises(RuntimeError, match="cut"):
         loss_and_grads(lora_model, long, offload)
     handle.remove()
+    assert not final_norm(lora_model)._forward_pre_hooks  # the error took the offloader's hook with it
     assert_same(loss_and_grads(lora_model, short, offload), expected["short"])
 
 

@@ -70,21 +70,30 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         self.saved: list[Saved] = []  # this forward's offloaded tensors, in the order they were saved
         self._joined_at_end = False
         self.layers_done = False  # the forward has passed its last decoder layer: nothing more goes
-        norm = final_norm(model)
-        if norm is not None:
-            norm.register_forward_pre_hook(self._at_final_norm)
+        self.norm = final_norm(model)  # where the layers end; None: nothing says so
+        self._norm_hook = None  # its hook, inside the block only
         super().__init__(self.pack, self.unpack)
 
     def __enter__(self):
         self.settle()  # what an earlier step left, abandoned by a signal or an error included
         self.saved, self._joined_at_end, self.layers_done = [], False, False
         self.main = torch.cuda.current_stream(self.device) if self.side is not None else None
+        # The hook is the block's: left on the model, it would keep this offloader and its host
+        # buffers alive after the run made another (--auto-batch-size's retry makes one an attempt).
+        if self.norm is not None:
+            self._norm_hook = self.norm.register_forward_pre_hook(self._at_final_norm)
         return super().__enter__()
+
+    def __exit__(self, *exc_info):
+        if self._norm_hook is not None:
+            self._norm_hook.remove()
+            self._norm_hook = None
+        return super().__exit__(*exc_info)
 
     # --- the forward ---------------------------------------------------------------------------
 
     def _at_final_norm(self, module, args) -> None:
-        self.layers_done = True  # (outside the block too, in evaluation: harmless, reset on entering)
+        self.layers_done = True
 
     def pack(self, tensor: torch.Tensor):
         if self.layers_done or not self._worth_moving(tensor):
