@@ -62,11 +62,12 @@ def test_the_backward_gets_back_exactly_what_the_forward_saved(lora_model, tiny_
 @pytest.mark.parametrize("chunk", [0, 1024])  # the whole loss's log-softmax, the chunked loss's chunks
 def test_what_the_final_norm_and_the_loss_save_stays_on_the_device(lora_model, tiny_tokenizer, chunk):
     """The backward needs what is saved after the last decoder layer first: copied out, it would only
-    come straight back. So nothing saved from the final norm on is moved, and on the next micro-batch
-    the layers' inputs are moved again (the flag that stops the moves is reset). Catches the hook
-    missing (the norm's input and the loss's chunks moved) or never reset (nothing moved after the
-    first micro-batch), and the offloader's hook is the block's only: left on the model, it would
-    keep each --auto-batch-size attempt's offloader and host buffers alive."""
+    come straight back. So nothing saved from the final norm on is moved; on the next micro-batch the
+    layers' inputs are moved again (the flag that stops the moves is reset); and no hook of the
+    offloader's is left on the model after its block (left there, it would keep each
+    --auto-batch-size attempt's offloader and host buffers alive). Catches the hook missing (the
+    norm's input and the loss's chunks moved), never reset (nothing moved after the first
+    micro-batch), or left behind."""
     offload = OffloadActivations(lora_model, CPU, min_bytes=0)
     norm = final_norm(lora_model)
     assert norm is lora_model.get_base_model().model.norm
