@@ -697,6 +697,13 @@ def test_gap_waits_puts_each_gap_down_to_the_host_or_the_copy_it_waited_for(tmp_
     assert "| not known | 0.03 | 0.50 |" in out
     assert "HtoD" not in out and "2.0 MiB" not in out
 
+    cut = tmp_path / "cut_trace.json"  # a trace cut short (a full disk, a copy stopped): one line
+    cut.write_text(json.dumps({"traceEvents": events})[:200])
+    with pytest.raises(SystemExit) as stop:
+        gap_waits.main([str(cut)])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
+
 
 def test_each_result_names_the_allocator_settings_it_ran_with(tmp_path, monkeypatch):
     """Expandable segments change a run's memory and are an environment variable, which no option of

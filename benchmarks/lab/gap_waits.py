@@ -40,9 +40,12 @@ SETTLE_US = 10.0  # a wait ends this long after what it waited for, at most (the
 
 def read_trace(path: Path) -> list[dict]:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as f:
-        trace = json.load(f)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    try:
+        with opener(path, "rt") as f:
+            trace = json.load(f)
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        common.fail(f"{path}: not a readable trace ({err}); give profile_step.py's NAME_trace.json, whole")
+    events = trace.get("traceEvents", []) if isinstance(trace, dict) else trace
     return [e for e in events if e.get("ph") == "X" and "ts" in e]
 
 
