@@ -50,7 +50,7 @@ def read_trace(path: Path) -> list[dict]:
 
 
 def gap_causes(events: list[dict], gap_us: float) -> list[dict]:
-    """Every gap of at least `gap_us` on the main stream, as {"us", "cause", "next"}."""
+    """Every gap of at least `gap_us` on the main stream, as {"us", "cause"}."""
     gpu = [e for e in events if e.get("cat") in GPU_WORK]
     if not gpu:
         common.fail("the trace has no GPU events: profile on a CUDA GPU (profile_step.py's trace)")
@@ -63,14 +63,13 @@ def gap_causes(events: list[dict], gap_us: float) -> list[dict]:
     others = [e for e in gpu if stream_of(e) != main]
     runtime = [e for e in events if e.get("cat") in LAUNCHES]
     launches = {e["args"]["correlation"]: e for e in runtime if "correlation" in e.get("args", {})}
-    ops = sorted((e for e in events if e.get("cat") == "cpu_op"), key=lambda e: e["ts"])
+    ops = [e for e in events if e.get("cat") == "cpu_op"]
 
     gaps, busy_until = [], None
     for e in on_main:
         if busy_until is not None and e["ts"] - busy_until >= gap_us:
             start, end = busy_until, e["ts"]
-            why = cause(start, end, e, others, launches, runtime, ops)
-            gaps.append({"us": end - start, "cause": why, "next": e["name"]})
+            gaps.append({"us": end - start, "cause": cause(start, end, e, others, launches, runtime, ops)})
         busy_until = e["ts"] + e["dur"] if busy_until is None else max(busy_until, e["ts"] + e["dur"])
     return gaps
 
