@@ -555,12 +555,27 @@ def test_steps_between_log_lines_never_wait_for_the_gpu(tmp_path, tiny_config):
 
 @pytest.mark.parametrize("graph, offload", [("off", "off"), ("on", "off"), ("on", "on")])
 def test_auto_batch_size_settles_under_a_memory_cap(
-    tmp_path, graph, offload, phi3_checkpoint, phi3_path, yoda_rows_path, report
+    tmp_path, graph, offload, phi3_checkpoint, phi3_path, yoda_rows_path, report, monkeypatch
 ):
     """Under a 6 GiB cap, 40 rows of 512 tokens do not fit Phi-3-mini: --auto-batch-size retries with
     0.9x the rows until a batch trains, and records the batch it settled on in every metrics line;
     with the CUDA graph too (an out-of-memory error inside the capture must leave nothing behind),
-    and with offloading's copies on their own stream (which must not keep the capture from ending)."""
+    and with offloading's copies on their own stream (which must not keep the capture from ending).
+    The report says which attempts ran out of memory inside the capture, where it is hardest to
+    leave nothing behind (an attempt may instead run out in its eager first step)."""
+    from yoda_raw.fast.graphs import GraphStep
+
+    captures_out_of_memory = []  # the rows of each attempt whose capture ran out of memory
+    capture = GraphStep._capture_or_clean_up
+
+    def recorded(self):
+        try:
+            capture(self)
+        except torch.OutOfMemoryError:
+            captures_out_of_memory.append(self.batch["input_ids"].shape[0])
+            raise
+
+    monkeypatch.setattr(GraphStep, "_capture_or_clean_up", recorded)
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(6 * 1024**3 / total)
@@ -576,6 +591,7 @@ def test_auto_batch_size_settles_under_a_memory_cap(
         torch.cuda.set_per_process_memory_fraction(1.0)
     settled = {r["batch_size"] for r in metrics(tmp_path)}
     report[f"auto_batch_size_settled_graph_{graph}_offload_{offload}"] = sorted(settled)
+    report[f"auto_batch_size_capture_out_of_memory_graph_{graph}_offload_{offload}"] = captures_out_of_memory
     assert len(settled) == 1 and 1 <= settled.pop() < 40
 
 
