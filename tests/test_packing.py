@@ -8,7 +8,7 @@ import torch
 from yoda_raw.chat import IGNORE, tokenize_conversations
 from yoda_raw.config import Config
 from yoda_raw.errors import YodaError
-from yoda_raw.packing import Collator, build_rows, count_tokens, pack_wrapped, truncate
+from yoda_raw.packing import Collator, EpochSampler, build_rows, count_tokens, make_loader, pack_wrapped, truncate
 
 
 def random_examples(n: int, seed: int = 0) -> list[dict]:
@@ -147,12 +147,15 @@ def test_bad_packing_options_are_refused_where_options_are_read():
         Config(max_length=1)
 
 
-def test_collator():
+@pytest.mark.parametrize("as_tensors", [False, True])  # rows as build_rows makes them, or as make_loader keeps them
+def test_collator(as_tensors):
     rows = [
         {"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7]},
         {"input_ids": [8], "labels": [8]},
         {"input_ids": [9, 10], "labels": [IGNORE, IGNORE]},
     ]
+    if as_tensors:
+        rows = [{key: torch.tensor(values) for key, values in row.items()} for row in rows]
     batch = Collator(pad_id=0)(rows)
     assert set(batch) == {"input_ids", "attention_mask", "labels"}
     assert all(t.dtype == torch.long and t.shape == (3, 3) for t in batch.values())
@@ -175,6 +178,27 @@ def test_collated_rows_conserve_tokens(tiny_tokenizer):
     assert batch["labels"][real].tolist() == [t for e in examples for t in e["labels"]]
     assert (batch["labels"][~real] == IGNORE).all() and (batch["input_ids"][~real] == tiny_tokenizer.pad_token_id).all()
     assert int(real.sum()) == count_tokens(rows)["tokens"]
+
+
+def test_the_loader_collates_the_rows_in_the_samplers_order_every_epoch():
+    """make_loader keeps its rows as tensors (collating is then only copies): its micro-batches are
+    still the collated rows in the sampler's order, epoch after epoch, and the rows the caller holds
+    stay lists (train.fit counts and reuses them). Catches rows reordered or dropped by the
+    conversion, or the caller's rows changed in place."""
+    rows = random_examples(23)
+    before = [dict(row) for row in rows]
+    collator, sampler = Collator(pad_id=0), EpochSampler(len(rows), shuffle=True, seed=3)
+    loader = make_loader(rows, 5, collator, sampler, torch.device("cpu"))
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        batches = list(loader)
+        assert len(batches) == 5  # 23 rows, 5 a batch: the last has 3
+        for i, batch in enumerate(batches):
+            expected = collator([rows[j] for j in order[5 * i : 5 * i + 5]])
+            assert batch.keys() == expected.keys()
+            assert all(torch.equal(batch[key], expected[key]) for key in batch)
+    assert rows == before
 
 
 def test_count_tokens():

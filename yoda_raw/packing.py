@@ -129,11 +129,11 @@ class Collator:
         input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)  # (B, T)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)  # (B, T)
         labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)  # (B, T)
-        for b, row in enumerate(rows):
+        for b, row in enumerate(rows):  # a row's values: lists of ints, or tensors (make_loader's)
             n = len(row["input_ids"])
-            input_ids[b, :n] = torch.tensor(row["input_ids"])
+            input_ids[b, :n] = torch.as_tensor(row["input_ids"])
             attention_mask[b, :n] = 1
-            labels[b, :n] = torch.tensor(row["labels"])
+            labels[b, :n] = torch.as_tensor(row["labels"])
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -142,6 +142,10 @@ class Collator:
 
 def make_loader(rows: list[dict], batch_size: int, collator: Collator, sampler, device: torch.device):
     """The loop's DataLoader (train.fit)."""
+    # Each row becomes tensors once, here, so collating a batch is only copies. From lists, every
+    # batch of every epoch would build its tensors int by int again, which for long rows is most of
+    # the host's work between two steps: time in which the GPU may be left waiting for the batch.
+    rows = [{key: torch.tensor(values) for key, values in row.items()} for row in rows]
     # generator=: each epoch's iterator draws a seed from it instead of from the global RNG that dropout uses,
     # so a run resumed mid-epoch draws the same dropout masks as an uninterrupted one.
     # pin_memory (with non_blocking, make_accelerator): a copy to the GPU from ordinary memory makes
