@@ -649,9 +649,11 @@ def test_gap_waits_puts_each_gap_down_to_the_host_or_the_copy_it_waited_for(tmp_
     40 us gap that a 48 MiB copy to host on stream 13 ends inside; a 60 us gap before a kernel whose
     launch (inside aten::ne) ended inside it, the host having waited in a synchronize (inside
     aten::item) through most of it, while a copy also ended inside it; an 18 us gap (under 20: not
-    counted); and a 60 us gap with nothing inside it, after a copy that ended before it began.
+    counted); a 60 us gap with nothing inside it, after a copy that ended before it began; and a
+    60 us gap before a kernel launched just after the host drew a batch (a data loader's op through
+    most of the gap, a short copy call and a short op inside it).
     Catches a copy blamed for a gap it ended before, the host's gap blamed on a copy that happens to
-    end then, the wrong runtime call named as what held the host, and the per-step division."""
+    end then, the wrong runtime call or op named as what held the host, and the per-step division."""
     import gzip
 
     from benchmarks.lab import gap_waits
@@ -685,16 +687,25 @@ def test_gap_waits_puts_each_gap_down_to_the_host_or_the_copy_it_waited_for(tmp_
         launch(3, 290),
         launch(2, 10),
         launch(5, 30),
+        gpu("kernel", "count", 7, 468, 10, correlation=6),  # gap 408-468: the host drew a batch meanwhile
+        op("ProfilerStep#7", 0, 500),  # around everything: not what held the host, the op inside it is
+        op("enumerate(DataLoader)#_SingleProcessDataLoaderIter.__next__", 400, 55),
+        op("aten::copy_", 410, 3),
+        launch(22, 412, "cudaMemcpyAsync", 2),
+        op("aten::ne", 455, 12),
+        launch(6, 460),
     ]
     path = tmp_path / "levers_trace.json.gz"
     with gzip.open(path, "wt") as f:
         json.dump({"traceEvents": events}, f)
     assert gap_waits.main([str(path), "--steps", "2"]) == 0
     out = capsys.readouterr().out
-    assert "0.08 ms a step, 1.50 gaps a step" in out
+    assert "0.11 ms a step, 2.00 gaps a step" in out
     assert "| Memcpy DtoH (Device -> Pinned), 48.0 MiB | 0.02 | 0.50 |" in out
     assert "| the host: aten::ne, after cudaStreamSynchronize in aten::item | 0.03 | 0.50 |" in out
     assert "| not known | 0.03 | 0.50 |" in out
+    loader = "enumerate(DataLoader)#_SingleProcessDataLoaderIter.__next__"
+    assert f"| the host: aten::ne, while in {loader} | 0.03 | 0.50 |" in out
     assert "HtoD" not in out and "2.0 MiB" not in out
 
     cut = tmp_path / "cut_trace.json"  # a trace cut short (a full disk, a copy stopped): one line

@@ -10,8 +10,9 @@ gap of at least --gap-us between its kernels and copies is put down to one cause
 - the host, where the next kernel's launch (its runtime call, by correlation id) ended inside the
   gap: the kernel could not start sooner. It is named by the op that launched it (the innermost
   `cpu_op` around the runtime call; a CUDA graph's kernels all have the graph's launch, before it),
-  and by what held the host up: the runtime call of the launching thread that overlaps the gap
-  most (a synchronize, a graph launch, a pinned allocation), with the op around it.
+  and by what held the host up through at least half the gap: a runtime call of the launching
+  thread (a synchronize, a graph launch, a pinned allocation), with the op around it; else the
+  innermost op of that thread that did (Python work, such as collating the next batch).
 - else a copy on another stream that ended inside the gap: the stream waited for it (with
   --offload-activations, a layer input going to host memory or coming back). The copy is named by
   its direction and size, so a reader can tell which tensor it was.
@@ -84,11 +85,18 @@ def cause(
     """What the gap [start, end) before `next_event` waited for (see the module docstring)."""
     launch = launches.get(next_event.get("args", {}).get("correlation"))
     if launch is not None and start < launch["ts"] + launch["dur"] <= end + SETTLE_US:
-        held = [e for e in runtime if e is not launch and e.get("tid") == launch.get("tid")]
-        blocker = max(held, key=lambda e: overlap(e, start, end), default=None)
-        if blocker is None or overlap(blocker, start, end) <= 0:
-            return f"the host: {launching_op(launch, ops)}"
-        return f"the host: {launching_op(launch, ops)}, after {blocker['name']} in {launching_op(blocker, ops)}"
+        # What held the host through most of the gap: a runtime call (a synchronize, a graph
+        # launch), else the innermost op it was in (Python work, collating a batch, shows so).
+        most = (end - start) / 2
+        thread = launch.get("tid")
+        held = [e for e in runtime if e is not launch and e.get("tid") == thread and overlap(e, start, end) >= most]
+        if held:
+            blocker = max(held, key=lambda e: overlap(e, start, end))
+            return f"the host: {launching_op(launch, ops)}, after {blocker['name']} in {launching_op(blocker, ops)}"
+        busy = [op for op in ops if op.get("tid") == thread and overlap(op, start, end) >= most]
+        if busy:
+            return f"the host: {launching_op(launch, ops)}, while in {min(busy, key=lambda op: op['dur'])['name']}"
+        return f"the host: {launching_op(launch, ops)}"
     copies = [e for e in others if start < e["ts"] + e["dur"] <= end + SETTLE_US]
     if copies:
         copy = max(copies, key=lambda e: e["ts"] + e["dur"])  # the last to end: what the wait was for
