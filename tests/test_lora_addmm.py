@@ -75,16 +75,19 @@ def test_the_fast_path_puts_it_in_where_it_pays_or_is_asked(tiny_qlora, tiny_con
     assert cfg.lora_addmm == "auto"
     skeleton = tiny_qlora()
 
-    def addmm(**options) -> str:
+    def settled(**options) -> fast.Plan:
         plan = fast.settle(dataclasses.replace(cfg, **options), torch.device("cpu"), 1, "fp32", "nf4", skeleton)
         assert ("lora-addmm" in str(plan)) == (plan.lora_addmm == "on")
-        return plan.lora_addmm
+        return plan
+
+    def addmm(**options) -> str:
+        return settled(**options).lora_addmm
 
     assert addmm() == addmm(compile_layers="on") == addmm(split_layers="on") == "off"
     assert addmm(split_layers="on", compile_layers="on") == "on"
     assert addmm(split_layers="on", compile_layers="on", lora_addmm="off") == "off"
-    assert addmm(lora_addmm="on") == "on"
-    plan = fast.settle(dataclasses.replace(cfg, lora_addmm="on"), torch.device("cpu"), 1, "fp32", "nf4", skeleton)
+    plan = settled(lora_addmm="on")
+    assert plan.lora_addmm == "on"
     model = tiny_qlora()
     fast.apply(plan, model)
     assert all(m.forward.__func__ is addmm_forward for m in lora_layers(model))
