@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The next device call (written 2026-12-08 in session 10, not yet run; NOTES.md next steps 47, 45, 44).
+# The next device call (written 2026-12-08 in session 10, not yet run; NOTES.md next steps 47, 45, 44,
+# and item 87's check in session 11: the gap before the supervised-token count, in gaps-levers.md).
 # At 16 x 512 with expandable segments: the defaults and the levers (now with addmm, and offloading
 # keeping what is saved after the last layer on the GPU, 743d837), two runs each, alternated, for
 # the speed goal (step 47); the levers' profile with its trace kept (step 45); then the GPU tests
