@@ -15,8 +15,8 @@ from test_loss import rows_batch
 
 from yoda_raw.errors import YodaError
 from yoda_raw.loss import token_loss_sum
-from yoda_raw.model import add_lora, decoder_layers
-from yoda_raw.offload import OffloadActivations, final_norm
+from yoda_raw.model import add_lora, decoder_layers, final_norm
+from yoda_raw.offload import OffloadActivations
 
 CPU = torch.device("cpu")
 

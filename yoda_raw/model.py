@@ -209,6 +209,16 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
+def final_norm(model) -> torch.nn.Module | None:
+    """The norm the last decoder layer's output goes through (transformers' `norm` beside `layers`
+    in Llama, Mistral, Qwen2, Phi-3), or None. `model` may be wrapped (peft, DDP)."""
+    for module in model.modules():
+        layers, norm = getattr(module, "layers", None), getattr(module, "norm", None)
+        if isinstance(layers, torch.nn.ModuleList) and isinstance(norm, torch.nn.Module):
+            return norm
+    return None
+
+
 def check_uncheckpointed_layers(cfg: Config, skeleton_model) -> None:
     """--uncheckpointed-layers against the model's layer count, before any weights load."""
     count = len(decoder_layers(skeleton_model))

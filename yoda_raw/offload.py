@@ -40,6 +40,8 @@ at fixed addresses, and every copy joins back into the main stream before the st
 
 import torch
 
+from yoda_raw.model import final_norm
+
 MIN_BYTES = 1 << 20  # smaller tensors stay on the GPU: the copy's fixed cost outweighs what it frees
 IN_FLIGHT = 2  # forward copies in flight at once: the GPU frees a tensor this many saves later
 
@@ -188,13 +190,3 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
                 if event is not None:
                     self.main.wait_event(event)
             saved.gpu = saved.copied = saved.fetched = None
-
-
-def final_norm(model) -> torch.nn.Module | None:
-    """The norm the last decoder layer's output goes through (transformers' `norm` beside `layers`
-    in Llama, Mistral, Qwen2, Phi-3), or None. `model` may be wrapped (peft, DDP)."""
-    for module in model.modules():
-        layers, norm = getattr(module, "layers", None), getattr(module, "norm", None)
-        if isinstance(layers, torch.nn.ModuleList) and isinstance(norm, torch.nn.Module):
-            return norm
-    return None
