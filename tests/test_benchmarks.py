@@ -645,15 +645,17 @@ def test_peak_tensors_lists_what_is_alive_at_the_peak(tmp_path, capsys):
 
 
 def test_gap_waits_puts_each_gap_down_to_the_host_or_the_copy_it_waited_for(tmp_path, capsys):
-    """gap_waits.py on a trace of two steps. On the main stream (stream 7, the most kernel time): a
-    40 us gap that a 48 MiB copy to host on stream 13 ends inside; a 60 us gap before a kernel whose
-    launch (inside aten::ne) ended inside it, the host having waited in a synchronize (inside
-    aten::item) through most of it, while a copy also ended inside it; an 18 us gap (under 20: not
-    counted); a 60 us gap with nothing inside it, after a copy that ended before it began; and a
-    60 us gap before a kernel launched just after the host drew a batch (a data loader's op through
-    most of the gap, a short copy call and a short op inside it).
-    Catches a copy blamed for a gap it ended before, the host's gap blamed on a copy that happens to
-    end then, the wrong runtime call or op named as what held the host, and the per-step division."""
+    """gap_waits.py on a trace of two steps, the work on stream 7 but for a graph's kernel on stream
+    15 that fills what would be a gap on stream 7 (no idle time): a 40 us gap that a 48 MiB copy to
+    host on stream 13 ends inside; a 60 us gap before a kernel whose launch (inside aten::ne) ended
+    inside it, the host having waited in a synchronize (inside aten::item) through most of it, while
+    a copy also ended inside it; an 18 us gap (under 20: not counted); a 60 us gap with nothing
+    inside it, after a copy that ended before it began; and a 60 us gap before a kernel launched
+    just after the host drew a batch (a data loader's op through most of the gap, a short copy call
+    and a short op inside it).
+    Catches a gap counted on one stream while another works, a copy blamed for a gap it ended
+    before, the host's gap blamed on a copy that happens to end then, the wrong runtime call or op
+    named as what held the host, and the per-step division."""
     import gzip
 
     from benchmarks.lab import gap_waits
@@ -672,6 +674,8 @@ def test_gap_waits_puts_each_gap_down_to_the_host_or_the_copy_it_waited_for(tmp_
     mib = 2**20
     to_host, to_gpu = "Memcpy DtoH (Device -> Pinned)", "Memcpy HtoD (Pinned -> Device)"
     events = [
+        gpu("kernel", "k0", 7, -200, 100, correlation=7),
+        gpu("kernel", "replay", 15, -110, 110, correlation=8),  # stream 7 idle from -100 to 0, the GPU not
         gpu("kernel", "k1", 7, 0, 100, correlation=1),
         gpu("gpu_memcpy", to_host, 13, 20, 120, correlation=9, bytes=48 * mib),
         gpu("kernel", "k2", 7, 140, 100, correlation=2),  # gap 100-140: the copy to host ended at 140

@@ -4,8 +4,10 @@
     python benchmarks/lab/gap_waits.py /tmp/p/levers_trace.json --steps 3 > gaps.md
 
 profile_step.py's table lists the kernels the GPU waited longest to start; this says what it was
-waiting for. On the stream that does the step's work (the one with the most kernel time), every
-gap of at least --gap-us between its kernels and copies is put down to one cause:
+waiting for. Every gap of at least --gap-us in the GPU's work is put down to one cause. The work is
+every kernel, on any stream (with the CUDA graph, a replay's kernels run on streams of their own
+beside the default stream's), and every copy and fill on the GPU; copies to and from host memory
+are not work but what the GPU may wait for, as in profile_step.py's idle time:
 
 - the host, where the next kernel's launch (its runtime call, by correlation id) ended inside the
   gap: the kernel could not start sooner. It is named by the op that launched it (the innermost
@@ -13,7 +15,7 @@ gap of at least --gap-us between its kernels and copies is put down to one cause
   and by what held the host up through at least half the gap: a runtime call of the launching
   thread (a synchronize, a graph launch, a pinned allocation), with the op around it; else the
   innermost op of that thread that did (Python work, such as collating the next batch).
-- else a copy on another stream that ended inside the gap: the stream waited for it (with
+- else a copy to or from host memory that ended inside the gap: the GPU waited for it (with
   --offload-activations, a layer input going to host memory or coming back). The copy is named by
   its direction and size, so a reader can tell which tensor it was.
 - else "not known": a wait on something the trace does not show.
@@ -26,6 +28,7 @@ runtime calls (`cuda_runtime`, `cuda_driver`) with the same ids, and `cpu_op` ra
 import argparse
 import gzip
 import json
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -36,6 +39,7 @@ from benchmarks import common  # noqa: E402
 
 GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
 LAUNCHES = ("cuda_runtime", "cuda_driver")
+HOST_COPY = r"Memcpy (DtoH|HtoD)"  # a copy to or from host memory: not the GPU's work (profile_step.py's)
 SETTLE_US = 10.0  # a wait ends this long after what it waited for, at most (the event's and the launch's latency)
 
 
@@ -51,36 +55,27 @@ def read_trace(path: Path) -> list[dict]:
 
 
 def gap_causes(events: list[dict], gap_us: float) -> list[dict]:
-    """Every gap of at least `gap_us` on the main stream, as {"us", "cause"}."""
+    """Every gap of at least `gap_us` in the GPU's work, as {"us", "cause"}."""
     gpu = [e for e in events if e.get("cat") in GPU_WORK]
     if not gpu:
         common.fail("the trace has no GPU events: profile on a CUDA GPU (profile_step.py's trace)")
-    kernel_us = defaultdict(float)
-    for e in gpu:
-        if e["cat"] == "kernel":
-            kernel_us[stream_of(e)] += e["dur"]
-    main = max(kernel_us, key=kernel_us.get)
-    on_main = sorted((e for e in gpu if stream_of(e) == main), key=lambda e: e["ts"])
-    others = [e for e in gpu if stream_of(e) != main]
+    work = sorted((e for e in gpu if not re.match(HOST_COPY, e["name"])), key=lambda e: e["ts"])
+    copies = [e for e in gpu if re.match(HOST_COPY, e["name"])]
     runtime = [e for e in events if e.get("cat") in LAUNCHES]
     launches = {e["args"]["correlation"]: e for e in runtime if "correlation" in e.get("args", {})}
     ops = [e for e in events if e.get("cat") == "cpu_op"]
 
     gaps, busy_until = [], None
-    for e in on_main:
+    for e in work:
         if busy_until is not None and e["ts"] - busy_until >= gap_us:
             start, end = busy_until, e["ts"]
-            gaps.append({"us": end - start, "cause": cause(start, end, e, others, launches, runtime, ops)})
+            gaps.append({"us": end - start, "cause": cause(start, end, e, copies, launches, runtime, ops)})
         busy_until = e["ts"] + e["dur"] if busy_until is None else max(busy_until, e["ts"] + e["dur"])
     return gaps
 
 
-def stream_of(event: dict):
-    return event.get("args", {}).get("stream", event.get("tid"))
-
-
 def cause(
-    start, end, next_event: dict, others: list[dict], launches: dict, runtime: list[dict], ops: list[dict]
+    start, end, next_event: dict, copies: list[dict], launches: dict, runtime: list[dict], ops: list[dict]
 ) -> str:
     """What the gap [start, end) before `next_event` waited for (see the module docstring)."""
     launch = launches.get(next_event.get("args", {}).get("correlation"))
@@ -97,9 +92,9 @@ def cause(
         if busy:
             return f"the host: {launching_op(launch, ops)}, while in {min(busy, key=lambda op: op['dur'])['name']}"
         return f"the host: {launching_op(launch, ops)}"
-    copies = [e for e in others if start < e["ts"] + e["dur"] <= end + SETTLE_US]
-    if copies:
-        copy = max(copies, key=lambda e: e["ts"] + e["dur"])  # the last to end: what the wait was for
+    ended = [e for e in copies if start < e["ts"] + e["dur"] <= end + SETTLE_US]
+    if ended:
+        copy = max(ended, key=lambda e: e["ts"] + e["dur"])  # the last to end: what the wait was for
         return f"{copy['name']}, {copy.get('args', {}).get('bytes', 0) / 2**20:.1f} MiB"
     return "not known"
 
@@ -127,7 +122,7 @@ def table(gaps: list[dict], steps: int, gap_us: float, top: int) -> str:
         by_cause[gap["cause"]][1] += 1
     total = sum(us for us, _ in by_cause.values())
     lines = [
-        f"Gaps of {gap_us:g} us or more on the main stream: {total / 1e3 / steps:.2f} ms a step, "
+        f"Gaps of {gap_us:g} us or more in the GPU's work: {total / 1e3 / steps:.2f} ms a step, "
         f"{len(gaps) / steps:.2f} gaps a step.",
         "",
         "| waited for | ms per step | gaps per step |",
