@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # Call 21 (session 12): why call 20's --auto-batch-size test under a 6 GiB cap with the CUDA graph
-# and offloading never settled (NOTES item 89): one run each at 9 and 17 rows of 512, each in a
-# fresh process, no retry, with the memory just before the capture and torch's own message if it
-# runs out (capture_probe.py). Then the cards left (next_cards.sh's searches) with the time left.
+# and offloading never settled (NOTES item 89): runs of 9 rows of 512 in a fresh process and after
+# a first run in the same process (as the test ran after others), then 17 rows, no retry, with the
+# memory just before the capture and torch's own message if it runs out (capture_probe.py). Then
+# the cards left (next_cards.sh's searches) with the time left.
 #   source .gpu/env.sh && CALL_LIMIT=420 bash benchmarks/results/memory/call21.sh   (carry .gpu)
 R=/tmp/call21
 LIMIT=${CALL_LIMIT:-420}
 STOP_AT=$LIMIT
 source benchmarks/results/memory/common.sh
 keep() { tar -C /tmp -czf "$OUT/call21.tar.gz" call21; }  # what ran so far comes back
-P="--model $CK --tokenizer $TOK --dataset $YODA_RAW_DATA/yoda_sentences/yoda_sentences.jsonl --max-length 512"
+P="--model $CK --tokenizer $TOK --dataset $YODA_RAW_DATA/yoda_sentences/yoda_sentences.jsonl"
 P="$P --max-steps 2 --logging-steps 1 --cuda-graph on --offload-activations on --eval-fraction 0 --no-samples"
-for ROWS in 9 17; do
-  timeout 100 python benchmarks/results/memory/capture_probe.py $ROWS /tmp/probe$ROWS $P > "$R/probe-$ROWS.log" 2>&1
-  echo "rows $ROWS: exit $?" >> "$R/probe-$ROWS.log"; grep -E "^rows|^error" "$R/probe-$ROWS.log"; keep
-done
+probe() {  # name, rows, [--after-a-run]
+  timeout 120 python benchmarks/results/memory/capture_probe.py $2 /tmp/probe-$1 ${3:-} $P > "$R/probe-$1.log" 2>&1
+  echo "$1: exit $?" >> "$R/probe-$1.log"; grep -E "^rows|^error|exit" "$R/probe-$1.log"; keep
+}
+probe fresh-9 9
+probe after-a-run-9 9 --after-a-run
+probe fresh-17 17
 L="--offload-activations on --split-layers on --mlp-chunk 4096"
 cards() {  # cards, card-tokens, known-fit: one search of each card, its results appended to cards.jsonl
   ((LIMIT - SECONDS > 150)) || { echo "skipped for time: cards $1 x $2" | tee -a "$R/cards.log"; return; }
