@@ -16,8 +16,8 @@ probe() {  # name, rows, [--after-a-run]
   timeout 120 python benchmarks/results/memory/capture_probe.py $2 /tmp/probe-$1 ${3:-} $P > "$R/probe-$1.log" 2>&1
   echo "$1: exit $?" >> "$R/probe-$1.log"; grep -E "^rows|^error|exit" "$R/probe-$1.log"; keep
 }
-probe fresh-9 9
 probe after-a-run-9 9 --after-a-run
+probe fresh-9 9
 probe fresh-17 17
 L="--offload-activations on --split-layers on --mlp-chunk 4096"
 cards() {  # cards, card-tokens, known-fit: one search of each card, its results appended to cards.jsonl

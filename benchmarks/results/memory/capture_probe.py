@@ -55,6 +55,14 @@ def main(rows: str, out: str, options: list[str]) -> int:
         gc.collect()
         torch.cuda.empty_cache()
         print(f"rows {rows}: after a first run (exit {code}) and collecting: {memory()}", flush=True)
+        left = [o for o in gc.get_objects() if torch.is_tensor(o) and o.device.type == "cuda"]
+        left.sort(key=lambda t: -t.untyped_storage().nbytes())
+        for t in left[:12]:  # what still holds it: the largest CUDA tensors Python can reach
+            print(
+                f"rows {rows}: left {t.untyped_storage().nbytes() / 2**20:.1f} MiB {t.dtype} {tuple(t.shape)}",
+                flush=True,
+            )
+        print(f"rows {rows}: {len(left)} CUDA tensors reachable", flush=True)
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.set_per_process_memory_fraction(6 * GIB / torch.cuda.get_device_properties(0).total_memory)
     argv = [*options, "--max-length", "512", "--batch-size", rows, "--no-auto-batch-size", "--output-dir", out]
