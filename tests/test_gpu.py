@@ -16,6 +16,7 @@ formats allow, each justified where it is set. With YODA_RAW_GPU_REPORT=FILE the
 """
 
 import dataclasses
+import gc
 import json
 import os
 from pathlib import Path
@@ -576,7 +577,12 @@ def test_auto_batch_size_settles_under_a_memory_cap(
             raise
 
     monkeypatch.setattr(GraphStep, "_capture_or_clean_up", recorded)
+    gc.collect()
     torch.cuda.empty_cache()
+    # What earlier tests' runs left allocated counts against the cap too (see the next test).
+    report[f"auto_batch_size_allocated_at_start_gib_graph_{graph}_offload_{offload}"] = round(
+        torch.cuda.memory_allocated() / 2**30, 3
+    )
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(6 * 1024**3 / total)
     try:
@@ -593,6 +599,31 @@ def test_auto_batch_size_settles_under_a_memory_cap(
     report[f"auto_batch_size_settled_graph_{graph}_offload_{offload}"] = sorted(settled)
     report[f"auto_batch_size_capture_out_of_memory_graph_{graph}_offload_{offload}"] = captures_out_of_memory
     assert len(settled) == 1 and 1 <= settled.pop() < 40
+
+
+def test_a_finished_run_leaves_nothing_allocated(tmp_path, phi3_checkpoint, phi3_path, yoda_rows_path, report):
+    """Runs one after another in one process (a notebook, --auto-batch-size's retries, this file's
+    tests) each start from what the last left: once a run has returned and been collected, none of
+    its tensors may stay on the GPU (its weights, the CUDA graph's pool, the FP8 weights, the flat
+    optimizer's buffers). Call 20's --auto-batch-size test, run after three runs in one process,
+    settled far lower than call 16's, run alone."""
+
+    def allocated() -> int:
+        gc.collect()
+        torch.cuda.empty_cache()
+        clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear_workspaces is not None:
+            clear_workspaces()  # cuBLAS keeps a workspace for each stream it ran on, for the process
+        return torch.cuda.memory_allocated()
+
+    before = allocated()
+    argv = phi3_argv(phi3_checkpoint, phi3_path, yoda_rows_path, tmp_path, "--offload-activations", "on")
+    assert run_py([*argv, "--max-steps", "3"]) == 0  # the graph, compiled layers, FP8 and offloading
+    left_mib = (allocated() - before) / 2**20
+    report["run_left_allocated_mib"] = round(left_mib, 1)
+    # 8 MiB: less than the smallest weight a layer holds in FP8 (o_proj, 3,072 x 3,072: 9 MiB), and
+    # far less than the graph's pool; room for torch's own small per-process buffers.
+    assert left_mib < 8, f"a finished run left {left_mib:.1f} MiB allocated on the GPU"
 
 
 # --- 4. generation ------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ test sets it), with no retry: what is allocated and reserved just before the CUD
 after torch.cuda.graph empties the cache, and, if the capture runs out of memory, torch's own
 message (which --auto-batch-size's retry hides). With --after-a-run, a run of 16 x 64 for 3 steps
 with the same options goes first in the same process (as test_gpu.py's earlier tests do), and what
-it leaves allocated once collected is printed. Run by call21.sh:
+it leaves allocated once collected is printed. Run by next_probe.sh:
     python benchmarks/results/memory/capture_probe.py ROWS OUTPUT_DIR [--after-a-run] run.py's options...
 """
 
