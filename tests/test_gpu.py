@@ -605,8 +605,8 @@ def test_a_finished_run_leaves_nothing_allocated(tmp_path, phi3_checkpoint, phi3
     """Runs one after another in one process (a notebook, --auto-batch-size's retries, this file's
     tests) each start from what the last left: once a run has returned and been collected, none of
     its tensors may stay on the GPU (its weights, the CUDA graph's pool, the FP8 weights, the flat
-    optimizer's buffers). Call 20's --auto-batch-size test, run after three runs in one process,
-    settled far lower than call 16's, run alone."""
+    optimizer's buffers). What one leaves, the next cannot use: under a cap, --auto-batch-size after
+    an earlier run would settle on fewer rows than alone (benchmarks/NOTES.md, item 89)."""
 
     def allocated() -> int:
         gc.collect()
