@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from yoda_raw.meter import BREAKDOWN_PARTS  # noqa: E402
+from yoda_raw.meter import shown_parts  # noqa: E402
 
 FIGURES_HEADER = (
     "| configuration | rows x tokens | step (s) | tokens/s | supervised tokens/s | MFU | peak allocated (GiB) "
@@ -256,7 +256,7 @@ def grid_table(results: list[dict], ours: dict | None) -> list[str]:
 
 def breakdown_table(b: dict) -> list[str]:
     lines = ["## Where the memory goes (ours, tutorial configuration)", "", "| part | GiB | how |", "|---|---|---|"]
-    lines += [f"| {label} | {b.get(key, 0.0):.3f} | {how} |" for key, label, how in BREAKDOWN_PARTS]
+    lines += [f"| {label} | {b.get(key, 0.0):.3f} | {how} |" for key, label, how in shown_parts(b)]
     lines += [
         f"| **peak reserved** (= the sum) | **{b['peak_reserved_gib']:.3f}** | torch.cuda.max_memory_reserved |",
         f"| paged optimizer state (unified memory, not in torch's counters) | {b['optimizer_state_paged_gib']:.3f} "
@@ -389,9 +389,9 @@ def write_plots(suite: dict, out: Path, name: str) -> None:
 
 
 def memory_by_part(plt, breakdown: dict, sft: dict | None, png: Path) -> None:
-    """One horizontal bar of the loop's peak memory, part by part (meter.BREAKDOWN_PARTS) up to
+    """One horizontal bar of the loop's peak memory, part by part (meter.shown_parts) up to
     peak reserved, then what the driver saw beyond torch; SFTTrainer's peak reserved below it."""
-    parts = [(label.split(" (")[0], max(breakdown.get(key, 0.0), 0.0)) for key, label, _ in BREAKDOWN_PARTS]
+    parts = [(label.split(" (")[0], max(breakdown.get(key, 0.0), 0.0)) for key, label, _ in shown_parts(breakdown)]
     if breakdown.get("outside_torch_gib") is not None:
         parts.append(("outside torch: CUDA context, libraries (NVML)", max(breakdown["outside_torch_gib"], 0.0)))
     bars = ["yoda_raw, 16 x 64"]

@@ -90,12 +90,41 @@ H200_BREAKDOWN = {  # benchmarks/results/h200: ours at 16 x 64
 
 
 def test_format_breakdown_names_every_part():
-    text = meter.format_breakdown(H200_BREAKDOWN)
+    text = meter.format_breakdown(H200_BREAKDOWN | {"earlier_work_gib": 0.25})
     for _, label, _ in meter.BREAKDOWN_PARTS:
         assert label in text
+    # What an earlier run left shows only where there is some: a run alone never has it.
+    earlier = next(label for key, label, _ in meter.BREAKDOWN_PARTS if key == "earlier_work_gib")
+    assert earlier not in meter.format_breakdown(H200_BREAKDOWN | {"earlier_work_gib": 0.0})
     assert "3.201  = peak reserved" in text and "4.676 device used (NVML)" in text
     assert "add up" in text and "NOT" not in text
     assert "do NOT add up within 0.1 GiB" in meter.format_breakdown(H200_BREAKDOWN | {"adds_up": False})
+
+
+def test_memory_breakdown_counts_what_an_earlier_run_left_apart(monkeypatch):
+    """Torch's counters are the process's: tensors an earlier run or a notebook left allocated are in
+    every reading. The breakdown counts them as a part of their own, so they neither pass for this
+    run's activations nor make the check fail. Torch's CUDA counters are stood in for (the
+    arithmetic is the same on any machine): 2 GiB of weights, 0.5 GiB left from before, a peak of
+    4 GiB allocated and 5 GiB reserved."""
+    gib = meter.GIB
+    parts = {"weights_4bit": 2 * gib, "quant_state": 0, "weights_other": 0, "lora_params": 0}
+    monkeypatch.setattr(meter, "count_model", lambda model, device_type: dict(parts))
+    monkeypatch.setattr(
+        meter, "count_optimizer", lambda opt, device_type: {"optimizer_state": 0, "optimizer_state_paged": 0}
+    )
+    monkeypatch.setattr(meter, "cublas_workspace_bytes", lambda model, opt, device: 0)
+    monkeypatch.setattr(meter, "tensor_bytes", lambda tensors, seen, device_type=None: 0)  # no gradients now
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: int(2.5 * gib))
+    model = torch.nn.Linear(1, 1)
+    peaks = {"peak_allocated_gib": 4.0, "peak_reserved_gib": 5.0}
+    cuda = types.SimpleNamespace(type="cuda")
+
+    b = meter.memory_breakdown(model, None, int(2.5 * gib), peaks, cuda, allocated_before_run=gib // 2)
+    assert b["earlier_work_gib"] == 0.5 and b["activations_at_peak_gib"] == 1.5
+    assert b["adds_up"] and b["mismatch_after_load_gib"] == 0 and b["mismatch_after_loop_gib"] == 0
+    alone = meter.memory_breakdown(model, None, int(2.5 * gib), peaks, cuda)  # as if nothing were left
+    assert alone["activations_at_peak_gib"] == 2.0 and not alone["adds_up"]
 
 
 def test_device_used_peak_sees_what_is_freed_before_the_end():

@@ -253,7 +253,14 @@ def count_optimizer(optimizer, device_type: str | None = None) -> dict:
     }
 
 
-def memory_breakdown(model, optimizer, allocated_before_loop: int | None, peaks: dict, device: torch.device) -> dict:
+def memory_breakdown(
+    model,
+    optimizer,
+    allocated_before_loop: int | None,
+    peaks: dict,
+    device: torch.device,
+    allocated_before_run: int = 0,
+) -> dict:
     """Where the loop's peak memory went, in GiB. Call it between steps (gradients freed).
 
     Counted tensor by tensor: 4-bit weights (with their quantization state), other weights and
@@ -267,6 +274,8 @@ def memory_breakdown(model, optimizer, allocated_before_loop: int | None, peaks:
     moments, before the loop (weights + LoRA: `allocated_before_loop`) and now (weights + LoRA +
     optimizer state + the gradients that exist now: zero_grad(set_to_none=True) frees them, a CUDA
     graph keeps them; and cuBLAS's workspaces); `adds_up` says whether both agree within TOLERANCE_GIB.
+    `allocated_before_run`: what torch held before this run began (an earlier run or a notebook's
+    tensors in the same process), a part of its own in all of the above.
     """
     parts = count_model(model, device.type)
     parts["lora_grads"] = parts["lora_params"]
@@ -277,15 +286,19 @@ def memory_breakdown(model, optimizer, allocated_before_loop: int | None, peaks:
         return out | {"note": "counted parts only: torch's memory counters are CUDA's"}
     persistent = parts["weights_4bit"] + parts["quant_state"] + parts["weights_other"] + parts["lora_params"]
     workspaces = cublas_workspace_bytes(model, optimizer, device)  # alive from their first matmul on
-    at_peak = persistent + parts["lora_grads"] + parts["optimizer_state"] + workspaces
+    earlier = allocated_before_run  # not this run's, and in every reading of torch's counters
+    at_peak = earlier + persistent + parts["lora_grads"] + parts["optimizer_state"] + workspaces
     peak_allocated = peaks["peak_allocated_gib"] * GIB
     peak_reserved = peaks["peak_reserved_gib"] * GIB
     now = torch.cuda.memory_allocated(device)
     grads_now = tensor_bytes([p.grad for p in model.parameters()], set(), device.type)
-    mismatch_before = (allocated_before_loop - persistent) / GIB if allocated_before_loop is not None else None
-    mismatch_now = (now - persistent - parts["optimizer_state"] - grads_now - workspaces) / GIB
+    mismatch_before = (
+        (allocated_before_loop - earlier - persistent) / GIB if allocated_before_loop is not None else None
+    )
+    mismatch_now = (now - earlier - persistent - parts["optimizer_state"] - grads_now - workspaces) / GIB
     checks = [m for m in (mismatch_before, mismatch_now) if m is not None]
     out |= {
+        "earlier_work_gib": round(earlier / GIB, 4),
         "activations_at_peak_gib": round((peak_allocated - at_peak) / GIB, 4),
         "allocator_beyond_allocated_gib": round((peak_reserved - peak_allocated) / GIB, 4),
         "peak_allocated_gib": peaks["peak_allocated_gib"],
@@ -358,6 +371,8 @@ BREAKDOWN_PARTS = [
     ("lora_grads_gib", "their gradients", "counted"),
     ("optimizer_state_gib", "optimizer state in device memory", "counted"),
     ("cublas_workspaces_gib", "cuBLAS's workspaces (one for each stream that ran a matmul)", "counted"),
+    # Shown only where there is some (shown_parts): memory a run cannot use, which a run alone never has.
+    ("earlier_work_gib", "allocated before this run began (an earlier run's or a notebook's tensors)", "counted"),
     ("activations_at_peak_gib", "activations and temporaries at the peak", "peak allocated - the above"),
     (
         "allocator_beyond_allocated_gib",
@@ -365,6 +380,11 @@ BREAKDOWN_PARTS = [
         "peak reserved - peak allocated",
     ),
 ]
+
+
+def shown_parts(b: dict) -> list[tuple[str, str, str]]:
+    """BREAKDOWN_PARTS as a breakdown shows them: what an earlier run left only where there is some."""
+    return [part for part in BREAKDOWN_PARTS if part[0] != "earlier_work_gib" or b.get(part[0], 0.0) >= 0.001]
 
 
 def format_breakdown(b: dict) -> str:
@@ -376,7 +396,7 @@ def format_breakdown(b: dict) -> str:
       3.201  = peak reserved (torch); 0.008 paged optimizer state and 1.475 more outside torch: 4.676 device used (NVML)
     """
     lines = ["memory at the peak so far (GiB):"]
-    lines += [f"  {b.get(key, 0.0):6.3f}  {label}" for key, label, _ in BREAKDOWN_PARTS]  # 0: not in older records
+    lines += [f"  {b.get(key, 0.0):6.3f}  {label}" for key, label, _ in shown_parts(b)]  # 0: not in older records
     total = f"  {b['peak_reserved_gib']:6.3f}  = peak reserved (torch)"
     if b.get("outside_torch_gib") is not None:
         total += (
@@ -390,13 +410,18 @@ def format_breakdown(b: dict) -> str:
 
 class MemoryReport(Observer):
     """Where the GPU memory went, counted tensor by tensor, once a run: an observer of the loop
-    (yoda_raw/hooks.py). It reads torch's allocated memory with the model alone, before the
-    optimizer exists, and breaks the peak down at the first log line; `breakdown` keeps it.
+    (yoda_raw/hooks.py). It reads torch's allocated memory before the run loads anything, then with
+    the model alone, before the optimizer exists, and breaks the peak down at the first log line;
+    `breakdown` keeps it.
     Nothing on a CPU, where torch keeps no memory counts."""
 
     def __init__(self, show: bool = True):
         self.show, self.breakdown = show, None
         self.model = self.optimizer = self.allocated_before_loop = self.device = None
+        self.allocated_before_run = 0
+
+    def settled(self, cfg, precision, plan, accelerator) -> None:
+        self.allocated_before_run = allocated_bytes(accelerator.device) or 0  # before any weight loads
 
     def adapted(self, model) -> None:
         self.device = next(model.parameters()).device
@@ -415,7 +440,9 @@ class MemoryReport(Observer):
     def breakdown_now(self, record: dict) -> dict:
         """The breakdown with the peaks of `record` (a logged record, e.g. the run's last)."""
         unwrapped = getattr(self.model, "module", self.model)  # DDP's wrapper holds the model
-        return memory_breakdown(unwrapped, self.optimizer, self.allocated_before_loop, record, self.device)
+        return memory_breakdown(
+            unwrapped, self.optimizer, self.allocated_before_loop, record, self.device, self.allocated_before_run
+        )
 
 
 def _is_main_process() -> bool:
