@@ -21,7 +21,7 @@ probe() {  # name, rows, [--after-a-run]
 probe after-a-run-9 9 --after-a-run
 probe fresh-9 9
 probe fresh-17 17
-YODA_RAW_PHI3_CHECKPOINT=$CK YODA_RAW_GPU_REPORT=$R/gpu_report.json timeout 150 python -m pytest -m gpu -q \
+YODA_RAW_PHI3_CHECKPOINT=$CK YODA_RAW_GPU_REPORT=$R/gpu_report.json timeout 200 python -m pytest -m gpu -q \
   -p no:cacheprovider tests/test_gpu.py -k "finished_run_leaves_nothing" > "$R/gpu_test.log" 2>&1
 echo "GPU test exit $?"; tail -n 3 "$R/gpu_test.log"; keep
 echo "done at ${SECONDS} s"
