@@ -36,6 +36,37 @@ def test_a_retry_keeps_one_metrics_line_per_step_and_no_stale_gradients(tmp_path
     assert grads_at_start == [False, False, False]  # attempts at 6, 5 and 4 rows each began clean
 
 
+def test_out_of_memory_in_the_graphs_capture_says_the_batch_fit_without_it(tmp_path, monkeypatch, capsys, tiny_config):
+    """Where the CUDA graph's capture (its second step) runs out of memory, the first step, the same
+    batch without the graph, fit: each retry says so and names --cuda-graph off, and so does the
+    error once no retry is left. The capture is stood in for (no GPU): an out-of-memory error marked
+    as the graph's step marks it. Catches the mark dropped on its way up."""
+    real_forward_backward, steps_seen = train.EagerStep.forward_backward, {}
+
+    def capture_out_of_memory(step, micro_batches, n_supervised):
+        rows = micro_batches[0]["input_ids"].shape[0]
+        steps_seen[rows] = steps_seen.get(rows, 0) + 1
+        if rows > 4 and steps_seen[rows] == 2:
+            err = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            err.in_graph_capture = True
+            raise err
+        return real_forward_backward(step, micro_batches, n_supervised)
+
+    monkeypatch.setattr(train.EagerStep, "forward_backward", capture_out_of_memory)
+    overrides = {"batch_size": 6, "auto_batch_size": True, "max_steps": 2, "logging_steps": 1, "samples": False}
+    train.main(tiny_config(overrides, output_dir=str(tmp_path / "retried")))
+    err = capsys.readouterr().err
+    for rows in (6, 5):
+        assert f"out of memory at --batch-size {rows}: it ran out in the CUDA graph's capture" in err
+    assert err.count("--cuda-graph off needs less memory") == 2
+
+    overrides |= {"auto_batch_size": False}
+    steps_seen.clear()
+    with pytest.raises(YodaError, match=r"at --batch-size 6; it ran out in the CUDA graph's capture") as info:
+        train.main(tiny_config(overrides, output_dir=str(tmp_path / "not-retried")))
+    assert "\n" not in str(info.value) and "--cuda-graph off" in str(info.value)
+
+
 def out_of_memory_always(*args, **kwargs):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 

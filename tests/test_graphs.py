@@ -210,9 +210,10 @@ def test_out_of_memory_in_the_capture_comes_out_as_itself_with_offloading(tiny_m
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.20 GiB.")
 
     monkeypatch.setattr(step, "loss_and_backward", out_of_memory)
-    with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate"):
+    with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate") as info:
         step._capture_or_clean_up()
     assert events == ["copies joined", "capture ends"] and step.graph is None
+    assert info.value.in_graph_capture  # what the retry's line says: the batch fit without the graph
 
 
 def test_compile_layers_without_triton_on_a_gpu(monkeypatch):

@@ -35,18 +35,28 @@ class Interrupted(YodaError):
 class OutOfMemory(YodaError):
     """Out of GPU memory in the loop, with nothing left to retry: what ran out, and what lowers it."""
 
-    def __init__(self, batch_size: int, auto_batch_size: bool, num_processes: int):
+    def __init__(self, batch_size: int, auto_batch_size: bool, num_processes: int, in_graph_capture: bool = False):
         if num_processes > 1:
             why = f"with {num_processes} processes --auto-batch-size cannot retry (the others are mid-step)"
         elif auto_batch_size:
             why = "--auto-batch-size found no smaller batch to retry with"
         else:
             why = "pass --auto-batch-size to retry with 0.9x the rows each time"
+        where = f"; {GRAPH_CAPTURE}" if in_graph_capture else ""
         super().__init__(
-            f"out of GPU memory at --batch-size {batch_size}; {why}; lower --batch-size (with --grad-accum "
+            f"out of GPU memory at --batch-size {batch_size}{where}; {why}; lower --batch-size (with --grad-accum "
             "to keep the step size), or use --gradient-checkpointing, --offload-activations on, a shorter "
             "--max-length, or --optim paged_adamw_8bit"
         )
+
+
+# Where the CUDA graph's capture (its second step) ran out of memory, the first step, the same batch
+# run without the graph, fit: the graph's own memory (its pool, kept apart from the allocator's
+# cache) was the difference.
+GRAPH_CAPTURE = (
+    "it ran out in the CUDA graph's capture, after the same batch fit without the graph: "
+    "--cuda-graph off needs less memory, at some speed"
+)
 
 
 class NonFiniteLoss(YodaError):

@@ -40,7 +40,7 @@ from yoda_raw.checkpoint import (
 )
 from yoda_raw.config import TUTORIAL_MODEL, Config
 from yoda_raw.data import content_sha256, load_conversations, split_conversations
-from yoda_raw.errors import Interrupted, NonFiniteLoss, OutOfMemory, YodaError
+from yoda_raw.errors import GRAPH_CAPTURE, Interrupted, NonFiniteLoss, OutOfMemory, YodaError
 from yoda_raw.evaluate import end_of_run_report, format_report
 from yoda_raw.halves import split_layers
 from yoda_raw.hooks import Observer
@@ -176,9 +176,12 @@ def train_and_save(
         try:
             return fit(cfg, accelerator, plan, model, rows, collator, batch_size, out, observer, branch)
         except torch.OutOfMemoryError as err:
+            in_capture = getattr(err, "in_graph_capture", False)  # set by the CUDA graph's step
             if retry_on_oom and batch_size > 1:
+                if in_capture:
+                    accelerator.print(f"out of memory at --batch-size {batch_size}: {GRAPH_CAPTURE}", file=sys.stderr)
                 raise  # find_executable_batch_size tries again with 0.9x the rows
-            raise OutOfMemory(batch_size, cfg.auto_batch_size, accelerator.num_processes) from err
+            raise OutOfMemory(batch_size, cfg.auto_batch_size, accelerator.num_processes, in_capture) from err
 
     loaded = time.perf_counter()
     if retry_on_oom:

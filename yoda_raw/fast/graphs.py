@@ -168,9 +168,12 @@ class GraphStep:
         retry starts from the memory the eager loop would have."""
         try:
             self._capture()
-        except BaseException:
+        except BaseException as err:
             self.graph = self.loss_sum = None
             self.model.zero_grad(set_to_none=True)
+            if isinstance(err, torch.OutOfMemoryError):
+                # The first step, the same batch without the graph, fit: the caller can say so.
+                err.in_graph_capture = True
             raise
 
     def _capture(self) -> None:
