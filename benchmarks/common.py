@@ -15,6 +15,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 1024**3
+# A profiler trace's copies between the GPU and host memory (by their names): not the GPU's work
+# but beside it (profile_step.py's idle time, lab/gap_waits.py's gaps).
+HOST_COPY = r"^Memcpy (DtoH|HtoD)"
 
 # Every measurement, from either pipeline, has these keys (None where a figure does not apply:
 # memory on a CPU, MFU on a GPU without a known peak). Units are in the names.

@@ -50,7 +50,6 @@ OTHER = "element-wise and other"
 # beside the kernels): a bucket of their own, left out of the kernels' time, so that the GPU's idle
 # time stays the main stream's. The few small copies of a step's data count there too.
 HOST_COPIES = "copies to and from host memory (beside the kernels)"
-HOST_COPY = r"^Memcpy (DtoH|HtoD)"
 GAP_MIN_US = 20  # a shorter gap between kernels is a launch's own latency, not a wait
 # What the host does meanwhile: CPU time per step inside these ranges (they may nest: not a sum).
 # The profiler itself waits for the GPU only at the window's edges (see on_step); the wait at its end
@@ -76,7 +75,7 @@ def bucket_of(kernel_name: str) -> str:
     >>> bucket_of("Memcpy DtoH (Device -> Pinned)")
     'copies to and from host memory (beside the kernels)'
     """
-    if re.search(HOST_COPY, kernel_name):
+    if re.search(common.HOST_COPY, kernel_name):
         return HOST_COPIES
     for name, pattern in BUCKETS:
         if re.search(pattern, kernel_name, re.IGNORECASE):
@@ -196,7 +195,7 @@ def idle_before(events, steps: int, top: int = 10) -> list:
     kernels = sorted(
         (e.time_range.start, e.time_range.end, e.name)
         for e in events
-        if e.device_type == cuda and not e.is_user_annotation and not re.search(HOST_COPY, e.name)
+        if e.device_type == cuda and not e.is_user_annotation and not re.search(common.HOST_COPY, e.name)
     )
     gap_us, gaps = defaultdict(float), defaultdict(int)
     busy_until = None

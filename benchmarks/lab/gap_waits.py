@@ -39,7 +39,6 @@ from benchmarks import common  # noqa: E402
 
 GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
 LAUNCHES = ("cuda_runtime", "cuda_driver")
-HOST_COPY = r"Memcpy (DtoH|HtoD)"  # a copy to or from host memory: not the GPU's work (profile_step.py's)
 SETTLE_US = 10.0  # a wait ends this long after what it waited for, at most (the event's and the launch's latency)
 
 
@@ -59,8 +58,8 @@ def gap_causes(events: list[dict], gap_us: float) -> list[dict]:
     gpu = [e for e in events if e.get("cat") in GPU_WORK]
     if not gpu:
         common.fail("the trace has no GPU events: profile on a CUDA GPU (profile_step.py's trace)")
-    work = sorted((e for e in gpu if not re.match(HOST_COPY, e["name"])), key=lambda e: e["ts"])
-    copies = [e for e in gpu if re.match(HOST_COPY, e["name"])]
+    work = sorted((e for e in gpu if not re.search(common.HOST_COPY, e["name"])), key=lambda e: e["ts"])
+    copies = [e for e in gpu if re.search(common.HOST_COPY, e["name"])]
     runtime = [e for e in events if e.get("cat") in LAUNCHES]
     launches = {e["args"]["correlation"]: e for e in runtime if "correlation" in e.get("args", {})}
     ops = [e for e in events if e.get("cat") == "cpu_op"]

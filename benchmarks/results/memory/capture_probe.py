@@ -24,8 +24,7 @@ def memory() -> str:
 
 
 def main(rows: str, out: str, options: list[str]) -> int:
-    from accelerate.state import AcceleratorState
-
+    from benchmarks.bench_loop import release
     from yoda_raw.fast.graphs import GraphStep
 
     capture = GraphStep._capture
@@ -51,9 +50,7 @@ def main(rows: str, out: str, options: list[str]) -> int:
         options = options[1:]
         first = ["--batch-size", "16", "--max-length", "64", "--max-steps", "3", "--output-dir", out + "-first"]
         code = module.main([*options, *first, "--no-auto-batch-size", "--overwrite"])
-        AcceleratorState._reset_state(True)
-        gc.collect()
-        torch.cuda.empty_cache()
+        release()  # what bench_loop.py does between runs in one process
         print(f"rows {rows}: after a first run (exit {code}) and collecting: {memory()}", flush=True)
         left = [o for o in gc.get_objects() if torch.is_tensor(o) and o.device.type == "cuda"]
         left.sort(key=lambda t: -t.untyped_storage().nbytes())
